@@ -1,0 +1,18 @@
+# The two commands in README.md. Both set up .venv first (idempotent).
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: setup repro test test-quick bench
+
+setup:
+	@bash scripts/setup.sh
+
+repro: setup
+	dvc repro
+
+test: setup
+	@bash scripts/system-deps.sh
+	pytest
+
+test-quick: setup
+	pytest -m "not integration"

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create .venv and install the pinned dependencies and this package. Idempotent: when requirements.lock and
+# pyproject.toml are unchanged since the last successful run it does nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] < (3, 13))' 2>/dev/null; then
+  echo "setup: need Python 3.10-3.12 as \$PYTHON or python3 (found: $("$PYTHON" --version 2>&1 || echo none))" >&2
+  exit 1
+fi
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+stamp=.venv/.installed-lock
+want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+  echo "setup: .venv is up to date"
+  exit 0
+fi
+start=$SECONDS
+echo "setup: installing pinned dependencies into .venv (a few minutes the first time)..."
+.venv/bin/python -m pip install --quiet --upgrade pip==25.3
+# --no-deps: the lock is already the full resolved set, so pip installs it without resolving or backtracking.
+.venv/bin/python -m pip install --quiet --no-deps -r requirements.lock
+.venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+echo "$want" > "$stamp"
+echo "setup: done in $((SECONDS - start)) s"

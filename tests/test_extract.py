@@ -1,0 +1,213 @@
+import base64
+import json
+import tarfile
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+from conftest import class_files, png_bytes, run_cli, write_tar
+from sempcyc import extract
+from sempcyc.errors import UserError
+
+FOLDERS = {"images": "images", "sketches": "sketches"}
+
+
+def do_extract(tmp_path: Path, tar: Path) -> dict:
+    return extract.extract(tar, tmp_path / "dataset", FOLDERS)
+
+
+def assert_nothing_written(tmp_path: Path) -> None:
+    assert not (tmp_path / "dataset").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+def test_extracts_layout_and_index(tmp_path, tiny_classes):
+    tar = write_tar(tmp_path / "d.tar", class_files(tiny_classes))
+    index = do_extract(tmp_path, tar)
+    assert index["classes"] == sorted(tiny_classes)
+    assert index["counts"]["class_00"] == {"images": 3, "sketches": 3}
+    assert index["files"]["images"]["class_03"] == ["000.png", "001.png", "002.png"]
+    assert (tmp_path / "dataset/sketches/class_09/002.png").read_bytes() == \
+        class_files(tiny_classes)["ds/sketches/class_09/002.png"]
+
+
+def test_cli_writes_index_and_replaces_old_output(tmp_path, tiny_classes):
+    tar = write_tar(tmp_path / "d.tar", class_files(tiny_classes))
+    (tmp_path / "params.yaml").write_text("data:\n  tar: d.tar\n")
+    (tmp_path / "dataset" / "stale").mkdir(parents=True)
+    run_cli("extract", "--out", "dataset", "--index", "dataset.json", cwd=tmp_path)
+    index = json.loads((tmp_path / "dataset.json").read_text())
+    assert len(index["classes"]) == 10
+    assert not (tmp_path / "dataset" / "stale").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not a tar archive at all" * 40])
+def test_corrupt_or_empty_tar(tmp_path, content):
+    tar = tmp_path / "bad.tar"
+    tar.write_bytes(content)
+    with pytest.raises(UserError, match="bad.tar"):
+        do_extract(tmp_path, tar)
+    assert_nothing_written(tmp_path)
+
+
+def test_tar_with_no_members(tmp_path):
+    tar = write_tar(tmp_path / "empty.tar", {})
+    with pytest.raises(UserError, match="empty"):
+        do_extract(tmp_path, tar)
+
+
+def test_truncated_tar(tmp_path, tiny_classes):
+    full = write_tar(tmp_path / "full.tar", class_files(tiny_classes)).read_bytes()
+    tar = tmp_path / "cut.tar"
+    tar.write_bytes(full[: len(full) // 2 + 100])
+    with pytest.raises(UserError, match="cut.tar"):
+        do_extract(tmp_path, tar)
+    assert_nothing_written(tmp_path)
+
+
+def test_missing_tar_names_param(tmp_path):
+    with pytest.raises(UserError, match="data.tar"):
+        do_extract(tmp_path, tmp_path / "nope.tar")
+
+
+def _member(name, kind, target=""):
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    return info
+
+
+@pytest.mark.parametrize("member, message", [
+    (_member("/etc/evil.png", tarfile.REGTYPE), "absolute"),
+    (_member("ds/images/class_00/../../../evil.png", tarfile.REGTYPE), r"\.\."),
+    (_member("ds/images/class_00/link.png", tarfile.SYMTYPE, "/etc/passwd"), "link"),
+    (_member("ds/images/class_00/hard.png", tarfile.LNKTYPE, "ds/images/class_00/000.png"), "link"),
+    (_member("ds/images/class_00/dev.png", tarfile.CHRTYPE), "device"),
+    (_member("ds/images/class_00/fifo.png", tarfile.FIFOTYPE), "device"),
+])
+def test_tar_slip_members_refused(tmp_path, tiny_classes, member, message):
+    tar = write_tar(tmp_path / "slip.tar", class_files(tiny_classes), extra=[member])
+    with pytest.raises(UserError, match=message):
+        do_extract(tmp_path, tar)
+    assert_nothing_written(tmp_path)
+    assert not (tmp_path.parent / "evil.png").exists()
+
+
+@pytest.mark.parametrize("drop", ["images", "sketches"])
+def test_missing_domain_folder(tmp_path, tiny_classes, drop):
+    files = {k: v for k, v in class_files(tiny_classes).items() if f"/{drop}/" not in k}
+    with pytest.raises(UserError, match=f"ds/{drop}/"):
+        do_extract(tmp_path, write_tar(tmp_path / "d.tar", files))
+
+
+def test_domain_folders_named_by_params(tmp_path, tiny_classes):
+    files = {k.replace("/images/", "/photo/").replace("/sketches/", "/sketch/"): v
+             for k, v in class_files(tiny_classes).items()}
+    index = extract.extract(write_tar(tmp_path / "d.tar", files), tmp_path / "dataset",
+                            {"images": "photo", "sketches": "sketch"})
+    assert len(index["classes"]) == 10
+
+
+def test_empty_class_folder(tmp_path, tiny_classes):
+    tar = write_tar(tmp_path / "d.tar", class_files(tiny_classes), dirs=["ds/images/hollow"])
+    with pytest.raises(UserError, match="hollow.*no image files"):
+        do_extract(tmp_path, tar)
+    assert_nothing_written(tmp_path)
+
+
+def test_image_that_does_not_decode_is_named(tmp_path, tiny_classes):
+    files = class_files(tiny_classes)
+    files["ds/images/class_04/broken.jpg"] = b"\xff\xd8\xff garbage, not a jpeg"
+    with pytest.raises(UserError, match="ds/images/class_04/broken.jpg"):
+        do_extract(tmp_path, write_tar(tmp_path / "d.tar", files))
+    assert_nothing_written(tmp_path)
+
+
+def test_base64_text_and_raw_bytes_accepted(tmp_path, tiny_classes):
+    files = class_files(tiny_classes)
+    files["ds/images/class_01/b64text.base64"] = base64.b64encode(png_bytes(7)) + b"\n"
+    files["ds/images/class_01/b64raw.base64"] = png_bytes(8)
+    index = do_extract(tmp_path, write_tar(tmp_path / "d.tar", files))
+    assert "b64text.base64" in index["files"]["images"]["class_01"]
+    assert index["counts"]["class_01"]["images"] == 5
+
+
+def test_invalid_base64_is_named(tmp_path, tiny_classes):
+    files = class_files(tiny_classes)
+    files["ds/sketches/class_02/bad.base64"] = b"!!! not base64 !!!"
+    with pytest.raises(UserError, match="class_02/bad.base64"):
+        do_extract(tmp_path, write_tar(tmp_path / "d.tar", files))
+
+
+def test_base64_of_garbage_is_named(tmp_path, tiny_classes):
+    files = class_files(tiny_classes)
+    files["ds/sketches/class_02/junk.base64"] = base64.b64encode(b"hello, not an image")
+    with pytest.raises(UserError, match="class_02/junk.base64"):
+        do_extract(tmp_path, write_tar(tmp_path / "d.tar", files))
+
+
+def test_names_with_spaces_parentheses_and_non_ascii_are_kept(tmp_path):
+    classes = {"hot air balloon": (2, 2), "bear (animal)": (2, 2), "café": (2, 2), "plain": (2, 2)}
+    index = do_extract(tmp_path, write_tar(tmp_path / "d.tar", class_files(classes)))
+    assert index["classes"] == sorted(classes)
+    assert (tmp_path / "dataset/images/café/000.png").exists()
+
+
+def test_non_nfc_name_refused(tmp_path):
+    decomposed = "cafe\u0301"
+    with pytest.raises(UserError, match="NFC"):
+        do_extract(tmp_path, write_tar(tmp_path / "d.tar", class_files({decomposed: (2, 2), "x": (2, 2)})))
+
+
+def test_control_character_name_refused(tmp_path):
+    with pytest.raises(UserError, match="control"):
+        do_extract(tmp_path, write_tar(tmp_path / "d.tar", class_files({"bad\tname": (2, 2), "x": (2, 2)})))
+
+
+def test_classes_differing_only_by_case(tmp_path):
+    with pytest.raises(UserError, match="'Cat' and 'cat' differ only by case"):
+        do_extract(tmp_path, write_tar(tmp_path / "d.tar", class_files({"cat": (2, 2), "Cat": (2, 2)})))
+    assert_nothing_written(tmp_path)
+
+
+def test_gallery_only_class_allowed(tmp_path, tiny_classes):
+    index = do_extract(tmp_path, write_tar(tmp_path / "d.tar", class_files({**tiny_classes, "lonely": (3, 0)})))
+    assert index["counts"]["lonely"] == {"images": 3, "sketches": 0}
+
+
+def test_sketches_without_images_refused(tmp_path, tiny_classes):
+    with pytest.raises(UserError, match="'ghost' has sketches but no images"):
+        do_extract(tmp_path, write_tar(tmp_path / "d.tar", class_files({**tiny_classes, "ghost": (0, 3)})))
+
+
+def test_class_lists_read_from_tar(tmp_path, tiny_classes):
+    files = class_files(tiny_classes)
+    files["ds/test_classes.txt"] = b"# unseen\nclass_01\n\nclass_02\n"
+    index = do_extract(tmp_path, write_tar(tmp_path / "d.tar", files))
+    assert index["class_lists"] == {"test_classes": ["class_01", "class_02"]}
+
+
+def test_failed_extract_keeps_previous_output(tmp_path, tiny_classes):
+    good = write_tar(tmp_path / "good.tar", class_files(tiny_classes))
+    do_extract(tmp_path, good)
+    files = class_files(tiny_classes)
+    files["ds/images/class_00/zz.png"] = b"\x89PNG\r\n\x1a\n truncated"
+    with pytest.raises(UserError):
+        do_extract(tmp_path, write_tar(tmp_path / "bad.tar", files))
+    assert sorted(p.name for p in (tmp_path / "dataset/images").iterdir()) == sorted(tiny_classes)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+def test_wrong_param_type_is_one_line_error(tmp_path, tiny_classes):
+    write_tar(tmp_path / "d.tar", class_files(tiny_classes))
+    (tmp_path / "params.yaml").write_text("data:\n  tar: d.tar\n  images_dir: 5\n")
+    proc = run_cli("extract", "--out", "dataset", "--index", "dataset.json", cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "data.images_dir must be a non-empty string, got 5" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_help():
+    proc = run_cli("extract", "--help", cwd=Path("."))
+    assert "data.tar" in proc.stdout
