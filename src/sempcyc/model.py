@@ -1,0 +1,211 @@
+"""SEM-PCYC (Dutta & Akata, CVPR 2019) on precomputed features, in one readable file.
+
+Names follow shared/SEM-PCYC.md: a = f_sk(x_sk) and b = f_im(x_im) are frozen extractor features (F-dim),
+s_raw(y) the class's semantic vector (S-dim), s = A_enc(s_raw) its code in the common space (D-dim).
+p = G_sk→se(a) and q = G_im→se(b) are the retrieval embeddings; u = G_se→sk(s), v = G_se→im(s) close the cycles.
+
+Kept free of this package's other modules: the TorchServe archive ships this file as it is.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    feat_dim: int = 512            # F
+    sem_dim: int = 384             # S
+    dim_out: int = 64              # D, the retrieval embedding
+    n_classes: int = 2             # seen (training) classes, for the classifiers
+    dropout: float = 0.5
+    disc_noise: float = 0.3
+    train_classifiers: bool = False  # the original keeps C_se, C_sk, C_im frozen at random init
+    lambda_se: float = 10.0
+    lambda_im: float = 10.0
+    lambda_sk: float = 10.0
+    lambda_gen_cyc: float = 1.0
+    lambda_gen_adv: float = 1.0
+    lambda_gen_cls: float = 1.0
+    lambda_gen_reg: float = 0.1
+    lambda_disc_se: float = 0.25
+    lambda_disc_sk: float = 0.5
+    lambda_disc_im: float = 0.5
+    lambda_regular: float = 0.001
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def generator(n_in: int, n_out: int, dropout: float) -> nn.Sequential:
+    hidden = (n_in + n_out) // 2
+    layers: list[nn.Module] = []
+    for a, b in ((n_in, hidden), (hidden, hidden)):
+        layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.LeakyReLU(0.2), nn.Dropout(dropout)]
+    return nn.Sequential(*layers, nn.Linear(hidden, n_out))
+
+
+class GaussianNoise(nn.Module):
+    def __init__(self, sigma: float):
+        super().__init__()
+        self.sigma = sigma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.sigma * torch.randn_like(x) if self.training and self.sigma > 0 else x
+
+
+def discriminator(n_in: int, noise: float) -> nn.Sequential:
+    half = max(n_in // 2, 1)
+    return nn.Sequential(GaussianNoise(noise),
+                         nn.Linear(n_in, half), nn.BatchNorm1d(half), nn.LeakyReLU(0.2),
+                         nn.Linear(half, half), nn.BatchNorm1d(half), nn.LeakyReLU(0.2),
+                         nn.Linear(half, 1))
+
+
+class SemanticAutoencoder(nn.Module):
+    def __init__(self, sem_dim: int, dim_out: int):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(sem_dim, dim_out), nn.ReLU())
+        self.dec = nn.Sequential(nn.Linear(dim_out, sem_dim), nn.ReLU())
+
+    def forward(self, s_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        code = self.enc(s_raw)
+        return code, self.dec(code)
+
+
+class SemPcyc(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        F_, D = cfg.feat_dim, cfg.dim_out
+        self.gen_sk2se = generator(F_, D, cfg.dropout)
+        self.gen_im2se = generator(F_, D, cfg.dropout)
+        self.gen_se2sk = generator(D, F_, cfg.dropout)
+        self.gen_se2im = generator(D, F_, cfg.dropout)
+        self.disc_se = discriminator(D, cfg.disc_noise)
+        self.disc_sk = discriminator(F_, cfg.disc_noise)
+        self.disc_im = discriminator(F_, cfg.disc_noise)
+        self.autoencoder = SemanticAutoencoder(cfg.sem_dim, D)
+        self.cls_se = nn.Linear(D, cfg.n_classes, bias=False)
+        self.cls_sk = nn.Linear(F_, cfg.n_classes, bias=False)
+        self.cls_im = nn.Linear(F_, cfg.n_classes, bias=False)
+        for clf in (self.cls_se, self.cls_sk, self.cls_im):
+            clf.requires_grad_(cfg.train_classifiers)
+
+    # --- inference: the only part the service needs
+    def embed_sketch(self, a: torch.Tensor) -> torch.Tensor:
+        return self.gen_sk2se(a)
+
+    def embed_image(self, b: torch.Tensor) -> torch.Tensor:
+        return self.gen_im2se(b)
+
+    # --- parameter groups, one optimiser each
+    def generator_parameters(self) -> list[nn.Parameter]:
+        mods = [self.gen_sk2se, self.gen_im2se, self.gen_se2sk, self.gen_se2im]
+        if self.cfg.train_classifiers:
+            mods += [self.cls_se, self.cls_sk, self.cls_im]
+        return [p for m in mods for p in m.parameters()]
+
+    def discriminator_parameters(self) -> list[nn.Parameter]:
+        return [p for m in (self.disc_se, self.disc_sk, self.disc_im) for p in m.parameters()]
+
+
+def gan_loss(pred: torch.Tensor, real: bool) -> torch.Tensor:
+    """Least-squares GAN loss against soft, noisy targets: real ~ U[0.7, 1.0], fake ~ U[0, 0.3]."""
+    low = 0.7 if real else 0.0
+    target = low + 0.3 * torch.rand_like(pred)
+    return F.mse_loss(pred, target)
+
+
+def autoencoder_loss(model: SemPcyc, s_raw: torch.Tensor) -> torch.Tensor:
+    _, recon = model.autoencoder(s_raw)
+    w_enc = model.autoencoder.enc[0].weight             # (D, S): a column per input dimension
+    l21 = w_enc.norm(dim=0).sum()
+    return F.mse_loss(recon, s_raw) + model.cfg.lambda_regular * l21 / s_raw.shape[0]
+
+
+def generator_losses(model: SemPcyc, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor,
+                     y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """All generator terms; `s` must already be detached from the autoencoder."""
+    c = model.cfg
+    p, q = model.gen_sk2se(a), model.gen_im2se(b)
+    u, v = model.gen_se2sk(s), model.gen_se2im(s)
+    adv = (gan_loss(model.disc_se(q), True) + gan_loss(model.disc_se(p), True)
+           + gan_loss(model.disc_im(v), True) + gan_loss(model.disc_sk(u), True))
+    cyc = (c.lambda_im * F.l1_loss(model.gen_se2im(q), b) + c.lambda_sk * F.l1_loss(model.gen_se2sk(p), a)
+           + c.lambda_se * (F.l1_loss(model.gen_sk2se(u), s) + F.l1_loss(model.gen_im2se(v), s)))
+    cls = (c.lambda_se * (F.cross_entropy(model.cls_se(q), y) + F.cross_entropy(model.cls_se(p), y))
+           + c.lambda_sk * F.cross_entropy(model.cls_sk(u), y) + c.lambda_im * F.cross_entropy(model.cls_im(v), y))
+    reg = (c.lambda_se * (F.mse_loss(q, p) + F.mse_loss(p, q))
+           + c.lambda_im * F.mse_loss(v, b) + c.lambda_sk * F.mse_loss(u, a))
+    total = c.lambda_gen_adv * adv + c.lambda_gen_cyc * cyc + c.lambda_gen_cls * cls + c.lambda_gen_reg * reg
+    return {"gen": total, "gen_adv": adv, "gen_cyc": cyc, "gen_cls": cls, "gen_reg": reg,
+            "_fakes": (p.detach(), q.detach(), u.detach(), v.detach())}
+
+
+def discriminator_losses(model: SemPcyc, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor,
+                         fakes: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+    """Discriminator terms on detached generator outputs, so this step never updates a generator."""
+    c = model.cfg
+    p, q, u, v = (t.detach() for t in fakes)
+    s = s.detach()
+    d_se = c.lambda_disc_se * (2 * gan_loss(model.disc_se(s), True) + gan_loss(model.disc_se(q), False)
+                               + gan_loss(model.disc_se(p), False))
+    d_sk = c.lambda_disc_sk * (gan_loss(model.disc_sk(a), True) + gan_loss(model.disc_sk(u), False))
+    d_im = c.lambda_disc_im * (gan_loss(model.disc_im(b), True) + gan_loss(model.disc_im(v), False))
+    return {"disc": d_se + d_sk + d_im, "disc_se": d_se, "disc_sk": d_sk, "disc_im": d_im}
+
+
+def make_optimizers(model: SemPcyc, lr: float, momentum: float = 0.9) -> dict[str, torch.optim.Optimizer]:
+    return {
+        "gen": torch.optim.Adam(model.generator_parameters(), lr=lr),
+        "disc": torch.optim.SGD(model.discriminator_parameters(), lr=lr, momentum=momentum),
+        "ae": torch.optim.SGD(model.autoencoder.parameters(), lr=100 * lr, momentum=momentum),
+    }
+
+
+class TrainLosses(nn.Module):
+    """The three loss phases behind one forward(), so DistributedDataParallel can wrap them and average every
+    phase's gradients across processes."""
+
+    def __init__(self, model: SemPcyc):
+        super().__init__()
+        self.model = model
+
+    def forward(self, phase: str, *args):
+        if phase == "ae":
+            return autoencoder_loss(self.model, *args)
+        if phase == "gen":
+            return generator_losses(self.model, *args)
+        if phase == "disc":
+            return discriminator_losses(self.model, *args)
+        raise ValueError(phase)
+
+
+def train_step(model: SemPcyc, opts: dict, a: torch.Tensor, b: torch.Tensor, s_raw: torch.Tensor,
+               y: torch.Tensor, net: nn.Module | None = None) -> dict[str, float]:
+    """One update of autoencoder, generators and discriminators on a batch of same-class (sketch, image) pairs.
+    `net` is TrainLosses(model), possibly wrapped in DistributedDataParallel."""
+    net = net if net is not None else TrainLosses(model)
+    model.train()
+    opts["ae"].zero_grad(set_to_none=True)
+    ae = net("ae", s_raw)
+    ae.backward()
+    opts["ae"].step()
+
+    s = model.autoencoder.enc(s_raw).detach()
+    opts["gen"].zero_grad(set_to_none=True)
+    g = net("gen", a, b, s, y)
+    g["gen"].backward()
+    opts["gen"].step()
+
+    opts["disc"].zero_grad(set_to_none=True)
+    d = net("disc", a, b, s, g["_fakes"])
+    d["disc"].backward()
+    opts["disc"].step()
+    out = {"ae": ae.item()}
+    out.update({k: v.item() for k, v in {**g, **d}.items() if not k.startswith("_")})
+    return out

@@ -1,0 +1,143 @@
+"""Ranking a gallery for query embeddings, and the retrieval metrics: one implementation for evaluation,
+the TorchServe handler and the benchmarks. NumPy only (the archive ships this file as it is).
+
+Similarity is exp(-euclidean distance) as in the paper; ranking is by distance, so scores are monotone in it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def squared_distances(queries: np.ndarray, gallery: np.ndarray, gallery_sq_norms: np.ndarray | None = None
+                      ) -> np.ndarray:
+    """(Q, G) squared euclidean distances through one matrix product (no (Q, G, D) intermediate)."""
+    queries = np.asarray(queries, dtype=np.float32)
+    gallery = np.asarray(gallery, dtype=np.float32)
+    if gallery_sq_norms is None:
+        gallery_sq_norms = np.einsum("gd,gd->g", gallery, gallery)
+    q_sq = np.einsum("qd,qd->q", queries, queries)
+    d2 = q_sq[:, None] + gallery_sq_norms[None, :] - 2.0 * (queries @ gallery.T)
+    return np.maximum(d2, 0.0, out=d2)
+
+
+def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, gallery_sq_norms: np.ndarray | None = None
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (Q, k) of the k nearest gallery rows, nearest first, and their scores exp(-distance).
+
+    argpartition selects the k smallest in O(G), then only those k are sorted: no full sort of the gallery.
+    Ties are broken by gallery index so the answer is deterministic.
+    """
+    d2 = squared_distances(queries, gallery, gallery_sq_norms)
+    k = min(k, d2.shape[1])
+    if k < d2.shape[1]:
+        # argpartition picks an arbitrary subset of a tie group cut by k; instead rank each item as closer than,
+        # tied with, or farther than the k-th distance and take the first k of that (stable, by gallery index).
+        kth = np.partition(d2, k - 1, axis=1)[:, k - 1:k]
+        side = (d2 >= kth).astype(np.int8) + (d2 > kth).astype(np.int8)
+        part = np.argsort(side, axis=1, kind="stable")[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(d2.shape[1]), d2.shape).copy()
+    part_d = np.take_along_axis(d2, part, axis=1)
+    order = np.lexsort((part, part_d), axis=1)
+    idx = np.take_along_axis(part, order, axis=1)
+    dist = np.sqrt(np.take_along_axis(d2, idx, axis=1))
+    return idx, np.exp(-dist)
+
+
+def rank_all(distances: np.ndarray) -> np.ndarray:
+    """Full ranking (for metrics over the whole gallery), stable so ties keep gallery order."""
+    return np.argsort(distances, axis=1, kind="stable")
+
+
+def average_precisions(distances: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
+    """AP over the whole ranked gallery for every query (relevance = same class). Queries with no relevant
+    item in the gallery get NaN and are left out of the mean by callers."""
+    order = rank_all(distances)
+    relevant = gallery_labels[order] == query_labels[:, None]
+    hits = np.cumsum(relevant, axis=1)
+    ranks = np.arange(1, relevant.shape[1] + 1)
+    precision_at_hits = np.where(relevant, hits / ranks, 0.0)
+    n_rel = relevant.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n_rel > 0, precision_at_hits.sum(axis=1) / n_rel, np.nan)
+
+
+def precision_at(distances: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray, k: int) -> np.ndarray:
+    """Fraction of the top-k that is relevant, per query (k capped at the gallery size)."""
+    k = min(k, distances.shape[1])
+    order = rank_all(distances)[:, :k]
+    return (gallery_labels[order] == query_labels[:, None]).mean(axis=1)
+
+
+def precision_recall_curve(distances: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,
+                           points: int = 11) -> tuple[np.ndarray, np.ndarray]:
+    """Mean interpolated precision at recall levels 0, 0.1, ..., 1."""
+    order = rank_all(distances)
+    relevant = gallery_labels[order] == query_labels[:, None]
+    hits = np.cumsum(relevant, axis=1)
+    n_rel = np.maximum(relevant.sum(axis=1, keepdims=True), 1)
+    recall = hits / n_rel
+    precision = hits / np.arange(1, relevant.shape[1] + 1)
+    # interpolated precision: best precision at any recall >= r
+    interp = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
+    levels = np.linspace(0, 1, points)
+    # recall >= i/(points-1), compared in integers: linspace's 0.30000000000000004 would miss recall 3/10
+    reached = [hits * (points - 1) >= i * n_rel for i in range(points)]
+    curve = np.stack([np.where(r, interp, 0).max(axis=1) for r in reached], axis=1)
+    return levels, curve.mean(axis=0)
+
+
+# ---------------------------------------------------------------------------------------------------- ITQ
+
+class ITQ:
+    """Iterative quantisation (Gong & Lazebnik): PCA to `bits` dims, then a rotation R minimising
+    ||B - V R||_F with B = sign(V R). The R-step is orthogonal Procrustes: with V^T B = U S W^T, R = U W^T."""
+
+    def __init__(self, bits: int = 64, iterations: int = 50, seed: int = 0):
+        self.bits, self.iterations, self.seed = bits, iterations, seed
+        self.losses: list[float] = []
+
+    def fit(self, x: np.ndarray) -> "ITQ":
+        x = np.asarray(x, dtype=np.float64)
+        self.mean = x.mean(axis=0)
+        centred = x - self.mean
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        bits = self.bits
+        pcs = vt[:bits].T                                    # (D, min(D, bits))
+        if pcs.shape[1] < bits:                              # more bits than dims: random extra projections
+            rng = np.random.default_rng(self.seed)
+            pcs = np.concatenate([pcs, rng.standard_normal((x.shape[1], bits - pcs.shape[1]))], axis=1)
+        self.projection = pcs
+        v = centred @ pcs
+        rng = np.random.default_rng(self.seed)
+        r, _ = np.linalg.qr(rng.standard_normal((bits, bits)))
+        self.losses = []
+        for _ in range(self.iterations):
+            z = v @ r
+            b = np.where(z >= 0, 1.0, -1.0)
+            self.losses.append(float(((b - z) ** 2).sum()))
+            u, _, wt = np.linalg.svd(v.T @ b)
+            r = u @ wt
+        self.rotation = r
+        self.losses.append(float(((np.where(v @ r >= 0, 1.0, -1.0) - v @ r) ** 2).sum()))
+        return self
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        z = (np.asarray(x, dtype=np.float64) - self.mean) @ self.projection @ self.rotation
+        return z >= 0
+
+
+def hamming_distances(query_codes: np.ndarray, gallery_codes: np.ndarray) -> np.ndarray:
+    q = query_codes.astype(np.float32)
+    g = gallery_codes.astype(np.float32)
+    # differing bits = |q| + |g| - 2 q.g for 0/1 vectors
+    return q.sum(1)[:, None] + g.sum(1)[None, :] - 2.0 * (q @ g.T)
+
+
+def retrieval_metrics(distances: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,
+                      ks: tuple[int, ...] = (10, 100, 200)) -> dict:
+    aps = average_precisions(distances, query_labels, gallery_labels)
+    out = {"map_all": float(np.nanmean(aps))}
+    for k in ks:
+        out[f"p_at_{k}"] = float(precision_at(distances, query_labels, gallery_labels, k).mean())
+    return out

