@@ -124,21 +124,12 @@ def _dist_setup(device: str):
     return dist.get_rank(), world
 
 
-def run(args: argparse.Namespace) -> None:
+def load_training_data(features_dir: Path, train_dir: Path, s: dict) -> dict:
+    """Cached features of the training shard, split into fit and validation classes, normalised as
+    train.feature_norm says (statistics from the fit classes only)."""
     import torch
-    from torch import nn
-    from tqdm import tqdm
-    from .encoder import FeatureNorm, bundle_state
-    from .features import load_train_shard, pick_device
-    from .fsutil import atomic_write_bytes
-    from .model import Config, SemPcyc, TrainLosses, make_optimizers, train_step
-
-    s = read_settings(params_mod.load(getattr(args, "params", "params.yaml")))
-    device = pick_device(s["device"])
-    rank, world = _dist_setup(device)
-    if device == "cuda" and world > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    features_dir, train_dir = Path(args.features), Path(args.train)
+    from .encoder import FeatureNorm
+    from .features import load_train_shard
     try:
         extractors = torch.load(features_dir / "extractors.pt", map_location="cpu", weights_only=True)
         sk_all = np.load(features_dir / "train_sketches.npy")
@@ -147,23 +138,18 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"{exc.filename}: missing; run `dvc repro features`") from None
     shard = load_train_shard(train_dir)
     classes, meta = shard["classes"], extractors["meta"]
-    sk_labels_all, im_labels_all = shard["sketches_labels"], shard["images_labels"]
-    if len(sk_all) != len(sk_labels_all) or len(im_all) != len(im_labels_all):
+    sk_labels, im_labels = shard["sketches_labels"], shard["images_labels"]
+    if len(sk_all) != len(sk_labels) or len(im_all) != len(im_labels):
         raise UserError(f"{features_dir} does not match {train_dir}; rerun `dvc repro features`")
-    val_classes = set(meta["validation_classes"])
+    val_names = sorted(meta["validation_classes"])
     fit_classes = meta["fit_classes"]
     if len(fit_classes) < 2:
         raise UserError(f"only {len(fit_classes)} training class(es) left after holding out validation classes; "
                         "add classes or lower split.val_fraction")
     fit_index = {c: i for i, c in enumerate(fit_classes)}
-    semantic = shard["semantic"]
-    sem_by_name = dict(zip(classes, semantic))
-
-    def select(labels, fit: bool):
-        keep = np.array([(classes[l] in val_classes) != fit for l in labels])
-        return keep
-
-    sk_fit, im_fit = select(sk_labels_all, True), select(im_labels_all, True)
+    val_index = {c: i for i, c in enumerate(val_names)}
+    sk_fit = np.array([classes[l] in fit_index for l in sk_labels], dtype=bool)
+    im_fit = np.array([classes[l] in fit_index for l in im_labels], dtype=bool)
     if s["batch_size"] > int(sk_fit.sum()):
         raise UserError(f"train.batch_size {s['batch_size']} is larger than the {int(sk_fit.sum())} training "
                         "sketches; lower it")
@@ -172,127 +158,195 @@ def run(args: argparse.Namespace) -> None:
     with torch.no_grad():
         sk_feats = norms["sketch"](torch.from_numpy(sk_all)).numpy()
         im_feats = norms["image"](torch.from_numpy(im_all)).numpy()
-    sk_y = np.array([fit_index.get(classes[l], -1) for l in sk_labels_all])
-    im_y = np.array([fit_index.get(classes[l], -1) for l in im_labels_all])
-    fit_sem = torch.from_numpy(np.stack([sem_by_name[c] for c in fit_classes]).astype(np.float32))
+    sem_by_name = dict(zip(classes, shard["semantic"]))
+    return {
+        "meta": meta, "extractors": extractors, "norms": norms, "fit_classes": fit_classes, "val_names": val_names,
+        "fit_sk": sk_feats[sk_fit], "fit_sk_y": np.array([fit_index[classes[l]] for l in sk_labels[sk_fit]]),
+        "fit_im": im_feats[im_fit], "fit_im_y": np.array([fit_index[classes[l]] for l in im_labels[im_fit]]),
+        "val_sk": sk_feats[~sk_fit], "val_sk_y": np.array([val_index[classes[l]] for l in sk_labels[~sk_fit]]),
+        "val_im": im_feats[~im_fit], "val_im_y": np.array([val_index[classes[l]] for l in im_labels[~im_fit]]),
+        "fit_sem": np.stack([sem_by_name[c] for c in fit_classes]).astype(np.float32),
+    }
 
-    cfg = Config(feat_dim=sk_all.shape[1], sem_dim=semantic.shape[1], dim_out=s["dim_out"],
-                 n_classes=len(fit_classes), **s["config"])
-    torch.manual_seed(s["seed"])
-    model = SemPcyc(cfg).to(device)
-    opts = make_optimizers(model, s["lr"])
-    scheds = {k: torch.optim.lr_scheduler.MultiStepLR(o, s["milestones"], s["gamma"]) for k, o in opts.items()}
-    net = TrainLosses(model).to(device)
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
-    sampler = PairSampler(sk_y[sk_fit], im_y[im_fit], s["seed"] + 1000 * rank)
-    sk_fit_idx, im_fit_idx = np.flatnonzero(sk_fit), np.flatnonzero(im_fit)
-    sk_val, im_val = ~sk_fit, ~im_fit
-    val_names = sorted(val_classes)
-    val_sk_labels = np.array([val_names.index(classes[l]) for l in sk_labels_all[sk_val]])
-    val_im_labels = np.array([val_names.index(classes[l]) for l in im_labels_all[im_val]])
+
+class Trainer:
+    """The SEM-PCYC training loop on cached features: epochs of class-balanced batches, validation mAP after
+    each, the best weights kept. Checkpointing and logging are left to the caller (`on_epoch`)."""
+
+    def __init__(self, data: dict, s: dict, device: str = "cpu", rank: int = 0, world: int = 1):
+        import torch
+        from torch import nn
+        from .model import Config, SemPcyc, TrainLosses, make_optimizers
+        self.data, self.s, self.device, self.rank, self.world = data, s, device, rank, world
+        self.cfg = Config(feat_dim=data["fit_sk"].shape[1], sem_dim=data["fit_sem"].shape[1], dim_out=s["dim_out"],
+                          n_classes=len(data["fit_classes"]), **s["config"])
+        torch.manual_seed(s["seed"])
+        self.model = SemPcyc(self.cfg).to(device)
+        self.opts = make_optimizers(self.model, s["lr"])
+        self.scheds = {k: torch.optim.lr_scheduler.MultiStepLR(o, s["milestones"], s["gamma"])
+                       for k, o in self.opts.items()}
+        self.net = TrainLosses(self.model).to(device)
+        if world > 1:
+            self.net = nn.parallel.DistributedDataParallel(self.net, find_unused_parameters=True)
+        self.sampler = PairSampler(data["fit_sk_y"], data["fit_im_y"], s["seed"] + 1000 * rank)
+        self.fit_sem = torch.from_numpy(data["fit_sem"])
+        self.state = {"epoch": 0, "best_map": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
+        self.best = None
+        self.pairs = 0
+
+    def checkpoint(self, fingerprint: str) -> dict:
+        return {"fingerprint": fingerprint, "config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                "opts": {k: o.state_dict() for k, o in self.opts.items()},
+                "scheds": {k: sc.state_dict() for k, sc in self.scheds.items()},
+                "state": self.state, "best": self.best}
+
+    def restore(self, ckpt: dict) -> None:
+        import torch
+        self.model.load_state_dict(ckpt["model"])
+        for k in self.opts:
+            self.opts[k].load_state_dict(ckpt["opts"][k])
+            self.scheds[k].load_state_dict(ckpt["scheds"][k])
+        self.state, self.best = ckpt["state"], ckpt["best"]
+        # a resumed run draws fresh batches, seeded by where it resumes, so it is reproducible too
+        self.sampler.rng = np.random.default_rng([self.s["seed"], self.rank, self.state["epoch"]])
+        torch.manual_seed(self.s["seed"] + self.state["epoch"])
+
+    def run_epoch(self) -> dict[str, float]:
+        import torch
+        from tqdm import tqdm
+        from .model import train_step
+        s, d, dev = self.s, self.data, self.device
+        totals: dict[str, float] = {}
+        epoch = self.state["epoch"] + 1
+        for _ in tqdm(range(s["iters_per_epoch"]), desc=f"train epoch {epoch}/{s['epochs']}", unit="it",
+                      leave=False, mininterval=2, disable=self.rank != 0):
+            sk_i, im_i, y = self.sampler.batch(s["batch_size"])
+            a = torch.from_numpy(d["fit_sk"][sk_i]).to(dev)
+            b = torch.from_numpy(d["fit_im"][im_i]).to(dev)
+            if s["feature_noise"] > 0:
+                a = a + s["feature_noise"] * torch.randn_like(a)
+                b = b + s["feature_noise"] * torch.randn_like(b)
+            yt = torch.from_numpy(y).long()
+            losses = train_step(self.model, self.opts, a, b, self.fit_sem[yt].to(dev), yt.to(dev), net=self.net)
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0.0) + v / s["iters_per_epoch"]
+            self.pairs += len(y) * self.world
+        for sched in self.scheds.values():
+            sched.step()
+        return totals
+
+    def validate(self) -> float:
+        import torch
+        d, dev, model = self.data, self.device, self.model
+        model.eval()
+        val_map = validation_map(lambda x: model.embed_sketch(x.to(dev)).cpu(),
+                                 lambda x: model.embed_image(x.to(dev)).cpu(),
+                                 d["val_sk"], d["val_sk_y"], d["val_im"], d["val_im_y"])
+        if self.world > 1:  # every rank must take the same early-stopping decision
+            import torch.distributed as dist
+            t = torch.tensor([val_map], dtype=torch.float64)
+            dist.broadcast(t, src=0)
+            val_map = float(t)
+        return val_map
+
+    def fit(self, on_epoch=None):
+        """Train until train.epochs or early stopping; leaves the best epoch's weights in self.model."""
+        s = self.s
+        while self.state["epoch"] < s["epochs"]:
+            totals = self.run_epoch()
+            val_map = self.validate()
+            improved = val_map > self.state["best_map"]
+            self.state["epoch"] += 1
+            if improved:
+                self.state.update(best_map=val_map, best_epoch=self.state["epoch"], bad_epochs=0)
+                self.best = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            else:
+                self.state["bad_epochs"] += 1
+            self.state["history"].append({"epoch": self.state["epoch"], "val_map": val_map, **totals})
+            if on_epoch is not None:
+                on_epoch(self, totals, val_map, improved)
+            if self.state["bad_epochs"] >= s["patience"]:
+                if self.rank == 0:
+                    print(f"train: early stop after epoch {self.state['epoch']}: no validation gain for "
+                          f"{s['patience']} epochs")
+                break
+        self.model.load_state_dict(self.best)
+        return self.model
+
+
+def run(args: argparse.Namespace) -> None:
+    import io
+    import torch
+    from .encoder import bundle_state
+    from .features import pick_device
+    from .fsutil import atomic_write_bytes
+
+    s = read_settings(params_mod.load(getattr(args, "params", "params.yaml")))
+    device = pick_device(s["device"])
+    rank, world = _dist_setup(device)
+    if device == "cuda" and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    features_dir, train_dir = Path(args.features), Path(args.train)
+    data = load_training_data(features_dir, train_dir, s)
+    trainer = Trainer(data, s, device, rank, world)
 
     fp = fingerprint({**s, "world": world}, features_dir, train_dir)
-    state = {"epoch": 0, "best_map": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
-    best_state = None
     ckpt_path = Path(args.resume or args.checkpoint)
+    if args.resume and not ckpt_path.exists():
+        raise UserError(f"{ckpt_path}: checkpoint not found")
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if args.resume and ckpt.get("config") != cfg.to_dict():
-            diff = sorted(k for k in cfg.to_dict() if ckpt.get("config", {}).get(k) != cfg.to_dict()[k])
-            raise UserError(f"{ckpt_path}: checkpoint was made for another architecture/configuration "
-                            f"(differs in {', '.join(diff) or 'format'}); not resuming. Remove it or pass "
-                            "the matching params")
+        if args.resume and ckpt.get("config") != trainer.cfg.to_dict():
+            theirs = ckpt.get("config", {})
+            diff = sorted(k for k, v in trainer.cfg.to_dict().items() if theirs.get(k) != v)
+            raise UserError(f"{ckpt_path}: checkpoint was made for another architecture or configuration "
+                            f"(differs in {', '.join(diff) or 'format'}); not resuming. Use the params it was "
+                            "made with, or start fresh without --resume")
         if ckpt.get("fingerprint") == fp or args.resume:
-            model.load_state_dict(ckpt["model"])
-            for k in opts:
-                opts[k].load_state_dict(ckpt["opts"][k])
-                scheds[k].load_state_dict(ckpt["scheds"][k])
-            state, best_state = ckpt["state"], ckpt["best"]
-            sampler.rng = np.random.default_rng([s["seed"], rank, state["epoch"]])
-            torch.manual_seed(s["seed"] + state["epoch"])
+            trainer.restore(ckpt)
             if rank == 0:
-                print(f"train: resuming from {ckpt_path} after epoch {state['epoch']}")
+                print(f"train: resuming from {ckpt_path} after epoch {trainer.state['epoch']}")
         elif rank == 0:
             print(f"train: {ckpt_path} is from other inputs or params; starting fresh")
 
     live = None
     if rank == 0:
         from dvclive import Live
-        live = Live(dir=args.live_dir, resume=state["epoch"] > 0, report=None, dvcyaml=None, save_dvc_exp=False)
+        live = Live(dir=args.live_dir, resume=trainer.state["epoch"] > 0, report=None, dvcyaml=None,
+                    save_dvc_exp=False)
         live.log_params({"preset": s["preset"], **s["config"], "dim_out": s["dim_out"], "lr": s["lr"],
                          "batch_size": s["batch_size"], "feature_norm": s["feature_norm"], "world_size": world})
-    started = time.time()
-    pairs = 0
-    for epoch in range(state["epoch"] + 1, s["epochs"] + 1):
-        totals: dict[str, float] = {}
-        bar = tqdm(range(s["iters_per_epoch"]), desc=f"train epoch {epoch}/{s['epochs']}", unit="it",
-                   leave=False, mininterval=2, disable=rank != 0)
-        for _ in bar:
-            sk_i, im_i, y = sampler.batch(s["batch_size"])
-            a = torch.from_numpy(sk_feats[sk_fit_idx[sk_i]]).to(device)
-            b = torch.from_numpy(im_feats[im_fit_idx[im_i]]).to(device)
-            if s["feature_noise"] > 0:
-                a = a + s["feature_noise"] * torch.randn_like(a)
-                b = b + s["feature_noise"] * torch.randn_like(b)
-            yt = torch.from_numpy(y).long().to(device)
-            losses = train_step(model, opts, a, b, fit_sem[yt.cpu()].to(device), yt, net=net)
-            for k, v in losses.items():
-                totals[k] = totals.get(k, 0.0) + v / s["iters_per_epoch"]
-            pairs += len(y) * world
-        for sched in scheds.values():
-            sched.step()
-        model.eval()
-        val_map = validation_map(lambda x: model.embed_sketch(x.to(device)).cpu(),
-                                 lambda x: model.embed_image(x.to(device)).cpu(),
-                                 sk_feats[sk_val], val_sk_labels, im_feats[im_val], val_im_labels)
-        if world > 1:  # every rank must take the same early-stopping decision
-            import torch.distributed as dist
-            t = torch.tensor([val_map], dtype=torch.float64)
-            dist.broadcast(t, src=0)
-            val_map = float(t)
-        improved = val_map > state["best_map"]
-        if improved:
-            state.update(best_map=val_map, best_epoch=epoch, bad_epochs=0)
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch
-        state["history"].append({"epoch": epoch, "val_map": val_map, **totals})
-        if rank == 0:
-            for k, v in totals.items():
-                live.log_metric(f"train/{k}", v)
-            live.log_metric("val/map_all", val_map)
-            live.next_step()
-            print(f"train: epoch {epoch}: val mAP@all {val_map:.4f}" + (" (best)" if improved else "")
-                  + f"  gen {totals['gen']:.3f} disc {totals['disc']:.3f} ae {totals['ae']:.4f}")
-            ckpt = {"fingerprint": fp, "config": cfg.to_dict(), "model": model.state_dict(),
-                    "opts": {k: o.state_dict() for k, o in opts.items()},
-                    "scheds": {k: sc.state_dict() for k, sc in scheds.items()}, "state": state, "best": best_state}
-            import io
-            buf = io.BytesIO()
-            torch.save(ckpt, buf)
-            atomic_write_bytes(args.checkpoint, buf.getvalue())
-        if state["bad_epochs"] >= s["patience"]:
-            if rank == 0:
-                print(f"train: early stop after epoch {epoch}: no validation gain for {s['patience']} epochs")
-            break
-    if rank == 0:
-        model.load_state_dict(best_state)
-        bundle_meta = {**meta, "feature_norm": s["feature_norm"], "trained_classes": fit_classes,
-                       "validation_classes": val_names, "best_epoch": state["best_epoch"], "preset": s["preset"]}
-        model.cpu()
-        import io
+
+    def on_epoch(tr: Trainer, totals: dict, val_map: float, improved: bool) -> None:
+        if rank != 0:
+            return
+        for k, v in totals.items():
+            live.log_metric(f"train/{k}", v)
+        live.log_metric("val/map_all", val_map)
+        live.next_step()
+        print(f"train: epoch {tr.state['epoch']}: val mAP@all {val_map:.4f}" + (" (best)" if improved else "")
+              + f"  gen {totals['gen']:.3f} disc {totals['disc']:.3f} ae {totals['ae']:.4f}")
         buf = io.BytesIO()
-        torch.save(bundle_state(bundle_meta, cfg, extractors, norms, model), buf)
+        torch.save(tr.checkpoint(fp), buf)
+        atomic_write_bytes(args.checkpoint, buf.getvalue())
+
+    started = time.time()
+    model = trainer.fit(on_epoch)
+    if rank == 0:
+        state = trainer.state
+        bundle_meta = {**data["meta"], "feature_norm": s["feature_norm"], "trained_classes": data["fit_classes"],
+                       "validation_classes": data["val_names"], "best_epoch": state["best_epoch"],
+                       "preset": s["preset"]}
+        buf = io.BytesIO()
+        torch.save(bundle_state(bundle_meta, trainer.cfg, data["extractors"], data["norms"], model.cpu()), buf)
         atomic_write_bytes(args.out, buf.getvalue())
-        seconds = time.time() - started
+        rate = trainer.pairs / max(time.time() - started, 1e-9)
         live.summary = {"val_map_all_best": state["best_map"], "best_epoch": state["best_epoch"],
-                        "epochs_run": state["epoch"], "pairs_per_second": round(pairs / max(seconds, 1e-9), 1)}
+                        "epochs_run": state["epoch"], "pairs_per_second": round(rate, 1)}
         live.end()
         Path(args.checkpoint).unlink(missing_ok=True)
         print(f"train: best val mAP@all {state['best_map']:.4f} at epoch {state['best_epoch']}; "
-              f"{pairs / max(seconds, 1e-9):.0f} pairs/s -> {args.out}")
+              f"{rate:.0f} pairs/s -> {args.out}")
     if world > 1:
         import torch.distributed as dist
         dist.barrier()
