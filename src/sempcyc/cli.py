@@ -18,6 +18,9 @@ STAGES = {
     "train": "train",
     "evaluate": "evaluate",
     "gallery": "gallery",
+    "archive": "archive",
+    "serve-check": "serve_check",
+    "serve": "serve",
 }
 
 

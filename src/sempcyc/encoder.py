@@ -1,8 +1,8 @@
 """The inference path, sketch or image -> embedding: extractor CNN (+ projection) then the SEM-PCYC generator.
 
 One implementation for the features stage, evaluation, the gallery stage, the TorchServe handler and the
-benchmarks. Kept free of this package's other modules except the two it needs (backbones, model), which the
-archive ships beside it.
+benchmarks. Imports only its siblings backbones and model (relatively), so the archive can ship these files as a
+small package of their own.
 """
 from __future__ import annotations
 
@@ -12,12 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-try:  # inside the package
-    from .backbones import build_backbone, to_input
-    from .model import Config, SemPcyc
-except ImportError:  # inside a TorchServe archive, where the files sit flat beside the handler
-    from backbones import build_backbone, to_input  # type: ignore
-    from model import Config, SemPcyc  # type: ignore
+from .backbones import build_backbone, to_input
+from .model import Config, SemPcyc
 
 
 class Extractor(nn.Module):

@@ -26,12 +26,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def pick_device(name: str) -> str:
+    """train.device -> a torch device string; cpu, auto, cuda or cuda:N."""
+    import re
     import torch
+    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", name):
+        raise UserError(f"params.yaml: train.device must be cpu, cuda, cuda:N or auto, got {name!r}")
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device '{name}' requested (param train.device) but CUDA is not available here; "
                         "set train.device: cpu (or auto)")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"train.device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     return name
 
 
@@ -121,7 +127,7 @@ def finetune(extractor, arrays: np.ndarray, labels: np.ndarray, n_classes: int, 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss)
+            total += loss.item()
         losses.append(total / steps)
         print(f"features: {desc} epoch {epoch + 1}: loss {losses[-1]:.3f}")
     extractor.eval()

@@ -23,7 +23,11 @@ class ImageDecodeError(ValueError):
     """The bytes are not an image we can read; the message says why."""
 
 
-def decode_bytes(data: bytes, name: str = "<bytes>") -> Image.Image:
+class ImageTooLarge(ImageDecodeError):
+    """The image header declares more pixels than MAX_PIXELS (checked before decoding)."""
+
+
+def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode encoded image bytes; `.base64` files may hold base64 text of an image or raw image bytes."""
     if not data:
         raise ImageDecodeError(f"{name}: empty file")
@@ -38,14 +42,15 @@ def decode_bytes(data: bytes, name: str = "<bytes>") -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            if image.width * image.height > MAX_PIXELS:
-                raise ImageDecodeError(f"{name}: {image.width}x{image.height} pixels is over the "
-                                       f"{MAX_PIXELS:,}-pixel limit")
+            if image.width * image.height > max_pixels:
+                raise ImageTooLarge(f"{name}: {image.width}x{image.height} pixels is over the "
+                                    f"{max_pixels:,}-pixel limit")
             image.load()
     except ImageDecodeError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as exc:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise ImageTooLarge(f"{name}: too many pixels ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"{name}: not a readable image ({exc.__class__.__name__}: {exc})") from None
     return image
 

@@ -98,6 +98,14 @@ class ITQ:
         self.losses: list[float] = []
 
     def fit(self, x: np.ndarray) -> "ITQ":
+        try:  # ~100 tiny SVDs: multi-threaded BLAS is far slower than one thread here (measured 200x)
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            return self._fit(x)
+        with threadpool_limits(1):
+            return self._fit(x)
+
+    def _fit(self, x: np.ndarray) -> "ITQ":
         x = np.asarray(x, dtype=np.float64)
         self.mean = x.mean(axis=0)
         centred = x - self.mean

@@ -238,6 +238,8 @@ class Trainer:
     def validate(self) -> float:
         import torch
         d, dev, model = self.data, self.device, self.model
+        if not len(d["val_sk"]) or not len(d["val_im"]):
+            return float("nan")
         model.eval()
         val_map = validation_map(lambda x: model.embed_sketch(x.to(dev)).cpu(),
                                  lambda x: model.embed_image(x.to(dev)).cpu(),
@@ -255,7 +257,8 @@ class Trainer:
         while self.state["epoch"] < s["epochs"]:
             totals = self.run_epoch()
             val_map = self.validate()
-            improved = val_map > self.state["best_map"]
+            # without validation classes (split.val_fraction 0) every epoch counts as the best: last one is kept
+            improved = val_map > self.state["best_map"] or not len(self.data["val_sk"])
             self.state["epoch"] += 1
             if improved:
                 self.state.update(best_map=val_map, best_epoch=self.state["epoch"], bad_epochs=0)
@@ -272,6 +275,20 @@ class Trainer:
                 break
         self.model.load_state_dict(self.best)
         return self.model
+
+
+def open_live(live_dir: str, resume: bool):
+    """A DVCLive logger. DVCLive looks up the git revision when it starts; in a repository with no commit yet
+    that raises, so then it logs without its DVC integration (files only), which is all the stage needs."""
+    from dvclive import Live
+    try:
+        return Live(dir=live_dir, resume=resume, report=None, dvcyaml=None, save_dvc_exp=False)
+    except Exception as exc:  # scmrepo's SCMError: "Empty git repo"
+        if "git" not in str(exc).lower():
+            raise
+        from unittest import mock
+        with mock.patch("dvclive.live.get_dvc_repo", return_value=None):
+            return Live(dir=live_dir, resume=resume, report=None, dvcyaml=None, save_dvc_exp=False)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -311,9 +328,7 @@ def run(args: argparse.Namespace) -> None:
 
     live = None
     if rank == 0:
-        from dvclive import Live
-        live = Live(dir=args.live_dir, resume=trainer.state["epoch"] > 0, report=None, dvcyaml=None,
-                    save_dvc_exp=False)
+        live = open_live(args.live_dir, resume=trainer.state["epoch"] > 0)
         live.log_params({"preset": s["preset"], **s["config"], "dim_out": s["dim_out"], "lr": s["lr"],
                          "batch_size": s["batch_size"], "feature_norm": s["feature_norm"], "world_size": world})
 
@@ -341,8 +356,8 @@ def run(args: argparse.Namespace) -> None:
         torch.save(bundle_state(bundle_meta, trainer.cfg, data["extractors"], data["norms"], model.cpu()), buf)
         atomic_write_bytes(args.out, buf.getvalue())
         rate = trainer.pairs / max(time.time() - started, 1e-9)
-        live.summary = {"val_map_all_best": state["best_map"], "best_epoch": state["best_epoch"],
-                        "epochs_run": state["epoch"], "pairs_per_second": round(rate, 1)}
+        live.summary.update({"val_map_all_best": state["best_map"], "best_epoch": state["best_epoch"],
+                             "epochs_run": state["epoch"], "pairs_per_second": round(rate, 1)})
         live.end()
         Path(args.checkpoint).unlink(missing_ok=True)
         print(f"train: best val mAP@all {state['best_map']:.4f} at epoch {state['best_epoch']}; "

@@ -1,0 +1,65 @@
+"""TorchServe handler: a thin adapter from TorchServe's request batches to search.SketchSearch.
+
+In the archive this file sits at the root beside `sem_pcyc_runtime/`, a copy of the few modules it needs
+(imaging, retrieval, encoder, backbones, model, search); it never imports the installed `sempcyc` package, so a
+serving host needs only TorchServe, torch, torchvision, numpy and pillow. The model and the gallery embeddings are
+loaded once in initialize(); each request is only preprocessing, one forward pass and a top-k.
+"""
+import json
+import os
+from pathlib import Path
+
+# No content type (curl -T) is fine too. Form encoding is refused: TorchServe parses such a body as form fields,
+# so the image would arrive mangled (curl --data-binary sends it unless told -H 'Content-Type: image/png').
+ACCEPTED_TYPES = ("image/", "application/octet-stream")
+
+
+class SemPcycHandler:
+    """Request: raw sketch bytes. Response: [{"image": "<class>/<file>", "class": ..., "score": ...}, ...]."""
+
+    def __init__(self):
+        self.search = None
+        self.initialized = False
+
+    def initialize(self, context):
+        import torch
+        from sem_pcyc_runtime.search import SketchSearch
+
+        model_dir = Path(context.system_properties["model_dir"])
+        settings = json.loads((model_dir / "serving.json").read_text(encoding="utf-8"))
+        threads = int(os.environ.get("SEM_PCYC_THREADS", settings.get("threads", 0)) or 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.search = SketchSearch.load(model_dir / "sem_pcyc.pt", model_dir / "gallery",
+                                        top_k=int(settings["top_k"]), max_pixels=int(settings["max_pixels"]))
+        self.version = settings.get("version")
+        self.initialized = True
+
+    def handle(self, data, context):
+        from sem_pcyc_runtime.search import RequestError
+
+        bodies = []
+        for idx, row in enumerate(data):
+            body = row.get("data") if row.get("data") is not None else row.get("body")
+            content_type = (context.get_request_header(idx, "Content-Type") or "").lower() if context else ""
+            if content_type and not content_type.startswith(ACCEPTED_TYPES):
+                body = RequestError(415, f"content type {content_type!r} is not accepted; send the raw bytes of a "
+                                         "PNG or JPEG sketch with Content-Type image/png, image/jpeg or "
+                                         "application/octet-stream (or none, as curl -T does)")
+            bodies.append(body)
+        answers = [None] * len(bodies)
+        pending = [i for i, b in enumerate(bodies) if not isinstance(b, RequestError)]
+        for i, b in enumerate(bodies):
+            if isinstance(b, RequestError):
+                answers[i] = b
+        for i, answer in zip(pending, self.search.search([bodies[i] for i in pending])):
+            answers[i] = answer
+        out = []
+        for idx, answer in enumerate(answers):
+            if isinstance(answer, RequestError):
+                if context is not None:
+                    context.set_response_status(answer.status, answer.message[:120], idx)
+                out.append({"error": answer.message, "status": answer.status})
+            else:
+                out.append(answer)
+        return out

@@ -1,0 +1,490 @@
+"""features, train, evaluate and gallery stages on a tiny dataset (tiny CNN, 32-px arrays, a few iterations).
+
+The inputs come from the real extract -> semantic (MiniLM) -> prepare stages, built once per module; the features
+and train stages also run once there (`trained`), and every test writes its own outputs under tmp_path. Stages run
+in-process through `sempcyc.cli.main` (fast: torch is imported once) except where a real process matters: the
+CUDA-absent error (exit status, no traceback) and DDP under torchrun.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import VENV_BIN, class_files, dvc_env, run_cli, write_tar
+from sempcyc import cli, imaging
+from sempcyc.backbones import build_backbone
+from sempcyc.encoder import Encoder
+from sempcyc.prepare import hash_unit
+
+# 12 classes whose letter sums differ, so class_files() draws different pictures for each; with the default salt
+# and test_fraction 0.2 the hash split puts 3 of them (bear, dog, guitar) on the unseen side.
+CLASSES = ["apple", "bear", "car", "dog", "egg", "fish", "guitar", "house", "igloo", "kite", "moon", "owl"]
+PER_CLASS = 4
+SALT, TEST_FRACTION = "sem-pcyc", 0.2
+LOSSES = {"ae", "gen", "gen_adv", "gen_cyc", "gen_cls", "gen_reg", "disc", "disc_se", "disc_sk", "disc_im"}
+
+PARAMS = {
+    "data": {"tar": "ds.tar", "images_dir": "images", "sketches_dir": "sketches"},
+    "semantic": {"backend": "minilm", "word2vec_path": "", "synonyms_path": ""},
+    "split": {"test_fraction": TEST_FRACTION, "val_fraction": 0.15, "salt": SALT, "test_classes_file": ""},
+    "prepare": {"size": 32},
+    "model": {"backbone": "tiny", "backbone_weights": "", "invert_sketch": True, "dim_out": 16,
+              "preset": "tuned", "overrides": {}},
+    "features": {"epochs": 1, "lr": 0.0001, "head_lr": 0.001, "batch_size": 8, "proj_dim": 24, "seed": 0},
+    "train": {"device": "cpu", "epochs": 2, "iters_per_epoch": 3, "batch_size": 8, "lr": 0.0001, "milestones": [],
+              "gamma": 0.1, "patience": 5, "feature_norm": "standardize", "feature_noise": 0.0, "seed": 0},
+    "evaluate": {"seed": 0, "grid_queries": 3},
+    "gallery": {"batch_size": 16},
+}
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+def merged(base: dict, overrides: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and value:
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def write_params(folder: Path, overrides: dict | None = None, name: str = "params.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(merged(PARAMS, overrides or {}), sort_keys=False), encoding="utf-8")
+    return path
+
+
+def call(cwd: Path, *argv) -> tuple[int, str, str]:
+    """`sempcyc <argv>` in this process, in `cwd`: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    before = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = cli.main([str(a) for a in argv])
+    finally:
+        os.chdir(before)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def ok(cwd: Path, *argv) -> str:
+    rc, out, err = call(cwd, *argv)
+    assert rc == 0, f"sempcyc {' '.join(map(str, argv))} -> {rc}\n{out}\n{err}"
+    return out
+
+
+def one_line_error(rc: int, err: str, stage: str) -> str:
+    """The stage failed the way a user error should: exit 1 and exactly one line, no traceback."""
+    assert rc == 1, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"sempcyc {stage}: error: "), err
+    return lines[0]
+
+
+def tsv_rows(path: Path) -> list[list[str]]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines[0].split("\t")[0] == "step"
+    return [line.split("\t") for line in lines[1:]]
+
+
+def new_unseen_class(taken: list[str]) -> str:
+    """A new class name the hash split puts on the unseen side, drawn differently from every taken class."""
+    sums = {sum(map(ord, c)) for c in taken}
+    for name in ("jeep", "nose", "star", "lamp", "tulip", "zebra", "violin", "anchor", "bucket", "candle"):
+        if name not in taken and sum(map(ord, name)) not in sums and hash_unit(name, SALT) < TEST_FRACTION:
+            return name
+    raise AssertionError("no candidate class lands on the unseen side")
+
+
+def bundle_equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(bundle_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(bundle_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def gallery_counts(out: str) -> tuple[int, int]:
+    match = re.search(r"\((\d+) embedded, (\d+) from cache\)", out)
+    assert match, out
+    return int(match.group(1)), int(match.group(2))
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors on a shared 2-core box: one thread is faster and leaves the other core to the neighbours.
+    OpenBLAS too: on a busy box its threads make evaluate's ITQ (100 small SVDs) 200x slower (10 s vs 0.05 s)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # only a speed-up
+        threadpool_limits = None
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1) if threadpool_limits else contextlib.nullcontext():
+        yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A project folder with ds.tar, params.yaml and the real extract, semantic and prepare outputs."""
+    assert len({sum(map(ord, c)) for c in CLASSES}) == len(CLASSES)
+    root = tmp_path_factory.mktemp("stages")
+    write_tar(root / "ds.tar", class_files({c: (PER_CLASS, PER_CLASS) for c in CLASSES}))
+    write_params(root)
+    ok(root, "extract")
+    ok(root, "semantic")
+    ok(root, "prepare")
+    split = json.loads((root / "data/prepared/splits.json").read_text())
+    assert len(split["test"]) >= 2 and len(split["train"]) >= 6, split
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(prepared: Path) -> Path:
+    """`prepared` plus the features (1 fine-tuning epoch) and train (2 epochs) outputs at their default paths."""
+    ok(prepared, "features")
+    out = ok(prepared, "train")
+    assert "-> models/sem_pcyc.pt" in out
+    return prepared
+
+
+@pytest.fixture(scope="module")
+def interrupted(trained: Path, tmp_path_factory) -> Path:
+    """A checkpoint left by a run of 4 epochs interrupted (Ctrl-C) during epoch 3: it holds epochs 1-2."""
+    import sempcyc.train as train_mod
+    folder = tmp_path_factory.mktemp("interrupted")
+    write_params(folder, {"train": {"epochs": 4}})
+    real, calls = train_mod.validation_map, []
+
+    def validation_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_mod, "validation_map", validation_then_interrupt)
+        rc, out, err = call(folder, "train", "--features", trained / "models/features",
+                            "--train", trained / "data/prepared/train", "--out", "model.pt",
+                            "--live-dir", "live", "--checkpoint", "ckpt.pt")
+    assert rc == 130, out + err
+    assert "interrupted" in err
+    assert "train: epoch 2:" in out and "train: epoch 3:" not in out
+    assert (folder / "ckpt.pt").is_file()
+    assert not (folder / "model.pt").exists()
+    return folder / "ckpt.pt"
+
+
+def train_args(trained: Path, folder: Path) -> list:
+    return ["train", "--features", trained / "models/features", "--train", trained / "data/prepared/train",
+            "--out", folder / "model.pt", "--live-dir", folder / "live", "--checkpoint", folder / "ckpt.pt"]
+
+
+# ------------------------------------------------------------------------------------------------ features
+
+def test_features_outputs_and_fine_tuned_dim(trained: Path):
+    out = trained / "models/features"
+    assert {p.name for p in out.iterdir()} >= {"extractors.pt", "train_sketches.npy", "train_images.npy",
+                                               "meta.json"}
+    meta = json.loads((out / "meta.json").read_text())
+    train_classes = json.loads((trained / "data/prepared/train/classes.json").read_text())
+    n = len(train_classes) * PER_CLASS
+    assert np.load(out / "train_sketches.npy").shape == (n, PARAMS["features"]["proj_dim"])
+    assert np.load(out / "train_images.npy").shape == (n, PARAMS["features"]["proj_dim"])
+    assert meta["feat_dim"] == meta["feature_proj_dim"] == PARAMS["features"]["proj_dim"]
+    assert meta["backbone"] == "tiny" and meta["size"] == 32 and meta["finetune_epochs"] == 1
+    # validation classes are held out of fine-tuning, and together with the fit classes make up the training side
+    assert meta["validation_classes"], meta
+    assert not set(meta["fit_classes"]) & set(meta["validation_classes"])
+    assert set(meta["fit_classes"]) | set(meta["validation_classes"]) == set(train_classes)
+    assert len(meta["sketch_finetune_loss"]) == len(meta["image_finetune_loss"]) == 1
+    saved = torch.load(out / "extractors.pt", map_location="cpu", weights_only=True)
+    assert saved["meta"]["fit_classes"] == meta["fit_classes"]
+    assert saved["sketch_extractor"]["proj.weight"].shape[0] == PARAMS["features"]["proj_dim"]
+
+
+def test_features_without_fine_tuning_give_backbone_features(prepared: Path, tmp_path: Path):
+    write_params(tmp_path, {"features": {"epochs": 0}})
+    ok(tmp_path, "features", "--train", prepared / "data/prepared/train", "--out", "feat")
+    meta = json.loads((tmp_path / "feat/meta.json").read_text())
+    dim = build_backbone("tiny", pretrained=False).num_features
+    assert meta["feature_proj_dim"] is None and meta["feat_dim"] == dim
+    assert np.load(tmp_path / "feat/train_sketches.npy").shape[1] == dim
+    assert np.load(tmp_path / "feat/train_images.npy").shape[1] == dim
+    assert "sketch_finetune_loss" not in meta
+
+
+def test_features_batch_size_larger_than_the_data(prepared: Path, tmp_path: Path):
+    write_params(tmp_path, {"features": {"batch_size": 1000}})
+    rc, _, err = call(tmp_path, "features", "--train", prepared / "data/prepared/train", "--out", "feat")
+    assert "features.batch_size" in one_line_error(rc, err, "features")
+    assert not (tmp_path / "feat").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda_names_the_param(trained: Path, tmp_path: Path):
+    write_params(tmp_path, {"train": {"device": "cuda"}})
+    # a real process: exit status 1 and one line on stderr, no traceback
+    proc = run_cli("features", "--train", str(trained / "data/prepared/train"), "--out", "feat",
+                   cwd=tmp_path, check=False)
+    assert "train.device" in one_line_error(proc.returncode, proc.stderr, "features")
+    assert not (tmp_path / "feat").exists()
+    rc, _, err = call(tmp_path, *train_args(trained, tmp_path))
+    assert "train.device" in one_line_error(rc, err, "train")
+    assert not (tmp_path / "model.pt").exists()
+
+
+# --------------------------------------------------------------------------------------------------- train
+
+def test_train_writes_a_loadable_bundle_and_dvclive_logs(trained: Path):
+    enc = Encoder.load(trained / "models/sem_pcyc.pt")
+    assert enc.size == 32 and enc.meta["backbone"] == "tiny"
+    with torch.inference_mode():
+        sk = enc.embed_sketches(torch.full((2, 32, 32), 255, dtype=torch.uint8))
+        im = enc.embed_images(torch.zeros((3, 32, 32, 3), dtype=torch.uint8))
+    assert sk.shape == (2, PARAMS["model"]["dim_out"]) and im.shape == (3, PARAMS["model"]["dim_out"])
+    assert torch.isfinite(sk).all() and torch.isfinite(im).all()
+    assert not (trained / "models/train-checkpoint.pt").exists()  # removed once the run finished
+
+    live = trained / "dvclive"
+    epochs = PARAMS["train"]["epochs"]
+    metrics = json.loads((live / "metrics.json").read_text())
+    assert metrics["epochs_run"] == epochs
+    assert "map_all" in metrics["val"] and "gen" in metrics["train"]  # last value of every logged metric too
+    assert 1 <= metrics["best_epoch"] <= epochs and 0.0 <= metrics["val_map_all_best"] <= 1.0
+    plots = live / "plots/metrics"
+    for loss in LOSSES:
+        rows = tsv_rows(plots / "train" / f"{loss}.tsv")
+        assert [int(r[0]) for r in rows] == list(range(epochs)), loss
+        assert all(np.isfinite(float(r[1])) for r in rows), loss
+    val = tsv_rows(plots / "val/map_all.tsv")
+    assert [int(r[0]) for r in val] == list(range(epochs))
+    assert max(float(r[1]) for r in val) == pytest.approx(metrics["val_map_all_best"])
+
+
+def test_train_is_seedable(trained: Path, tmp_path: Path):
+    write_params(tmp_path)
+    ok(tmp_path, *train_args(trained, tmp_path))
+    first = torch.load(trained / "models/sem_pcyc.pt", map_location="cpu", weights_only=True)
+    second = torch.load(tmp_path / "model.pt", map_location="cpu", weights_only=True)
+    assert bundle_equal(first, second)
+
+
+@pytest.mark.parametrize("overrides, names", [
+    ({"train": {"lr": 0}}, ["train.lr"]),
+    ({"train": {"lr": -1}}, ["train.lr"]),
+    ({"model": {"dim_out": 0}}, ["model.dim_out"]),
+    ({"train": {"batch_size": 1000}}, ["train.batch_size"]),
+    ({"model": {"overrides": {"lambda_nope": 1.0}}}, ["model.overrides", "lambda_nope"]),
+    ({"model": {"preset": "nope"}}, ["model.preset"]),
+], ids=["lr-zero", "lr-negative", "dim-out-zero", "batch-too-large", "unknown-override", "unknown-preset"])
+def test_train_bad_params_give_one_line_errors(trained: Path, tmp_path: Path, overrides, names):
+    write_params(tmp_path, overrides)
+    rc, _, err = call(tmp_path, *train_args(trained, tmp_path))
+    line = one_line_error(rc, err, "train")
+    for name in names:
+        assert name in line
+    assert not (tmp_path / "model.pt").exists()
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("stage", ["features", "train"])
+def test_unknown_device_names_the_param(trained: Path, tmp_path: Path, stage: str):
+    write_params(tmp_path, {"train": {"device": "gpu"}})
+    argv = (["features", "--train", trained / "data/prepared/train", "--out", "feat"] if stage == "features"
+            else train_args(trained, tmp_path))
+    rc, _, err = call(tmp_path, *argv)
+    assert "train.device" in one_line_error(rc, err, stage)
+
+
+def test_no_validation_classes_trains_or_says_why(prepared: Path, tmp_path: Path):
+    write_params(tmp_path, {"split": {"val_fraction": 0.0}})
+    ok(tmp_path, "features", "--train", prepared / "data/prepared/train", "--out", "feat")
+    assert json.loads((tmp_path / "feat/meta.json").read_text())["validation_classes"] == []
+    argv = train_args(prepared, tmp_path)
+    argv[argv.index(prepared / "models/features")] = tmp_path / "feat"
+    rc, _, err = call(tmp_path, *argv)
+    if rc == 0:
+        assert Encoder.load(tmp_path / "model.pt").meta["backbone"] == "tiny"
+    else:
+        assert "split.val_fraction" in one_line_error(rc, err, "train")
+
+
+def test_train_in_a_git_repo_without_commits(trained: Path, tmp_path: Path):
+    env = dvc_env(tmp_path)
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, env=env, check=True)
+    subprocess.run([str(VENV_BIN / "dvc"), "init", "-q"], cwd=tmp_path, env=env, check=True)
+    write_params(tmp_path)
+    ok(tmp_path, *train_args(trained, tmp_path))
+    assert Encoder.load(tmp_path / "model.pt").meta["backbone"] == "tiny"
+
+
+# -------------------------------------------------------------------------------------------------- resume
+
+def test_interrupted_run_resumes_automatically(trained: Path, interrupted: Path, tmp_path: Path):
+    """Same params, same --checkpoint path: the run picks the checkpoint up and continues from epoch 3."""
+    shutil.copy(interrupted, tmp_path / "ckpt.pt")
+    shutil.copytree(interrupted.parent / "live", tmp_path / "live")
+    write_params(tmp_path, {"train": {"epochs": 4}})
+    out = ok(tmp_path, *train_args(trained, tmp_path))
+    assert "resuming" in out and "after epoch 2" in out
+    assert "train: epoch 1:" not in out and "train: epoch 2:" not in out
+    assert "train: epoch 3:" in out and "train: epoch 4:" in out
+    assert Encoder.load(tmp_path / "model.pt").meta["backbone"] == "tiny"
+    assert not (tmp_path / "ckpt.pt").exists()
+    # DVCLive continued the interrupted run's steps instead of starting over
+    assert [int(r[0]) for r in tsv_rows(tmp_path / "live/plots/metrics/val/map_all.tsv")] == [0, 1, 2, 3]
+    assert json.loads((tmp_path / "live/metrics.json").read_text())["epochs_run"] == 4
+
+
+def test_resume_flag_continues_with_more_epochs(trained: Path, interrupted: Path, tmp_path: Path):
+    write_params(tmp_path, {"train": {"epochs": 5}})
+    # without --resume, a checkpoint made with other params is not used
+    shutil.copy(interrupted, tmp_path / "ckpt.pt")
+    out = ok(tmp_path, *train_args(trained, tmp_path / "fresh")[:-2], "--checkpoint", tmp_path / "ckpt.pt")
+    assert "starting fresh" in out and "resuming" not in out and "train: epoch 1:" in out
+
+    out = ok(tmp_path, *train_args(trained, tmp_path), "--resume", interrupted)
+    assert "resuming" in out and "after epoch 2" in out
+    assert "train: epoch 2:" not in out
+    assert all(f"train: epoch {e}:" in out for e in (3, 4, 5))
+    assert Encoder.load(tmp_path / "model.pt").meta["best_epoch"] in range(1, 6)
+
+
+def test_resume_from_another_architecture_is_refused(trained: Path, interrupted: Path, tmp_path: Path):
+    write_params(tmp_path, {"model": {"dim_out": 8}})
+    rc, out, err = call(tmp_path, *train_args(trained, tmp_path), "--resume", interrupted)
+    line = one_line_error(rc, err, "train")
+    assert str(interrupted) in line and "dim_out" in line
+    assert not (tmp_path / "model.pt").exists()
+    assert interrupted.is_file()
+
+
+# ----------------------------------------------------------------------------------------------------- DDP
+
+def test_torchrun_ddp_on_cpu(trained: Path, tmp_path: Path):
+    params = write_params(tmp_path)
+    env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1",
+               OPENBLAS_NUM_THREADS="1")
+    cmd = [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "sempcyc.cli",
+           "--params", str(params), *map(str, train_args(trained, tmp_path))]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    enc = Encoder.load(tmp_path / "model.pt")
+    with torch.inference_mode():
+        assert enc.embed_sketches(torch.zeros((1, 32, 32), dtype=torch.uint8)).shape == (1, 16)
+    # rank 0 alone logs: one line per epoch, one DVCLive row per epoch
+    epochs = PARAMS["train"]["epochs"]
+    assert proc.stdout.count("train: epoch 1:") == 1
+    assert [int(r[0]) for r in tsv_rows(tmp_path / "live/plots/metrics/val/map_all.tsv")] == list(range(epochs))
+    assert json.loads((tmp_path / "live/metrics.json").read_text())["epochs_run"] == epochs
+    assert yaml.safe_load((tmp_path / "live/params.yaml").read_text())["world_size"] == 2
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+
+def test_evaluate_reports(trained: Path, tmp_path: Path):
+    write_params(tmp_path)
+    ok(tmp_path, "evaluate", "--model", trained / "models/sem_pcyc.pt", "--test", trained / "data/prepared/test",
+       "--out", "eval")
+    report = json.loads((tmp_path / "eval/metrics.json").read_text())
+    for setting in ("zero_shot", "generalised"):
+        for method in ("sem_pcyc", "sem_pcyc_itq64", "pretrained", "random"):
+            m = report[setting][method]
+            assert set(m) >= {"map_all", "p_at_10", "p_at_100", "p_at_200"}, (setting, method)
+            assert all(0.0 <= m[k] <= 1.0 for k in ("map_all", "p_at_10", "p_at_100", "p_at_200"))
+    unseen = json.loads((trained / "data/prepared/splits.json").read_text())["test"]
+    assert report["counts"]["unseen_classes"] == len(unseen)
+    assert report["counts"]["gallery_generalised"] == len(CLASSES) * PER_CLASS
+    assert report["counts"]["gallery_zero_shot"] == len(unseen) * PER_CLASS
+    assert any("P@100" in note for note in report["notes"])  # 4 images a class: P@100 cannot reach 1
+
+    per_class = json.loads((tmp_path / "eval/per_class_ap.json").read_text())
+    assert sorted(row["class"] for row in per_class) == sorted(unseen)
+    curve = json.loads((tmp_path / "eval/pr_curve.json").read_text())
+    assert {row["method"] for row in curve} >= {"sem_pcyc", "pretrained", "random"}
+    assert all({"recall", "precision"} <= set(row) for row in curve)
+    with Image.open(tmp_path / "eval/retrieval_grid.png") as grid:
+        assert grid.format == "PNG"
+        grid.load()
+        assert grid.width > 0 and grid.height > 0
+
+
+# ------------------------------------------------------------------------------------------------- gallery
+
+def test_gallery_embeddings_match_the_encoder(trained: Path, tmp_path: Path):
+    write_params(tmp_path)
+    dataset = trained / "data/dataset"
+    ok(tmp_path, "gallery", "--model", trained / "models/sem_pcyc.pt", "--dataset", dataset,
+       "--index", trained / "data/dataset.json", "--out", "gallery", "--cache", "cache")
+    emb = np.load(tmp_path / "gallery/embeddings.npy")
+    entries = json.loads((tmp_path / "gallery/index.json").read_text())
+    index = json.loads((trained / "data/dataset.json").read_text())
+    expected = [f"{c}/{f}" for c in index["classes"] for f in index["files"]["images"].get(c, [])]
+    assert len(expected) == len(CLASSES) * PER_CLASS
+    assert emb.shape == (len(expected), PARAMS["model"]["dim_out"])
+    assert [e["id"] for e in entries] == expected
+    assert all(e["class"] == e["id"].split("/")[0] for e in entries)
+
+    enc = Encoder.load(trained / "models/sem_pcyc.pt")
+    for row in (0, 5, len(expected) - 1):
+        path = dataset / "images" / entries[row]["id"]
+        arr = imaging.image_to_array(imaging.load_file(path), enc.size)
+        with torch.inference_mode():
+            want = enc.embed_images(torch.from_numpy(arr)[None]).numpy()[0]
+        np.testing.assert_allclose(emb[row], want, rtol=1e-4, atol=1e-5)
+
+
+def test_gallery_cache_embeds_only_new_images(trained: Path, tmp_path: Path):
+    write_params(tmp_path)
+    model = trained / "models/sem_pcyc.pt"
+    n = len(CLASSES) * PER_CLASS
+
+    def gallery(model_path: Path, dataset: Path, index: Path) -> tuple[int, int]:
+        out = ok(tmp_path, "gallery", "--model", model_path, "--dataset", dataset, "--index", index,
+                 "--out", "gallery", "--cache", "cache")
+        return gallery_counts(out)
+
+    assert gallery(model, trained / "data/dataset", trained / "data/dataset.json") == (n, 0)
+    assert gallery(model, trained / "data/dataset", trained / "data/dataset.json") == (0, n)
+
+    extra = new_unseen_class(CLASSES)
+    write_tar(tmp_path / "ds2.tar", class_files({c: (PER_CLASS, PER_CLASS) for c in [*CLASSES, extra]}))
+    ok(tmp_path, "extract", "--tar", "ds2.tar", "--out", "ds2", "--index", "ds2.json")
+    assert gallery(model, tmp_path / "ds2", tmp_path / "ds2.json") == (PER_CLASS, n)
+    assert len(np.load(tmp_path / "gallery/embeddings.npy")) == n + PER_CLASS
+    ids = [e["id"] for e in json.loads((tmp_path / "gallery/index.json").read_text())]
+    assert sum(i.startswith(f"{extra}/") for i in ids) == PER_CLASS
+
+    # another model: nothing from the cache, and the old model's cache file is gone
+    bundle = torch.load(model, map_location="cpu", weights_only=True)
+    first = next(iter(bundle["gen_im2se"]))
+    bundle["gen_im2se"][first] = bundle["gen_im2se"][first] + 0.5
+    torch.save(bundle, tmp_path / "other.pt")
+    before = np.load(tmp_path / "gallery/embeddings.npy")
+    assert gallery(tmp_path / "other.pt", tmp_path / "ds2", tmp_path / "ds2.json") == (n + PER_CLASS, 0)
+    assert not np.allclose(np.load(tmp_path / "gallery/embeddings.npy"), before)
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
