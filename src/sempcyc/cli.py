@@ -20,6 +20,7 @@ STAGES = {
     "gallery": "gallery",
     "archive": "archive",
     "serve-check": "serve_check",
+    "deploy": "deploy",
     "serve": "serve",
 }
 

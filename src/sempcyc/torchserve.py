@@ -74,7 +74,8 @@ class TorchServe:
 
     def __init__(self, model_store: str | Path, models: dict | None = None, workdir: str | Path | None = None,
                  token_auth: bool = False, enable_model_api: bool = False, inference_port: int | None = None,
-                 management_port: int | None = None, extra_config: dict | None = None, snapshots: bool = False):
+                 management_port: int | None = None, extra_config: dict | None = None, snapshots: bool = False,
+                 config_file: str | Path | None = None):
         self.model_store = Path(model_store).resolve()
         self.models = models or {}
         self._own_workdir = workdir is None
@@ -84,6 +85,12 @@ class TorchServe:
         self.management_port = management_port or free_port()
         self.extra_config = extra_config or {}
         self.snapshots = snapshots
+        # A host's own config.properties, used as it is (deploy keeps its load_models/models current).
+        self.config_file = Path(config_file).resolve() if config_file else None
+        if self.config_file is not None:
+            props = read_properties(self.config_file)
+            self.inference_port = int(props["inference_address"].rsplit(":", 1)[1])
+            self.management_port = int(props["management_address"].rsplit(":", 1)[1])
         self.proc: subprocess.Popen | None = None
         self.log_path = self.workdir / "logs" / "torchserve.out"
 
@@ -127,8 +134,10 @@ class TorchServe:
             raise UserError("torchserve not found; run the setup (make setup) or pip install torchserve==0.12.0")
         for sub in ("tmp", "logs"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
-        config = self.workdir / "config.properties"
-        config.write_text(self.config_text(), encoding="utf-8")
+        config = self.config_file
+        if config is None:
+            config = self.workdir / "config.properties"
+            config.write_text(self.config_text(), encoding="utf-8")
         env = dict(os.environ, TMPDIR=str(self.workdir / "tmp"), TEMP=str(self.workdir / "tmp"),
                    LOG_LOCATION=str(self.workdir / "logs"), METRICS_LOCATION=str(self.workdir / "logs"))
         cmd = [str(exe), "--start", "--foreground", "--ts-config", str(config), "--model-store",
@@ -233,6 +242,15 @@ class TorchServe:
                 raise UserError(f"TorchServe not ready after {deadline_s:.0f} s (stage: {stage}; model "
                                 f"{model!r}); see {self.log_path}:\n{self.log_tail(15)}")
             time.sleep(delay)
+
+
+def read_properties(path: Path) -> dict:
+    props = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
 
 
 def _has_ready_worker(body: bytes) -> bool:
