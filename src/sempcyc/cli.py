@@ -22,6 +22,8 @@ STAGES = {
     "serve-check": "serve_check",
     "deploy": "deploy",
     "serve": "serve",
+    "release": "release",
+    "report": "report",
 }
 
 

@@ -1,0 +1,340 @@
+"""`sempcyc release`: the one release command the GitHub workflow calls (and anyone can run locally).
+
+  preflight (lock, clean work tree, S3 credentials and remote, deploy targets reachable)
+  -> dvc update of the imported dataset (to --rev, or the registry's latest)
+  -> version = bump of the newest sem-pcyc@vX.Y.Z tag (GTO's format; first release v0.1.0) -> release.version
+  -> dvc repro up to serve-check -> quality gate -> dvc repro deploy (when deploying)
+  -> dvc push -> git commit (params, dvc.lock, .dvc files, metrics) -> annotated tag -> git push --atomic.
+Nothing is published before the data it points at is in the remote: the tag and dvc.lock reach origin only after
+`dvc push` succeeded, in one atomic push. Re-running after a failure finishes the job: finished stages are cached,
+an already-made release commit or tag for this version is reused, and deploy is idempotent on the hosts.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import params as params_mod
+from .errors import UserError
+
+HELP = "Release: update data, retrain what changed, gate on quality, deploy, push data, commit and tag."
+TAG_PREFIX = "sem-pcyc@v"
+TAG_RE = re.compile(r"^sem-pcyc@v(\d+)\.(\d+)\.(\d+)$")
+# What a release commit records besides the .dvc files: the pipeline state and its (small, uncached) metrics and
+# plots, so `dvc metrics diff sem-pcyc@v0.1.0` and the quality gate can read any earlier release from git.
+RELEASE_FILES = ["params.yaml", "dvc.lock", "reports/eval", "reports/serve_check.json", "reports/deploy.json",
+                 "dvclive"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rev", default="", help="registry revision of the imported dataset (default: latest)")
+    parser.add_argument("--bump", choices=("major", "minor", "patch"), default="minor",
+                        help="which part of the version to bump (default: %(default)s)")
+    deploy = parser.add_mutually_exclusive_group()
+    deploy.add_argument("--deploy", dest="deploy", action="store_true", default=True,
+                        help="deploy to deploy.targets (default)")
+    deploy.add_argument("--no-deploy", dest="deploy", action="store_false", help="skip the deploy stage")
+    parser.add_argument("--override-gate", action="store_true", help="release even if the quality gate fails")
+    parser.add_argument("--git-remote", default="origin", help="git remote to push to (default: %(default)s)")
+    parser.add_argument("--no-push", action="store_true", help="do everything locally; push nothing")
+    parser.add_argument("--lock-wait", type=float, default=0, metavar="SECONDS",
+                        help="wait this long for another release's lock (default: stop at once)")
+
+
+# ----------------------------------------------------------------------------------------------- pure core
+
+def parse_tags(tags: list[str]) -> list[tuple[int, int, int]]:
+    return sorted(tuple(int(g) for g in m.groups()) for t in tags if (m := TAG_RE.match(t.strip())))
+
+
+def next_version(tags: list[str], bump: str) -> str:
+    versions = parse_tags(tags)
+    if not versions:
+        return "0.1.0"
+    major, minor, patch = versions[-1]
+    if bump == "major":
+        return f"{major + 1}.0.0"
+    if bump == "minor":
+        return f"{major}.{minor + 1}.0"
+    return f"{major}.{minor}.{patch + 1}"
+
+
+def set_release_version(params_text: str, version: str) -> str:
+    """Rewrite `version:` inside the `release:` block, keeping comments and layout."""
+    out, in_release, done = [], False, False
+    for line in params_text.splitlines(keepends=True):
+        if re.match(r"^\S", line):
+            in_release = line.startswith("release:")
+        if in_release and not done and re.match(r"^\s+version:", line):
+            indent, rest = re.match(r"^(\s+)version:\s*\S*(.*)$", line.rstrip("\n")).groups()
+            line = f"{indent}version: {version}{rest}\n"
+            done = True
+        out.append(line)
+    if not done:
+        raise UserError("params.yaml: no release.version to update; add `release:\\n  version: 0.0.0`")
+    return "".join(out)
+
+
+def quality_gate(metrics: dict, previous: dict | None, tolerance: float) -> tuple[bool, str]:
+    """Pass when unseen-class mAP@all beats the no-training baseline and is not more than `tolerance` below the
+    last release's."""
+    zs = metrics["zero_shot"]
+    ours, baseline = zs["sem_pcyc"]["map_all"], zs["pretrained"]["map_all"]
+    if ours < baseline:
+        return False, (f"unseen mAP@all {ours:.4f} is below the no-training baseline {baseline:.4f} "
+                       "(pretrained features matched directly)")
+    if previous is not None:
+        last = previous["zero_shot"]["sem_pcyc"]["map_all"]
+        if ours < last - tolerance:
+            return False, (f"unseen mAP@all {ours:.4f} is more than {tolerance} below the last release's {last:.4f}")
+        return True, (f"unseen mAP@all {ours:.4f} (baseline {baseline:.4f}, last release {last:.4f}, "
+                      f"tolerance {tolerance})")
+    return True, f"unseen mAP@all {ours:.4f} (baseline {baseline:.4f}; first release)"
+
+
+# ------------------------------------------------------------------------------------------------ I/O shell
+
+def sh(*cmd: str, check: bool = True, capture: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(cmd), capture_output=capture, text=True, env=env)
+    if check and proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout or "").strip()[-1500:] if capture else ""
+        raise UserError(f"`{' '.join(shlex.quote(c) for c in cmd)}` failed ({proc.returncode})"
+                        + (f":\n{detail}" if detail else ""))
+    return proc
+
+
+def step(message: str) -> None:
+    print(f"release: {message}", flush=True)
+
+
+@contextlib.contextmanager
+def release_lock(wait_s: float):
+    """One release at a time per checkout (the workflow's concurrency group does the same on GitHub)."""
+    git_dir = Path(sh("git", "rev-parse", "--git-dir").stdout.strip())
+    path = git_dir / "sem-pcyc-release.lock"
+    handle = open(path, "a+")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                handle.close()
+                raise UserError(f"another release is running (lock {path}, held by {holder}); wait for it or "
+                                "rerun with --lock-wait SECONDS") from None
+            time.sleep(0.5)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.truncate(0)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def dvc(*args: str, capture: bool = True) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "dvc"
+    return sh(str(exe if exe.exists() else "dvc"), *args, capture=capture)
+
+
+def remote_config() -> dict:
+    """The default DVC remote's url and settings (from the merged config)."""
+    out = dvc("config", "--list").stdout
+    conf = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    name = conf.get("core.remote")
+    if not name:
+        return {}
+    return {"name": name, **{k.split(".", 2)[2]: v for k, v in conf.items() if k.startswith(f"remote.{name}.")}}
+
+
+def check_s3(remote: dict) -> None:
+    url = remote.get("url", "")
+    if not url.startswith("s3://"):
+        return
+    import boto3
+    import botocore.exceptions
+    session = boto3.session.Session()
+    if session.get_credentials() is None:
+        raise UserError("no AWS credentials for the DVC remote: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                        "(or AWS_PROFILE) in the environment; never commit them to .dvc/config")
+    bucket = url[5:].split("/", 1)[0]
+    endpoint = remote.get("endpointurl") or os.environ.get("AWS_ENDPOINT_URL_S3") or None
+    client = session.client("s3", endpoint_url=endpoint,
+                            config=botocore.config.Config(connect_timeout=10, read_timeout=20,
+                                                          retries={"max_attempts": 2}))
+    try:
+        client.head_bucket(Bucket=bucket)
+    except botocore.exceptions.ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "?")
+        hint = {"403": "the credentials are not allowed to use it", "404": "it does not exist"}.get(code, "")
+        raise UserError(f"DVC remote {url}: bucket check failed ({code}) {hint}".strip()) from None
+    except botocore.exceptions.BotoCoreError as exc:
+        raise UserError(f"DVC remote {url} is not reachable ({exc})") from None
+
+
+def check_targets_reachable(params: dict) -> None:
+    from .deploy import parse_targets
+    for t in parse_targets(params, "sem_pcyc"):
+        try:
+            with socket.create_connection((t.host, t.port), timeout=t.connect_timeout):
+                pass
+        except OSError as exc:
+            raise UserError(f"deploy target {t.name} ({t.host}:{t.port}) is not reachable: {exc}; fix it or "
+                            "release with --no-deploy") from None
+
+
+def imported_data_files() -> list[Path]:
+    """The .dvc files made by `dvc import` (they carry a `deps` entry with a `repo`)."""
+    import yaml
+    found = []
+    for path in Path(".").rglob("*.dvc"):
+        if ".dvc" in path.parts[:-1] or ".git" in path.parts:
+            continue
+        try:
+            meta = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError:
+            continue
+        if any(isinstance(d, dict) and "repo" in d for d in meta.get("deps", [])):
+            found.append(path)
+    return sorted(found)
+
+
+def tags_at(ref: str) -> list[str]:
+    return sh("git", "tag", "--points-at", ref).stdout.split()
+
+
+def previous_metrics(tag: str | None) -> dict | None:
+    if not tag:
+        return None
+    proc = sh("git", "show", f"{tag}:reports/eval/metrics.json", check=False)
+    if proc.returncode != 0:
+        return None
+    return json.loads(proc.stdout)
+
+
+def run(args: argparse.Namespace) -> None:
+    params_path = Path(getattr(args, "params", "params.yaml"))
+    if sh("git", "rev-parse", "--show-toplevel", check=False).returncode != 0:
+        raise UserError("not inside a git repository; run from the project checkout")
+    os.chdir(sh("git", "rev-parse", "--show-toplevel").stdout.strip())
+    with release_lock(args.lock_wait):
+        _release(args, params_path)
+
+
+def _release(args: argparse.Namespace, params_path: Path) -> None:
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        timings[name] = round(time.perf_counter() - started - sum(timings.values()), 2)
+
+    params = params_mod.load(params_path)
+    rel = params_mod.Section(params, "release")
+    tolerance = rel.float("gate_tolerance", 0.02, min=0.0)
+
+    # ---- preflight
+    dirty = [line for line in sh("git", "status", "--porcelain", "--untracked-files=no").stdout.splitlines()]
+    if dirty:
+        raise UserError("the work tree has uncommitted changes (" + ", ".join(l[3:] for l in dirty[:5])
+                        + "); commit or stash them first")
+    branch = sh("git", "rev-parse", "--abbrev-ref", "HEAD").stdout.strip()
+    if branch == "HEAD":
+        raise UserError("HEAD is detached; check out the branch to release from")
+    remote = remote_config()
+    if not args.no_push:
+        if not remote:
+            raise UserError("no default DVC remote (dvc remote add -d ...); releases push their data there")
+        check_s3(remote)
+        if sh("git", "remote", "get-url", args.git_remote, check=False).returncode != 0:
+            raise UserError(f"git remote {args.git_remote!r} not found")
+    if args.deploy:
+        check_targets_reachable(params)
+    lap("preflight")
+
+    # ---- resume: a release commit already made for a tag that is not published yet
+    all_tags = sh("git", "tag", "--list", f"{TAG_PREFIX}*").stdout.split()
+    here = [t for t in tags_at("HEAD") if TAG_RE.match(t)]
+    if here:
+        tag = here[0]
+        version = tag[len(TAG_PREFIX):]
+        step(f"HEAD is already tagged {tag}; finishing its publication")
+    else:
+        # ---- data update
+        for dvc_file in imported_data_files():
+            step(f"dvc update {dvc_file}" + (f" --rev {args.rev}" if args.rev else ""))
+            dvc("update", *(["--rev", args.rev] if args.rev else []), str(dvc_file))
+        lap("update")
+
+        released = [t for t in all_tags if TAG_RE.match(t)]
+        last_tag = f"{TAG_PREFIX}{'.'.join(map(str, parse_tags(released)[-1]))}" if released else None
+        version = next_version(released, args.bump)
+        tag = f"{TAG_PREFIX}{version}"
+        params_path.write_text(set_release_version(params_path.read_text(encoding="utf-8"), version),
+                               encoding="utf-8")
+        step(f"version {version} (last release: {last_tag or 'none'})")
+
+        # ---- build and check
+        repro_started = time.perf_counter()
+        step("dvc repro (through serve-check)")
+        dvc("repro", "serve-check", capture=False)
+        timings["repro_through_serve_check"] = round(time.perf_counter() - repro_started, 2)
+        metrics = json.loads(Path("reports/eval/metrics.json").read_text(encoding="utf-8"))
+        passed, why = quality_gate(metrics, previous_metrics(last_tag), tolerance)
+        if not passed and not args.override_gate:
+            Path("reports").mkdir(exist_ok=True)
+            Path("reports/gate.json").write_text(json.dumps({"passed": False, "reason": why}, indent=1))
+            raise UserError(f"quality gate: {why}. Nothing deployed, pushed or tagged; rerun with "
+                            "--override-gate to release anyway")
+        step(f"quality gate {'passed' if passed else 'OVERRIDDEN'}: {why}")
+        if args.deploy:
+            deploy_started = time.perf_counter()
+            step("dvc repro deploy")
+            dvc("repro", "deploy", capture=False)
+            timings["deploy"] = round(time.perf_counter() - deploy_started, 2)
+        started_push = time.perf_counter()
+        if not args.no_push:
+            step("dvc push")
+            dvc("push", capture=False)
+        timings["dvc_push"] = round(time.perf_counter() - started_push, 2)
+
+        # ---- commit and tag
+        files = [f for f in RELEASE_FILES + [str(p) for p in Path(".").rglob("*.dvc")
+                                             if ".dvc" not in p.parts[:-1] and ".git" not in p.parts]
+                 if Path(f).exists()]
+        sh("git", "add", "--", *files)
+        if sh("git", "diff", "--cached", "--quiet", check=False).returncode != 0:
+            sh("git", "commit", "-q", "-m", f"Release {tag}\n\n{why}")
+        sh("git", "tag", "-a", tag, "-m", f"SEM-PCYC {version}: {why}")
+        step(f"committed and tagged {tag}")
+
+    # ---- publish (atomic: branch and tag together, or neither)
+    if not args.no_push:
+        if sh("git", "ls-remote", "--tags", args.git_remote, f"refs/tags/{tag}").stdout.strip():
+            remote_sha = sh("git", "ls-remote", args.git_remote, f"refs/tags/{tag}^{{}}").stdout.split()
+            if remote_sha and remote_sha[0] != sh("git", "rev-parse", "HEAD").stdout.strip():
+                raise UserError(f"{tag} already exists on {args.git_remote} for another commit; another release "
+                                "took this version. Fetch, and release again")
+        dvc("push", capture=False)  # idempotent; makes sure a resumed release's data is in the remote
+        sh("git", "push", "--atomic", args.git_remote, f"HEAD:refs/heads/{branch}", f"refs/tags/{tag}")
+        step(f"pushed {branch} and {tag} to {args.git_remote}")
+    lap("publish")
+    Path("reports").mkdir(exist_ok=True)
+    Path("reports/release.json").write_text(json.dumps({"version": version, "tag": tag, "timings_s": timings},
+                                                       indent=1) + "\n")
+    step(f"done: {tag} in {time.perf_counter() - started:.0f} s ({json.dumps(timings)})")
