@@ -5,6 +5,7 @@ The host's TorchServe runs from its own config.properties with the documented st
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -78,10 +79,11 @@ def wait_port(port: int, deadline: float = 15) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
+@contextlib.contextmanager
+def start_sshd(d: Path):
+    """A real OpenSSH sshd on a free 127.0.0.1 port with its own host key, config, pid file and one client key;
+    also writes known_hosts files: the right key, a different (\"changed\") key, and none."""
     assert Path(SSHD).exists(), "openssh-server is not installed; run scripts/system-deps.sh (make test does)"
-    d = tmp_path_factory.mktemp("sshd")
     for name in ("host_key", "client_key", "other_key", "other_host_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
     (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
@@ -108,6 +110,12 @@ def sshd(tmp_path_factory):
         proc.terminate()
         proc.wait(timeout=10)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    with start_sshd(tmp_path_factory.mktemp("sshd")) as server:
+        yield server
 
 
 # --------------------------------------------------------------------------------------------- host TorchServe

@@ -24,23 +24,33 @@ def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, gallery_sq_norms: np
           ) -> tuple[np.ndarray, np.ndarray]:
     """Indices (Q, k) of the k nearest gallery rows, nearest first, and their scores exp(-distance).
 
-    argpartition selects the k smallest in O(G), then only those k are sorted: no full sort of the gallery.
-    Ties are broken by gallery index so the answer is deterministic.
+    Ranks by |g|^2 - 2 q.g (the query's own norm does not change the order, so it is added to the k winners
+    only); argpartition selects the k smallest in O(G) and only those are sorted: no full sort of the gallery.
+    Ties are broken by gallery index, so the answer is deterministic: when the k-th value is tied, every item at
+    that value is a candidate and the lowest indices win.
     """
-    d2 = squared_distances(queries, gallery, gallery_sq_norms)
-    k = min(k, d2.shape[1])
-    if k < d2.shape[1]:
-        # argpartition picks an arbitrary subset of a tie group cut by k; instead rank each item as closer than,
-        # tied with, or farther than the k-th distance and take the first k of that (stable, by gallery index).
-        kth = np.partition(d2, k - 1, axis=1)[:, k - 1:k]
-        side = (d2 >= kth).astype(np.int8) + (d2 > kth).astype(np.int8)
-        part = np.argsort(side, axis=1, kind="stable")[:, :k]
-    else:
-        part = np.broadcast_to(np.arange(d2.shape[1]), d2.shape).copy()
-    part_d = np.take_along_axis(d2, part, axis=1)
-    order = np.lexsort((part, part_d), axis=1)
-    idx = np.take_along_axis(part, order, axis=1)
-    dist = np.sqrt(np.take_along_axis(d2, idx, axis=1))
+    queries = np.asarray(queries, dtype=np.float32)
+    gallery = np.asarray(gallery, dtype=np.float32)
+    if gallery_sq_norms is None:
+        gallery_sq_norms = np.einsum("gd,gd->g", gallery, gallery)
+    partial = queries @ gallery.T
+    partial *= -2.0
+    partial += gallery_sq_norms[None, :]
+    n = partial.shape[1]
+    k = min(k, n)
+    rows = []
+    for row in partial:
+        if k < n:
+            cand = np.argpartition(row, k - 1)[:k]
+            kth = row[cand].max()
+            if np.count_nonzero(row <= kth) > k:  # a tie group cut by k: take all of it, order by index below
+                cand = np.flatnonzero(row <= kth)
+        else:
+            cand = np.arange(n)
+        rows.append(cand[np.lexsort((cand, row[cand]))][:k])
+    idx = np.array(rows, dtype=np.int64).reshape(len(partial), k)
+    q_sq = np.einsum("qd,qd->q", queries, queries)[:, None]
+    dist = np.sqrt(np.maximum(np.take_along_axis(partial, idx, axis=1) + q_sq, 0.0))
     return idx, np.exp(-dist)
 
 

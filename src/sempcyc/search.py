@@ -41,6 +41,7 @@ class SketchSearch:
         self.top_k = top_k
         self.max_pixels = max_pixels
         self.faiss_index = _faiss_index(self.embeddings) if len(self.embeddings) >= FAISS_MIN_ITEMS else None
+        self._blas = _blas_controller()
 
     @classmethod
     def load(cls, model_path: str | Path, gallery_dir: str | Path, **kwargs) -> "SketchSearch":
@@ -76,7 +77,10 @@ class SketchSearch:
             dist2, idx = self.faiss_index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
             scores = np.exp(-np.sqrt(np.maximum(dist2, 0)))
         else:
-            idx, scores = top_k(queries, self.embeddings, k, self.sq_norms)
+            # one query is a matrix-vector product: NumPy's multi-threaded BLAS only adds overhead there (measured
+            # 4x slower on 2 cores), and the worker's cores belong to torch anyway
+            with self._blas.limit(limits=1, user_api="blas") if self._blas else _nothing():
+                idx, scores = top_k(queries, self.embeddings, k, self.sq_norms)
         return [[{"image": self.ids[i], "class": self.classes[i], "score": float(sc)}
                  for i, sc in zip(row_idx, row_sc)] for row_idx, row_sc in zip(idx, scores)]
 
@@ -94,6 +98,19 @@ class SketchSearch:
             for i, ranked in zip(good, self.rank(self.embed(np.stack(arrays)), k)):
                 answers[i] = ranked
         return answers
+
+
+def _blas_controller():
+    try:  # optional: a serving host may not have threadpoolctl
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()
+
+
+def _nothing():
+    import contextlib
+    return contextlib.nullcontext()
 
 
 def _faiss_index(embeddings: np.ndarray):

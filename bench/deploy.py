@@ -1,0 +1,50 @@
+"""Deploy wall time per host on loopback, and bytes sent on a first deploy and on a repeat.
+
+Starts a real sshd and a TorchServe "host" on 127.0.0.1 (the test fixtures' code), deploys the demo archive
+(models/sem_pcyc.mar, needs `dvc repro archive`) twice and prints the receipt figures.
+
+Usage: python bench/deploy.py
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
+
+
+def main() -> None:
+    import argparse
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    from test_deploy import Host, start_sshd
+    from sempcyc import deploy
+    from sempcyc.search import SketchSearch
+    from sempcyc.serve_check import pick_queries
+
+    mar = REPO / "models/sem_pcyc.mar"
+    version, digest = deploy.mar_version(mar), deploy.sha256_file(mar)
+    name, sketch = pick_queries(REPO / "data/dataset", REPO / "data/prepared/splits.json", per_class=1)[0]
+    expected = SketchSearch.load(REPO / "models/sem_pcyc.pt", REPO / "models/gallery").search([sketch])[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "sshd").mkdir()
+        with start_sshd(tmp / "sshd") as sshd:
+            host = Host(tmp / "host").start()
+            try:
+                for label in ("first deploy", "repeat (same version)"):
+                    t0 = time.perf_counter()
+                    receipt = deploy.deploy_target(host.target(sshd), mar, version, digest, sketch, expected,
+                                                   len(expected))
+                    wall = time.perf_counter() - t0
+                    print(f"{label:22s}: {receipt['status']:12s} {wall:5.1f} s, {receipt['bytes_sent']:>11,} bytes "
+                          f"sent (archive {mar.stat().st_size:,}); steps {json.dumps(receipt['timings'])}")
+            finally:
+                host.stop()
+
+
+if __name__ == "__main__":
+    main()

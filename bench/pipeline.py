@@ -1,0 +1,110 @@
+"""Whole-pipeline timings on the demo, in a scratch clone of this repository:
+
+1. `dvc repro` from nothing (every stage: demo-data ... serve-check, deploy with no targets), per-stage seconds;
+2. three classes added that the hash split puts on the unseen side, `dvc repro` again: which stages ran and the
+   time against the full run (adding zero-shot classes must not retrain).
+
+Usage: python bench/pipeline.py [--keep DIR]     (about 10 minutes on 2 cores)
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+
+def repro(proj: Path, env: dict) -> tuple[float, dict[str, float], list[str]]:
+    """Run `dvc repro`, timing each stage from the moment DVC announces it."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=proj, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stage_times, order, current, t_stage = {}, [], None, start
+    for line in proc.stdout:
+        match = re.match(r"Running stage '([^']+)'", line)
+        if match:
+            now = time.perf_counter()
+            if current:
+                stage_times[current] = now - t_stage
+            current, t_stage = match.group(1), now
+            order.append(current)
+    proc.wait()
+    end = time.perf_counter()
+    if current:
+        stage_times[current] = end - t_stage
+    if proc.returncode != 0:
+        raise SystemExit(f"dvc repro failed in {proj}")
+    return end - start, stage_times, order
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keep", help="run in this folder and keep it (default: a temporary folder)")
+    args = parser.parse_args()
+    from sempcyc import demo_data
+    from sempcyc.prepare import hash_unit
+    import yaml
+
+    work = Path(args.keep or tempfile.mkdtemp(prefix="sem-pcyc-bench-"))
+    proj = work / "proj"
+    if proj.exists():
+        shutil.rmtree(proj)
+    subprocess.run(["git", "clone", "-q", str(REPO), str(proj)], check=True)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               DVC_NO_ANALYTICS="1")
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+
+    # base dataset = the default demo; extended = the same files plus three unseen-side classes
+    demo = params["demo"]
+    catalogue = demo_data.available_classes()
+    base_names = {c.name for c in catalogue[:demo["classes"]]}
+    salt, fraction = params["split"]["salt"], params["split"]["test_fraction"]
+    extra = [c for c in catalogue[demo["classes"]:] if hash_unit(c.name, salt) < fraction][:3]
+    extra_params = demo_data.DemoParams(**{**demo, "classes": catalogue.index(extra[-1]) + 1})
+    big, _ = demo_data.build(extra_params, progress=False)
+    keep = base_names | {c.name for c in extra}
+    base_tar, ext_tar = io.BytesIO(), io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(big)) as src, tarfile.open(fileobj=base_tar, mode="w") as b, \
+            tarfile.open(fileobj=ext_tar, mode="w") as e:
+        for member in src.getmembers():
+            parts = member.name.split("/")
+            cls = parts[2] if len(parts) > 3 else None
+            data = src.extractfile(member).read()
+            if cls is None or cls in base_names:
+                b.addfile(member, io.BytesIO(data))
+            if cls is None or cls in keep:
+                e.addfile(member, io.BytesIO(data))
+    (proj / "data").mkdir(exist_ok=True)
+    (proj / "data/bench.tar").write_bytes(base_tar.getvalue())
+    text = (proj / "params.yaml").read_text().replace("tar: data/demo.tar", "tar: data/bench.tar")
+    (proj / "params.yaml").write_text(text)
+
+    full, stages, _ = repro(proj, env)
+    print(f"full dvc repro on the demo ({demo['classes']} classes): {full:.0f} s")
+    for name, seconds in stages.items():
+        print(f"  {name:12s} {seconds:7.1f} s")
+    through_gallery = sum(v for k, v in stages.items() if k not in ("archive", "serve-check", "deploy"))
+    print(f"  through gallery: {through_gallery:.0f} s")
+
+    (proj / "data/bench.tar").write_bytes(ext_tar.getvalue())
+    again, stages2, order = repro(proj, env)
+    print(f"after adding {', '.join(c.name for c in extra)} (unseen side): {again:.0f} s "
+          f"= {100 * again / full:.0f} % of the full run")
+    print(f"  stages that ran: {', '.join(order)}")
+    print(f"  train reran: {'train' in order}; features reran: {'features' in order}")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
