@@ -35,7 +35,7 @@ def batched(fn, arrays: np.ndarray, batch_size: int, device: str = "cpu", progre
     outs = []
     with torch.inference_mode():
         for start in range(0, len(arrays), batch_size):
-            chunk = torch.from_numpy(np.ascontiguousarray(arrays[start:start + batch_size])).to(device)
+            chunk = torch.from_numpy(np.array(arrays[start:start + batch_size])).to(device)  # writable copy
             outs.append(fn(chunk).float().cpu().numpy())
             if progress is not None:
                 progress.update(len(chunk))

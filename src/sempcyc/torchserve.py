@@ -213,15 +213,32 @@ class TorchServe:
                 texts.append(f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
         return "\n".join(texts)
 
-    def wait_ready(self, model: str | None, deadline_s: float = 120, version: str | None = None) -> float:
+    def load_error(self) -> str | None:
+        """The last exception a model worker logged (e.g. the handler's initialize() raising), if any."""
+        path = self.workdir / "logs" / "model_log.log"
+        if not path.exists():
+            return None
+        pattern = re.compile(r"MODEL_LOG - (\w*(?:Error|Exception)\b.*)$")
+        found = None
+        for line in path.read_text(errors="replace").splitlines():
+            match = pattern.search(line)
+            if match:
+                found = match.group(1).strip()
+        return found
+
+    def wait_ready(self, model: str | None, deadline_s: float = 120, version: str | None = None,
+                   failed_grace_s: float = 5.0) -> float:
         """Poll /ping, then the model's description until a worker is READY; seconds waited. Never a fixed sleep:
-        polls every 100 ms and fails at the deadline, or at once if the server process exits."""
+        polls every 100 ms and fails at the deadline, at once if the server process exits, and early (after
+        `failed_grace_s` of retries) when every worker failed to load with an exception in the model log."""
         start = time.monotonic()
         delay = 0.1
         stage = "ping"
+        failing_since = None
         while True:
             if self.proc is None or self.proc.poll() is not None:
-                raise UserError(f"TorchServe exited during start-up (see {self.log_path}):\n{self.log_tail(15)}")
+                raise UserError(f"TorchServe exited during start-up; see {self.log_path}: "
+                                + (self.log_tail(3).splitlines() or ["no output"])[-1])
             try:
                 if stage == "ping":
                     status, _ = self.request("GET", f"{self.inference_url}/ping", timeout=2)
@@ -234,13 +251,20 @@ class TorchServe:
                     status, body = self.request("GET", path, timeout=2)
                     if status == 200 and _has_ready_worker(body):
                         return time.monotonic() - start
-                    if status == 200 and _all_workers_failed(body):
-                        pass  # TorchServe retries failed workers; the deadline decides
+                    if status == 200 and _all_workers_failed(body) and self.load_error():
+                        # TorchServe retries failed workers forever; a few seconds of retries is enough to say why
+                        failing_since = failing_since or time.monotonic()
+                        if time.monotonic() - failing_since > failed_grace_s:
+                            raise UserError(f"model {model!r} failed to load: {self.load_error()} "
+                                            f"(log: {self.workdir / 'logs' / 'model_log.log'})")
+                    else:
+                        failing_since = None
             except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError):
                 pass
             if time.monotonic() - start > deadline_s:
-                raise UserError(f"TorchServe not ready after {deadline_s:.0f} s (stage: {stage}; model "
-                                f"{model!r}); see {self.log_path}:\n{self.log_tail(15)}")
+                cause = self.load_error()
+                raise UserError(f"TorchServe not ready after {deadline_s:.0f} s (stage: {stage}; model {model!r})"
+                                + (f": {cause}" if cause else "") + f"; logs in {self.workdir / 'logs'}")
             time.sleep(delay)
 
 
