@@ -36,32 +36,21 @@ from conftest import VENV_BIN, class_files, png_bytes, run_cli, write_tar
 from sempcyc import archive, cli, serve_check, torchserve
 from sempcyc.errors import UserError
 from sempcyc.search import RequestError, SketchSearch
+from test_stages import CLASSES, PER_CLASS, PARAMS as STAGE_PARAMS, merged
 
-# Same tiny dataset as test_stages: 12 classes whose letter sums differ; the hash split puts 3 of them on the unseen
-# side, so serve-check has 6 query sketches. 48 gallery images.
-CLASSES = ["apple", "bear", "car", "dog", "egg", "fish", "guitar", "house", "igloo", "kite", "moon", "owl"]
-PER_CLASS = 4
-GALLERY_SIZE = len(CLASSES) * PER_CLASS
+# The tiny dataset and params of test_stages (12 classes, 3 on the unseen side -> 6 query sketches, 48 gallery
+# images), with one training epoch and the serving sections added.
 MODEL_NAME, VERSION, TOP_K = "sem_pcyc", "1.2.3", 10
+GALLERY_SIZE = len(CLASSES) * PER_CLASS
 READY_S = 120          # deadline for instances that should become ready
 BROKEN_DEADLINE_S = 10  # deadline for instances whose model never loads
 
-PARAMS = {
-    "data": {"tar": "ds.tar", "images_dir": "images", "sketches_dir": "sketches"},
-    "semantic": {"backend": "minilm", "word2vec_path": "", "synonyms_path": ""},
-    "split": {"test_fraction": 0.2, "val_fraction": 0.15, "salt": "sem-pcyc", "test_classes_file": ""},
-    "prepare": {"size": 32},
-    "model": {"backbone": "tiny", "backbone_weights": "", "invert_sketch": True, "dim_out": 16,
-              "preset": "tuned", "overrides": {}},
-    "features": {"epochs": 1, "lr": 0.0001, "head_lr": 0.001, "batch_size": 8, "proj_dim": 24, "seed": 0},
-    "train": {"device": "cpu", "epochs": 1, "iters_per_epoch": 2, "batch_size": 8, "lr": 0.0001, "milestones": [],
-              "gamma": 0.1, "patience": 5, "feature_norm": "standardize", "feature_noise": 0.0, "seed": 0},
-    "evaluate": {"seed": 0, "grid_queries": 3},
-    "gallery": {"batch_size": 16},
+PARAMS = merged(STAGE_PARAMS, {
+    "train": {"epochs": 1, "iters_per_epoch": 2},
     "release": {"model_name": MODEL_NAME, "version": VERSION},
     "serve": {"top_k": TOP_K, "max_pixels": 16_000_000, "threads": 1, "batch_size": 4, "max_batch_delay_ms": 50,
               "check_requests": 16, "ready_timeout_s": READY_S},
-}
+})
 
 ARCHIVE_FILES = {"handler.py", "sem_pcyc.pt", "gallery/embeddings.npy", "gallery/index.json", "serving.json",
                  *(f"sem_pcyc_runtime/{m}.py" for m in ("search", "encoder", "imaging", "retrieval", "backbones",

@@ -15,7 +15,6 @@ from the environment or the ssh-agent only, and are never printed. The receipt i
 from __future__ import annotations
 
 import argparse
-import hashlib
 import http.client
 import json
 import os
@@ -32,7 +31,7 @@ from urllib.parse import quote, urlsplit
 
 from . import params as params_mod
 from .errors import UserError
-from .fsutil import atomic_write_json
+from .fsutil import atomic_write_json, sha256_file
 
 HELP = "Deploy the .mar to the TorchServe hosts in deploy.targets over SSH (rolling; rollback on failure)."
 SECRET_KEYS = re.compile(r"pass|secret|token(?!_env)|password|private", re.I)
@@ -111,13 +110,6 @@ def parse_targets(params: dict, model_name: str) -> list[Target]:
         targets.append(Target(**values))
     return targets
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def mar_version(mar: Path) -> str:

@@ -7,7 +7,6 @@ after classes are added only the new images are embedded; a new model invalidate
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 
 from . import imaging, params as params_mod
 from .errors import UserError
-from .fsutil import atomic_dir, atomic_write_bytes, dumps_json
+from .fsutil import atomic_dir, atomic_write_bytes, dumps_json, sha256_file
 
 HELP = "Embed every gallery image with the trained model (only new images when a cache exists)."
 
@@ -28,13 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="models/gallery", help="output folder (default: %(default)s)")
     parser.add_argument("--cache", default="models/gallery-cache", help="embedding cache (default: %(default)s)")
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class EmbeddingCache:
