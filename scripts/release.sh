@@ -20,9 +20,11 @@ args=(--bump "${RELEASE_BUMP:-minor}")
 [ "${RELEASE_OVERRIDE_GATE:-false}" = "true" ] && args+=(--override-gate)
 [ -n "${RELEASE_GIT_REMOTE:-}" ] && args+=(--git-remote "$RELEASE_GIT_REMOTE")
 
+# Report only on what this run produced: release.json (done) or gate.json (stopped by the quality gate).
+rm -f reports/release.json reports/gate.json
 status=0
 sempcyc release "${args[@]}" || status=$?
-if [ -f reports/eval/metrics.json ]; then
+if [ -f reports/release.json ] || [ -f reports/gate.json ]; then
   sempcyc report || true
   if [ "${GITHUB_ACTIONS:-}" = "true" ] && command -v npx >/dev/null; then
     publish=()

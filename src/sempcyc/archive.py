@@ -51,7 +51,7 @@ def read_settings(params: dict) -> dict:
             "threads": serve.int("threads", 0, min=0)}
 
 
-def stage_files(stage: Path, model: Path, gallery: Path, settings: dict) -> None:
+def stage_files(stage: Path, model: Path, gallery: Path, settings: dict, metrics: Path | None = None) -> None:
     """Lay out everything the archive holds in `stage` (becomes the archive root)."""
     src = Path(__file__).resolve().parent
     runtime = stage / RUNTIME_PACKAGE
@@ -65,10 +65,20 @@ def stage_files(stage: Path, model: Path, gallery: Path, settings: dict) -> None
         shutil.copy2(gallery / name, stage / "gallery" / name)
     (stage / "serving.json").write_text(dumps_json({
         "model_name": settings["model_name"], "version": settings["version"], "top_k": settings["top_k"],
-        "max_pixels": settings["max_pixels"], "threads": settings["threads"]}))
+        "max_pixels": settings["max_pixels"], "threads": settings["threads"],
+        "metrics": _headline_metrics(metrics)}))
 
 
-def build_archive(model: Path, gallery: Path, out: Path, settings: dict) -> Path:
+def _headline_metrics(metrics: Path | None) -> dict:
+    """The evaluation figures of this model, carried in the archive so a host can tell what a version is worth."""
+    if metrics is None or not metrics.exists():
+        return {}
+    report = json.loads(metrics.read_text(encoding="utf-8"))
+    return {setting: {k: round(v, 4) for k, v in report[setting]["sem_pcyc"].items()}
+            for setting in ("zero_shot", "generalised") if setting in report}
+
+
+def build_archive(model: Path, gallery: Path, out: Path, settings: dict, metrics: Path | None = None) -> Path:
     for path, stage_name in ((model, "train"), (gallery / "embeddings.npy", "gallery")):
         if not path.exists():
             raise UserError(f"{path}: not found; run `dvc repro {stage_name}`")
@@ -82,7 +92,7 @@ def build_archive(model: Path, gallery: Path, out: Path, settings: dict) -> Path
         stage, export, private_tmp = tmp / "stage", tmp / "export", tmp / "tmp"
         export.mkdir()
         private_tmp.mkdir()
-        stage_files(stage, model, gallery, settings)
+        stage_files(stage, model, gallery, settings, metrics)
         handler = Path(__file__).resolve().parent / "handler.py"
         cmd = [str(archiver), "--model-name", settings["model_name"], "--version", settings["version"],
                "--handler", str(handler), "--extra-files", str(stage), "--export-path", str(export), "--force"]
@@ -99,5 +109,5 @@ def build_archive(model: Path, gallery: Path, out: Path, settings: dict) -> Path
 
 def run(args: argparse.Namespace) -> None:
     settings = read_settings(params_mod.load(getattr(args, "params", "params.yaml")))
-    out = build_archive(Path(args.model), Path(args.gallery), Path(args.out), settings)
+    out = build_archive(Path(args.model), Path(args.gallery), Path(args.out), settings, Path(args.metrics))
     print(f"archive: {settings['model_name']} v{settings['version']} ({out.stat().st_size / 1e6:.1f} MB) -> {out}")

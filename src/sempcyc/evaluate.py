@@ -100,7 +100,9 @@ def embed_shard(model_path: Path, shard: dict, device: str = "cpu") -> tuple[dic
     with tqdm(total=total, desc="evaluate embed", unit="img", mininterval=2) as bar:
         emb = {"q": batched(enc.embed_sketches, shard["sketches"], 64, device, bar),
                "g": batched(enc.embed_images, shard["images"], 64, device, bar)}
-        net = build_backbone(enc.meta["backbone"], pretrained=True).to(device).eval()
+        torch.manual_seed(0)  # only the test-only `tiny` backbone has random weights: keep its baseline fixed
+        net = build_backbone(enc.meta["backbone"], pretrained=True,
+                             weights_path=enc.meta.get("backbone_weights")).to(device).eval()
         invert = enc.invert_sketch
         raw = {"q": batched(lambda x: net.forward_features(net.normalize(to_input(x, invert))),
                             shard["sketches"], 64, device, bar),

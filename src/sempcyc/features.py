@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> None:
             feats = batched(lambda x, e=extractor, inv=invert: e(to_input(x, inv)), shard[key], 64, device, bar)
         states[domain] = ({k: v.cpu() for k, v in extractor.state_dict().items()}, feats)
 
-    meta = {"backbone": s["backbone"], "feature_proj_dim": proj_dim, "feat_dim": int(states["sketch"][1].shape[1]),
+    meta = {"backbone": s["backbone"], "backbone_weights": s["backbone_weights"], "feature_proj_dim": proj_dim, "feat_dim": int(states["sketch"][1].shape[1]),
             "invert_sketch": s["invert_sketch"], "size": int(shard["sketches"].shape[1]),
             "finetune_epochs": s["epochs"], "validation_classes": sorted(val), "fit_classes": fit_classes}
     with atomic_dir(args.out) as scratch:

@@ -102,6 +102,28 @@ def quality_gate(metrics: dict, previous: dict | None, tolerance: float) -> tupl
     return True, f"unseen mAP@all {ours:.4f} (baseline {baseline:.4f}; first release)"
 
 
+def real_changes(dirty: list[str], params_name: str, head_params: str | None, work_params: str | None,
+                 imported: set[str]) -> list[str]:
+    """The uncommitted paths that are a person's changes, not leftovers of a release that stopped before its
+    commit (quality gate, a failed stage or deploy): those rewrite only release.version in the params file, the
+    pipeline's records (dvc.lock, metrics, plots, receipts) and the imported data's .dvc files, and the rerun
+    rewrites them all. Anything else, including any other params change, must be committed or stashed first."""
+    generated = [f for f in RELEASE_FILES if f != "params.yaml"]
+    real = []
+    for path in dirty:
+        if path == params_name:
+            try:
+                same = head_params is not None and work_params is not None and \
+                    set_release_version(head_params, "0.0.0") == set_release_version(work_params, "0.0.0")
+            except UserError:
+                same = False
+            if not same:
+                real.append(path)
+        elif path not in imported and not any(path == f or path.startswith(f + "/") for f in generated):
+            real.append(path)
+    return real
+
+
 # ------------------------------------------------------------------------------------------------ I/O shell
 
 def sh(*cmd: str, check: bool = True, capture: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -199,13 +221,19 @@ def check_targets_reachable(params: dict) -> None:
                             "release with --no-deploy") from None
 
 
+def dvc_files() -> list[Path]:
+    """The project's .dvc files (dvc add / dvc import), as git tracks them. Not a filesystem glob: `*.dvc` also
+    matches the `.dvc/` directory itself, and a walk would descend into .venv, .git and extracted datasets."""
+    out = sh("git", "ls-files", "-z", "--", "*.dvc").stdout
+    return sorted(p for p in (Path(name) for name in out.split("\0") if name)
+                  if p.parts[0] != ".dvc" and p.is_file())
+
+
 def imported_data_files() -> list[Path]:
     """The .dvc files made by `dvc import` (they carry a `deps` entry with a `repo`)."""
     import yaml
     found = []
-    for path in Path(".").rglob("*.dvc"):
-        if ".dvc" in path.parts[:-1] or ".git" in path.parts:
-            continue
+    for path in dvc_files():
         try:
             meta = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError:
@@ -213,6 +241,19 @@ def imported_data_files() -> list[Path]:
         if any(isinstance(d, dict) and "repo" in d for d in meta.get("deps", [])):
             found.append(path)
     return sorted(found)
+
+
+def remote_tags(remote: str) -> dict[str, str]:
+    """tag -> the commit it points at (annotated tags peeled) on the git remote."""
+    found: dict[str, str] = {}
+    for line in sh("git", "ls-remote", "--tags", remote).stdout.splitlines():
+        sha, _, ref = line.partition("\t")
+        name = ref[len("refs/tags/"):]
+        if name.endswith("^{}"):
+            found[name[:-3]] = sha
+        else:
+            found.setdefault(name, sha)
+    return found
 
 
 def tags_at(ref: str) -> list[str]:
@@ -249,10 +290,18 @@ def _release(args: argparse.Namespace, params_path: Path) -> None:
     tolerance = rel.float("gate_tolerance", 0.02, min=0.0)
 
     # ---- preflight
-    dirty = [line for line in sh("git", "status", "--porcelain", "--untracked-files=no").stdout.splitlines()]
+    dirty = [p for p in sh("git", "diff", "--name-only", "--no-renames", "-z", "HEAD").stdout.split("\0") if p]
     if dirty:
-        raise UserError("the work tree has uncommitted changes (" + ", ".join(l[3:] for l in dirty[:5])
-                        + "); commit or stash them first")
+        head_params = sh("git", "show", f"HEAD:{params_path.as_posix()}", check=False)
+        real = real_changes(dirty, params_path.as_posix(),
+                            head_params.stdout if head_params.returncode == 0 else None,
+                            params_path.read_text(encoding="utf-8") if params_path.is_file() else None,
+                            {str(p) for p in imported_data_files()})
+        if real:
+            raise UserError("the work tree has uncommitted changes (" + ", ".join(real[:5])
+                            + (", ..." if len(real) > 5 else "") + "); commit or stash them first")
+        step("continuing after an unfinished release (its uncommitted leftovers are rewritten): " + ", ".join(dirty[:5])
+             + (", ..." if len(dirty) > 5 else ""))
     branch = sh("git", "rev-parse", "--abbrev-ref", "HEAD").stdout.strip()
     if branch == "HEAD":
         raise UserError("HEAD is detached; check out the branch to release from")
@@ -263,15 +312,25 @@ def _release(args: argparse.Namespace, params_path: Path) -> None:
         check_s3(remote)
         if sh("git", "remote", "get-url", args.git_remote, check=False).returncode != 0:
             raise UserError(f"git remote {args.git_remote!r} not found")
+        # the next version is computed from the tags: make sure they include every published release
+        sh("git", "fetch", "--quiet", "--tags", args.git_remote)
     if args.deploy:
         check_targets_reachable(params)
     lap("preflight")
 
-    # ---- resume: a release commit already made for a tag that is not published yet
+    # ---- resume: a release commit already made and tagged here whose publication did not finish (dvc push or
+    # git push failed). A tag at HEAD that origin already has for this commit is a finished release: release anew.
     all_tags = sh("git", "tag", "--list", f"{TAG_PREFIX}*").stdout.split()
+    head = sh("git", "rev-parse", "HEAD").stdout.strip()
+    published = {} if args.no_push else remote_tags(args.git_remote)
     here = [t for t in tags_at("HEAD") if TAG_RE.match(t)]
-    if here:
-        tag = here[0]
+    for t in here:
+        if t in published and published[t] != head:
+            raise UserError(f"{t} already exists on {args.git_remote} for another commit; another release took "
+                            "this version. Fetch, reset to the remote branch, and release again")
+    unfinished = [t for t in here if not args.no_push and t not in published]
+    if unfinished:
+        tag = f"{TAG_PREFIX}{'.'.join(map(str, parse_tags(unfinished)[-1]))}"
         version = tag[len(TAG_PREFIX):]
         step(f"HEAD is already tagged {tag}; finishing its publication")
     else:
@@ -291,8 +350,9 @@ def _release(args: argparse.Namespace, params_path: Path) -> None:
 
         # ---- build and check
         repro_started = time.perf_counter()
-        step("dvc repro (through serve-check)")
-        dvc("repro", "serve-check", capture=False)
+        # evaluate is not upstream of serve-check (nor of deploy): name it, the quality gate reads its metrics
+        step("dvc repro (evaluate, and through serve-check)")
+        dvc("repro", "evaluate", "serve-check", capture=False)
         timings["repro_through_serve_check"] = round(time.perf_counter() - repro_started, 2)
         metrics = json.loads(Path("reports/eval/metrics.json").read_text(encoding="utf-8"))
         passed, why = quality_gate(metrics, previous_metrics(last_tag), tolerance)
@@ -307,16 +367,9 @@ def _release(args: argparse.Namespace, params_path: Path) -> None:
             step("dvc repro deploy")
             dvc("repro", "deploy", capture=False)
             timings["deploy"] = round(time.perf_counter() - deploy_started, 2)
-        started_push = time.perf_counter()
-        if not args.no_push:
-            step("dvc push")
-            dvc("push", capture=False)
-        timings["dvc_push"] = round(time.perf_counter() - started_push, 2)
-
-        # ---- commit and tag
-        files = [f for f in RELEASE_FILES + [str(p) for p in Path(".").rglob("*.dvc")
-                                             if ".dvc" not in p.parts[:-1] and ".git" not in p.parts]
-                 if Path(f).exists()]
+        # ---- commit and tag, locally: nothing is published before `dvc push` below succeeded, and if it fails,
+        # the tree is clean and a rerun finds this tagged commit and finishes its publication
+        files = [f for f in RELEASE_FILES + [str(p) for p in dvc_files()] if Path(f).exists()]
         sh("git", "add", "--", *files)
         if sh("git", "diff", "--cached", "--quiet", check=False).returncode != 0:
             sh("git", "commit", "-q", "-m", f"Release {tag}\n\n{why}")
@@ -325,12 +378,14 @@ def _release(args: argparse.Namespace, params_path: Path) -> None:
 
     # ---- publish (atomic: branch and tag together, or neither)
     if not args.no_push:
-        if sh("git", "ls-remote", "--tags", args.git_remote, f"refs/tags/{tag}").stdout.strip():
-            remote_sha = sh("git", "ls-remote", args.git_remote, f"refs/tags/{tag}^{{}}").stdout.split()
-            if remote_sha and remote_sha[0] != sh("git", "rev-parse", "HEAD").stdout.strip():
-                raise UserError(f"{tag} already exists on {args.git_remote} for another commit; another release "
-                                "took this version. Fetch, and release again")
-        dvc("push", capture=False)  # idempotent; makes sure a resumed release's data is in the remote
+        remote_sha = remote_tags(args.git_remote).get(tag)
+        if remote_sha and remote_sha != sh("git", "rev-parse", "HEAD").stdout.strip():
+            raise UserError(f"{tag} already exists on {args.git_remote} for another commit; another release "
+                            "took this version. Fetch, and release again")
+        started_push = time.perf_counter()
+        step("dvc push")
+        dvc("push", capture=False)  # the data dvc.lock names, before the branch and tag reach the remote
+        timings["dvc_push"] = round(time.perf_counter() - started_push, 2)
         sh("git", "push", "--atomic", args.git_remote, f"HEAD:refs/heads/{branch}", f"refs/tags/{tag}")
         step(f"pushed {branch} and {tag} to {args.git_remote}")
     lap("publish")
