@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import REPO, VENV_BIN, class_files, dvc_env, write_tar
-from sempcyc.prepare import hash_unit
+from test_stages import new_unseen_class
 
 pytestmark = pytest.mark.integration
 
@@ -68,15 +68,6 @@ def skipped(output: str) -> set[str]:
 def tree_digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def new_unseen_class(taken: list[str]) -> str:
-    """A class name the hash split puts on the unseen side (and that class_files draws differently)."""
-    sums = {sum(map(ord, c)) for c in taken}
-    for name in ("jeep", "nose", "star", "lamp", "tulip", "zebra", "violin", "anchor", "bucket", "candle"):
-        if name not in taken and sum(map(ord, name)) not in sums and hash_unit(name, SALT) < TEST_FRACTION:
-            return name
-    raise AssertionError("no candidate class lands on the unseen side")
 
 
 def find_key(obj, key: str) -> list:

@@ -33,6 +33,8 @@ from conftest import REPO, VENV_BIN, class_files, write_tar
 from sempcyc.prepare import hash_unit
 from sempcyc.torchserve import free_port
 from test_deploy import Host, sshd, target_dict, wait_port  # noqa: F401  (sshd is a fixture used here)
+from test_pipeline import OVERRIDES as PIPELINE_OVERRIDES
+from test_stages import merged
 
 pytestmark = pytest.mark.integration
 
@@ -62,22 +64,16 @@ def unseen_new_classes(n: int = 3) -> list[str]:
 
 NEW_CLASSES = unseen_new_classes()
 
-PARAMS = {
+# the tiny pipeline of test_pipeline, reading the imported registry data, plus release and serving settings
+PARAMS = merged(PIPELINE_OVERRIDES, {
     "demo": {"classes": 4, "images_per_class": 2, "sketches_per_class": 2, "size": 32},  # never built here
     "data": {"tar": "data/registry.tar"},
-    "split": {"test_fraction": TEST_FRACTION, "salt": SALT, "val_fraction": 0.15, "test_classes_file": ""},
-    "prepare": {"size": 32},
-    "model": {"backbone": "tiny", "dim_out": 16},
-    "features": {"epochs": 1, "batch_size": 8, "proj_dim": 24},
-    "train": {"device": "cpu", "epochs": 2, "iters_per_epoch": 3, "batch_size": 8},
-    "evaluate": {"grid_queries": 3},
-    "gallery": {"batch_size": 16},
     # the tiny model's unseen mAP moves by noise between releases (3 -> 6 unseen classes): a wide tolerance keeps
     # the comparison with the last release from failing on it. Its arithmetic is unit-tested in test_workflows.py;
     # the no-training-baseline check stays on (see release_through_gate).
     "release": {"gate_tolerance": 1.0},
     "serve": {"top_k": TOP_K, "check_requests": 8, "threads": 1, "batch_size": 4, "ready_timeout_s": 120},
-}
+})
 
 
 # -------------------------------------------------------------------------------------------------- helpers

@@ -36,7 +36,7 @@ from conftest import VENV_BIN, class_files, png_bytes, run_cli, write_tar
 from sempcyc import archive, cli, serve_check, torchserve
 from sempcyc.errors import UserError
 from sempcyc.search import RequestError, SketchSearch
-from test_stages import CLASSES, PER_CLASS, PARAMS as STAGE_PARAMS, merged
+from test_stages import CLASSES, PER_CLASS, PARAMS as STAGE_PARAMS, call, merged
 
 # The tiny dataset and params of test_stages (12 classes, 3 on the unseen side -> 6 query sketches, 48 gallery
 # images), with one training epoch and the serving sections added.
@@ -69,16 +69,9 @@ def write_params(folder: Path, serve: dict | None = None) -> Path:
 
 def stage(cwd: Path, *argv) -> str:
     """`sempcyc <argv>` in this process (torch is imported once), in `cwd`; its stdout."""
-    out, err = io.StringIO(), io.StringIO()
-    before = os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = cli.main([str(a) for a in argv])
-    finally:
-        os.chdir(before)
-    assert rc == 0, f"sempcyc {' '.join(map(str, argv))} -> {rc}\n{out.getvalue()}\n{err.getvalue()}"
-    return out.getvalue()
+    rc, out, err = call(cwd, *argv)
+    assert rc == 0, f"sempcyc {' '.join(map(str, argv))} -> {rc}\n{out}\n{err}"
+    return out
 
 
 def sketch(seed: int = 1) -> bytes:
