@@ -831,3 +831,15 @@ def http_refused(url: str) -> bool:
     except (urllib.error.URLError, ConnectionError):
         return True
     return False
+
+
+def test_archive_stage_cli_records_the_evaluation_metrics(built: Built, tmp_path: Path):
+    """`sempcyc archive` as dvc.yaml calls it: the archive's serving.json carries the model's headline metrics."""
+    stage(built.root, "evaluate", "--out", tmp_path / "eval")
+    stage(built.root, "archive", "--model", built.model, "--gallery", built.gallery,
+          "--metrics", tmp_path / "eval/metrics.json", "--out", tmp_path / "cli.mar")
+    with zipfile.ZipFile(tmp_path / "cli.mar") as zf:
+        serving = json.loads(zf.read("serving.json"))
+    report = json.loads((tmp_path / "eval/metrics.json").read_text())
+    assert serving["version"] == VERSION
+    assert serving["metrics"]["zero_shot"]["map_all"] == round(report["zero_shot"]["sem_pcyc"]["map_all"], 4)

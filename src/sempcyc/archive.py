@@ -31,6 +31,8 @@ SEMVER = re.compile(r"^\d+\.\d+\.\d+([.-][0-9A-Za-z.-]+)?$")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="models/sem_pcyc.pt", help="model bundle (default: %(default)s)")
     parser.add_argument("--gallery", default="models/gallery", help="gallery folder (default: %(default)s)")
+    parser.add_argument("--metrics", default="reports/eval/metrics.json",
+                        help="evaluation metrics recorded in the archive (default: %(default)s)")
     parser.add_argument("--out", default="models/sem_pcyc.mar", help="archive path (default: %(default)s)")
 
 
