@@ -478,8 +478,8 @@ def test_second_release_at_once_stops(base, env, origin):
 
 def test_two_checkouts_releasing_at_once_never_share_a_version(base, env, origin):
     """Two runners (the workflow's concurrency group is per repository, a person may run the script locally)
-    check out the same commit and both compute the same next version: the first publishes it, the second stops
-    with a clear line and publishes nothing, so origin never has one version twice or a tag moved."""
+    check out the same commit: the first publishes the next version; the second finds origin ahead of it and
+    stops with a clear line before doing any work, so origin never has one version twice or a tag moved."""
     a = clone(base, env, origin, "race-a")
     b = clone(base, env, origin, "race-b")
     tags_before = remote_tags(origin, env)
@@ -491,7 +491,7 @@ def test_two_checkouts_releasing_at_once_never_share_a_version(base, env, origin
     winner = remote_tags(origin, env)[new[0]]
     lost, took = release(b, env, RELEASE_BUMP="minor", RELEASE_DEPLOY="false", RELEASE_OVERRIDE_GATE="true")
     print(f"release from checkout B (same version): {took:.1f} s")
-    one_error_line(lost, new[0], "already exists", "another commit")
+    one_error_line(lost, "origin/", "another release", "git pull --ff-only")
     assert remote_tags(origin, env) == dict(tags_before, **{new[0]: winner})
     assert origin_head(origin, env) == winner
 

@@ -256,6 +256,17 @@ def remote_tags(remote: str) -> dict[str, str]:
     return found
 
 
+def remote_commits_missing(remote: str, branch: str) -> int:
+    """How many commits of remote/branch this checkout's HEAD lacks (0 when the branch is not there yet)."""
+    line = sh("git", "ls-remote", "--heads", remote, f"refs/heads/{branch}").stdout.split()
+    if not line:
+        return 0
+    sha = line[0]
+    if sh("git", "cat-file", "-e", f"{sha}^{{commit}}", check=False).returncode != 0:
+        sh("git", "fetch", "--quiet", remote, f"refs/heads/{branch}")
+    return int(sh("git", "rev-list", "--count", f"HEAD..{sha}").stdout.strip() or 0)
+
+
 def tags_at(ref: str) -> list[str]:
     return sh("git", "tag", "--points-at", ref).stdout.split()
 
@@ -312,8 +323,14 @@ def _release(args: argparse.Namespace, params_path: Path) -> None:
         check_s3(remote)
         if sh("git", "remote", "get-url", args.git_remote, check=False).returncode != 0:
             raise UserError(f"git remote {args.git_remote!r} not found")
-        # the next version is computed from the tags: make sure they include every published release
+        # the next version is computed from the tags: make sure they include every published release, and that
+        # this checkout is not behind the branch it will push to (another release may have landed meanwhile)
         sh("git", "fetch", "--quiet", "--tags", args.git_remote)
+        behind = remote_commits_missing(args.git_remote, branch)
+        if behind:
+            raise UserError(f"{args.git_remote}/{branch} has {behind} commit(s) this checkout lacks (another release "
+                            f"or push landed); update first (git pull --ff-only {args.git_remote} {branch}), then "
+                            "release again")
     if args.deploy:
         check_targets_reachable(params)
     lap("preflight")
@@ -386,7 +403,15 @@ def _release(args: argparse.Namespace, params_path: Path) -> None:
         step("dvc push")
         dvc("push", capture=False)  # the data dvc.lock names, before the branch and tag reach the remote
         timings["dvc_push"] = round(time.perf_counter() - started_push, 2)
-        sh("git", "push", "--atomic", args.git_remote, f"HEAD:refs/heads/{branch}", f"refs/tags/{tag}")
+        pushed = sh("git", "push", "--atomic", args.git_remote, f"HEAD:refs/heads/{branch}", f"refs/tags/{tag}",
+                    check=False)
+        if pushed.returncode != 0:
+            if remote_commits_missing(args.git_remote, branch):
+                raise UserError(f"{args.git_remote}/{branch} moved while this release ran (another release?); "
+                                f"nothing was published. Reset to {args.git_remote}/{branch} (the local {tag} and "
+                                "release commit can be deleted) and release again")
+            raise UserError(f"git push of {branch} and {tag} to {args.git_remote} failed: "
+                            f"{(pushed.stderr or pushed.stdout).strip()[-500:]}")
         step(f"pushed {branch} and {tag} to {args.git_remote}")
     lap("publish")
     Path("reports").mkdir(exist_ok=True)
