@@ -75,6 +75,7 @@ def read_settings(params: dict) -> dict:
         "device": train_p.str("device", "cpu"),
         "feature_norm": train_p.str("feature_norm", "standardize", choices=("none", "standardize", "l2")),
         "feature_noise": train_p.float("feature_noise", 0.0, min=0.0),
+        "threads": train_p.int("threads", 1, min=0),
     }
 
 
@@ -299,6 +300,10 @@ def run(args: argparse.Namespace) -> None:
     from .fsutil import atomic_write_bytes
 
     s = read_settings(params_mod.load(getattr(args, "params", "params.yaml")))
+    if s["threads"] > 0:
+        # the SEM-PCYC step is a few small matrix products: one thread is as fast as two on an idle box and up to
+        # 100x faster on a busy one (OpenMP threads spin-waiting for a core; measured by bench/train_throughput.py)
+        torch.set_num_threads(s["threads"])
     device = pick_device(s["device"])
     rank, world = _dist_setup(device)
     if device == "cuda" and world > 1:
