@@ -1,0 +1,149 @@
+"""SEM-PCYC training throughput (pairs/s): cached extractor features (the train stage's path) against recomputing
+the frozen extractor features of every batch's sketches and images (what the original code did), same SEM-PCYC step.
+
+cached     `train.Trainer.run_epoch`: class-balanced pair indices -> rows of the cached (normalised) features ->
+           `model.train_step`.
+recompute  the same sampler and `model.train_step`, but each batch's sketches and images (uint8 arrays from
+           data/prepared/train, already in memory) go through the frozen sketch / image extractors first
+           (no gradients, eval mode), then the same feature normalisation. Image decoding and disk reads, which the
+           original also paid per batch, are left out, so this is a lower bound on its cost.
+
+Both use the default train settings (params.yaml) and the features stage's extractors; one warm-up step each is
+not timed. Prints pairs/s for both and their ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import tqdm as _tqdm  # noqa: E402
+
+_tqdm_cls = _tqdm.tqdm
+# the stages' progress bars (train.py passes disable= explicitly, so TQDM_DISABLE would not reach them); this script
+# prints its own progress
+_tqdm.tqdm = lambda *a, **kw: _tqdm_cls(*a, **{**kw, "disable": True})
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from sempcyc import train  # noqa: E402
+from sempcyc.backbones import to_input  # noqa: E402
+from sempcyc.encoder import Extractor  # noqa: E402
+from sempcyc.features import load_train_shard  # noqa: E402
+from sempcyc.model import train_step  # noqa: E402
+
+TRAIN_DIR = ROOT / "data" / "prepared" / "train"
+SNAPSHOT = ROOT / "bench" / "out" / "features-ft2"  # bench/ablation.py's copy of models/features
+
+
+def default_features() -> Path:
+    return SNAPSHOT if (SNAPSHOT / "extractors.pt").exists() else ROOT / "models" / "features"
+
+
+def measure(args, s: dict, data: dict, features_dir: Path) -> dict:
+    meta = data["meta"]
+    print(f"throughput: {features_dir} ({meta['backbone']}, {meta['feat_dim']}-d, fine-tuned "
+          f"{meta['finetune_epochs']} epochs); preset {s['preset']}, D={s['dim_out']}, batch {args.batch_size} pairs, "
+          f"{torch.get_num_threads()} torch threads on {os.cpu_count()} CPUs", flush=True)
+
+    # --- cached features: the train stage's loop, iters_per_epoch = the number of timed steps
+    def cached_run(steps: int) -> float:
+        trainer = train.Trainer(data, {**s, "iters_per_epoch": 2})
+        trainer.run_epoch()                                   # warm-up (allocations, first-call overheads)
+        trainer.s = {**trainer.s, "iters_per_epoch": steps}
+        trainer.pairs = 0
+        t = time.perf_counter()
+        trainer.run_epoch()
+        return trainer.pairs / (time.perf_counter() - t)
+
+    cached = cached_run(args.cached_steps)
+    print(f"cached features:   {cached:9.1f} pairs/s  ({args.cached_steps} steps of {args.batch_size})", flush=True)
+
+    # --- recompute: the extractors run on every batch's raw sketches and images, then the same step
+    shard = load_train_shard(TRAIN_DIR)
+    classes, fit = shard["classes"], set(data["fit_classes"])
+    sk_rows = np.flatnonzero([classes[l] in fit for l in shard["sketches_labels"]])  # fit_sk row i = shard row
+    im_rows = np.flatnonzero([classes[l] in fit for l in shard["images_labels"]])    # sk_rows[i], as in train
+    sketches, images = np.asarray(shard["sketches"]), np.asarray(shard["images"])  # in RAM: no disk in the timing
+    bundle = data["extractors"]
+    extractors = {}
+    for domain in ("sketch", "image"):
+        ex = Extractor(meta["backbone"], meta["feature_proj_dim"], pretrained=False)
+        ex.load_state_dict(bundle[f"{domain}_extractor"])
+        extractors[domain] = ex.eval().requires_grad_(False)
+    norms = data["norms"]
+    trainer = train.Trainer(data, s)
+    invert = bool(meta["invert_sketch"])
+
+    def recompute_step() -> tuple[float, float]:
+        sk_i, im_i, y = trainer.sampler.batch(args.batch_size)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            a = norms["sketch"](extractors["sketch"](to_input(torch.from_numpy(sketches[sk_rows[sk_i]]), invert)))
+            b = norms["image"](extractors["image"](to_input(torch.from_numpy(images[im_rows[im_i]]), False)))
+        t1 = time.perf_counter()
+        yt = torch.from_numpy(y).long()
+        train_step(trainer.model, trainer.opts, a, b, trainer.fit_sem[yt], yt, net=trainer.net)
+        return t1 - t0, time.perf_counter() - t1
+
+    recompute_step()                                          # warm-up
+    cnn = sem = 0.0
+    t = time.perf_counter()
+    for _ in range(args.recompute_steps):
+        c, m = recompute_step()
+        cnn, sem = cnn + c, sem + m
+    elapsed = time.perf_counter() - t
+    recompute = args.recompute_steps * args.batch_size / elapsed
+    print(f"recompute features: {recompute:8.1f} pairs/s  ({args.recompute_steps} steps of {args.batch_size}; "
+          f"per step {elapsed / args.recompute_steps:.2f} s: extractors {cnn / args.recompute_steps:.2f} s, "
+          f"SEM-PCYC step {sem / args.recompute_steps:.3f} s)", flush=True)
+    print(f"ratio cached / recompute: {cached / recompute:.0f}x", flush=True)
+    epoch_pairs = s["iters_per_epoch"] * args.batch_size
+    print(f"one train epoch ({s['iters_per_epoch']} steps x {args.batch_size} pairs): cached "
+          f"{epoch_pairs / cached:.1f} s, recompute {epoch_pairs / recompute:.0f} s", flush=True)
+    return {"cached": cached, "recompute": recompute}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--features", default=None, help="features stage output (default: bench/out/features-ft2 if "
+                    "bench/ablation.py made it, else models/features)")
+    ap.add_argument("--batch-size", type=int, default=128, help="pairs per step, both paths (default: %(default)s)")
+    ap.add_argument("--cached-steps", type=int, default=20, help="timed steps on cached features (default: %(default)s)")
+    ap.add_argument("--recompute-steps", type=int, default=3,
+                    help="timed steps recomputing extractor features (default: %(default)s)")
+    ap.add_argument("--threads", default="1",
+                    help="torch thread counts to measure, comma-separated, 0 = torch's default (default: "
+                    "%(default)s; on 2 cores shared with other jobs 2 threads measured 10-100x slower than 1: "
+                    "the OpenMP workers wait on each other for every small op)")
+    args = ap.parse_args(argv)
+    features_dir = Path(args.features) if args.features else default_features()
+
+    s = train.read_settings(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    s.update(device="cpu", batch_size=args.batch_size)
+    data = train.load_training_data(features_dir, TRAIN_DIR, s)
+    results = {}
+    torch_default = torch.get_num_threads()
+    for n in [int(x) for x in args.threads.split(",") if x.strip()]:
+        torch.set_num_threads(n or torch_default)
+        results[torch.get_num_threads()] = measure(args, s, data, features_dir)
+    if len(results) > 1:
+        (n1, r1), *rest = sorted(results.items())
+        for n, r in rest:
+            print(f"threads {n} vs {n1}: cached {r['cached'] / r1['cached']:.2f}x, recompute "
+                  f"{r['recompute'] / r1['recompute']:.2f}x the pairs/s", flush=True)
+    print(f"load average {os.getloadavg()[0]:.2f} (1 min) on {os.cpu_count()} CPUs", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
