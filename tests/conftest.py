@@ -96,3 +96,13 @@ def dvc_project(tmp_path: Path):
     subprocess.run(["git", "init", "-q"], cwd=proj, check=True, env=env)
     subprocess.run([str(VENV_BIN / "dvc"), "init", "-q"], cwd=proj, check=True, env=env)
     return proj, env
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: a second OpenMP thread only adds synchronisation (and stalls badly on a busy 2-core box)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

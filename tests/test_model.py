@@ -24,13 +24,7 @@ CLASSIFIERS = ("cls_se", "cls_sk", "cls_im")
 LOSS_KEYS = {"ae", "gen", "gen_adv", "gen_cyc", "gen_cls", "gen_reg", "disc", "disc_se", "disc_sk", "disc_im"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only adds synchronisation (and stalls badly on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model(seed: int = 0, **overrides) -> M.SemPcyc:

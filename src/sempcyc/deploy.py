@@ -338,12 +338,9 @@ def mar_file_name(model_name: str, version: str) -> str:
 def updated_ts_config(text: str, model_name: str, versions: list[str], default: str, workers: int) -> str:
     """The host's config.properties with this model's load_models/models entries set to `versions`
     (others' entries kept), so a restart serves exactly what the management API serves now."""
+    from .torchserve import parse_properties
     lines = text.splitlines()
-    props = {}
-    for line in lines:
-        if "=" in line and not line.lstrip().startswith("#"):
-            key, value = line.split("=", 1)
-            props[key.strip()] = value.strip()
+    props = parse_properties(text)
     ours = {mar_file_name(model_name, v) for v in versions}
     try:
         models = json.loads(props.get("models", "{}") or "{}")

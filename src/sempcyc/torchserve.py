@@ -268,13 +268,18 @@ class TorchServe:
             time.sleep(delay)
 
 
-def read_properties(path: Path) -> dict:
+def parse_properties(text: str) -> dict:
+    """key=value lines of a TorchServe config.properties (comments skipped)."""
     props = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         if "=" in line and not line.lstrip().startswith("#"):
             key, value = line.split("=", 1)
             props[key.strip()] = value.strip()
     return props
+
+
+def read_properties(path: Path) -> dict:
+    return parse_properties(Path(path).read_text(encoding="utf-8"))
 
 
 def _has_ready_worker(body: bytes) -> bool:
