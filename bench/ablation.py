@@ -53,9 +53,9 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from sempcyc import evaluate, features, train  # noqa: E402
-from sempcyc.backbones import to_input  # noqa: E402
-from sempcyc.encoder import Extractor, FeatureNorm, batched  # noqa: E402
-from sempcyc.retrieval import retrieval_metrics  # noqa: E402
+from sempcyc.runtime.backbones import to_input  # noqa: E402
+from sempcyc.runtime.encoder import Extractor, FeatureNorm, batched  # noqa: E402
+from sempcyc.runtime.retrieval import retrieval_metrics  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 TRAIN_DIR = ROOT / "data" / "prepared" / "train"
@@ -321,7 +321,7 @@ def train_row(row: dict, s: dict, feats: dict, test: TestSet) -> dict[str, dict]
 def pipeline_check(feats: dict, test: TestSet, results: list[dict], add) -> None:
     """Score models/sem_pcyc.pt on the cached ft2 test features (only if it was trained on the snapshot's
     extractors) and set it beside reports/eval/metrics.json: checks this script's scoring path."""
-    from sempcyc.model import Config, SemPcyc
+    from sempcyc.runtime.model import Config, SemPcyc
     bundle_path = ROOT / "models" / "sem_pcyc.pt"
     if not bundle_path.exists():
         print("check: models/sem_pcyc.pt missing; skipped", flush=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from sempcyc import imaging  # noqa: E402
+from sempcyc.runtime import imaging  # noqa: E402
 
 
 def epoch_from_arrays(folder: Path, batch: int) -> float:

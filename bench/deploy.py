@@ -22,8 +22,8 @@ def main() -> None:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     from test_deploy import Host, start_sshd
     from sempcyc import deploy
-    from sempcyc.search import SketchSearch
-    from sempcyc.serve_check import pick_queries
+    from sempcyc.runtime.search import SketchSearch
+    from sempcyc.serving import pick_queries
 
     mar = REPO / "models/sem_pcyc.mar"
     version, digest = deploy.mar_version(mar), deploy.sha256_file(mar)

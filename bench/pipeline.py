@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--keep", help="run in this folder and keep it (default: a temporary folder)")
     args = parser.parse_args()
     from sempcyc import demo_data
-    from sempcyc.prepare import hash_unit
+    from sempcyc.split import hash_unit
     import yaml
 
     work = Path(args.keep or tempfile.mkdtemp(prefix="sem-pcyc-bench-"))

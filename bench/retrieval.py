@@ -14,7 +14,7 @@ import numpy as np
 from scipy.spatial.distance import cdist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from sempcyc.retrieval import top_k  # noqa: E402
+from sempcyc.runtime.retrieval import top_k  # noqa: E402
 
 
 def original(queries: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:

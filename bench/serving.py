@@ -40,7 +40,7 @@ def main() -> None:
               f"with 8 clients, parity {r['parity_top10']}, errors {r['errors']}")
 
     sys.path.insert(0, str(REPO / "src"))
-    from sempcyc.search import SketchSearch
+    from sempcyc.runtime.search import SketchSearch
     search = SketchSearch.load(REPO / "models/sem_pcyc.pt", REPO / "models/gallery")
     splits = json.loads((REPO / "data/prepared/splits.json").read_text())
     files = [f for c in splits["test"] for f in sorted((REPO / "data/dataset/sketches" / c).glob("*"))[:2]]

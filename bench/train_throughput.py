@@ -35,10 +35,10 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from sempcyc import train  # noqa: E402
-from sempcyc.backbones import to_input  # noqa: E402
-from sempcyc.encoder import Extractor  # noqa: E402
-from sempcyc.features import load_train_shard  # noqa: E402
-from sempcyc.model import train_step  # noqa: E402
+from sempcyc.runtime.backbones import to_input  # noqa: E402
+from sempcyc.runtime.encoder import Extractor  # noqa: E402
+from sempcyc.shards import load_train_shard  # noqa: E402
+from sempcyc.runtime.model import train_step  # noqa: E402
 
 TRAIN_DIR = ROOT / "data" / "prepared" / "train"
 SNAPSHOT = ROOT / "bench" / "out" / "features-ft2"  # bench/ablation.py's copy of models/features

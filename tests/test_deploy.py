@@ -19,14 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import class_files, png_bytes, run_cli, write_tar
-from test_stages import CLASSES, PER_CLASS, ok, write_params
+from helpers import CLASSES, PARAMS, PER_CLASS, class_files, merged, ok, png_bytes, run_cli, write_params, write_tar
+from hosts import Host, target_dict
 from sempcyc import archive, deploy
 from sempcyc.errors import UserError
+from sempcyc.params import read_section
+from sempcyc.serving import ReleaseSettings, ServeSettings
+from sempcyc.targets import DeploySettings, parse_targets
 from sempcyc.torchserve import TorchServe, free_port, free_worker_port
 
 pytestmark = pytest.mark.integration
-SSHD = "/usr/sbin/sshd"
 
 
 # ------------------------------------------------------------------------------------------------ artifacts
@@ -45,10 +47,11 @@ def artifacts(tmp_path_factory) -> dict:
     ok(root, "gallery")
     marts = {}
     for version in ("0.1.0", "0.2.0"):
-        settings = {"version": version, "model_name": "sem_pcyc", "top_k": 5, "max_pixels": 16_000_000,
-                    "threads": 1}
+        params = merged(PARAMS, {"release": {"version": version, "model_name": "sem_pcyc"},
+                                 "serve": {"top_k": 5, "threads": 1}})
         marts[version] = archive.build_archive(root / "models/sem_pcyc.pt", root / "models/gallery",
-                                               root / f"mars/sem_pcyc-{version}.mar", settings)
+                                               root / f"mars/sem_pcyc-{version}.mar",
+                                               read_section(params, ReleaseSettings), read_section(params, ServeSettings))
     broken = root / "mars/broken-0.3.0.mar"
     with zipfile.ZipFile(marts["0.2.0"]) as src, zipfile.ZipFile(broken, "w") as dst:
         for item in src.infolist():
@@ -62,117 +65,9 @@ def artifacts(tmp_path_factory) -> dict:
             dst.writestr(item, data)
     marts["broken"] = broken
     sketch = next((root / "data/dataset/sketches").glob("*/*.png")).read_bytes()
-    from sempcyc.search import SketchSearch
+    from sempcyc.runtime.search import SketchSearch
     search = SketchSearch.load(root / "models/sem_pcyc.pt", root / "models/gallery", top_k=5)
     return {"root": root, "mars": marts, "sketch": sketch, "expected": search.search([sketch])[0], "k": 5}
-
-
-# ------------------------------------------------------------------------------------------------------ sshd
-
-def wait_port(port: int, deadline: float = 15) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
-@contextlib.contextmanager
-def start_sshd(d: Path):
-    """A real OpenSSH sshd on a free 127.0.0.1 port with its own host key, config, pid file and one client key;
-    also writes known_hosts files: the right key, a different (\"changed\") key, and none."""
-    assert Path(SSHD).exists(), "openssh-server is not installed; run scripts/system-deps.sh (make test does)"
-    for name in ("host_key", "client_key", "other_key", "other_host_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
-    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
-    port = free_port()
-    config = d / "sshd_config"
-    config.write_text("\n".join([
-        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {d / 'host_key'}", f"PidFile {d / 'sshd.pid'}",
-        f"AuthorizedKeysFile {d / 'authorized_keys'}", "UsePAM no", "StrictModes no", "PasswordAuthentication no",
-        "KbdInteractiveAuthentication no", "PubkeyAuthentication yes", "PermitRootLogin prohibit-password",
-        "AllowTcpForwarding yes", "Subsystem sftp internal-sftp", "LogLevel ERROR", ""]))
-    Path("/run/sshd").mkdir(parents=True, exist_ok=True)
-    log = open(d / "sshd.log", "wb")
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        wait_port(port)
-        host_pub = (d / "host_key.pub").read_text().split()[:2]
-        (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {' '.join(host_pub)}\n")
-        other_pub = (d / "other_host_key.pub").read_text().split()[:2]
-        (d / "known_hosts_changed").write_text(f"[127.0.0.1]:{port} {' '.join(other_pub)}\n")
-        (d / "known_hosts_empty").write_text("")
-        yield {"port": port, "dir": d, "key": d / "client_key", "known_hosts": d / "known_hosts"}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    with start_sshd(tmp_path_factory.mktemp("sshd")) as server:
-        yield server
-
-
-# --------------------------------------------------------------------------------------------- host TorchServe
-
-class Host:
-    """A serving host: a model store and a config.properties, TorchServe started with the documented command."""
-
-    def __init__(self, root: Path, token_auth: bool = False):
-        self.root = root
-        self.store = root / "model-store"
-        self.store.mkdir(parents=True)
-        self.config = root / "config.properties"
-        self.config.write_text("\n".join([
-            f"inference_address=http://127.0.0.1:{free_port()}",
-            f"management_address=http://127.0.0.1:{free_port()}",
-            f"metrics_address=http://127.0.0.1:{free_port()}",
-            f"grpc_inference_port={free_port()}", f"grpc_management_port={free_port()}",
-            f"initial_worker_port={free_worker_port()}", f"initial_distribution_port={free_port()}",
-            f"model_store={self.store}", "enable_model_api=true",
-            f"disable_token_authorization={'false' if token_auth else 'true'}", ""]))
-        self.token_auth = token_auth
-        self.ts: TorchServe | None = None
-
-    def start(self) -> "Host":
-        self.ts = TorchServe(self.store, workdir=self.root / "run", config_file=self.config,
-                             token_auth=self.token_auth)
-        self.ts.start()
-        self.ts.wait_ready(None, 60)
-        return self
-
-    def stop(self) -> None:
-        if self.ts is not None:
-            self.ts.stop()
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def default(self) -> str | None:
-        status, body = self.ts.request("GET", f"{self.ts.management_url}/models/sem_pcyc")
-        return json.loads(body)[0]["modelVersion"] if status == 200 else None
-
-    def versions(self) -> list[str]:
-        status, body = self.ts.request("GET", f"{self.ts.management_url}/models/sem_pcyc/all")
-        return sorted(m["modelVersion"] for m in json.loads(body)) if status == 200 else []
-
-    def predict(self, sketch: bytes, version: str | None = None) -> int:
-        url = f"{self.ts.inference_url}/predictions/sem_pcyc" + (f"/{version}" if version else "")
-        return self.ts.request("POST", url, sketch, {"Content-Type": "image/png"}, timeout=60)[0]
-
-    def target(self, sshd: dict, **overrides) -> deploy.Target:
-        values = dict(name="host-a", host="127.0.0.1", port=sshd["port"], user=os.environ.get("USER", "root"),
-                      key_file=str(sshd["key"]), known_hosts=str(sshd["known_hosts"]), model_store=str(self.store),
-                      ts_config=str(self.config), management_url=self.ts.management_url,
-                      inference_url=self.ts.inference_url, workers=1, keep_versions=2, connect_timeout=5)
-        values.update(overrides)
-        return deploy.Target(**values)
 
 
 @pytest.fixture(scope="module")
@@ -332,12 +227,6 @@ def stage_project(artifacts, tmp_path: Path, targets: list[dict]) -> Path:
     return proj
 
 
-def target_dict(host: Host, sshd: dict, **overrides) -> dict:
-    t = host.target(sshd, **overrides)
-    return {k: getattr(t, k) for k in ("name", "host", "port", "user", "key_file", "known_hosts", "model_store",
-                                       "ts_config", "management_url", "inference_url", "connect_timeout")}
-
-
 def test_two_targets_rolling_second_fails(artifacts, sshd, tmp_path):
     a = Host(tmp_path / "a").start()
     b = Host(tmp_path / "b").start()
@@ -374,7 +263,7 @@ def test_first_failure_stops_the_rollout(artifacts, sshd, tmp_path):
 
 
 def test_no_targets_writes_a_receipt_and_succeeds(tmp_path):
-    (tmp_path / "params.yaml").write_text("deploy:\n  targets: []\n")
+    write_params(tmp_path, {"deploy": {"targets": []}})
     proc = run_cli("deploy", cwd=tmp_path)
     assert "no targets" in proc.stdout
     assert json.loads((tmp_path / "reports/deploy.json").read_text())["status"] == "no targets"
@@ -388,8 +277,7 @@ def test_no_targets_writes_a_receipt_and_succeeds(tmp_path):
     ({"host": "h", "model_store": "/s", "colour": "red"}, "unknown"),
 ])
 def test_bad_target_params(tmp_path, target, message):
-    import yaml
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"deploy": {"targets": [target]}}))
+    write_params(tmp_path, {"deploy": {"targets": [target]}})
     proc = run_cli("deploy", cwd=tmp_path, check=False)
     assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
     assert "hunter2" not in proc.stderr and "abc" not in proc.stderr.replace("deploy.targets", "")

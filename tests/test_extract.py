@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import class_files, png_bytes, run_cli, write_tar
+from helpers import class_files, png_bytes, run_cli, write_params, write_tar
 from sempcyc import extract
 from sempcyc.errors import UserError
 
@@ -34,7 +34,7 @@ def test_extracts_layout_and_index(tmp_path, tiny_classes):
 
 def test_cli_writes_index_and_replaces_old_output(tmp_path, tiny_classes):
     tar = write_tar(tmp_path / "d.tar", class_files(tiny_classes))
-    (tmp_path / "params.yaml").write_text("data:\n  tar: d.tar\n")
+    write_params(tmp_path, {"data": {"tar": "d.tar"}})
     (tmp_path / "dataset" / "stale").mkdir(parents=True)
     run_cli("extract", "--out", "dataset", "--index", "dataset.json", cwd=tmp_path)
     index = json.loads((tmp_path / "dataset.json").read_text())
@@ -201,7 +201,7 @@ def test_failed_extract_keeps_previous_output(tmp_path, tiny_classes):
 
 def test_wrong_param_type_is_one_line_error(tmp_path, tiny_classes):
     write_tar(tmp_path / "d.tar", class_files(tiny_classes))
-    (tmp_path / "params.yaml").write_text("data:\n  tar: d.tar\n  images_dir: 5\n")
+    write_params(tmp_path, {"data": {"tar": "d.tar", "images_dir": 5}})
     proc = run_cli("extract", "--out", "dataset", "--index", "dataset.json", cwd=tmp_path, check=False)
     assert proc.returncode == 1
     assert "data.images_dir must be a non-empty string, got 5" in proc.stderr

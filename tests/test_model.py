@@ -13,9 +13,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from sempcyc import backbones, retrieval
-from sempcyc import model as M
-from sempcyc.encoder import FeatureNorm
+from sempcyc.runtime import backbones, retrieval
+from sempcyc.runtime import model as M
+from sempcyc.runtime.encoder import FeatureNorm
 
 FEAT, SEM, DIM, N_CLS, BATCH = 16, 12, 8, 5, 8
 GENERATORS = ("gen_sk2se", "gen_im2se", "gen_se2sk", "gen_se2im")
@@ -140,7 +140,7 @@ def test_embeddings_deterministic_in_eval_mode_only():
 def test_config_round_trip():
     cfg = M.Config(feat_dim=FEAT, sem_dim=SEM, dim_out=DIM, n_classes=N_CLS, lambda_se=1.0)
     assert M.Config(**cfg.to_dict()) == cfg
-    defaults = M.Config()
+    defaults = M.Config(feat_dim=FEAT, sem_dim=SEM, dim_out=DIM, n_classes=N_CLS)  # the published recipe
     assert (defaults.lambda_se, defaults.lambda_im, defaults.lambda_sk) == (10.0, 10.0, 10.0)
     assert (defaults.lambda_gen_cyc, defaults.lambda_gen_adv, defaults.lambda_gen_cls) == (1.0, 1.0, 1.0)
     assert defaults.lambda_gen_reg == 0.1

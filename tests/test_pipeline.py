@@ -16,27 +16,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, VENV_BIN, class_files, dvc_env, write_tar
-from test_stages import new_unseen_class
+from helpers import (CLASSES, PER_CLASS, PIPELINE_OVERRIDES, REPO, VENV_BIN, class_files, dvc_env,
+                     new_unseen_class, write_tar)
 
 pytestmark = pytest.mark.integration
 
-CLASSES = ["apple", "bear", "car", "dog", "egg", "fish", "guitar", "house", "igloo", "kite", "moon", "owl"]
-PER_CLASS = 4
-SALT, TEST_FRACTION = "sem-pcyc", 0.2
 TARGETS = ("gallery", "evaluate")
 # one thread per process: tiny tensors, 2 shared cores (multi-threaded OpenBLAS is 200x slower on a busy box)
 THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-OVERRIDES = {
-    "data": {"tar": "data/ds.tar"},
-    "split": {"test_fraction": TEST_FRACTION, "salt": SALT, "val_fraction": 0.15, "test_classes_file": ""},
-    "prepare": {"size": 32},
-    "model": {"backbone": "tiny", "dim_out": 16},
-    "features": {"epochs": 1, "batch_size": 8, "proj_dim": 24},
-    "train": {"device": "cpu", "epochs": 2, "iters_per_epoch": 3, "batch_size": 8},
-    "evaluate": {"grid_queries": 3},
-    "gallery": {"batch_size": 16},
-}
 STAGES_UP_TO_GALLERY = ("extract", "semantic", "prepare", "features", "train", "evaluate", "gallery")
 
 
@@ -98,7 +85,7 @@ def built(tmp_path_factory) -> tuple[Path, dict, str]:
     subprocess.run([str(VENV_BIN / "dvc"), "init", "-q"], cwd=proj, check=True, env=env)
 
     params = yaml.safe_load((proj / "params.yaml").read_text())
-    for section, values in OVERRIDES.items():
+    for section, values in PIPELINE_OVERRIDES.items():
         params.setdefault(section, {}).update(values)
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (proj / "data").mkdir(exist_ok=True)

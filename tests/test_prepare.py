@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import class_files, write_tar
+from helpers import class_files, write_params, write_tar
 from sempcyc import extract, prepare
+from sempcyc import split as split_mod
 from sempcyc.errors import UserError
 from sempcyc.fsutil import dumps_json
 
@@ -18,9 +19,9 @@ def counts(classes):
 
 def test_hash_split_is_stable_under_added_classes():
     base = {f"animal_{i}": (5, 5) for i in range(60)}
-    before = prepare.assign_split(counts(base), test_fraction=0.25, salt="s")
+    before = split_mod.assign_split(counts(base), test_fraction=0.25, salt="s")
     grown = {**base, **{f"new_{i}": (5, 5) for i in range(30)}}
-    after = prepare.assign_split(counts(grown), test_fraction=0.25, salt="s")
+    after = split_mod.assign_split(counts(grown), test_fraction=0.25, salt="s")
     assert set(before["train"]) <= set(after["train"])
     assert set(before["test"]) <= set(after["test"])
     assert set(after["train"]) - set(before["train"]) <= {f"new_{i}" for i in range(30)}
@@ -29,44 +30,44 @@ def test_hash_split_is_stable_under_added_classes():
 
 def test_salt_changes_the_split():
     base = counts({f"c{i}": (2, 2) for i in range(40)})
-    a = prepare.assign_split(base, test_fraction=0.3, salt="a")
-    b = prepare.assign_split(base, test_fraction=0.3, salt="b")
+    a = split_mod.assign_split(base, test_fraction=0.3, salt="a")
+    b = split_mod.assign_split(base, test_fraction=0.3, salt="b")
     assert a["test"] != b["test"]
 
 
 def test_gallery_only_classes_never_train_or_query():
     classes = {**{f"c{i}": (2, 2) for i in range(30)}, "photos_only": (4, 0)}
-    split = prepare.assign_split(counts(classes), test_fraction=0.3, salt="x")
+    split = split_mod.assign_split(counts(classes), test_fraction=0.3, salt="x")
     assert split["gallery_only"] == ["photos_only"]
     assert "photos_only" not in split["train"] + split["test"]
 
 
 def test_test_list_and_train_list():
     classes = counts({f"c{i}": (2, 2) for i in range(6)})
-    by_test = prepare.assign_split(classes, test_fraction=0.5, salt="x", test_list=["c1", "c2", "zzz"])
+    by_test = split_mod.assign_split(classes, test_fraction=0.5, salt="x", test_list=["c1", "c2", "zzz"])
     assert by_test["test"] == ["c1", "c2"] and by_test["unknown_listed_classes"] == ["zzz"]
-    by_train = prepare.assign_split(classes, test_fraction=0.5, salt="x", train_list=["c0", "c3", "c4"])
+    by_train = split_mod.assign_split(classes, test_fraction=0.5, salt="x", train_list=["c0", "c3", "c4"])
     assert by_train["test"] == ["c1", "c2", "c5"]
 
 
 def test_fewer_than_two_unseen_classes_is_an_error():
     classes = counts({f"c{i}": (2, 2) for i in range(6)})
     with pytest.raises(UserError, match="at least 2"):
-        prepare.assign_split(classes, test_fraction=0.5, salt="x", test_list=["c1"])
+        split_mod.assign_split(classes, test_fraction=0.5, salt="x", test_list=["c1"])
 
 
 def test_fewer_than_two_training_classes_is_an_error():
     classes = counts({f"c{i}": (2, 2) for i in range(4)})
     with pytest.raises(UserError, match="training class"):
-        prepare.assign_split(classes, test_fraction=0.5, salt="x", test_list=["c0", "c1", "c2"])
+        split_mod.assign_split(classes, test_fraction=0.5, salt="x", test_list=["c0", "c1", "c2"])
 
 
 def unseen_name(prefix: str, salt: str = "sem-pcyc", fraction: float = 0.2) -> str:
     """A class name the hash split puts on the unseen side."""
-    return next(f"{prefix}_{i}" for i in range(10_000) if prepare.hash_unit(f"{prefix}_{i}", salt) < fraction)
+    return next(f"{prefix}_{i}" for i in range(10_000) if split_mod.hash_unit(f"{prefix}_{i}", salt) < fraction)
 
 
-def build(tmp_path: Path, classes: dict, params: str = "") -> Path:
+def build(tmp_path: Path, classes: dict, split: dict | None = None) -> Path:
     """extract + fake semantic vectors + prepare, in tmp_path; returns the prepared folder."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     tar = write_tar(tmp_path / "d.tar", class_files(classes))
@@ -78,7 +79,7 @@ def build(tmp_path: Path, classes: dict, params: str = "") -> Path:
     vectors = np.stack([np.frombuffer(hashlib.sha256(c.encode()).digest(), np.uint8).astype(np.float32)
                         for c in index["classes"]])
     np.save(sem / "vectors.npy", vectors)
-    (tmp_path / "params.yaml").write_text("prepare:\n  size: 32\nsplit:\n  test_fraction: 0.2\n" + params)
+    write_params(tmp_path, {"prepare": {"size": 32}, "split": {"test_fraction": 0.2, **(split or {})}})
     prepare.run(Namespace(params=str(tmp_path / "params.yaml"), dataset=str(tmp_path / "dataset"),
                           index=str(tmp_path / "dataset.json"), semantic=str(sem), out=str(tmp_path / "prepared")))
     return tmp_path / "prepared"
@@ -137,16 +138,16 @@ def test_training_class_without_semantic_vector(tmp_path):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ("  test_fraction: high\n", "split.test_fraction must be a number"),
-    ("  test_fraction: 0\n", "split.test_fraction"),
+    ({"test_fraction": "high"}, "split.test_fraction must be a number"),
+    ({"test_fraction": 0}, "split.test_fraction"),
 ])
 def test_bad_split_params(tmp_path, bad, message):
     with pytest.raises(UserError, match=message):
-        build(tmp_path, base_classes(), params=bad)
+        build(tmp_path, base_classes(), split=bad)
 
 
 def test_test_class_file_param(tmp_path):
     names = sorted(base_classes())
     (tmp_path / "unseen.txt").write_text("\n".join(names[:3]) + "\n")
-    out = build(tmp_path, base_classes(), params=f"  test_classes_file: {tmp_path / 'unseen.txt'}\n")
+    out = build(tmp_path, base_classes(), split={"test_classes_file": str(tmp_path / "unseen.txt")})
     assert json.loads((out / "splits.json").read_text())["test"] == names[:3]

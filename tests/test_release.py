@@ -29,18 +29,14 @@ import boto3
 import pytest
 import yaml
 
-from conftest import REPO, VENV_BIN, class_files, write_tar
-from sempcyc.prepare import hash_unit
+from helpers import (CLASSES, PER_CLASS, PIPELINE_OVERRIDES, REPO, SALT, TEST_FRACTION, VENV_BIN, class_files,
+                     merged, write_tar)
+from hosts import Host, target_dict, wait_port
+from sempcyc.split import hash_unit
 from sempcyc.torchserve import free_port
-from test_deploy import Host, sshd, target_dict, wait_port  # noqa: F401  (sshd is a fixture used here)
-from test_pipeline import OVERRIDES as PIPELINE_OVERRIDES
-from test_stages import merged
 
 pytestmark = pytest.mark.integration
 
-CLASSES = ["apple", "bear", "car", "dog", "egg", "fish", "guitar", "house", "igloo", "kite", "moon", "owl"]
-PER_CLASS = 4
-SALT, TEST_FRACTION = "sem-pcyc", 0.2
 TOP_K = 64  # >= the whole gallery (15 classes x 4 images): each answer is the full ranking (see test_release_story)
 THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", "requirements.lock", "Makefile", ".dvcignore",
@@ -402,8 +398,8 @@ def test_release_story(base, env, registry, origin, project, host):
     # the host serves 0.2.0 by default; for the new classes' sketches it returns the new classes' images, ranked
     # exactly as the released model and gallery rank them offline. (Whether an own-class image makes the top 5
     # is the tiny model's luck, so that is printed, not asserted: see the ranks below.)
-    from sempcyc.search import SketchSearch
-    from sempcyc.serve_check import same_ranking
+    from sempcyc.runtime.search import SketchSearch
+    from sempcyc.serving import same_ranking
     offline = SketchSearch.load(project / "models/sem_pcyc.pt", project / "models/gallery", top_k=TOP_K)
     assert host.default() == "0.2.0"
     assert host.versions() == ["0.1.0", "0.2.0"]

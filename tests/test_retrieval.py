@@ -8,7 +8,7 @@ import pytest
 from scipy.spatial.distance import cdist
 from sklearn.metrics import average_precision_score
 
-from sempcyc import retrieval
+from sempcyc.runtime import retrieval
 
 
 def ranked(relevance: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

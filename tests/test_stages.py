@@ -23,94 +23,22 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import VENV_BIN, class_files, dvc_env, run_cli, write_tar
-from sempcyc import cli, imaging
-from sempcyc.backbones import build_backbone
-from sempcyc.encoder import Encoder
-from sempcyc.prepare import hash_unit
+from helpers import (CLASSES, PER_CLASS, PARAMS, SALT, TEST_FRACTION, VENV_BIN, call, class_files, dvc_env, merged,
+                     new_unseen_class, ok, one_line_error, run_cli, write_params, write_tar)
+from sempcyc.runtime import imaging
+from sempcyc.runtime.backbones import build_backbone
+from sempcyc.runtime.encoder import Encoder
+from sempcyc.split import hash_unit
 
-# 12 classes whose letter sums differ, so class_files() draws different pictures for each; with the default salt
-# and test_fraction 0.2 the hash split puts 3 of them (bear, dog, guitar) on the unseen side.
-CLASSES = ["apple", "bear", "car", "dog", "egg", "fish", "guitar", "house", "igloo", "kite", "moon", "owl"]
-PER_CLASS = 4
-SALT, TEST_FRACTION = "sem-pcyc", 0.2
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LOSSES = {"ae", "gen", "gen_adv", "gen_cyc", "gen_cls", "gen_reg", "disc", "disc_se", "disc_sk", "disc_im"}
 
-PARAMS = {
-    "data": {"tar": "ds.tar", "images_dir": "images", "sketches_dir": "sketches"},
-    "semantic": {"backend": "minilm", "word2vec_path": "", "synonyms_path": ""},
-    "split": {"test_fraction": TEST_FRACTION, "val_fraction": 0.15, "salt": SALT, "test_classes_file": ""},
-    "prepare": {"size": 32},
-    "model": {"backbone": "tiny", "backbone_weights": "", "invert_sketch": True, "dim_out": 16,
-              "preset": "tuned", "overrides": {}},
-    "features": {"epochs": 1, "lr": 0.0001, "head_lr": 0.001, "batch_size": 8, "proj_dim": 24, "seed": 0},
-    "train": {"device": "cpu", "epochs": 2, "iters_per_epoch": 3, "batch_size": 8, "lr": 0.0001, "milestones": [],
-              "gamma": 0.1, "patience": 5, "feature_norm": "standardize", "feature_noise": 0.0, "seed": 0},
-    "evaluate": {"seed": 0, "grid_queries": 3},
-    "gallery": {"batch_size": 16},
-}
-
-
 # ------------------------------------------------------------------------------------------------- helpers
-
-def merged(base: dict, overrides: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and value:
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def write_params(folder: Path, overrides: dict | None = None, name: str = "params.yaml") -> Path:
-    path = folder / name
-    path.write_text(yaml.safe_dump(merged(PARAMS, overrides or {}), sort_keys=False), encoding="utf-8")
-    return path
-
-
-def call(cwd: Path, *argv) -> tuple[int, str, str]:
-    """`sempcyc <argv>` in this process, in `cwd`: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    before = os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = cli.main([str(a) for a in argv])
-    finally:
-        os.chdir(before)
-    return rc, out.getvalue(), err.getvalue()
-
-
-def ok(cwd: Path, *argv) -> str:
-    rc, out, err = call(cwd, *argv)
-    assert rc == 0, f"sempcyc {' '.join(map(str, argv))} -> {rc}\n{out}\n{err}"
-    return out
-
-
-def one_line_error(rc: int, err: str, stage: str) -> str:
-    """The stage failed the way a user error should: exit 1 and exactly one line, no traceback."""
-    assert rc == 1, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"sempcyc {stage}: error: "), err
-    return lines[0]
-
 
 def tsv_rows(path: Path) -> list[list[str]]:
     lines = path.read_text(encoding="utf-8").splitlines()
     assert lines[0].split("\t")[0] == "step"
     return [line.split("\t") for line in lines[1:]]
-
-
-def new_unseen_class(taken: list[str]) -> str:
-    """A new class name the hash split puts on the unseen side, drawn differently from every taken class."""
-    sums = {sum(map(ord, c)) for c in taken}
-    for name in ("jeep", "nose", "star", "lamp", "tulip", "zebra", "violin", "anchor", "bucket", "candle"):
-        if name not in taken and sum(map(ord, name)) not in sums and hash_unit(name, SALT) < TEST_FRACTION:
-            return name
-    raise AssertionError("no candidate class lands on the unseen side")
 
 
 def bundle_equal(a, b) -> bool:
@@ -130,21 +58,6 @@ def gallery_counts(out: str) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on a shared 2-core box: one thread is faster and leaves the other core to the neighbours.
-    OpenBLAS too: on a busy box its threads make evaluate's ITQ (100 small SVDs) 200x slower (10 s vs 0.05 s)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # only a speed-up
-        threadpool_limits = None
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1) if threadpool_limits else contextlib.nullcontext():
-        yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:

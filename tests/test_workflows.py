@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, VENV_BIN
+from helpers import REPO, VENV_BIN
 from sempcyc.errors import UserError
-from sempcyc.release import next_version, parse_tags, quality_gate, real_changes, set_release_version
+from sempcyc.release import next_version, quality_gate, real_changes, set_release_version
+from sempcyc.vcs import parse_tags
 
 WORKFLOWS = REPO / ".github" / "workflows"
 ACTIONLINT = VENV_BIN / "actionlint"

@@ -1,8 +1,8 @@
 """archive stage: models/sem_pcyc.mar, a self-contained TorchServe archive.
 
-Contents (archive root): handler.py; sem_pcyc_runtime/ (copies of imaging, retrieval, backbones, model, encoder,
-search: everything the handler imports, under a name that cannot clash with the installed `sempcyc`);
-sem_pcyc.pt (model bundle); gallery/ (embeddings + index); serving.json (top-k, version, limits).
+Contents (archive root): handler.py (runtime/handler.py); sem_pcyc_runtime/ (a copy of the runtime/ package,
+everything the handler imports, under a name that cannot clash with the installed `sempcyc`); sem_pcyc.pt (model
+bundle); gallery/ (embeddings + index); serving.json (top-k, version, limits, evaluation metrics).
 torch-model-archiver stages files in $TMPDIR/<model-name>, so it runs with a private TMPDIR: two archivings at
 once never collide.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -21,11 +20,10 @@ from pathlib import Path
 from . import params as params_mod
 from .errors import UserError
 from .fsutil import dumps_json
+from .serving import ReleaseSettings, ServeSettings
 
-HELP = "Package model, gallery and handler into a self-contained TorchServe .mar (version = release.version)."
 RUNTIME_PACKAGE = "sem_pcyc_runtime"
-RUNTIME_MODULES = ("imaging", "retrieval", "backbones", "model", "encoder", "search")
-SEMVER = re.compile(r"^\d+\.\d+\.\d+([.-][0-9A-Za-z.-]+)?$")
+RUNTIME_DIR = Path(__file__).resolve().parent / "runtime"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,39 +34,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="models/sem_pcyc.mar", help="archive path (default: %(default)s)")
 
 
-def read_settings(params: dict) -> dict:
-    rel = params_mod.Section(params, "release")
-    serve = params_mod.Section(params, "serve")
-    version = rel.get("version", "0.0.0")
-    if isinstance(version, (int, float)) and not isinstance(version, bool):
-        version = str(version)
-    if not isinstance(version, str) or not SEMVER.match(version):
-        raise UserError(f"params.yaml: release.version must look like 1.2.3, got {version!r}")
-    name = rel.str("model_name", "sem_pcyc")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", name):
-        raise UserError(f"params.yaml: release.model_name must be letters, digits, '_' or '-', got {name!r}")
-    return {"version": version, "model_name": name,
-            "top_k": serve.int("top_k", 30, min=1, max=10_000),
-            "max_pixels": serve.int("max_pixels", 16_000_000, min=10_000),
-            "threads": serve.int("threads", 0, min=0)}
+def run(args: argparse.Namespace) -> None:
+    release, serve = params_mod.read(args.params, ReleaseSettings, ServeSettings)
+    out = build_archive(Path(args.model), Path(args.gallery), Path(args.out), release, serve, Path(args.metrics))
+    print(f"archive: {release.model_name} v{release.version} ({out.stat().st_size / 1e6:.1f} MB) -> {out}")
 
 
-def stage_files(stage: Path, model: Path, gallery: Path, settings: dict, metrics: Path | None = None) -> None:
+def stage_files(stage: Path, model: Path, gallery: Path, release: ReleaseSettings, serve: ServeSettings,
+                metrics: Path | None = None) -> None:
     """Lay out everything the archive holds in `stage` (becomes the archive root)."""
-    src = Path(__file__).resolve().parent
-    runtime = stage / RUNTIME_PACKAGE
-    runtime.mkdir(parents=True)
-    (runtime / "__init__.py").write_text('"""Copy of the sempcyc modules the TorchServe handler needs."""\n')
-    for name in RUNTIME_MODULES:
-        shutil.copy2(src / f"{name}.py", runtime / f"{name}.py")
+    shutil.copytree(RUNTIME_DIR, stage / RUNTIME_PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(model, stage / "sem_pcyc.pt")
     (stage / "gallery").mkdir()
     for name in ("embeddings.npy", "index.json", "meta.json"):
         shutil.copy2(gallery / name, stage / "gallery" / name)
     (stage / "serving.json").write_text(dumps_json({
-        "model_name": settings["model_name"], "version": settings["version"], "top_k": settings["top_k"],
-        "max_pixels": settings["max_pixels"], "threads": settings["threads"],
-        "metrics": _headline_metrics(metrics)}))
+        "model_name": release.model_name, "version": release.version, "top_k": serve.top_k,
+        "max_pixels": serve.max_pixels, "threads": serve.threads, "metrics": _headline_metrics(metrics)}))
 
 
 def _headline_metrics(metrics: Path | None) -> dict:
@@ -80,7 +62,8 @@ def _headline_metrics(metrics: Path | None) -> dict:
             for setting in ("zero_shot", "generalised") if setting in report}
 
 
-def build_archive(model: Path, gallery: Path, out: Path, settings: dict, metrics: Path | None = None) -> Path:
+def build_archive(model: Path, gallery: Path, out: Path, release: ReleaseSettings, serve: ServeSettings,
+                  metrics: Path | None = None) -> Path:
     for path, stage_name in ((model, "train"), (gallery / "embeddings.npy", "gallery")):
         if not path.exists():
             raise UserError(f"{path}: not found; run `dvc repro {stage_name}`")
@@ -94,12 +77,12 @@ def build_archive(model: Path, gallery: Path, out: Path, settings: dict, metrics
         stage, export, private_tmp = tmp / "stage", tmp / "export", tmp / "tmp"
         export.mkdir()
         private_tmp.mkdir()
-        stage_files(stage, model, gallery, settings, metrics)
-        handler = Path(__file__).resolve().parent / "handler.py"
-        cmd = [str(archiver), "--model-name", settings["model_name"], "--version", settings["version"],
-               "--handler", str(handler), "--extra-files", str(stage), "--export-path", str(export), "--force"]
+        stage_files(stage, model, gallery, release, serve, metrics)
+        cmd = [str(archiver), "--model-name", release.model_name, "--version", release.version,
+               "--handler", str(RUNTIME_DIR / "handler.py"), "--extra-files", str(stage),
+               "--export-path", str(export), "--force"]
         proc = subprocess.run(cmd, env=dict(os.environ, TMPDIR=str(private_tmp)), capture_output=True, text=True)
-        produced = export / f"{settings['model_name']}.mar"
+        produced = export / f"{release.model_name}.mar"
         if proc.returncode != 0 or not produced.exists():
             raise UserError(f"torch-model-archiver failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -108,8 +91,3 @@ def build_archive(model: Path, gallery: Path, out: Path, settings: dict, metrics
         os.replace(partial, out)
     return out
 
-
-def run(args: argparse.Namespace) -> None:
-    settings = read_settings(params_mod.load(getattr(args, "params", "params.yaml")))
-    out = build_archive(Path(args.model), Path(args.gallery), Path(args.out), settings, Path(args.metrics))
-    print(f"archive: {settings['model_name']} v{settings['version']} ({out.stat().st_size / 1e6:.1f} MB) -> {out}")

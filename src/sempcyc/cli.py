@@ -1,33 +1,52 @@
-"""`sempcyc <stage>`: the one entry point that dvc.yaml calls; each stage module adds its own arguments."""
+"""`sempcyc <stage>`: the one entry point that dvc.yaml calls.
+
+Each stage or command is one module defining add_arguments(parser) and run(args); only the chosen one is
+imported, so `sempcyc --help` and a stage's start stay light.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 from .errors import UserError
 
-# stage name -> module; a module defines HELP, add_arguments(parser) and run(args).
-STAGES = {
-    "demo-data": "demo_data",
-    "extract": "extract",
-    "semantic": "semantic",
-    "prepare": "prepare",
-    "features": "features",
-    "train": "train",
-    "evaluate": "evaluate",
-    "gallery": "gallery",
-    "archive": "archive",
-    "serve-check": "serve_check",
-    "deploy": "deploy",
-    "serve": "serve",
-    "release": "release",
-    "report": "report",
+# command -> (module, one-line help)
+COMMANDS = {
+    "demo-data": ("demo_data", "Render the built-in demo dataset (OpenMoji emoji as coloured images and hand-drawn-"
+                               "looking sketches)."),
+    "extract": ("extract", "Safely extract and validate the dataset tar (param data.tar) into data/dataset/ and "
+                           "data/dataset.json."),
+    "semantic": ("semantic", "Compute one semantic vector per class name (param semantic.backend: minilm, "
+                             "packaged and offline, or a word2vec file) into data/semantic/."),
+    "prepare": ("prepare", "Split classes into seen/unseen (stable under additions) and write uint8 train/test "
+                           "arrays."),
+    "features": ("features", "Fine-tune sketch/image extractors on seen classes (features.epochs, 0 = ImageNet as "
+                             "is), cache features."),
+    "train": ("train", "Train SEM-PCYC on cached features (params model.*, train.*); logs with DVCLive, resumes, "
+                       "early-stops."),
+    "evaluate": ("evaluate", "Evaluate zero-shot and generalised retrieval (mAP@all, P@k, 64-bit ITQ) against "
+                             "baselines."),
+    "gallery": ("gallery", "Embed every gallery image with the trained model (only new images when a cache "
+                           "exists)."),
+    "archive": ("archive", "Package model, gallery and handler into a self-contained TorchServe .mar (version = "
+                           "release.version)."),
+    "serve-check": ("serve_check", "Serve the .mar in an isolated TorchServe; check schema, parity with offline "
+                                   "search, load, bad input."),
+    "deploy": ("deploy", "Deploy the .mar to the TorchServe hosts in deploy.targets over SSH (rolling; rollback "
+                         "on failure)."),
+    "serve": ("serve", "Serve models/sem_pcyc.mar on localhost in the foreground (Ctrl-C stops it) and print a "
+                       "curl line to try."),
+    "release": ("release", "Release: update data, retrain what changed, gate on quality, deploy, push data, commit "
+                           "and tag."),
+    "report": ("report", "Write reports/report.md: diffs against the previous release, curves, retrieval grid, "
+                         "serve/deploy summary."),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser, with the full arguments of the command named in `argv` (if any) and only the help line of
+    the others."""
     parser = argparse.ArgumentParser(
         prog="sempcyc",
         description="SEM-PCYC zero-shot sketch-based image retrieval pipeline. Each subcommand is one DVC stage; "
@@ -35,18 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     subparsers = parser.add_subparsers(dest="stage", metavar="<stage>")
     subparsers.required = True
-    for stage, module_name in STAGES.items():
-        module = importlib.import_module(f"sempcyc.{module_name}")
-        sub = subparsers.add_parser(stage, help=module.HELP, description=module.HELP)
-        sub.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: params.yaml)")
-        module.add_arguments(sub)
-        sub.set_defaults(_run=module.run)
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    for name, (module_name, help_line) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_line, description=help_line)
+        if name == chosen:
+            module = importlib.import_module(f"sempcyc.{module_name}")
+            sub.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: params.yaml)")
+            module.add_arguments(sub)
+            sub.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         args._run(args)
     except UserError as exc:

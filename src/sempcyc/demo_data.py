@@ -14,8 +14,7 @@ Output: one uncompressed tar, byte-identical for the same params, so DVC sees no
 The randomness of every file comes from (seed, class, domain, index) alone, and classes are taken in the order of
 a hash of their name, so raising `demo.classes` only adds files: it never changes an existing one.
 
-The module is a pure core (catalogue, SVG editing, augmentation) and a thin I/O shell (`run`). numpy, Pillow,
-resvg and tqdm are imported inside the functions that need them, so `sempcyc --help` stays fast.
+The module is a pure core (catalogue, SVG editing, augmentation) and a thin I/O shell (`run`).
 """
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ import copy
 import hashlib
 import io
 import math
+import multiprocessing
 import os
 import re
 import tarfile
@@ -32,17 +32,18 @@ import unicodedata
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import ClassVar, Iterable
+
+import numpy as np
+import resvg_py
+from PIL import Image, ImageFilter
+from tqdm import tqdm
 
 from . import params as params_mod
 from .errors import UserError
 from .fsutil import atomic_write_bytes
+from .params import setting
 
-if TYPE_CHECKING:  # only for annotations; the real imports are deferred (see the module docstring)
-    import numpy as np
-    from PIL import Image
-
-HELP = "Render the built-in demo dataset (OpenMoji emoji as coloured images and hand-drawn-looking sketches)."
 DEFAULT_OUT = "data/demo.tar"
 TOP_FOLDER = "openmoji-demo"
 DOMAINS = ("images", "sketches")
@@ -59,11 +60,12 @@ DRAWABLE_TAGS = {f"{{{SVG_NS}}}{tag}" for tag in ("path", "line", "polyline", "p
 
 @dataclass(frozen=True)
 class DemoParams:
-    classes: int
-    images_per_class: int
-    sketches_per_class: int
-    size: int
-    seed: int
+    SECTION: ClassVar[str] = "demo"
+    classes: int = setting(min=2)
+    images_per_class: int = setting(min=1)
+    sketches_per_class: int = setting(min=1)
+    size: int = setting(min=32, max=1024)
+    seed: int = setting()
 
 
 @dataclass(frozen=True)
@@ -317,7 +319,6 @@ def affine_about_centre(rotation_deg: float = 0.0, scale_x: float = 1.0, scale_y
 
 def file_rng(seed: int, class_name_: str, domain: str, index: int) -> "np.random.Generator":
     """The random source of one output file; it depends on nothing else, which gives the superset property."""
-    import numpy as np
 
     digest = hashlib.sha256(f"{seed}\0{class_name_}\0{domain}\0{index}".encode("utf-8")).digest()
     return np.random.default_rng(int.from_bytes(digest[:16], "little"))
@@ -325,9 +326,6 @@ def file_rng(seed: int, class_name_: str, domain: str, index: int) -> "np.random
 
 def render_rgba(svg_text: str, size: int) -> "np.ndarray":
     """Rasterise an SVG to a (size, size, 4) uint8 array with straight (not premultiplied) alpha."""
-    import numpy as np
-    import resvg_py
-    from PIL import Image
 
     png = resvg_py.svg_to_bytes(svg_string=svg_text, width=size, height=size)
     with Image.open(io.BytesIO(bytes(png))) as image:
@@ -336,8 +334,6 @@ def render_rgba(svg_text: str, size: int) -> "np.ndarray":
 
 def make_image(root: ET.Element, size: int, rng: "np.random.Generator") -> "Image.Image":
     """A coloured emoji "photo": the colour layers, randomly placed and recoloured, on a light background."""
-    import numpy as np
-    from PIL import Image, ImageFilter
 
     scale = rng.uniform(0.7, 1.05)
     room = 4.0 + (1.05 - scale) * 30.0  # smaller emoji may wander further without leaving the frame
@@ -359,8 +355,6 @@ def make_image(root: ET.Element, size: int, rng: "np.random.Generator") -> "Imag
 
 def shift_colours(rgb: "np.ndarray", rng: "np.random.Generator") -> "np.ndarray":
     """Moderate hue/saturation/brightness change: a red apple may turn orange-red, never blue."""
-    import numpy as np
-    from PIL import Image
 
     hsv = np.asarray(Image.fromarray(rgb, "RGB").convert("HSV")).astype(np.float32)
     hsv[..., 0] = np.mod(hsv[..., 0] + rng.uniform(-0.05, 0.05) * 256.0, 256.0)
@@ -373,8 +367,6 @@ def shift_colours(rgb: "np.ndarray", rng: "np.random.Generator") -> "np.ndarray"
 def make_background(size: int, rng: "np.random.Generator", darkening: tuple[float, float] = (0, 70)) -> "np.ndarray":
     """A (size, size, 3) float background: solid, a linear gradient, or a soft noise texture. Each colour channel
     is 255 minus a draw from `darkening`, so the default gives light, slightly tinted paper."""
-    import numpy as np
-    from PIL import Image
 
     def light_colour() -> np.ndarray:
         return 255.0 - rng.uniform(darkening[0], darkening[1], 3)
@@ -423,8 +415,6 @@ def make_sketch(root: ET.Element, size: int, rng: "np.random.Generator",
     """A "hand-drawn" sketch: the outline layer with varied pen width, a few strokes left out, a slightly
     skewed pose and a smooth wobble, black on white. `ink_shares` is `stroke_ink(root)`, passed in by callers
     that draw many sketches of one emoji."""
-    import numpy as np
-    from PIL import Image
 
     dropped = choose_dropped_strokes(stroke_ink(root) if ink_shares is None else ink_shares, rng)
     scale = rng.uniform(0.85, 1.05)
@@ -446,8 +436,6 @@ def make_sketch(root: ET.Element, size: int, rng: "np.random.Generator",
 
 def smooth_field(size: int, cells: int, rng: "np.random.Generator") -> "np.ndarray":
     """A (size, size) random field, smooth at the scale of size/cells, with values of order 1."""
-    import numpy as np
-    from PIL import Image
 
     coarse = rng.normal(0.0, 1.0, (cells, cells)).astype(np.float32)
     return np.asarray(Image.fromarray(coarse, "F").resize((size, size), Image.Resampling.BICUBIC))
@@ -455,7 +443,6 @@ def smooth_field(size: int, cells: int, rng: "np.random.Generator") -> "np.ndarr
 
 def elastic_warp(plane: "np.ndarray", rng: "np.random.Generator", cells: int, amplitude: float) -> "np.ndarray":
     """Resample a (size, size) float plane through a smooth random displacement of about `amplitude` pixels."""
-    import numpy as np
 
     size = plane.shape[0]
     dx = smooth_field(size, cells, rng) * amplitude
@@ -466,7 +453,6 @@ def elastic_warp(plane: "np.ndarray", rng: "np.random.Generator", cells: int, am
 
 def bilinear_sample(plane: "np.ndarray", xs: "np.ndarray", ys: "np.ndarray") -> "np.ndarray":
     """plane sampled at float coordinates; outside the plane counts as 0 (no ink)."""
-    import numpy as np
 
     height, width = plane.shape
     padded = np.zeros((height + 2, width + 2), dtype=np.float32)
@@ -561,14 +547,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_params(path: str | Path) -> DemoParams:
-    section = params_mod.Section(params_mod.load(path), "demo", source=str(path))
-    return DemoParams(
-        classes=section.int("classes", 100, min=2),
-        images_per_class=section.int("images_per_class", 16, min=1),
-        sketches_per_class=section.int("sketches_per_class", 16, min=1),
-        size=section.int("size", 128, min=32, max=1024),
-        seed=section.int("seed", 0),
-    )
+    return params_mod.read(path, DemoParams)[0]
 
 
 def _openmoji():
@@ -606,7 +585,6 @@ def openmoji_info() -> dict[str, str]:
 
 def build(params: DemoParams, workers: int | None = None, progress: bool = True) -> tuple[bytes, list[EmojiClass]]:
     """The tar's bytes and the classes in it."""
-    from tqdm import tqdm
 
     svg_files = openmoji_svg_files()
     catalogue = available_classes(svg_files)
@@ -626,8 +604,6 @@ def build(params: DemoParams, workers: int | None = None, progress: bool = True)
                 files.extend(result)
                 bar.update(len(result))
         else:
-            import multiprocessing
-
             # spawn, not fork: forking a process that runs threads (tqdm's monitor) can deadlock
             with multiprocessing.get_context("spawn").Pool(workers) as pool:
                 for result in pool.imap(render_class, tasks):  # imap keeps task order: same tar every time
@@ -639,9 +615,9 @@ def build(params: DemoParams, workers: int | None = None, progress: bool = True)
 
 def run(args: argparse.Namespace) -> None:
     started = time.monotonic()
-    params_path = getattr(args, "params", "params.yaml")
-    out = Path(getattr(args, "out", DEFAULT_OUT))
-    workers = getattr(args, "workers", None)
+    params_path = args.params
+    out = Path(args.out)
+    workers = args.workers
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
     params = read_params(params_path)

@@ -25,16 +25,18 @@ import socket
 import time
 import uuid
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit
+
+import paramiko
 
 from . import params as params_mod
 from .errors import UserError
 from .fsutil import atomic_write_json, sha256_file
-
-HELP = "Deploy the .mar to the TorchServe hosts in deploy.targets over SSH (rolling; rollback on failure)."
-SECRET_KEYS = re.compile(r"pass|secret|token(?!_env)|password|private", re.I)
+from .runtime.search import SketchSearch
+from .serving import ReleaseSettings, ServeSettings, check_response, parse_properties, pick_queries, same_ranking
+from .targets import DeploySettings, Target, parse_targets
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,66 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 class DeployError(Exception):
     """A failure on one host; the message names the host and what to do."""
-
-
-@dataclass
-class Target:
-    name: str
-    host: str
-    model_store: str
-    port: int = 22
-    user: str = "root"
-    key_file: str | None = None          # private key file on this machine; empty -> ssh-agent
-    known_hosts: str = "~/.ssh/known_hosts"
-    ts_config: str | None = None         # the host's config.properties, kept current for restarts
-    management_url: str = "http://127.0.0.1:8081"
-    inference_url: str = "http://127.0.0.1:8080"
-    tunnel: bool = True                  # reach the URLs through the SSH connection (as seen from the host)
-    model_name: str = "sem_pcyc"
-    workers: int = 1
-    keep_versions: int = 2
-    management_token_env: str = "SEM_PCYC_TS_MANAGEMENT_TOKEN"
-    inference_token_env: str = "SEM_PCYC_TS_INFERENCE_TOKEN"
-    remote_key_file: str | None = None   # the host's TorchServe key_file.json, read over SSH if set
-    passphrase_env: str = "SEM_PCYC_SSH_KEY_PASSPHRASE"
-    connect_timeout: float = 10.0
-    extra: dict = field(default_factory=dict)
-
-
-def parse_targets(params: dict, model_name: str) -> list[Target]:
-    section = params_mod.Section(params, "deploy")
-    raw = section.get("targets") or []
-    if not isinstance(raw, list):
-        raise UserError("params.yaml: deploy.targets must be a list of hosts")
-    fields = Target.__dataclass_fields__
-    targets = []
-    for i, item in enumerate(raw):
-        where = f"params.yaml: deploy.targets[{i}]"
-        if not isinstance(item, dict):
-            raise UserError(f"{where} must be a mapping (host, user, model_store, ...)")
-        secrets = [k for k in item if SECRET_KEYS.search(k) and not k.endswith("_env")]
-        if secrets:
-            raise UserError(f"{where}: {', '.join(secrets)} looks like a secret; secrets never go in params.yaml. "
-                            "Put them in environment variables (see *_env settings) or the ssh-agent")
-        unknown = [k for k in item if k not in fields or k == "extra"]
-        if unknown:
-            raise UserError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: "
-                            + ", ".join(f for f in fields if f != "extra"))
-        for key in ("host", "model_store"):
-            if not isinstance(item.get(key), str) or not item.get(key):
-                raise UserError(f"{where}.{key} is required (a string)")
-        values = dict(item)
-        values.setdefault("name", f"{item['host']}:{item.get('port', 22)}")
-        values.setdefault("model_name", model_name)
-        for key, want in (("port", int), ("workers", int), ("keep_versions", int)):
-            if key in values and (isinstance(values[key], bool) or not isinstance(values[key], int)
-                                  or values[key] < 1):
-                raise UserError(f"{where}.{key} must be a positive integer, got {values[key]!r}")
-        if "tunnel" in values and not isinstance(values["tunnel"], bool):
-            raise UserError(f"{where}.tunnel must be true or false")
-        targets.append(Target(**values))
-    return targets
-
 
 
 def mar_version(mar: Path) -> str:
@@ -136,7 +78,6 @@ class HostSession:
         self.bytes_sent = 0
 
     def connect(self) -> "HostSession":
-        import paramiko
         t = self.t
         known_hosts = Path(os.path.expanduser(t.known_hosts))
         client = paramiko.SSHClient()
@@ -338,7 +279,6 @@ def mar_file_name(model_name: str, version: str) -> str:
 def updated_ts_config(text: str, model_name: str, versions: list[str], default: str, workers: int) -> str:
     """The host's config.properties with this model's load_models/models entries set to `versions`
     (others' entries kept), so a restart serves exactly what the management API serves now."""
-    from .torchserve import parse_properties
     lines = text.splitlines()
     props = parse_properties(text)
     ours = {mar_file_name(model_name, v) for v in versions}
@@ -369,9 +309,18 @@ def updated_ts_config(text: str, model_name: str, versions: list[str], default: 
     return "\n".join(out) + "\n"
 
 
+@dataclass
+class HostState:
+    """What a host serves before the deploy, as deploy_target found it."""
+    final: str                    # the archive's path in the model store
+    previous: str | None          # default version
+    registered: list[str]
+    remote_digest: str | None     # sha256 of `final` on the host, None when absent
+
+
 def deploy_target(target: Target, mar: Path, version: str, digest: str, smoke_sketch: bytes,
                   smoke_expected: list[dict], k: int) -> dict:
-    from .serve_check import check_response, same_ranking
+    """Deploy to one host (steps in the module docstring); the receipt says what happened, also on failure."""
     receipt = {"target": target.name, "host": target.host, "version": version, "sha256": digest,
                "bytes_sent": 0, "status": "failed", "previous_default": None, "timings": {}}
     t0 = time.perf_counter()
@@ -380,79 +329,24 @@ def deploy_target(target: Target, mar: Path, version: str, digest: str, smoke_sk
         receipt["timings"][step] = round(time.perf_counter() - t0, 3)
 
     session = HostSession(target)
-    registered_here = False
     try:
         session.connect()
         mark("connected")
         ts = TorchServeHost(session)
-        store = target.model_store.rstrip("/")
-        if not session.exists(store):
-            raise DeployError(f"{target.name}: model store {store} does not exist on the host")
-        final = posixpath.join(store, mar_file_name(target.model_name, version))
-        previous = ts.default_version()
-        receipt["previous_default"] = previous
-        registered = ts.versions()
-        remote_digest = session.sha256(final)
-        if previous == version and remote_digest == digest:
+        state = inspect_host(session, ts, version, digest)
+        receipt["previous_default"] = state.previous
+        if state.previous == version and state.remote_digest == digest:
             receipt.update(status="already live", message=f"version {version} with this checksum is already "
                                                             "the default; nothing sent")
             mark("done")
             return receipt
-        if version in registered and remote_digest != digest:
-            raise DeployError(f"{target.name}: version {version} is registered there with a different archive "
-                              f"(sha256 {str(remote_digest)[:12]}…); bump release.version instead of reusing it")
-        if remote_digest != digest:
-            tmp = posixpath.join(store, f".{mar_file_name(target.model_name, version)}.partial-{uuid.uuid4().hex[:8]}")
-            try:
-                session.upload(mar, tmp)
-                receipt["bytes_sent"] = session.bytes_sent
-                mark("uploaded")
-                got = session.sha256(tmp)
-                if got != digest:
-                    raise DeployError(f"{target.name}: checksum mismatch after upload (sent {digest[:12]}…, host "
-                                      f"has {str(got)[:12]}…); the transfer was damaged, nothing was registered")
-                session.sftp.posix_rename(tmp, final)
-            finally:
-                if session.exists(tmp):
-                    session.sftp.remove(tmp)
+        if state.remote_digest != digest:
+            receipt["bytes_sent"] = upload_verified(session, mar, state.final, digest, mark)
             mark("verified")
-        try:
-            if version not in registered:
-                registered_here = True  # also when register fails: TorchServe may keep a half-loaded version
-                ts.register(posixpath.basename(final))
-                mark("registered")
-            status, answer = ts.predict(version, smoke_sketch)
-            problem = check_response(status, answer, k)
-            if problem is None and not same_ranking(json.loads(answer)[:10], smoke_expected[:10]):
-                problem = "the top-10 differs from the offline answer of the same model"
-            if problem:
-                raise DeployError(f"{target.name}: smoke query of version {version} failed: {problem}")
-            mark("smoke_ok")
-            ts.set_default(version)
-            mark("default_set")
-        except DeployError:
-            if registered_here:
-                try:
-                    ts.unregister(version)
-                    if session.exists(final):
-                        session.sftp.remove(final)
-                    receipt["rolled_back"] = True
-                except DeployError as exc:
-                    receipt["rollback_error"] = str(exc)
-            raise
-        kept = sorted(set(ts.versions()) | {version}, key=version_key, reverse=True)
-        keep = [version] + [v for v in kept if v != version][:max(target.keep_versions - 1, 0)]
-        for old in kept:
-            if old not in keep:
-                ts.unregister(old)
-                old_file = posixpath.join(store, mar_file_name(target.model_name, old))
-                if session.exists(old_file):
-                    session.sftp.remove(old_file)
-        receipt["versions_kept"] = sorted(keep, key=version_key)
+        promote(session, ts, version, state, smoke_sketch, smoke_expected, k, receipt, mark)
+        receipt["versions_kept"] = apply_retention(session, ts, version)
         if target.ts_config:
-            text = session.read_text(target.ts_config) if session.exists(target.ts_config) else ""
-            session.write_text_atomic(target.ts_config, updated_ts_config(
-                text, target.model_name, receipt["versions_kept"], version, target.workers))
+            write_host_config(session, version, receipt["versions_kept"])
             mark("config_written")
         receipt["status"] = "deployed"
         mark("done")
@@ -466,14 +360,97 @@ def deploy_target(target: Target, mar: Path, version: str, digest: str, smoke_sk
         session.close()
 
 
+def inspect_host(session: HostSession, ts: TorchServeHost, version: str, digest: str) -> HostState:
+    t = session.t
+    store = t.model_store.rstrip("/")
+    if not session.exists(store):
+        raise DeployError(f"{t.name}: model store {store} does not exist on the host")
+    final = posixpath.join(store, mar_file_name(t.model_name, version))
+    state = HostState(final=final, previous=ts.default_version(), registered=ts.versions(),
+                      remote_digest=session.sha256(final))
+    if version in state.registered and state.remote_digest != digest:
+        raise DeployError(f"{t.name}: version {version} is registered there with a different archive "
+                          f"(sha256 {str(state.remote_digest)[:12]}…); bump release.version instead of reusing it")
+    return state
+
+
+def upload_verified(session: HostSession, mar: Path, final: str, digest: str, mark) -> int:
+    """Upload under a temporary name, check its sha256 on the host, rename into place; bytes sent."""
+    t = session.t
+    tmp = posixpath.join(posixpath.dirname(final), f".{posixpath.basename(final)}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        session.upload(mar, tmp)
+        mark("uploaded")
+        got = session.sha256(tmp)
+        if got != digest:
+            raise DeployError(f"{t.name}: checksum mismatch after upload (sent {digest[:12]}…, host "
+                              f"has {str(got)[:12]}…); the transfer was damaged, nothing was registered")
+        session.sftp.posix_rename(tmp, final)
+    finally:
+        if session.exists(tmp):
+            session.sftp.remove(tmp)
+    return session.bytes_sent
+
+
+def promote(session: HostSession, ts: TorchServeHost, version: str, state: HostState, smoke_sketch: bytes,
+            smoke_expected: list[dict], k: int, receipt: dict, mark) -> None:
+    """Register (if needed), smoke-query that version, set it default; on failure unregister what was
+    registered here, so the previous default keeps serving."""
+    registered_here = False
+    try:
+        if version not in state.registered:
+            registered_here = True  # also when register fails: TorchServe may keep a half-loaded version
+            ts.register(posixpath.basename(state.final))
+            mark("registered")
+        status, answer = ts.predict(version, smoke_sketch)
+        problem = check_response(status, answer, k)
+        if problem is None and not same_ranking(json.loads(answer)[:10], smoke_expected[:10]):
+            problem = "the top-10 differs from the offline answer of the same model"
+        if problem:
+            raise DeployError(f"{session.t.name}: smoke query of version {version} failed: {problem}")
+        mark("smoke_ok")
+        ts.set_default(version)
+        mark("default_set")
+    except DeployError:
+        if registered_here:
+            rollback(session, ts, version, state.final, receipt)
+        raise
+
+
+def rollback(session: HostSession, ts: TorchServeHost, version: str, final: str, receipt: dict) -> None:
+    try:
+        ts.unregister(version)
+        if session.exists(final):
+            session.sftp.remove(final)
+        receipt["rolled_back"] = True
+    except DeployError as exc:
+        receipt["rollback_error"] = str(exc)
+
+
+def apply_retention(session: HostSession, ts: TorchServeHost, version: str) -> list[str]:
+    """Unregister (and delete the archives of) versions beyond keep_versions, newest kept; the kept versions."""
+    t = session.t
+    kept = sorted(set(ts.versions()) | {version}, key=version_key, reverse=True)
+    keep = [version] + [v for v in kept if v != version][:max(t.keep_versions - 1, 0)]
+    for old in kept:
+        if old not in keep:
+            ts.unregister(old)
+            old_file = posixpath.join(t.model_store.rstrip("/"), mar_file_name(t.model_name, old))
+            if session.exists(old_file):
+                session.sftp.remove(old_file)
+    return sorted(keep, key=version_key)
+
+
+def write_host_config(session: HostSession, default: str, versions: list[str]) -> None:
+    t = session.t
+    text = session.read_text(t.ts_config) if session.exists(t.ts_config) else ""
+    session.write_text_atomic(t.ts_config, updated_ts_config(text, t.model_name, versions, default, t.workers))
+
+
 def run(args: argparse.Namespace) -> None:
-    from .archive import read_settings as archive_settings
-    from .serve_check import pick_queries
-    params = params_mod.load(getattr(args, "params", "params.yaml"))
-    settings = archive_settings(params)
-    targets = parse_targets(params, settings["model_name"])
-    out = Path(args.out)
-    mar = Path(args.mar)
+    release, serve, deploy = params_mod.read(args.params, ReleaseSettings, ServeSettings, DeploySettings)
+    targets = parse_targets(deploy, release.model_name)
+    out, mar = Path(args.out), Path(args.mar)
     if not targets:
         atomic_write_json(out, {"status": "no targets", "message": "deploy.targets is empty; nothing deployed",
                                 "targets": []})
@@ -487,14 +464,26 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"{args.serve_check}: not found; run `dvc repro serve-check` first") from None
     if not check.get("passed"):
         raise UserError(f"{args.serve_check}: the archive did not pass serve-check; not deploying")
-    version, digest = mar_version(mar), sha256_file(mar)
+    smoke = smoke_reference(args, serve)
+    summary = roll_out(targets, mar, smoke)
+    atomic_write_json(out, summary)
+    if summary["status"] == "failed":
+        failed = next(r["target"] for r in summary["targets"] if r["status"] == "failed")
+        raise UserError(f"deploy failed on {failed} (receipt: {out}); hosts done: "
+                        f"{', '.join(summary['hosts_with_new_version']) or 'none'}")
 
-    from .search import SketchSearch
+
+def smoke_reference(args: argparse.Namespace, serve: ServeSettings) -> dict:
+    """The smoke query: one unseen-class sketch, the offline answer of the same model and gallery, and k."""
     name, sketch = pick_queries(Path(args.dataset), Path(args.splits), per_class=1)[0]
-    offline = SketchSearch.load(args.model, args.gallery, top_k=settings["top_k"], max_pixels=settings["max_pixels"])
-    expected = offline.search([sketch])[0]
-    k = min(settings["top_k"], len(offline.ids))
+    offline = SketchSearch.load(args.model, args.gallery, top_k=serve.top_k, max_pixels=serve.max_pixels)
+    return {"name": name, "sketch": sketch, "expected": offline.search([sketch])[0],
+            "k": min(serve.top_k, len(offline.ids))}
 
+
+def roll_out(targets: list[Target], mar: Path, smoke: dict) -> dict:
+    """Deploy to each target in turn, stopping at the first failure; the receipt of the whole rollout."""
+    version, digest = mar_version(mar), sha256_file(mar)
     receipts, failed = [], None
     for target in targets:
         if failed is not None:
@@ -502,18 +491,15 @@ def run(args: argparse.Namespace) -> None:
                              "reason": f"stopped after the failure on {failed}"})
             continue
         print(f"deploy: {target.name}: v{version} ...", flush=True)
-        receipt = deploy_target(target, mar, version, digest, sketch, expected, k)
+        receipt = deploy_target(target, mar, version, digest, smoke["sketch"], smoke["expected"], smoke["k"])
         receipts.append(receipt)
         print(f"deploy: {target.name}: {receipt['status']}"
               + (f" ({receipt['bytes_sent']:,} bytes sent)" if receipt["status"] == "deployed" else "")
               + (f": {receipt['error']}" if receipt.get("error") else ""), flush=True)
         if receipt["status"] == "failed":
             failed = target.name
-    summary = {"version": version, "sha256": digest, "archive": str(mar), "smoke_sketch": name,
+    summary = {"version": version, "sha256": digest, "archive": str(mar), "smoke_sketch": smoke["name"],
                "targets": receipts, "hosts_with_new_version": [r["target"] for r in receipts
                                                                if r["status"] in ("deployed", "already live")],
                "status": "failed" if failed else "ok"}
-    atomic_write_json(out, summary)
-    if failed:
-        raise UserError(f"deploy failed on {failed} (receipt: {out}); hosts done: "
-                        f"{', '.join(summary['hosts_with_new_version']) or 'none'}")
+    return summary

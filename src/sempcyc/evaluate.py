@@ -11,17 +11,33 @@ gallery; when a class has fewer than k images even a perfect ranking scores belo
 from __future__ import annotations
 
 import argparse
-import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from . import params as params_mod
 from .errors import UserError
 from .fsutil import atomic_dir, dumps_json
+from .params import setting
+from .runtime.backbones import batched, build_backbone, to_input
+from .runtime.encoder import Encoder
+from .runtime.retrieval import (ITQ, average_precisions, hamming_distances, precision_recall_curve,
+                                retrieval_metrics, squared_distances)
+from .shards import load_test_shard
 
-HELP = "Evaluate zero-shot and generalised retrieval (mAP@all, P@k, 64-bit ITQ) against baselines."
 KS = (10, 100, 200)
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    SECTION: ClassVar[str] = "evaluate"
+    seed: int = setting()
+    grid_queries: int = setting(min=1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,25 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="reports/eval", help="report folder (default: %(default)s)")
 
 
-def load_test_shard(folder: Path) -> dict:
-    try:
-        meta = json.loads((folder / "classes.json").read_text(encoding="utf-8"))
-        shard = {"meta": meta}
-        for domain in ("sketches", "images"):
-            shard[domain] = np.load(folder / f"{domain}.npy", mmap_mode="r")
-            shard[f"{domain}_labels"] = np.load(folder / f"{domain}_labels.npy")
-            shard[f"{domain}_ids"] = json.loads((folder / f"{domain}_ids.json").read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise UserError(f"{folder}: incomplete test shard ({Path(exc.filename).name} missing); "
-                        "run `dvc repro prepare`") from None
-    return shard
-
-
 # ----------------------------------------------------------------------------------------------- pure core
 
 def score_method(query: np.ndarray, gallery: np.ndarray, q_labels: np.ndarray, g_labels: np.ndarray,
                  itq_bits: int = 0, seed: int = 0) -> dict:
-    from .retrieval import ITQ, hamming_distances, retrieval_metrics, squared_distances
     if itq_bits:
         itq = ITQ(bits=itq_bits, seed=seed).fit(gallery)
         dist = hamming_distances(itq.encode(query), itq.encode(gallery))
@@ -66,21 +67,20 @@ def random_distances(n_query: int, n_gallery: int, seed: int) -> np.ndarray:
 
 def evaluate_all(emb: dict, raw: dict, q_labels: np.ndarray, g_labels: np.ndarray, unseen_labels: np.ndarray,
                  seed: int = 0) -> tuple[dict, dict]:
-    """Metrics for every (setting, method); returns (metrics, distances kept for plots)."""
-    from .retrieval import retrieval_metrics
+    """Metrics for every (name, method); returns (metrics, distances kept for plots)."""
     metrics, kept = {}, {}
     zs = np.isin(g_labels, unseen_labels)
-    for setting, mask in (("zero_shot", zs), ("generalised", np.ones_like(zs))):
+    for name, mask in (("zero_shot", zs), ("generalised", np.ones_like(zs))):
         g = g_labels[mask]
         m = {}
-        m["sem_pcyc"], kept[(setting, "sem_pcyc")] = score_method(emb["q"], emb["g"][mask], q_labels, g)
+        m["sem_pcyc"], kept[(name, "sem_pcyc")] = score_method(emb["q"], emb["g"][mask], q_labels, g)
         m["sem_pcyc_itq64"], _ = score_method(emb["q"], emb["g"][mask], q_labels, g, itq_bits=64, seed=seed)
-        m["pretrained"], kept[(setting, "pretrained")] = score_method(raw["q"], raw["g"][mask], q_labels, g)
+        m["pretrained"], kept[(name, "pretrained")] = score_method(raw["q"], raw["g"][mask], q_labels, g)
         rnd = random_distances(len(q_labels), int(mask.sum()), seed)
         m["random"] = retrieval_metrics(rnd, q_labels, g, KS)
-        kept[(setting, "random")] = rnd
+        kept[(name, "random")] = rnd
         m["gain_map_vs_pretrained"] = m["sem_pcyc"]["map_all"] / max(m["pretrained"]["map_all"], 1e-12)
-        metrics[setting] = m
+        metrics[name] = m
     return metrics, kept
 
 
@@ -88,10 +88,6 @@ def evaluate_all(emb: dict, raw: dict, q_labels: np.ndarray, g_labels: np.ndarra
 
 def embed_shard(model_path: Path, shard: dict, device: str = "cpu") -> tuple[dict, dict]:
     """(SEM-PCYC embeddings, pretrained-backbone features) for queries and gallery."""
-    import torch
-    from tqdm import tqdm
-    from .backbones import build_backbone, to_input
-    from .encoder import Encoder, batched
     try:
         enc = Encoder.load(model_path, device)
     except FileNotFoundError:
@@ -112,29 +108,45 @@ def embed_shard(model_path: Path, shard: dict, device: str = "cpu") -> tuple[dic
 
 
 def run(args: argparse.Namespace) -> None:
-    params = params_mod.load(getattr(args, "params", "params.yaml"))
-    eval_p = params_mod.Section(params, "evaluate")
-    seed = eval_p.int("seed", 0)
-    grid_queries = eval_p.int("grid_queries", 8, min=1)
+    (settings,) = params_mod.read(args.params, EvaluateSettings)
     shard = load_test_shard(Path(args.test))
-    meta = shard["meta"]
-    classes = meta["classes"]
-    unseen = np.array([classes.index(c) for c in meta["unseen"]])
+    report, kept = evaluate_model(Path(args.model), shard, settings.seed, args.test)
+    write_reports(Path(args.out), report, kept, shard, settings)
+    zs, gen = report["zero_shot"], report["generalised"]
+    print(f"evaluate: zero-shot mAP@all {zs['sem_pcyc']['map_all']:.3f} (pretrained {zs['pretrained']['map_all']:.3f}, "
+          f"random {zs['random']['map_all']:.3f}); generalised {gen['sem_pcyc']['map_all']:.3f} "
+          f"(pretrained {gen['pretrained']['map_all']:.3f}) -> {args.out}")
+
+
+def unseen_labels(shard: dict) -> np.ndarray:
+    classes = shard["meta"]["classes"]
+    return np.array([classes.index(c) for c in shard["meta"]["unseen"]])
+
+
+def evaluate_model(model_path: Path, shard: dict, seed: int, where: str) -> tuple[dict, dict]:
+    """The metrics report of the model on the test shard, and the distances kept for the plots."""
+    unseen = unseen_labels(shard)
     q_labels, g_labels = shard["sketches_labels"], shard["images_labels"]
     if len(q_labels) == 0:
-        raise UserError(f"{args.test}: no query sketches of unseen classes; check the split")
-    emb, raw = embed_shard(Path(args.model), shard)
+        raise UserError(f"{where}: no query sketches of unseen classes; check the split")
+    emb, raw = embed_shard(model_path, shard)
     metrics, kept = evaluate_all(emb, raw, q_labels, g_labels, unseen, seed)
-
-    per_class_images = np.bincount(g_labels[np.isin(g_labels, unseen)], minlength=len(classes))[unseen]
+    per_class_images = np.bincount(g_labels[np.isin(g_labels, unseen)],
+                                   minlength=len(shard["meta"]["classes"]))[unseen]
     notes = [f"P@{k}: some unseen classes have fewer than {k} gallery images (min {int(per_class_images.min())}), "
              f"so even a perfect ranking scores below 1" for k in KS if per_class_images.min() < k]
-    report = {**metrics, "counts": {"queries": int(len(q_labels)), "unseen_classes": len(meta["unseen"]),
+    report = {**metrics, "counts": {"queries": int(len(q_labels)), "unseen_classes": len(unseen),
                                     "gallery_zero_shot": int(np.isin(g_labels, unseen).sum()),
                                     "gallery_generalised": int(len(g_labels))},
               "notes": notes}
-    from .retrieval import average_precisions, precision_recall_curve
-    with atomic_dir(args.out) as scratch:
+    return report, kept
+
+
+def write_reports(out: Path, report: dict, kept: dict, shard: dict, settings: EvaluateSettings) -> None:
+    """metrics.json, per-class AP, the precision-recall curve and the retrieval grid, as one folder."""
+    classes, unseen = shard["meta"]["classes"], unseen_labels(shard)
+    q_labels, g_labels = shard["sketches_labels"], shard["images_labels"]
+    with atomic_dir(out) as scratch:
         (scratch / "metrics.json").write_text(dumps_json(report))
         zs_d = kept[("zero_shot", "sem_pcyc")]
         zs_g = g_labels[np.isin(g_labels, unseen)]
@@ -148,16 +160,12 @@ def run(args: argparse.Namespace) -> None:
             curve += [{"method": method, "recall": round(float(r), 2), "precision": round(float(p), 4)}
                       for r, p in zip(levels, prec)]
         (scratch / "pr_curve.json").write_text(dumps_json(curve))
-        write_grid(scratch / "retrieval_grid.png", shard, kept[("generalised", "sem_pcyc")], grid_queries, seed)
-    zs, gen = metrics["zero_shot"], metrics["generalised"]
-    print(f"evaluate: zero-shot mAP@all {zs['sem_pcyc']['map_all']:.3f} (pretrained {zs['pretrained']['map_all']:.3f}, "
-          f"random {zs['random']['map_all']:.3f}); generalised {gen['sem_pcyc']['map_all']:.3f} "
-          f"(pretrained {gen['pretrained']['map_all']:.3f}) -> {args.out}")
+        write_grid(scratch / "retrieval_grid.png", shard, kept[("generalised", "sem_pcyc")],
+                   settings.grid_queries, settings.seed)
 
 
 def write_grid(path: Path, shard: dict, dist: np.ndarray, n_queries: int, seed: int, top: int = 10) -> None:
     """Query sketches (one per unseen class where possible) with their top-10 images; green frame = correct."""
-    from PIL import Image, ImageDraw
     q_labels, g_labels = shard["sketches_labels"], shard["images_labels"]
     rng = np.random.default_rng(seed)
     picks = []

@@ -9,15 +9,20 @@ from __future__ import annotations
 import argparse
 import tarfile
 import unicodedata
+import zlib
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import ClassVar
 
 from tqdm import tqdm
 
-from . import imaging, params as params_mod
+from . import params as params_mod
 from .errors import UserError
 from .fsutil import atomic_dir, atomic_write_json
+from .params import setting
+from .runtime import imaging
+from .split import read_class_list
 
-HELP = "Safely extract and validate the dataset tar (param data.tar) into data/dataset/ and data/dataset.json."
 DOMAINS = ("images", "sketches")
 CLASS_LIST_FILES = ("test_classes.txt", "train_classes.txt")
 
@@ -28,10 +33,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", default="data/dataset.json", help="output index (default: %(default)s)")
 
 
+@dataclass(frozen=True)
+class DataSettings:
+    SECTION: ClassVar[str] = "data"
+    tar: str = setting()
+    images_dir: str = setting()
+    sketches_dir: str = setting()
+
+
 def run(args: argparse.Namespace) -> None:
-    section = params_mod.Section(params_mod.load(getattr(args, "params", "params.yaml")), "data")
-    tar_path = Path(args.tar or section.str("tar", "data/demo.tar"))
-    folders = {"images": section.str("images_dir", "images"), "sketches": section.str("sketches_dir", "sketches")}
+    (data,) = params_mod.read(args.params, DataSettings)
+    tar_path = Path(args.tar or data.tar)
+    folders = {"images": data.images_dir, "sketches": data.sketches_dir}
     index = extract(tar_path, Path(args.out), folders)
     atomic_write_json(args.index, index)
     totals = {d: sum(c[d] for c in index["counts"].values()) for d in DOMAINS}
@@ -94,7 +107,7 @@ def extract(tar_path: Path, out_dir: Path, folders: dict[str, str]) -> dict:
                                                    disable=len(todo) < 200):
                 try:
                     data = tar.extractfile(member).read()
-                except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
+                except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
                     raise UserError(f"{tar_path}: member {member.name!r} cannot be read ({exc}); "
                                     "the archive is truncated or corrupt") from None
                 try:
@@ -130,28 +143,11 @@ def _check_end_marker(tar: tarfile.TarFile, members: list[tarfile.TarInfo], tar_
     try:
         tar.fileobj.seek(end)
         tail = tar.fileobj.read(2 * tarfile.BLOCKSIZE)
-    except (OSError, EOFError, tarfile.TarError, zlib_error()):
+    except (OSError, EOFError, tarfile.TarError, zlib.error):
         tail = b""
     if tail != bytes(2 * tarfile.BLOCKSIZE):
         raise UserError(f"{tar_path}: the archive is truncated (no end-of-archive marker after "
                         f"{len(members)} members); re-download or re-create it")
-
-
-def zlib_error():
-    import zlib
-    return zlib.error
-
-
-def read_class_list(path: Path) -> list[str]:
-    """One class a line; blank lines and `#` comments ignored."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: class list not found") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: class list is not UTF-8 text") from None
-    names = [line.strip() for line in text.splitlines()]
-    return [n for n in names if n and not n.startswith("#")]
 
 
 def _plan(members: list[tarfile.TarInfo], tar_path: Path, folders: dict[str, str]) -> dict:

@@ -7,17 +7,29 @@ after classes are added only the new images are embedded; a new model invalidate
 from __future__ import annotations
 
 import argparse
-import json
+import io
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
-from . import imaging, params as params_mod
+from . import params as params_mod
 from .errors import UserError
 from .fsutil import atomic_dir, atomic_write_bytes, dumps_json, sha256_file
+from .params import setting
+from .runtime import imaging
+from .runtime.encoder import Encoder
+from .shards import load_json
 
-HELP = "Embed every gallery image with the trained model (only new images when a cache exists)."
+
+@dataclass(frozen=True)
+class GallerySettings:
+    SECTION: ClassVar[str] = "gallery"
+    batch_size: int = setting(min=1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", default="data/dataset.json", help="dataset index (default: %(default)s)")
     parser.add_argument("--out", default="models/gallery", help="output folder (default: %(default)s)")
     parser.add_argument("--cache", default="models/gallery-cache", help="embedding cache (default: %(default)s)")
-
 
 
 class EmbeddingCache:
@@ -44,7 +55,6 @@ class EmbeddingCache:
                 self.table = {}  # a damaged cache is only a cache: recompute
 
     def save(self) -> None:
-        import io
         self.folder.mkdir(parents=True, exist_ok=True)
         keys = sorted(self.table)
         buf = io.BytesIO()
@@ -57,28 +67,28 @@ class EmbeddingCache:
 
 
 def run(args: argparse.Namespace) -> None:
-    import torch
-    from tqdm import tqdm
-    from .encoder import Encoder
-
-    params = params_mod.load(getattr(args, "params", "params.yaml"))
-    batch_size = params_mod.Section(params, "gallery").int("batch_size", 64, min=1)
-    try:
-        index = json.loads(Path(args.index).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{args.index}: not found; run `dvc repro extract`") from None
+    (settings,) = params_mod.read(args.params, GallerySettings)
+    started = time.time()
+    index = load_json(Path(args.index), "run `dvc repro extract`")
     model_path = Path(args.model)
     if not model_path.exists():
         raise UserError(f"{model_path}: not found; run `dvc repro train`")
+    n_items, n_embedded = build_gallery(model_path, Path(args.dataset), index, Path(args.out), Path(args.cache),
+                                        settings.batch_size)
+    print(f"gallery: {n_items} images ({n_embedded} embedded, {n_items - n_embedded} from cache) "
+          f"in {time.time() - started:.1f} s -> {args.out}")
+
+
+def build_gallery(model_path: Path, dataset: Path, index: dict, out: Path, cache_dir: Path,
+                  batch_size: int) -> tuple[int, int]:
+    """Embed the images the cache lacks and write `out`: (gallery items, images embedded now)."""
     model_sha = sha256_file(model_path)
     enc = Encoder.load(model_path)
-    cache = EmbeddingCache(Path(args.cache), model_sha)
-
-    started = time.time()
+    cache = EmbeddingCache(cache_dir, model_sha)
     items = [(c, f) for c in index["classes"] for f in index["files"]["images"].get(c, [])]
     hashes, todo = [], []
     for cls, fname in items:
-        path = Path(args.dataset) / "images" / cls / fname
+        path = dataset / "images" / cls / fname
         try:
             digest = sha256_file(path)
         except FileNotFoundError:
@@ -87,6 +97,21 @@ def run(args: argparse.Namespace) -> None:
         if digest not in cache.table:
             todo.append((digest, path))
     todo = list(dict(todo).items())  # identical files are embedded once
+    embed_into_cache(enc, todo, cache, batch_size)
+    cache.save()
+    embeddings = np.stack([cache.table[h] for h in hashes]).astype(np.float32)
+    entries = [{"id": f"{c}/{f}", "class": c} for c, f in items]
+    with atomic_dir(out) as scratch:
+        np.save(scratch / "embeddings.npy", embeddings)
+        (scratch / "index.json").write_text(dumps_json(entries), encoding="utf-8")
+        (scratch / "meta.json").write_text(dumps_json({
+            "model_sha256": model_sha, "items": len(entries), "dim": int(embeddings.shape[1]),
+            "classes": len(index["classes"]), "size": enc.size}), encoding="utf-8")
+    return len(entries), len(todo)
+
+
+def embed_into_cache(enc: Encoder, todo: list[tuple[str, Path]], cache: "EmbeddingCache", batch_size: int) -> None:
+    """Embed (sha256, path) images through the handler's preprocessing into the cache table."""
     with tqdm(total=len(todo), desc="gallery embed", unit="img", mininterval=2) as bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
@@ -99,15 +124,3 @@ def run(args: argparse.Namespace) -> None:
             for (digest, _), vector in zip(chunk, vectors):
                 cache.table[digest] = vector.astype(np.float32)
             bar.update(len(chunk))
-    cache.save()
-
-    embeddings = np.stack([cache.table[h] for h in hashes]).astype(np.float32)
-    entries = [{"id": f"{c}/{f}", "class": c} for c, f in items]
-    with atomic_dir(args.out) as scratch:
-        np.save(scratch / "embeddings.npy", embeddings)
-        (scratch / "index.json").write_text(dumps_json(entries), encoding="utf-8")
-        (scratch / "meta.json").write_text(dumps_json({
-            "model_sha256": model_sha, "items": len(entries), "dim": int(embeddings.shape[1]),
-            "classes": len(index["classes"]), "size": enc.size}), encoding="utf-8")
-    print(f"gallery: {len(entries)} images ({len(todo)} embedded, {len(entries) - len(todo)} from cache) "
-          f"in {time.time() - started:.1f} s -> {args.out}")

@@ -1,7 +1,25 @@
-"""Reading params.yaml with type checks, so a wrong value fails with the param's name, not deep inside a stage."""
+"""Reading params.yaml into frozen dataclasses, one per section, so a wrong or missing value fails at start-up
+with one line naming `section.key`, not deep inside a stage.
+
+A section's dataclass lists every key of that section with its type and bounds and no default: params.yaml is
+the one place where values live. Each field's bounds go in `setting(...)`:
+
+    @dataclass(frozen=True)
+    class GallerySettings:
+        SECTION: ClassVar[str] = "gallery"
+        batch_size: int = setting(min=1)
+
+    batch = read_section(params, GallerySettings).batch_size
+
+Types understood: int, float, bool, str (non-empty), `str | None` (empty or null -> None), `bool | None` (auto,
+empty or null -> None), `list[int]`, `list` (of anything; the stage checks the items) and `dict`.
+"""
 from __future__ import annotations
 
+import dataclasses
 import math
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +28,7 @@ import yaml
 from .errors import UserError
 
 PARAMS_FILE = "params.yaml"
+_NO_DEFAULT = dataclasses.MISSING
 
 
 def load(path: str | Path = PARAMS_FILE) -> dict:
@@ -27,79 +46,109 @@ def load(path: str | Path = PARAMS_FILE) -> dict:
     return data
 
 
-class Section:
-    """Typed view of one params.yaml section; every getter names `section.key` in its error."""
+def setting(*, min: float | None = None, max: float | None = None, above: float | None = None,
+            choices: tuple | None = None) -> Any:
+    """A required dataclass field with its bounds: min/max inclusive, `above` exclusive, or a set of choices."""
+    return dataclasses.field(default=_NO_DEFAULT, metadata={"min": min, "max": max, "above": above,
+                                                            "choices": choices})
 
-    def __init__(self, params: dict, name: str, source: str = PARAMS_FILE):
-        raw = params.get(name, {})
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise UserError(f"{source}: section '{name}' must be a mapping, got {type(raw).__name__}")
-        self.name, self.raw, self.source = name, raw, source
 
-    def _fail(self, key: str, want: str, value: Any) -> UserError:
-        return UserError(f"{self.source}: {self.name}.{key} must be {want}, got {value!r}")
+def read(path: str | Path, *classes: type) -> tuple:
+    """Load the params file at `path` and read one section dataclass per class, in order."""
+    params = load(path)
+    return tuple(read_section(params, cls, str(path)) for cls in classes)
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.raw.get(key, default)
 
-    def int(self, key: str, default: int | None = None, *, min: int | None = None, max: int | None = None) -> int:
-        value = self.raw.get(key, default)
-        want = "an integer" + _range_text(min, max)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self._fail(key, want, value)
-        if (min is not None and value < min) or (max is not None and value > max):
-            raise self._fail(key, want, value)
-        return value
+def read_section(params: dict, cls: type, source: str = PARAMS_FILE):
+    """The dataclass `cls` filled from section `cls.SECTION` of `params`."""
+    raw = params.get(cls.SECTION)
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: section '{cls.SECTION}' is missing or not a mapping; copy it from the "
+                        "repository's params.yaml")
+    return read_mapping(raw, cls, f"{source}: {cls.SECTION}")
 
-    def float(self, key: str, default: float | None = None, *, min: float | None = None,
-              max: float | None = None, min_exclusive: bool = False) -> float:
-        value = self.raw.get(key, default)
-        lower = f" > {min}" if min_exclusive and min is not None else ""
-        want = "a number" + (lower or _range_text(min, max))
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise self._fail(key, want, value)
-        if min is not None and (value <= min if min_exclusive else value < min):
-            raise self._fail(key, want, value)
-        if max is not None and value > max:
-            raise self._fail(key, want, value)
-        return float(value)
 
-    def bool(self, key: str, default: bool | None = None) -> bool:
-        value = self.raw.get(key, default)
-        if not isinstance(value, bool):
-            raise self._fail(key, "true or false", value)
-        return value
+def read_mapping(raw: dict, cls: type, where: str):
+    """The dataclass `cls` filled from `raw`: every field required, no unknown key; `where` prefixes errors."""
+    fields = dataclasses.fields(cls)
+    unknown = sorted(set(raw) - {f.name for f in fields})
+    if unknown:
+        raise UserError(f"{where}.{unknown[0]} is an unknown setting; known: " + ", ".join(f.name for f in fields))
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in fields:
+        if f.name not in raw:
+            raise UserError(f"{where}.{f.name} is missing; add it (the repository's params.yaml lists every "
+                            "setting with a comment)")
+        values[f.name] = _convert(raw[f.name], hints[f.name], f.metadata, f"{where}.{f.name}")
+    return cls(**values)
 
-    def str(self, key: str, default: str | None = None, *, choices: tuple[str, ...] | None = None) -> str:
-        value = self.raw.get(key, default)
-        if not isinstance(value, str) or not value:
-            raise self._fail(key, "a non-empty string", value)
-        if choices is not None and value not in choices:
-            raise self._fail(key, "one of " + ", ".join(choices), value)
-        return value
 
-    def optional_str(self, key: str) -> str | None:
-        value = self.raw.get(key)
-        if value in (None, ""):
+def _convert(value: Any, hint: Any, bounds: typing.Mapping, where: str) -> Any:
+    optional = _optional_of(hint)
+    if optional is not None:
+        if value is None or value == "" or (optional is not str and value == "auto"):
             return None
-        if not isinstance(value, str):
-            raise self._fail(key, "a string or empty", value)
+        hint = optional
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where} must be true or false, got {value!r}")
         return value
+    if hint is int or hint is float:
+        return _number(value, hint, bounds, where)
+    if hint is str:
+        return _string(value, bounds, where)
+    origin = typing.get_origin(hint) or hint
+    if origin is list:
+        item = (typing.get_args(hint) or (Any,))[0]
+        if not isinstance(value, list) or (item is int and any(_not_int(v) for v in value)):
+            raise UserError(f"{where} must be a list" + (" of integers" if item is int else "") + f", got {value!r}")
+        return list(value)
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise UserError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    raise TypeError(f"{where}: unsupported settings type {hint!r}")
 
-    def int_list(self, key: str, default: list | None = None) -> list[int]:
-        value = self.raw.get(key, default)
-        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
-            raise self._fail(key, "a list of integers", value)
-        return value
+
+def _optional_of(hint: Any) -> Any:
+    """X for `X | None`, else None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(hint)) == 2:
+            return args[0]
+    return None
 
 
-def _range_text(min: Any, max: Any) -> str:
-    if min is not None and max is not None:
-        return f" in [{min}, {max}]"
-    if min is not None:
-        return f" >= {min}"
-    if max is not None:
-        return f" <= {max}"
-    return ""
+def _not_int(value: Any) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int)
+
+
+def _number(value: Any, hint: type, bounds: typing.Mapping, where: str) -> int | float:
+    lo, hi, above = bounds.get("min"), bounds.get("max"), bounds.get("above")
+    want = ("an integer" if hint is int else "a number") + _range_text(lo, hi, above)
+    if hint is int and _not_int(value):
+        raise UserError(f"{where} must be {want}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{where} must be {want}, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi) or (above is not None and value <= above):
+        raise UserError(f"{where} must be {want}, got {value!r}")
+    return hint(value)
+
+
+def _string(value: Any, bounds: typing.Mapping, where: str) -> str:
+    choices = bounds.get("choices")
+    if not isinstance(value, str) or not value:
+        raise UserError(f"{where} must be a non-empty string, got {value!r}")
+    if choices is not None and value not in choices:
+        raise UserError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _range_text(lo: Any, hi: Any, above: Any) -> str:
+    parts = [f"> {above}"] if above is not None else []
+    parts += [f">= {lo}"] if lo is not None else []
+    parts += [f"<= {hi}"] if hi is not None else []
+    return " " + " and ".join(parts) if parts else ""

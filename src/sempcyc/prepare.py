@@ -13,19 +13,26 @@ assigned by a hash of its name, so one new class never moves another.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from tqdm import tqdm
 
-from . import imaging, params as params_mod
+from . import params as params_mod
 from .errors import UserError
-from .extract import read_class_list
 from .fsutil import atomic_dir, atomic_write_json, dumps_json
+from .params import setting
+from .runtime import imaging
+from .shards import load_json, load_semantic
+from .split import SplitSettings, assign_split, read_class_list
 
-HELP = "Split classes into seen/unseen (stable under additions) and write uint8 train/test arrays."
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    SECTION: ClassVar[str] = "prepare"
+    size: int = setting(min=32, max=1024)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,80 +42,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="data/prepared", help="output folder (default: %(default)s)")
 
 
-# ----------------------------------------------------------------------------------------------- pure core
-
-def hash_unit(name: str, salt: str) -> float:
-    """A class name's fixed position in [0, 1): the same on every machine and independent of other classes."""
-    digest = hashlib.sha256(f"{salt}\0{name}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-def assign_split(counts: dict[str, dict[str, int]], *, test_fraction: float, salt: str,
-                 test_list: list[str] | None = None, train_list: list[str] | None = None) -> dict:
-    """Decide seen (train) / unseen (test) / gallery-only for every class.
-
-    Only classes with sketches can be queries or training classes; a class with images only is gallery-only.
-    """
-    classes = sorted(counts)
-    with_sketches = [c for c in classes if counts[c]["sketches"] > 0]
-    gallery_only = [c for c in classes if counts[c]["sketches"] == 0]
-    unknown: list[str] = []
-    if test_list is not None:
-        wanted = set(test_list)
-        unknown = sorted(wanted - set(classes))
-        test = [c for c in with_sketches if c in wanted]
-        method = "test-class list"
-    elif train_list is not None:
-        wanted = set(train_list)
-        unknown = sorted(wanted - set(classes))
-        test = [c for c in with_sketches if c not in wanted]
-        method = "train-class list"
-    else:
-        test = [c for c in with_sketches if hash_unit(c, salt) < test_fraction]
-        method = f"hash of class name (salt {salt!r}, fraction {test_fraction})"
-    train = [c for c in with_sketches if c not in set(test)]
-    if len(test) < 2:
-        raise UserError(f"the split has {len(test)} unseen class(es) with sketches ({', '.join(test) or 'none'}); "
-                        "zero-shot evaluation needs at least 2. Raise split.test_fraction, change split.salt, or "
-                        "list more classes in the test-class file")
-    if len(train) < 2:
-        raise UserError(f"the split has {len(train)} training class(es); at least 2 are needed. "
-                        "Lower split.test_fraction or shorten the test-class list")
-    return {"method": method, "train": train, "test": test, "gallery_only": gallery_only,
-            "unknown_listed_classes": unknown}
-
-
-# ------------------------------------------------------------------------------------------------ I/O shell
-
 def run(args: argparse.Namespace) -> None:
-    params = params_mod.load(getattr(args, "params", "params.yaml"))
-    split_p = params_mod.Section(params, "split")
-    prep_p = params_mod.Section(params, "prepare")
-    test_fraction = split_p.float("test_fraction", 0.2, min=0.0, max=1.0, min_exclusive=True)
-    salt = split_p.str("salt", "sem-pcyc")
-    test_file = split_p.optional_str("test_classes_file")
-    size = prep_p.int("size", 128, min=32, max=1024)
+    split_settings, prep = params_mod.read(args.params, SplitSettings, PrepareSettings)
+    split = prepare(Path(args.dataset), Path(args.index), Path(args.semantic), Path(args.out), split_settings,
+                    prep.size)
+    print(f"prepare: {len(split['train'])} training classes, {len(split['test'])} unseen, "
+          f"{len(split['gallery_only'])} gallery-only; split by {split['method']}")
 
-    index = _load_json(Path(args.index), "run `dvc repro extract` first")
-    dataset = Path(args.dataset)
-    lists = index.get("class_lists", {})
-    test_list = read_class_list(Path(test_file)) if test_file else lists.get("test_classes")
-    train_list = None if test_list is not None else lists.get("train_classes")
-    split = assign_split(index["counts"], test_fraction=test_fraction, salt=salt,
-                         test_list=test_list, train_list=train_list)
-    if split["unknown_listed_classes"]:
-        print(f"prepare: warning: {len(split['unknown_listed_classes'])} listed class(es) are not in the dataset: "
-              + ", ".join(split["unknown_listed_classes"][:10]))
 
-    semantic = _load_semantic(Path(args.semantic))
+def prepare(dataset: Path, index_path: Path, semantic_dir: Path, out: Path, settings: SplitSettings,
+            size: int) -> dict:
+    """Split the classes and write the train and test shards and splits.json; returns the split."""
+    index = load_json(index_path, "run `dvc repro extract`")
+    split = split_classes(index, settings)
+    semantic = load_semantic(semantic_dir)
     missing = [c for c in split["train"] if c not in semantic]
     if missing:
-        raise UserError(f"{args.semantic}: no semantic vector for training class(es) {', '.join(missing)}; "
+        raise UserError(f"{semantic_dir}: no semantic vector for training class(es) {', '.join(missing)}; "
                         "rerun `dvc repro semantic`")
-
-    out = Path(args.out)
     files = index["files"]
-    all_classes = index["classes"]
     with atomic_dir(out / "train") as scratch:
         label_of = {c: i for i, c in enumerate(split["train"])}
         _write_domain(scratch, "images", dataset, files["images"], split["train"], label_of, size)
@@ -116,15 +68,28 @@ def run(args: argparse.Namespace) -> None:
         np.save(scratch / "semantic.npy", np.stack([semantic[c] for c in split["train"]]).astype(np.float32))
         (scratch / "classes.json").write_text(dumps_json(split["train"]), encoding="utf-8")
     with atomic_dir(out / "test") as scratch:
-        label_of = {c: i for i, c in enumerate(all_classes)}
+        label_of = {c: i for i, c in enumerate(index["classes"])}
         _write_domain(scratch, "sketches", dataset, files["sketches"], split["test"], label_of, size)
-        _write_domain(scratch, "images", dataset, files["images"], all_classes, label_of, size)
-        meta = {"classes": all_classes, "unseen": split["test"], "seen": split["train"],
+        _write_domain(scratch, "images", dataset, files["images"], index["classes"], label_of, size)
+        meta = {"classes": index["classes"], "unseen": split["test"], "seen": split["train"],
                 "gallery_only": split["gallery_only"]}
         (scratch / "classes.json").write_text(dumps_json(meta), encoding="utf-8")
-    atomic_write_json(out / "splits.json", {k: v for k, v in split.items()})
-    print(f"prepare: {len(split['train'])} training classes, {len(split['test'])} unseen, "
-          f"{len(split['gallery_only'])} gallery-only; split by {split['method']}")
+    atomic_write_json(out / "splits.json", split)
+    return split
+
+
+def split_classes(index: dict, settings: SplitSettings) -> dict:
+    """The split of the dataset's classes: by a class list (params file, or one shipped in the tar) or by hash."""
+    lists = index.get("class_lists", {})
+    test_file = settings.test_classes_file
+    test_list = read_class_list(Path(test_file)) if test_file else lists.get("test_classes")
+    train_list = None if test_list is not None else lists.get("train_classes")
+    split = assign_split(index["counts"], test_fraction=settings.test_fraction, salt=settings.salt,
+                         test_list=test_list, train_list=train_list)
+    if split["unknown_listed_classes"]:
+        print(f"prepare: warning: {len(split['unknown_listed_classes'])} listed class(es) are not in the dataset: "
+              + ", ".join(split["unknown_listed_classes"][:10]))
+    return split
 
 
 def _write_domain(folder: Path, domain: str, dataset: Path, files: dict[str, list[str]], classes: list[str],
@@ -148,23 +113,3 @@ def _write_domain(folder: Path, domain: str, dataset: Path, files: dict[str, lis
     del array
     np.save(folder / f"{domain}_labels.npy", np.array([label_of[c] for c, _ in items], dtype=np.int32))
     (folder / f"{domain}_ids.json").write_text(dumps_json([f"{c}/{f}" for c, f in items]), encoding="utf-8")
-
-
-def _load_json(path: Path, hint: str):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: not found; {hint}") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc}); {hint}") from None
-
-
-def _load_semantic(folder: Path) -> dict[str, np.ndarray]:
-    classes = _load_json(folder / "classes.json", "run `dvc repro semantic`")
-    try:
-        vectors = np.load(folder / "vectors.npy")
-    except FileNotFoundError:
-        raise UserError(f"{folder / 'vectors.npy'}: not found; run `dvc repro semantic`") from None
-    if len(vectors) != len(classes):
-        raise UserError(f"{folder}: {len(classes)} classes but {len(vectors)} vectors; rerun `dvc repro semantic`")
-    return dict(zip(classes, vectors))

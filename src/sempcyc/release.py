@@ -17,19 +17,22 @@ import fcntl
 import json
 import os
 import re
-import shlex
 import socket
-import subprocess
-import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import yaml
 
 from . import params as params_mod
 from .errors import UserError
+from .serving import ReleaseSettings
+from .targets import DeploySettings, parse_targets
+from .vcs import TAG_PREFIX, TAG_RE, dvc, parse_tags, release_tags, sh, tag_of, tags_at
 
-HELP = "Release: update data, retrain what changed, gate on quality, deploy, push data, commit and tag."
-TAG_PREFIX = "sem-pcyc@v"
-TAG_RE = re.compile(r"^sem-pcyc@v(\d+)\.(\d+)\.(\d+)$")
 # What a release commit records besides the .dvc files: the pipeline state and its (small, uncached) metrics and
 # plots, so `dvc metrics diff sem-pcyc@v0.1.0` and the quality gate can read any earlier release from git.
 RELEASE_FILES = ["params.yaml", "dvc.lock", "reports/eval", "reports/serve_check.json", "reports/deploy.json",
@@ -52,10 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- pure core
-
-def parse_tags(tags: list[str]) -> list[tuple[int, int, int]]:
-    return sorted(tuple(int(g) for g in m.groups()) for t in tags if (m := TAG_RE.match(t.strip())))
-
 
 def next_version(tags: list[str], bump: str) -> str:
     versions = parse_tags(tags)
@@ -126,15 +125,6 @@ def real_changes(dirty: list[str], params_name: str, head_params: str | None, wo
 
 # ------------------------------------------------------------------------------------------------ I/O shell
 
-def sh(*cmd: str, check: bool = True, capture: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(cmd), capture_output=capture, text=True, env=env)
-    if check and proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout or "").strip()[-1500:] if capture else ""
-        raise UserError(f"`{' '.join(shlex.quote(c) for c in cmd)}` failed ({proc.returncode})"
-                        + (f":\n{detail}" if detail else ""))
-    return proc
-
-
 def step(message: str) -> None:
     print(f"release: {message}", flush=True)
 
@@ -170,11 +160,6 @@ def release_lock(wait_s: float):
         handle.close()
 
 
-def dvc(*args: str, capture: bool = True) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).parent / "dvc"
-    return sh(str(exe if exe.exists() else "dvc"), *args, capture=capture)
-
-
 def remote_config() -> dict:
     """The default DVC remote's url and settings (from the merged config)."""
     out = dvc("config", "--list").stdout
@@ -189,8 +174,6 @@ def check_s3(remote: dict) -> None:
     url = remote.get("url", "")
     if not url.startswith("s3://"):
         return
-    import boto3
-    import botocore.exceptions
     session = boto3.session.Session()
     if session.get_credentials() is None:
         raise UserError("no AWS credentials for the DVC remote: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
@@ -210,9 +193,8 @@ def check_s3(remote: dict) -> None:
         raise UserError(f"DVC remote {url} is not reachable ({exc})") from None
 
 
-def check_targets_reachable(params: dict) -> None:
-    from .deploy import parse_targets
-    for t in parse_targets(params, "sem_pcyc"):
+def check_targets_reachable(deploy: DeploySettings, model_name: str) -> None:
+    for t in parse_targets(deploy, model_name):
         try:
             with socket.create_connection((t.host, t.port), timeout=t.connect_timeout):
                 pass
@@ -231,7 +213,6 @@ def dvc_files() -> list[Path]:
 
 def imported_data_files() -> list[Path]:
     """The .dvc files made by `dvc import` (they carry a `deps` entry with a `repo`)."""
-    import yaml
     found = []
     for path in dvc_files():
         try:
@@ -267,10 +248,6 @@ def remote_commits_missing(remote: str, branch: str) -> int:
     return int(sh("git", "rev-list", "--count", f"HEAD..{sha}").stdout.strip() or 0)
 
 
-def tags_at(ref: str) -> list[str]:
-    return sh("git", "tag", "--points-at", ref).stdout.split()
-
-
 def previous_metrics(tag: str | None) -> dict | None:
     if not tag:
         return None
@@ -280,141 +257,184 @@ def previous_metrics(tag: str | None) -> dict | None:
     return json.loads(proc.stdout)
 
 
+@dataclass
+class Release:
+    """One release run: its arguments, settings, and the timings the receipt reports."""
+    args: argparse.Namespace
+    params_path: Path
+    settings: ReleaseSettings
+    deploy: DeploySettings
+    started: float = field(default_factory=time.perf_counter)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def lap(self, name: str) -> None:
+        """Record the time since the previous lap under `name`."""
+        self.timings[name] = round(time.perf_counter() - self.started - sum(self.timings.values()), 2)
+
+    def time(self, name: str, since: float) -> None:
+        self.timings[name] = round(time.perf_counter() - since, 2)
+
+
 def run(args: argparse.Namespace) -> None:
-    params_path = Path(getattr(args, "params", "params.yaml"))
+    params_path = Path(args.params)
     if sh("git", "rev-parse", "--show-toplevel", check=False).returncode != 0:
         raise UserError("not inside a git repository; run from the project checkout")
     os.chdir(sh("git", "rev-parse", "--show-toplevel").stdout.strip())
     with release_lock(args.lock_wait):
-        _release(args, params_path)
+        settings, deploy = params_mod.read(params_path, ReleaseSettings, DeploySettings)
+        release(Release(args, params_path, settings, deploy))
 
 
-def _release(args: argparse.Namespace, params_path: Path) -> None:
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
+def release(r: Release) -> None:
+    """preflight -> (finish an unpublished tagged release | update, version, build, gate, deploy, commit and
+    tag) -> publish; then reports/release.json."""
+    branch = preflight(r)
+    r.lap("preflight")
+    tag = unfinished_release_tag(r)
+    if tag:
+        step(f"HEAD is already tagged {tag}; finishing its publication")
+    else:
+        tag = build_and_tag(r)
+    if not r.args.no_push:
+        publish(r, branch, tag)
+    r.lap("publish")
+    version = tag[len(TAG_PREFIX):]
+    Path("reports").mkdir(exist_ok=True)
+    Path("reports/release.json").write_text(json.dumps({"version": version, "tag": tag, "timings_s": r.timings},
+                                                       indent=1) + "\n")
+    step(f"done: {tag} in {time.perf_counter() - r.started:.0f} s ({json.dumps(r.timings)})")
 
-    def lap(name: str) -> None:
-        timings[name] = round(time.perf_counter() - started - sum(timings.values()), 2)
 
-    params = params_mod.load(params_path)
-    rel = params_mod.Section(params, "release")
-    tolerance = rel.float("gate_tolerance", 0.02, min=0.0)
-
-    # ---- preflight
-    dirty = [p for p in sh("git", "diff", "--name-only", "--no-renames", "-z", "HEAD").stdout.split("\0") if p]
-    if dirty:
-        head_params = sh("git", "show", f"HEAD:{params_path.as_posix()}", check=False)
-        real = real_changes(dirty, params_path.as_posix(),
-                            head_params.stdout if head_params.returncode == 0 else None,
-                            params_path.read_text(encoding="utf-8") if params_path.is_file() else None,
-                            {str(p) for p in imported_data_files()})
-        if real:
-            raise UserError("the work tree has uncommitted changes (" + ", ".join(real[:5])
-                            + (", ..." if len(real) > 5 else "") + "); commit or stash them first")
-        step("continuing after an unfinished release (its uncommitted leftovers are rewritten): " + ", ".join(dirty[:5])
-             + (", ..." if len(dirty) > 5 else ""))
+def preflight(r: Release) -> str:
+    """Refuse to start when the tree has a person's uncommitted changes, the checkout is behind origin, or the
+    S3 remote or a deploy host is unreachable; the branch to release."""
+    check_clean_tree(r.params_path)
     branch = sh("git", "rev-parse", "--abbrev-ref", "HEAD").stdout.strip()
     if branch == "HEAD":
         raise UserError("HEAD is detached; check out the branch to release from")
-    remote = remote_config()
-    if not args.no_push:
-        if not remote:
-            raise UserError("no default DVC remote (dvc remote add -d ...); releases push their data there")
-        check_s3(remote)
-        if sh("git", "remote", "get-url", args.git_remote, check=False).returncode != 0:
-            raise UserError(f"git remote {args.git_remote!r} not found")
-        # the next version is computed from the tags: make sure they include every published release, and that
-        # this checkout is not behind the branch it will push to (another release may have landed meanwhile)
-        sh("git", "fetch", "--quiet", "--tags", args.git_remote)
-        behind = remote_commits_missing(args.git_remote, branch)
-        if behind:
-            raise UserError(f"{args.git_remote}/{branch} has {behind} commit(s) this checkout lacks (another release "
-                            f"or push landed); update first (git pull --ff-only {args.git_remote} {branch}), then "
-                            "release again")
-    if args.deploy:
-        check_targets_reachable(params)
-    lap("preflight")
+    if not r.args.no_push:
+        check_remotes(r.args.git_remote, branch)
+    if r.args.deploy:
+        check_targets_reachable(r.deploy, r.settings.model_name)
+    return branch
 
-    # ---- resume: a release commit already made and tagged here whose publication did not finish (dvc push or
-    # git push failed). A tag at HEAD that origin already has for this commit is a finished release: release anew.
-    all_tags = sh("git", "tag", "--list", f"{TAG_PREFIX}*").stdout.split()
+
+def check_clean_tree(params_path: Path) -> None:
+    dirty = [p for p in sh("git", "diff", "--name-only", "--no-renames", "-z", "HEAD").stdout.split("\0") if p]
+    if not dirty:
+        return
+    head_params = sh("git", "show", f"HEAD:{params_path.as_posix()}", check=False)
+    real = real_changes(dirty, params_path.as_posix(),
+                        head_params.stdout if head_params.returncode == 0 else None,
+                        params_path.read_text(encoding="utf-8") if params_path.is_file() else None,
+                        {str(p) for p in imported_data_files()})
+    if real:
+        raise UserError("the work tree has uncommitted changes (" + ", ".join(real[:5])
+                        + (", ..." if len(real) > 5 else "") + "); commit or stash them first")
+    step("continuing after an unfinished release (its uncommitted leftovers are rewritten): " + ", ".join(dirty[:5])
+         + (", ..." if len(dirty) > 5 else ""))
+
+
+def check_remotes(git_remote: str, branch: str) -> None:
+    remote = remote_config()
+    if not remote:
+        raise UserError("no default DVC remote (dvc remote add -d ...); releases push their data there")
+    check_s3(remote)
+    if sh("git", "remote", "get-url", git_remote, check=False).returncode != 0:
+        raise UserError(f"git remote {git_remote!r} not found")
+    # the next version is computed from the tags: make sure they include every published release, and that
+    # this checkout is not behind the branch it will push to (another release may have landed meanwhile)
+    sh("git", "fetch", "--quiet", "--tags", git_remote)
+    behind = remote_commits_missing(git_remote, branch)
+    if behind:
+        raise UserError(f"{git_remote}/{branch} has {behind} commit(s) this checkout lacks (another release "
+                        f"or push landed); update first (git pull --ff-only {git_remote} {branch}), then "
+                        "release again")
+
+
+def unfinished_release_tag(r: Release) -> str | None:
+    """A release commit already made and tagged here whose publication did not finish (dvc push or git push
+    failed). A tag at HEAD that origin already has for this commit is a finished release: release anew."""
     head = sh("git", "rev-parse", "HEAD").stdout.strip()
-    published = {} if args.no_push else remote_tags(args.git_remote)
+    published = {} if r.args.no_push else remote_tags(r.args.git_remote)
     here = [t for t in tags_at("HEAD") if TAG_RE.match(t)]
     for t in here:
         if t in published and published[t] != head:
-            raise UserError(f"{t} already exists on {args.git_remote} for another commit; another release took "
+            raise UserError(f"{t} already exists on {r.args.git_remote} for another commit; another release took "
                             "this version. Fetch, reset to the remote branch, and release again")
-    unfinished = [t for t in here if not args.no_push and t not in published]
-    if unfinished:
-        tag = f"{TAG_PREFIX}{'.'.join(map(str, parse_tags(unfinished)[-1]))}"
-        version = tag[len(TAG_PREFIX):]
-        step(f"HEAD is already tagged {tag}; finishing its publication")
-    else:
-        # ---- data update
-        for dvc_file in imported_data_files():
-            step(f"dvc update {dvc_file}" + (f" --rev {args.rev}" if args.rev else ""))
-            dvc("update", *(["--rev", args.rev] if args.rev else []), str(dvc_file))
-        lap("update")
+    unfinished = [t for t in here if not r.args.no_push and t not in published]
+    return tag_of(parse_tags(unfinished)[-1]) if unfinished else None
 
-        released = [t for t in all_tags if TAG_RE.match(t)]
-        last_tag = f"{TAG_PREFIX}{'.'.join(map(str, parse_tags(released)[-1]))}" if released else None
-        version = next_version(released, args.bump)
-        tag = f"{TAG_PREFIX}{version}"
-        params_path.write_text(set_release_version(params_path.read_text(encoding="utf-8"), version),
-                               encoding="utf-8")
-        step(f"version {version} (last release: {last_tag or 'none'})")
 
-        # ---- build and check
-        repro_started = time.perf_counter()
-        # evaluate is not upstream of serve-check (nor of deploy): name it, the quality gate reads its metrics
-        step("dvc repro (evaluate, and through serve-check)")
-        dvc("repro", "evaluate", "serve-check", capture=False)
-        timings["repro_through_serve_check"] = round(time.perf_counter() - repro_started, 2)
-        metrics = json.loads(Path("reports/eval/metrics.json").read_text(encoding="utf-8"))
-        passed, why = quality_gate(metrics, previous_metrics(last_tag), tolerance)
-        if not passed and not args.override_gate:
-            Path("reports").mkdir(exist_ok=True)
-            Path("reports/gate.json").write_text(json.dumps({"passed": False, "reason": why}, indent=1))
-            raise UserError(f"quality gate: {why}. Nothing deployed, pushed or tagged; rerun with "
-                            "--override-gate to release anyway")
-        step(f"quality gate {'passed' if passed else 'OVERRIDDEN'}: {why}")
-        if args.deploy:
-            deploy_started = time.perf_counter()
-            step("dvc repro deploy")
-            dvc("repro", "deploy", capture=False)
-            timings["deploy"] = round(time.perf_counter() - deploy_started, 2)
-        # ---- commit and tag, locally: nothing is published before `dvc push` below succeeded, and if it fails,
-        # the tree is clean and a rerun finds this tagged commit and finishes its publication
-        files = [f for f in RELEASE_FILES + [str(p) for p in dvc_files()] if Path(f).exists()]
-        sh("git", "add", "--", *files)
-        if sh("git", "diff", "--cached", "--quiet", check=False).returncode != 0:
-            sh("git", "commit", "-q", "-m", f"Release {tag}\n\n{why}")
-        sh("git", "tag", "-a", tag, "-m", f"SEM-PCYC {version}: {why}")
-        step(f"committed and tagged {tag}")
+def build_and_tag(r: Release) -> str:
+    """Update imported data, pick the version, build and check it, gate, deploy, commit and tag; the tag."""
+    for dvc_file in imported_data_files():
+        step(f"dvc update {dvc_file}" + (f" --rev {r.args.rev}" if r.args.rev else ""))
+        dvc("update", *(["--rev", r.args.rev] if r.args.rev else []), str(dvc_file))
+    r.lap("update")
+    released = [t for t in release_tags() if TAG_RE.match(t)]
+    last_tag = tag_of(parse_tags(released)[-1]) if released else None
+    version = next_version(released, r.args.bump)
+    r.params_path.write_text(set_release_version(r.params_path.read_text(encoding="utf-8"), version),
+                             encoding="utf-8")
+    step(f"version {version} (last release: {last_tag or 'none'})")
+    why = build_and_gate(r, last_tag)
+    if r.args.deploy:
+        since = time.perf_counter()
+        step("dvc repro deploy")
+        dvc("repro", "deploy", capture=False)
+        r.time("deploy", since)
+    return commit_and_tag(version, why)
 
-    # ---- publish (atomic: branch and tag together, or neither)
-    if not args.no_push:
-        remote_sha = remote_tags(args.git_remote).get(tag)
-        if remote_sha and remote_sha != sh("git", "rev-parse", "HEAD").stdout.strip():
-            raise UserError(f"{tag} already exists on {args.git_remote} for another commit; another release "
-                            "took this version. Fetch, and release again")
-        started_push = time.perf_counter()
-        step("dvc push")
-        dvc("push", capture=False)  # the data dvc.lock names, before the branch and tag reach the remote
-        timings["dvc_push"] = round(time.perf_counter() - started_push, 2)
-        pushed = sh("git", "push", "--atomic", args.git_remote, f"HEAD:refs/heads/{branch}", f"refs/tags/{tag}",
-                    check=False)
-        if pushed.returncode != 0:
-            if remote_commits_missing(args.git_remote, branch):
-                raise UserError(f"{args.git_remote}/{branch} moved while this release ran (another release?); "
-                                f"nothing was published. Reset to {args.git_remote}/{branch} (the local {tag} and "
-                                "release commit can be deleted) and release again")
-            raise UserError(f"git push of {branch} and {tag} to {args.git_remote} failed: "
-                            f"{(pushed.stderr or pushed.stdout).strip()[-500:]}")
-        step(f"pushed {branch} and {tag} to {args.git_remote}")
-    lap("publish")
-    Path("reports").mkdir(exist_ok=True)
-    Path("reports/release.json").write_text(json.dumps({"version": version, "tag": tag, "timings_s": timings},
-                                                       indent=1) + "\n")
-    step(f"done: {tag} in {time.perf_counter() - started:.0f} s ({json.dumps(timings)})")
+
+def build_and_gate(r: Release, last_tag: str | None) -> str:
+    """dvc repro through evaluate and serve-check, then the quality gate; the gate's verdict."""
+    since = time.perf_counter()
+    # evaluate is not upstream of serve-check (nor of deploy): name it, the quality gate reads its metrics
+    step("dvc repro (evaluate, and through serve-check)")
+    dvc("repro", "evaluate", "serve-check", capture=False)
+    r.time("repro_through_serve_check", since)
+    metrics = json.loads(Path("reports/eval/metrics.json").read_text(encoding="utf-8"))
+    passed, why = quality_gate(metrics, previous_metrics(last_tag), r.settings.gate_tolerance)
+    if not passed and not r.args.override_gate:
+        Path("reports").mkdir(exist_ok=True)
+        Path("reports/gate.json").write_text(json.dumps({"passed": False, "reason": why}, indent=1))
+        raise UserError(f"quality gate: {why}. Nothing deployed, pushed or tagged; rerun with "
+                        "--override-gate to release anyway")
+    step(f"quality gate {'passed' if passed else 'OVERRIDDEN'}: {why}")
+    return why
+
+
+def commit_and_tag(version: str, why: str) -> str:
+    """Commit the release files and tag, locally: nothing is published before `dvc push` succeeded, and if it
+    fails, the tree is clean and a rerun finds this tagged commit and finishes its publication."""
+    tag = f"{TAG_PREFIX}{version}"
+    files = [f for f in RELEASE_FILES + [str(p) for p in dvc_files()] if Path(f).exists()]
+    sh("git", "add", "--", *files)
+    if sh("git", "diff", "--cached", "--quiet", check=False).returncode != 0:
+        sh("git", "commit", "-q", "-m", f"Release {tag}\n\n{why}")
+    sh("git", "tag", "-a", tag, "-m", f"SEM-PCYC {version}: {why}")
+    step(f"committed and tagged {tag}")
+    return tag
+
+
+def publish(r: Release, branch: str, tag: str) -> None:
+    """dvc push, then one atomic git push of branch and tag (both or neither)."""
+    remote = r.args.git_remote
+    remote_sha = remote_tags(remote).get(tag)
+    if remote_sha and remote_sha != sh("git", "rev-parse", "HEAD").stdout.strip():
+        raise UserError(f"{tag} already exists on {remote} for another commit; another release "
+                        "took this version. Fetch, and release again")
+    since = time.perf_counter()
+    step("dvc push")
+    dvc("push", capture=False)  # the data dvc.lock names, before the branch and tag reach the remote
+    r.time("dvc_push", since)
+    pushed = sh("git", "push", "--atomic", remote, f"HEAD:refs/heads/{branch}", f"refs/tags/{tag}", check=False)
+    if pushed.returncode != 0:
+        if remote_commits_missing(remote, branch):
+            raise UserError(f"{remote}/{branch} moved while this release ran (another release?); "
+                            f"nothing was published. Reset to {remote}/{branch} (the local {tag} and "
+                            "release commit can be deleted) and release again")
+        raise UserError(f"git push of {branch} and {tag} to {remote} failed: "
+                        f"{(pushed.stderr or pushed.stdout).strip()[-500:]}")
+    step(f"pushed {branch} and {tag} to {remote}")

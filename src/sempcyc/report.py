@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from .errors import UserError
+import matplotlib
+import matplotlib.pyplot as plt
 
-HELP = "Write reports/report.md: diffs against the previous release, curves, retrieval grid, serve/deploy summary."
+from .errors import UserError
+from .vcs import TAG_RE, dvc, parse_tags, release_tags, tag_of, tags_at
+
+matplotlib.use("Agg")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,28 +23,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _dvc(*args: str) -> str:
-    exe = Path(sys.executable).parent / "dvc"
-    proc = subprocess.run([str(exe if exe.exists() else "dvc"), *args], capture_output=True, text=True)
+    """dvc's output, or a line saying it failed (a report shows what it can)."""
+    proc = dvc(*args, check=False)
     return proc.stdout.strip() if proc.returncode == 0 else f"(`dvc {' '.join(args)}` failed: {proc.stderr.strip()[:300]})"
 
 
 def previous_tag(against: str | None) -> str | None:
     if against:
         return against
-    from .release import TAG_RE, TAG_PREFIX, parse_tags
-    tags = subprocess.run(["git", "tag", "--list", f"{TAG_PREFIX}*"], capture_output=True, text=True).stdout.split()
-    here = set(subprocess.run(["git", "tag", "--points-at", "HEAD"], capture_output=True, text=True).stdout.split())
-    versions = parse_tags([t for t in tags if t not in here and TAG_RE.match(t)])
-    return f"{TAG_PREFIX}{'.'.join(map(str, versions[-1]))}" if versions else None
+    here = set(tags_at("HEAD"))
+    versions = parse_tags([t for t in release_tags() if t not in here and TAG_RE.match(t)])
+    return tag_of(versions[-1]) if versions else None
 
 
 def training_curves(live_dir: Path, out: Path) -> bool:
     plots = sorted((live_dir / "plots" / "metrics").rglob("*.tsv"))
     if not plots:
         return False
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     for path in plots:
         rows = [line.split("\t") for line in path.read_text().splitlines()[1:] if line.strip()]
@@ -76,26 +73,39 @@ def run(args: argparse.Namespace) -> None:
     metrics = _json("reports/eval/metrics.json")
     if metrics is None:
         raise UserError("reports/eval/metrics.json not found; run `dvc repro evaluate` first")
-    against = previous_tag(args.against)
     release = _json("reports/release.json") or {}
     lines = [f"# SEM-PCYC release {release.get('tag', '(local run)')}", ""]
     gate = _json("reports/gate.json")
     if gate:
         lines += [f"**Quality gate failed:** {gate['reason']}", ""]
-    zs, gen = metrics["zero_shot"], metrics["generalised"]
-    lines += ["## Retrieval quality (unseen classes)", "",
-              "| setting | method | mAP@all | P@10 | P@100 |", "|---|---|---|---|---|"]
-    for setting, block in (("zero-shot", zs), ("generalised", gen)):
+    lines += quality_section(metrics) + changes_section(previous_tag(args.against)) + images_section(out)
+    lines += serve_check_section(_json("reports/serve_check.json")) + deploy_section(_json("reports/deploy.json"))
+    if release.get("timings_s"):
+        lines += ["## Release timings (s)", "", "```", json.dumps(release["timings_s"], indent=1), "```", ""]
+    out.write_text("\n".join(lines), encoding="utf-8")
+    print(f"report: {out}")
+
+
+def quality_section(metrics: dict) -> list[str]:
+    lines = ["## Retrieval quality (unseen classes)", "",
+             "| setting | method | mAP@all | P@10 | P@100 |", "|---|---|---|---|---|"]
+    for setting, block in (("zero-shot", metrics["zero_shot"]), ("generalised", metrics["generalised"])):
         for method in ("sem_pcyc", "sem_pcyc_itq64", "pretrained", "random"):
             m = block[method]
             lines.append(f"| {setting} | {method} | {m['map_all']:.4f} | {m['p_at_10']:.4f} | {m['p_at_100']:.4f} |")
-    lines += [""] + [f"- {note}" for note in metrics.get("notes", [])] + [""]
-    if against:
-        lines += [f"## Changes since {against}", "", "### Params", "", _dvc("params", "diff", against, "--md")
-                  or "no param changes", "", "### Metrics", "", _dvc("metrics", "diff", against, "--md")
-                  or "no metric changes", ""]
-    else:
-        lines += ["## Changes", "", "First release: nothing to compare with.", ""]
+    return lines + [""] + [f"- {note}" for note in metrics.get("notes", [])] + [""]
+
+
+def changes_section(against: str | None) -> list[str]:
+    if not against:
+        return ["## Changes", "", "First release: nothing to compare with.", ""]
+    return [f"## Changes since {against}", "", "### Params", "", _dvc("params", "diff", against, "--md")
+            or "no param changes", "", "### Metrics", "", _dvc("metrics", "diff", against, "--md")
+            or "no metric changes", ""]
+
+
+def images_section(out: Path) -> list[str]:
+    lines = []
     curves = out.parent / "report_train_curves.png"
     if training_curves(Path("dvclive"), curves):
         lines += ["## Training", "", f"![training curves]({curves.name})", ""]
@@ -104,23 +114,26 @@ def run(args: argparse.Namespace) -> None:
         rel = Path("eval/retrieval_grid.png") if out.parent == Path("reports") else grid
         lines += ["## Retrieval examples", "", "Query sketches (left) with their top-10 gallery images; green = "
                   "same class, red = wrong.", "", f"![retrieval grid]({rel.as_posix()})", ""]
-    check = _json("reports/serve_check.json")
-    if check:
-        lines += ["## Serve check", "", f"- passed: {check.get('passed')}; parity top-10: {check.get('parity_top10')}; "
-                  f"errors: {check.get('errors')} of {check.get('requests')} requests",
-                  f"- latency p50 {check.get('latency_ms_p50')} ms, p95 {check.get('latency_ms_p95')} ms; "
-                  f"ready in {check.get('ready_seconds')} s", ""]
-    dep = _json("reports/deploy.json")
-    if dep:
-        lines += ["## Deploy", ""]
-        if not dep.get("targets"):
-            lines.append(f"- {dep.get('message', 'no targets')}")
-        for t in dep.get("targets", []):
-            lines.append(f"- {t['target']}: {t['status']}" + (f" ({t.get('bytes_sent', 0):,} bytes)" if
-                                                                t.get("bytes_sent") else "")
-                         + (f" — {t['error']}" if t.get("error") else ""))
-        lines.append("")
-    if release.get("timings_s"):
-        lines += ["## Release timings (s)", "", "```", json.dumps(release["timings_s"], indent=1), "```", ""]
-    out.write_text("\n".join(lines), encoding="utf-8")
-    print(f"report: {out}")
+    return lines
+
+
+def serve_check_section(check: dict | None) -> list[str]:
+    if not check:
+        return []
+    return ["## Serve check", "", f"- passed: {check.get('passed')}; parity top-10: {check.get('parity_top10')}; "
+            f"errors: {check.get('errors')} of {check.get('requests')} requests",
+            f"- latency p50 {check.get('latency_ms_p50')} ms, p95 {check.get('latency_ms_p95')} ms; "
+            f"ready in {check.get('ready_seconds')} s", ""]
+
+
+def deploy_section(dep: dict | None) -> list[str]:
+    if not dep:
+        return []
+    lines = ["## Deploy", ""]
+    if not dep.get("targets"):
+        lines.append(f"- {dep.get('message', 'no targets')}")
+    for t in dep.get("targets", []):
+        lines.append(f"- {t['target']}: {t['status']}"
+                     + (f" ({t.get('bytes_sent', 0):,} bytes)" if t.get("bytes_sent") else "")
+                     + (f" — {t['error']}" if t.get("error") else ""))
+    return lines + [""]

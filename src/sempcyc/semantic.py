@@ -23,17 +23,19 @@ import os
 import re
 import unicodedata
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from . import params as params_mod
 from .errors import UserError
 from .fsutil import atomic_dir, dumps_json
+from .params import setting
 
-HELP = ("Compute one semantic vector per class name (param semantic.backend: minilm, packaged and offline, or a "
-        "word2vec file) into data/semantic/.")
 BACKENDS = ("minilm", "word2vec")
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_DIM = 384
@@ -46,8 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    params_path = getattr(args, "params", "params.yaml")
-    settings = read_settings(params_mod.load(params_path), str(params_path))
+    (settings,) = params_mod.read(args.params, Settings)
     info = build(Path(args.index), Path(args.out), settings)
     print(summary_line(info, args.out))
 
@@ -56,26 +57,11 @@ def run(args: argparse.Namespace) -> None:
 
 @dataclass(frozen=True)
 class Settings:
-    backend: str = "minilm"
-    word2vec_path: str | None = None
-    word2vec_binary: bool | None = None  # None: decide by the file name (.bin -> binary)
-    synonyms_path: str | None = None
-    source: str = params_mod.PARAMS_FILE
-
-
-def read_settings(params: dict, source: str = params_mod.PARAMS_FILE) -> Settings:
-    section = params_mod.Section(params, "semantic", source)
-    backend = section.str("backend", "minilm", choices=BACKENDS)
-    word2vec_path = section.optional_str("word2vec_path")
-    synonyms_path = section.optional_str("synonyms_path")
-    raw_binary = section.get("word2vec_binary", "auto")
-    if raw_binary in (None, "", "auto"):
-        binary = None
-    elif isinstance(raw_binary, bool):
-        binary = raw_binary
-    else:
-        raise UserError(f"{source}: semantic.word2vec_binary must be auto, true or false, got {raw_binary!r}")
-    return Settings(backend, word2vec_path, binary, synonyms_path, source)
+    SECTION: ClassVar[str] = "semantic"
+    backend: str = setting(choices=BACKENDS)
+    word2vec_path: str | None = setting()
+    word2vec_binary: bool | None = setting()  # auto (None): decide by the file name (.bin -> binary)
+    synonyms_path: str | None = setting()
 
 
 # ----------------------------------------------------------------------------------------------- pure core
@@ -235,8 +221,6 @@ def load_minilm():
 def minilm_vectors(texts: Sequence[str], model=None, *, progress: bool = True) -> np.ndarray:
     """(C, 384) float32, L2-normalised. Each text is encoded alone (batch of one) with a single torch thread:
     a row depends only on its own text, not on the other classes or the number of cores."""
-    import torch
-
     model = model if model is not None else load_minilm()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -360,8 +344,8 @@ def compute(classes: Sequence[str], settings: Settings, *, model=None, kv=None,
         }
     elif settings.backend == "word2vec":
         if kv is None:
-            kv = load_word2vec(settings.word2vec_path, settings.word2vec_binary, source=settings.source)
-        synonyms = load_synonyms(settings.synonyms_path, source=settings.source)
+            kv = load_word2vec(settings.word2vec_path, settings.word2vec_binary, source=params_mod.PARAMS_FILE)
+        synonyms = load_synonyms(settings.synonyms_path, source=params_mod.PARAMS_FILE)
         where = str(settings.word2vec_path) if settings.word2vec_path else "the word2vec vectors"
         vectors, details = word2vec_vectors(classes, kv, synonyms, source=where,
                                             synonyms_path=settings.synonyms_path, progress=show)
@@ -372,7 +356,7 @@ def compute(classes: Sequence[str], settings: Settings, *, model=None, kv=None,
             "classes": details,
         }
     else:  # read_settings already restricts the choices
-        raise UserError(f"{settings.source}: semantic.backend must be one of {', '.join(BACKENDS)}, "
+        raise UserError(f"{params_mod.PARAMS_FILE}: semantic.backend must be one of {', '.join(BACKENDS)}, "
                         f"got {settings.backend!r}")
     info["dim"] = int(vectors.shape[1])
     info["count"] = len(classes)
@@ -406,14 +390,10 @@ def summary_line(info: dict, out: str | Path) -> str:
 def _progress(items: Sequence, show: bool):
     if not show:
         return items
-    from tqdm import tqdm
-
     return tqdm(items, desc="semantic", unit="class", mininterval=1)
 
 
 def _package_version(name: str) -> str | None:
-    from importlib import metadata
-
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:

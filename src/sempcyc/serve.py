@@ -10,8 +10,8 @@ from pathlib import Path
 
 from . import params as params_mod
 from .errors import UserError
-
-HELP = "Serve models/sem_pcyc.mar on localhost in the foreground (Ctrl-C stops it) and print a curl line to try."
+from .serving import ReleaseSettings, ServeSettings, models_config
+from .torchserve import TorchServe, free_port, port_in_use
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,10 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from .serve_check import models_config, read_settings
-    from .torchserve import TorchServe, free_port, port_in_use
-
-    s = read_settings(params_mod.load(getattr(args, "params", "params.yaml")))
+    release, serve = params_mod.read(args.params, ReleaseSettings, ServeSettings)
     mar = Path(args.mar)
     if not mar.exists():
         raise UserError(f"{mar}: not found; build it with `dvc repro archive`")
@@ -41,16 +38,16 @@ def run(args: argparse.Namespace) -> None:
         store = Path(tmp) / "model-store"
         store.mkdir()
         shutil.copy2(mar, store / mar.name)
-        models = models_config(s["model_name"], s["version"], mar.name, s["batch_size"], s["max_batch_delay_ms"],
-                               workers=args.workers)
+        models = models_config(release.model_name, release.version, mar.name, serve.batch_size,
+                               serve.max_batch_delay_ms, workers=args.workers)
         ts = TorchServe(store, models, workdir=Path(tmp) / "ts", inference_port=ports["inference"],
                         management_port=ports["management"])
         previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         try:
             with ts:
-                print(f"serve: starting TorchServe with {mar} (v{s['version']}) ...")
-                ts.wait_ready(s["model_name"], s["ready_timeout_s"])
-                print(f"serve: ready. Try:\n  curl -T sketch.png {ts.inference_url}/predictions/{s['model_name']}\n"
+                print(f"serve: starting TorchServe with {mar} (v{release.version}) ...")
+                ts.wait_ready(release.model_name, serve.ready_timeout_s)
+                print(f"serve: ready. Try:\n  curl -T sketch.png {ts.inference_url}/predictions/{release.model_name}\n"
                       f"Logs: {ts.workdir / 'logs'}. Press Ctrl-C to stop.", flush=True)
                 while ts.proc is not None and ts.proc.poll() is None:
                     time.sleep(0.5)

@@ -18,12 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from . import params as params_mod
 from .errors import UserError
 from .fsutil import atomic_write_json
+from .runtime.search import SketchSearch
+from .serving import ReleaseSettings, ServeSettings, check_response, models_config, pick_queries, same_ranking
+from .torchserve import TorchServe
 
-HELP = "Serve the .mar in an isolated TorchServe; check schema, parity with offline search, load, bad input."
 PARITY_K = 10
 
 
@@ -36,40 +39,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="reports/serve_check.json", help="report (default: %(default)s)")
 
 
-def read_settings(params: dict) -> dict:
-    from .archive import read_settings as archive_settings
-    serve = params_mod.Section(params, "serve")
-    return {**archive_settings(params),
-            "batch_size": serve.int("batch_size", 4, min=1, max=256),
-            "max_batch_delay_ms": serve.int("max_batch_delay_ms", 10, min=0),
-            "check_requests": serve.int("check_requests", 64, min=8),
-            "ready_timeout_s": serve.int("ready_timeout_s", 120, min=5)}
+def run(args: argparse.Namespace) -> None:
+    release, serve = params_mod.read(args.params, ReleaseSettings, ServeSettings)
+    mar = Path(args.mar)
+    if not mar.exists():
+        raise UserError(f"{mar}: not found; run `dvc repro archive`")
+    queries = pick_queries(Path(args.dataset), Path(args.splits))
+    offline_search = SketchSearch.load(args.model, args.gallery, top_k=serve.top_k, max_pixels=serve.max_pixels)
+    offline = [offline_search.search([body])[0] for _, body in queries]
+    k = min(serve.top_k, len(offline_search.ids))
+    report = serve_and_check(mar, release, serve, queries, offline, k)
+    atomic_write_json(args.out, report)
+    print(f"serve-check: ready in {report['ready_seconds']:.1f} s; parity {report['parity_top10']:.2f}; "
+          f"{report['errors']} errors in {report['requests']} requests; p50 {report['latency_ms_p50']} ms, "
+          f"p95 {report['latency_ms_p95']} ms; {report['wall_seconds']} s in all -> {args.out}")
+    if report["failures"]:
+        raise UserError("serve-check failed:\n  " + "\n  ".join(report["failures"]))
 
 
-def models_config(model_name: str, version: str, mar_name: str, batch_size: int, max_batch_delay_ms: int,
-                  workers: int = 1) -> dict:
-    """TorchServe's `models` config: the archive as the default version, with batching."""
-    return {model_name: {version: {"defaultVersion": True, "marName": mar_name, "minWorkers": workers,
-                                   "maxWorkers": workers, "batchSize": batch_size,
-                                   "maxBatchDelay": max_batch_delay_ms, "responseTimeout": 120}}}
-
-
-def same_ranking(served: list[dict], offline: list[dict], tol: float = 1e-5) -> bool:
-    """Equal image lists, where neighbours whose scores differ by less than `tol` may swap (float noise
-    between batched and single inference can reorder exact ties, never real differences)."""
-    if len(served) != len(offline):
-        return False
-    if [r["image"] for r in served] == [r["image"] for r in offline]:
-        return True
-    if sorted(r["image"] for r in served) != sorted(r["image"] for r in offline):
-        return False
-    score = {r["image"]: r["score"] for r in offline}
-    return all(abs(score[s["image"]] - o["score"]) < tol for s, o in zip(served, offline))
+def serve_and_check(mar: Path, release: ReleaseSettings, serve: ServeSettings, queries: list[tuple[str, bytes]],
+                    offline: list[list[dict]], k: int) -> dict:
+    """Start `mar` in a private TorchServe, run the checks, stop it; the report (failures listed, not raised)."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="sem-pcyc-serve-check-") as tmp:
+        store = Path(tmp) / "model-store"
+        store.mkdir()
+        shutil.copy2(mar, store / mar.name)
+        models = models_config(release.model_name, release.version, mar.name, serve.batch_size,
+                               serve.max_batch_delay_ms)
+        with TorchServe(store, models, workdir=Path(tmp) / "ts") as ts:
+            ready_s = ts.wait_ready(release.model_name, serve.ready_timeout_s)
+            report = run_checks(ts, release.model_name, queries, offline, k, serve.check_requests)
+    report.update({"ready_seconds": round(ready_s, 2), "wall_seconds": round(time.perf_counter() - started, 2),
+                   "version": release.version, "passed": not report["failures"]})
+    return report
 
 
 def big_png(megapixels: int = 50) -> bytes:
     """A valid PNG of ~megapixels (a white image compresses to a few hundred kB)."""
-    from PIL import Image
     side = int((megapixels * 1_000_000) ** 0.5) + 1
     buf = io.BytesIO()
     Image.new("L", (side, side), 255).save(buf, format="PNG", compress_level=9)
@@ -96,10 +103,35 @@ def check_response(status: int, body: bytes, k: int) -> str | None:
     return None
 
 
-def run_checks(ts, model_name: str, queries: list[tuple[str, bytes]], offline: list[list[dict]], k: int,
-               n_concurrent_requests: int) -> dict:
+def run_checks(ts: TorchServe, model_name: str, queries: list[tuple[str, bytes]], offline: list[list[dict]],
+               k: int, n_concurrent_requests: int) -> dict:
+    """Every check against the running instance; failures are collected in the report's `failures`."""
     url = f"{ts.inference_url}/predictions/{model_name}"
     failures: list[str] = []
+    latencies, parity, schema_errors = check_answers(ts, url, queries, offline, k, failures)
+    concurrent = check_load(ts, url, queries, k, n_concurrent_requests, failures)
+    bad = check_bad_requests(ts, url, failures)
+    status, answer = ts.request("POST", url, queries[0][1], {"Content-Type": "image/png"})
+    if check_response(status, answer, k):
+        failures.append("worker did not serve a valid sketch after the bad requests")
+    all_lat = latencies + concurrent["latencies"]
+    return {
+        "requests": len(queries) + n_concurrent_requests + len(bad) + 1,
+        "queries": len(queries), "parity_top10": parity, "schema_errors": schema_errors,
+        "concurrent_requests": n_concurrent_requests, "concurrent_errors": concurrent["errors"],
+        "errors": schema_errors + concurrent["errors"],
+        "concurrent_throughput_rps": round(n_concurrent_requests / concurrent["seconds"], 1),
+        "latency_ms_p50": round(float(np.percentile(latencies, 50)), 1),
+        "latency_ms_p95": round(float(np.percentile(latencies, 95)), 1),
+        "latency_ms_p95_concurrent": round(float(np.percentile(all_lat, 95)), 1),
+        "bad_request_status": bad,
+        "failures": failures,
+    }
+
+
+def check_answers(ts: TorchServe, url: str, queries: list[tuple[str, bytes]], offline: list[list[dict]], k: int,
+                  failures: list[str]) -> tuple[list[float], float, int]:
+    """One request per query, in turn: schema, parity with the offline top-10; (latencies ms, parity, errors)."""
     latencies, parity_ok, schema_errors = [], 0, 0
     for (name, body), reference in zip(queries, offline):
         t0 = time.perf_counter()
@@ -115,7 +147,12 @@ def run_checks(ts, model_name: str, queries: list[tuple[str, bytes]], offline: l
     if parity < 1.0:
         failures.append(f"parity: served top-{PARITY_K} differs from offline for "
                         f"{len(queries) - parity_ok} of {len(queries)} sketches")
+    return latencies, parity, schema_errors
 
+
+def check_load(ts: TorchServe, url: str, queries: list[tuple[str, bytes]], k: int, n_requests: int,
+               failures: list[str]) -> dict:
+    """`n_requests` requests from 8 concurrent clients: errors, wall seconds and latencies."""
     def one(i: int):
         name, body = queries[i % len(queries)]
         t0 = time.perf_counter()
@@ -123,13 +160,17 @@ def run_checks(ts, model_name: str, queries: list[tuple[str, bytes]], offline: l
         return check_response(status, answer, k), (time.perf_counter() - t0) * 1000
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(one, range(n_concurrent_requests)))
-    concurrent_s = time.perf_counter() - t0
-    concurrent_errors = sum(1 for problem, _ in results if problem)
-    if concurrent_errors:
-        failures.append(f"load: {concurrent_errors} of {n_concurrent_requests} concurrent requests failed, e.g. "
+        results = list(pool.map(one, range(n_requests)))
+    seconds = time.perf_counter() - t0
+    errors = sum(1 for problem, _ in results if problem)
+    if errors:
+        failures.append(f"load: {errors} of {n_requests} concurrent requests failed, e.g. "
                         + next(p for p, _ in results if p))
+    return {"errors": errors, "seconds": seconds, "latencies": [ms for _, ms in results]}
 
+
+def check_bad_requests(ts: TorchServe, url: str, failures: list[str]) -> dict[str, int]:
+    """Requests the handler must refuse with a 4xx JSON error: label -> status."""
     bad_cases = {"empty body": (b"", {"Content-Type": "image/png"}),
                  "not an image": (b"this is not an image" * 10, {"Content-Type": "image/png"}),
                  "50-megapixel image": (big_png(50), {"Content-Type": "image/png"}),
@@ -144,65 +185,4 @@ def run_checks(ts, model_name: str, queries: list[tuple[str, bytes]], offline: l
         bad[label] = status
         if not (400 <= status < 500 and message):
             failures.append(f"bad request '{label}': expected a 4xx JSON error, got {status} {answer[:120]!r}")
-    status, answer = ts.request("POST", url, queries[0][1], {"Content-Type": "image/png"})
-    if check_response(status, answer, k):
-        failures.append("worker did not serve a valid sketch after the bad requests")
-    all_lat = latencies + [ms for _, ms in results]
-    return {
-        "requests": len(queries) + n_concurrent_requests + len(bad_cases) + 1,
-        "queries": len(queries), "parity_top10": parity, "schema_errors": schema_errors,
-        "concurrent_requests": n_concurrent_requests, "concurrent_errors": concurrent_errors,
-        "errors": schema_errors + concurrent_errors,
-        "concurrent_throughput_rps": round(n_concurrent_requests / concurrent_s, 1),
-        "latency_ms_p50": round(float(np.percentile(latencies, 50)), 1),
-        "latency_ms_p95": round(float(np.percentile(latencies, 95)), 1),
-        "latency_ms_p95_concurrent": round(float(np.percentile(all_lat, 95)), 1),
-        "bad_request_status": bad,
-        "failures": failures,
-    }
-
-
-def pick_queries(dataset: Path, splits: Path, per_class: int = 2) -> list[tuple[str, bytes]]:
-    try:
-        unseen = json.loads(splits.read_text(encoding="utf-8"))["test"]
-    except FileNotFoundError:
-        raise UserError(f"{splits}: not found; run `dvc repro prepare`") from None
-    queries = []
-    for cls in unseen:
-        files = sorted((dataset / "sketches" / cls).glob("*"))[:per_class]
-        queries += [(f"{cls}/{f.name}", f.read_bytes()) for f in files]
-    if not queries:
-        raise UserError(f"no sketches of unseen classes under {dataset}/sketches; run `dvc repro extract`")
-    return queries
-
-
-def run(args: argparse.Namespace) -> None:
-    from .search import SketchSearch
-    from .torchserve import TorchServe
-
-    s = read_settings(params_mod.load(getattr(args, "params", "params.yaml")))
-    mar = Path(args.mar)
-    if not mar.exists():
-        raise UserError(f"{mar}: not found; run `dvc repro archive`")
-    queries = pick_queries(Path(args.dataset), Path(args.splits))
-    offline_search = SketchSearch.load(args.model, args.gallery, top_k=s["top_k"], max_pixels=s["max_pixels"])
-    offline = [offline_search.search([body])[0] for _, body in queries]
-    k = min(s["top_k"], len(offline_search.ids))
-
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="sem-pcyc-serve-check-") as tmp:
-        store = Path(tmp) / "model-store"
-        store.mkdir()
-        shutil.copy2(mar, store / mar.name)
-        models = models_config(s["model_name"], s["version"], mar.name, s["batch_size"], s["max_batch_delay_ms"])
-        with TorchServe(store, models, workdir=Path(tmp) / "ts") as ts:
-            ready_s = ts.wait_ready(s["model_name"], s["ready_timeout_s"])
-            report = run_checks(ts, s["model_name"], queries, offline, k, s["check_requests"])
-    report.update({"ready_seconds": round(ready_s, 2), "wall_seconds": round(time.perf_counter() - started, 2),
-                   "version": s["version"], "passed": not report["failures"]})
-    atomic_write_json(args.out, report)
-    print(f"serve-check: ready in {ready_s:.1f} s; parity {report['parity_top10']:.2f}; "
-          f"{report['errors']} errors in {report['requests']} requests; p50 {report['latency_ms_p50']} ms, "
-          f"p95 {report['latency_ms_p95']} ms; {report['wall_seconds']} s in all -> {args.out}")
-    if report["failures"]:
-        raise UserError("serve-check failed:\n  " + "\n  ".join(report["failures"]))
+    return bad

@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from .errors import UserError
+from .serving import parse_properties
 
 MIN_JAVA = 11
 
@@ -266,16 +267,6 @@ class TorchServe:
                 raise UserError(f"TorchServe not ready after {deadline_s:.0f} s (stage: {stage}; model {model!r})"
                                 + (f": {cause}" if cause else "") + f"; logs in {self.workdir / 'logs'}")
             time.sleep(delay)
-
-
-def parse_properties(text: str) -> dict:
-    """key=value lines of a TorchServe config.properties (comments skipped)."""
-    props = {}
-    for line in text.splitlines():
-        if "=" in line and not line.lstrip().startswith("#"):
-            key, value = line.split("=", 1)
-            props[key.strip()] = value.strip()
-    return props
 
 
 def read_properties(path: Path) -> dict:

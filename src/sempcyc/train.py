@@ -1,33 +1,44 @@
 """train stage: SEM-PCYC on the cached extractor features of the seen classes.
 
 Class-balanced (sketch, image) pairs of the same class; autoencoder, generators and discriminators updated per
-batch (model.train_step); validation mAP@all on held-out training-side classes after every epoch drives early
-stopping; the best epoch's weights are kept. A checkpoint after every epoch lets an interrupted run resume.
-Under torchrun (several processes) it trains data-parallel with DistributedDataParallel (gloo on CPU, nccl on GPU).
+batch (runtime.model.train_step); validation mAP@all on held-out training-side classes after every epoch drives
+early stopping; the best epoch's weights are kept. A checkpoint after every epoch lets an interrupted run resume.
+
+One process (what `dvc repro train` runs):
+    sempcyc train --features models/features --train data/prepared/train --out models/sem_pcyc.pt
+Data-parallel with DistributedDataParallel (gloo on CPU, nccl on GPU), e.g. 4 GPUs of one machine:
+    torchrun --standalone --nproc_per_node 4 -m sempcyc.cli train --features models/features \
+        --train data/prepared/train --out models/sem_pcyc.pt          # with train.device: cuda
+Several machines: the same on each, with --nnodes N --node_rank i --rdzv_backend c10d --rdzv_endpoint HOST:PORT.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
+import io
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
+import torch
+import torch.distributed as dist
+from dvclive import Live
+from torch import nn
+from tqdm import tqdm
 
 from . import params as params_mod
 from .errors import UserError
-
-HELP = "Train SEM-PCYC on cached features (params model.*, train.*); logs with DVCLive, resumes, early-stops."
-
-# Named starting points for the loss configuration; model.overrides changes single fields on top.
-PRESETS = {
-    # The original code: every lambda as published, classifiers frozen at their random initialisation.
-    "original": {},
-    # Found by the ablation in README ("Quality"): lighter semantic/classification weights, trained classifiers.
-    "tuned": {"lambda_se": 1.0, "lambda_im": 1.0, "lambda_sk": 1.0, "train_classifiers": True},
-}
+from .fsutil import atomic_write_bytes
+from .recipe import PRESETS, ModelSettings, TrainSettings, pick_device
+from .runtime.encoder import FeatureNorm, bundle_state
+from .runtime.model import Config, SemPcyc, TrainLosses, make_optimizers, train_step
+from .runtime.retrieval import average_precisions, squared_distances
+from .shards import load_train_shard
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,18 +52,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="resume from this checkpoint; refused if it was made for another architecture")
 
 
-def read_settings(params: dict) -> dict:
-    from .model import Config
-    model_p = params_mod.Section(params, "model")
-    train_p = params_mod.Section(params, "train")
-    preset = model_p.str("preset", "tuned", choices=tuple(PRESETS))
-    overrides = model_p.get("overrides") or {}
+@dataclass(frozen=True)
+class TrainRun:
+    """What one training run reads: the train section, model.dim_out and model.preset, and the loss
+    configuration (the preset with model.overrides on top)."""
+    preset: str
+    config: dict
+    dim_out: int
+    device: str
+    epochs: int
+    iters_per_epoch: int
+    batch_size: int
+    lr: float
+    milestones: list
+    gamma: float
+    patience: int
+    feature_norm: str
+    feature_noise: float
+    threads: int
+    seed: int
+
+
+def read_settings(params: dict, source: str = params_mod.PARAMS_FILE) -> TrainRun:
+    model = params_mod.read_section(params, ModelSettings, source)
+    train = params_mod.read_section(params, TrainSettings, source)
+    return TrainRun(preset=model.preset, config=loss_config(model), dim_out=model.dim_out,
+                    **dataclasses.asdict(train))
+
+
+def loss_config(model: ModelSettings) -> dict:
+    """The Config fields the preset and model.overrides set, each checked against Config's field types."""
+    overrides = model.overrides
     fields = Config.__dataclass_fields__
-    if not isinstance(overrides, dict) or any(k not in fields for k in overrides):
-        bad = [k for k in overrides if k not in fields] if isinstance(overrides, dict) else overrides
-        raise UserError(f"params.yaml: model.overrides must map Config fields to values; unknown: {bad}. "
-                        f"Known: {', '.join(f for f in fields if f not in ('feat_dim', 'sem_dim', 'n_classes'))}")
-    cfg = {**PRESETS[preset], **overrides}
+    free = [f for f in fields if fields[f].default is not dataclasses.MISSING]
+    unknown = [k for k in overrides if k not in free]
+    if unknown:
+        raise UserError(f"params.yaml: model.overrides must map Config fields to values; unknown: {unknown}. "
+                        f"Known: {', '.join(free)}")
+    cfg = {**PRESETS[model.preset], **overrides}
     for key, value in cfg.items():
         want = type(fields[key].default)
         if want is float and isinstance(value, int) and not isinstance(value, bool):
@@ -61,22 +98,7 @@ def read_settings(params: dict) -> dict:
             raise UserError(f"params.yaml: model.overrides.{key} must be {want.__name__}, got {value!r}")
         if key.startswith("lambda") and value < 0:
             raise UserError(f"params.yaml: model.overrides.{key} must be >= 0, got {value!r}")
-    return {
-        "preset": preset, "config": cfg,
-        "dim_out": model_p.int("dim_out", 64, min=1),
-        "epochs": train_p.int("epochs", 20, min=1),
-        "iters_per_epoch": train_p.int("iters_per_epoch", 50, min=1),
-        "batch_size": train_p.int("batch_size", 128, min=2),
-        "lr": train_p.float("lr", 1e-4, min=0.0, min_exclusive=True),
-        "milestones": train_p.int_list("milestones", []),
-        "gamma": train_p.float("gamma", 0.1, min=0.0, min_exclusive=True),
-        "patience": train_p.int("patience", 5, min=1),
-        "seed": train_p.int("seed", 0),
-        "device": train_p.str("device", "cpu"),
-        "feature_norm": train_p.str("feature_norm", "standardize", choices=("none", "standardize", "l2")),
-        "feature_noise": train_p.float("feature_noise", 0.0, min=0.0),
-        "threads": train_p.int("threads", 1, min=0),
-    }
+    return cfg
 
 
 class PairSampler:
@@ -97,8 +119,6 @@ class PairSampler:
 
 
 def validation_map(embed_sketch, embed_image, sk_feats, sk_labels, im_feats, im_labels) -> float:
-    import torch
-    from .retrieval import average_precisions, squared_distances
     with torch.inference_mode():
         p = embed_sketch(torch.from_numpy(sk_feats)).numpy()
         q = embed_image(torch.from_numpy(im_feats)).numpy()
@@ -116,7 +136,6 @@ def fingerprint(settings: dict, features_dir: Path, train_dir: Path) -> str:
 
 def _dist_setup(device: str):
     """(rank, world) — initialises torch.distributed when started by torchrun."""
-    import torch.distributed as dist
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
@@ -125,12 +144,9 @@ def _dist_setup(device: str):
     return dist.get_rank(), world
 
 
-def load_training_data(features_dir: Path, train_dir: Path, s: dict) -> dict:
+def load_training_data(features_dir: Path, train_dir: Path, s: TrainRun) -> dict:
     """Cached features of the training shard, split into fit and validation classes, normalised as
     train.feature_norm says (statistics from the fit classes only)."""
-    import torch
-    from .encoder import FeatureNorm
-    from .features import load_train_shard
     try:
         extractors = torch.load(features_dir / "extractors.pt", map_location="cpu", weights_only=True)
         sk_all = np.load(features_dir / "train_sketches.npy")
@@ -151,11 +167,11 @@ def load_training_data(features_dir: Path, train_dir: Path, s: dict) -> dict:
     val_index = {c: i for i, c in enumerate(val_names)}
     sk_fit = np.array([classes[l] in fit_index for l in sk_labels], dtype=bool)
     im_fit = np.array([classes[l] in fit_index for l in im_labels], dtype=bool)
-    if s["batch_size"] > int(sk_fit.sum()):
-        raise UserError(f"train.batch_size {s['batch_size']} is larger than the {int(sk_fit.sum())} training "
+    if s.batch_size > int(sk_fit.sum()):
+        raise UserError(f"train.batch_size {s.batch_size} is larger than the {int(sk_fit.sum())} training "
                         "sketches; lower it")
-    norms = {"sketch": FeatureNorm(s["feature_norm"], sk_all.shape[1]).fit(sk_all[sk_fit]),
-             "image": FeatureNorm(s["feature_norm"], im_all.shape[1]).fit(im_all[im_fit])}
+    norms = {"sketch": FeatureNorm(s.feature_norm, sk_all.shape[1]).fit(sk_all[sk_fit]),
+             "image": FeatureNorm(s.feature_norm, im_all.shape[1]).fit(im_all[im_fit])}
     with torch.no_grad():
         sk_feats = norms["sketch"](torch.from_numpy(sk_all)).numpy()
         im_feats = norms["image"](torch.from_numpy(im_all)).numpy()
@@ -174,22 +190,19 @@ class Trainer:
     """The SEM-PCYC training loop on cached features: epochs of class-balanced batches, validation mAP after
     each, the best weights kept. Checkpointing and logging are left to the caller (`on_epoch`)."""
 
-    def __init__(self, data: dict, s: dict, device: str = "cpu", rank: int = 0, world: int = 1):
-        import torch
-        from torch import nn
-        from .model import Config, SemPcyc, TrainLosses, make_optimizers
+    def __init__(self, data: dict, s: TrainRun, device: str = "cpu", rank: int = 0, world: int = 1):
         self.data, self.s, self.device, self.rank, self.world = data, s, device, rank, world
-        self.cfg = Config(feat_dim=data["fit_sk"].shape[1], sem_dim=data["fit_sem"].shape[1], dim_out=s["dim_out"],
-                          n_classes=len(data["fit_classes"]), **s["config"])
-        torch.manual_seed(s["seed"])
+        self.cfg = Config(feat_dim=data["fit_sk"].shape[1], sem_dim=data["fit_sem"].shape[1], dim_out=s.dim_out,
+                          n_classes=len(data["fit_classes"]), **s.config)
+        torch.manual_seed(s.seed)
         self.model = SemPcyc(self.cfg).to(device)
-        self.opts = make_optimizers(self.model, s["lr"])
-        self.scheds = {k: torch.optim.lr_scheduler.MultiStepLR(o, s["milestones"], s["gamma"])
+        self.opts = make_optimizers(self.model, s.lr)
+        self.scheds = {k: torch.optim.lr_scheduler.MultiStepLR(o, s.milestones, s.gamma)
                        for k, o in self.opts.items()}
         self.net = TrainLosses(self.model).to(device)
         if world > 1:
             self.net = nn.parallel.DistributedDataParallel(self.net, find_unused_parameters=True)
-        self.sampler = PairSampler(data["fit_sk_y"], data["fit_im_y"], s["seed"] + 1000 * rank)
+        self.sampler = PairSampler(data["fit_sk_y"], data["fit_im_y"], s.seed + 1000 * rank)
         self.fit_sem = torch.from_numpy(data["fit_sem"])
         self.state = {"epoch": 0, "best_map": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
         self.best = None
@@ -202,42 +215,37 @@ class Trainer:
                 "state": self.state, "best": self.best}
 
     def restore(self, ckpt: dict) -> None:
-        import torch
         self.model.load_state_dict(ckpt["model"])
         for k in self.opts:
             self.opts[k].load_state_dict(ckpt["opts"][k])
             self.scheds[k].load_state_dict(ckpt["scheds"][k])
         self.state, self.best = ckpt["state"], ckpt["best"]
         # a resumed run draws fresh batches, seeded by where it resumes, so it is reproducible too
-        self.sampler.rng = np.random.default_rng([self.s["seed"], self.rank, self.state["epoch"]])
-        torch.manual_seed(self.s["seed"] + self.state["epoch"])
+        self.sampler.rng = np.random.default_rng([self.s.seed, self.rank, self.state["epoch"]])
+        torch.manual_seed(self.s.seed + self.state["epoch"])
 
     def run_epoch(self) -> dict[str, float]:
-        import torch
-        from tqdm import tqdm
-        from .model import train_step
         s, d, dev = self.s, self.data, self.device
         totals: dict[str, float] = {}
         epoch = self.state["epoch"] + 1
-        for _ in tqdm(range(s["iters_per_epoch"]), desc=f"train epoch {epoch}/{s['epochs']}", unit="it",
+        for _ in tqdm(range(s.iters_per_epoch), desc=f"train epoch {epoch}/{s.epochs}", unit="it",
                       leave=False, mininterval=2, disable=self.rank != 0):
-            sk_i, im_i, y = self.sampler.batch(s["batch_size"])
+            sk_i, im_i, y = self.sampler.batch(s.batch_size)
             a = torch.from_numpy(d["fit_sk"][sk_i]).to(dev)
             b = torch.from_numpy(d["fit_im"][im_i]).to(dev)
-            if s["feature_noise"] > 0:
-                a = a + s["feature_noise"] * torch.randn_like(a)
-                b = b + s["feature_noise"] * torch.randn_like(b)
+            if s.feature_noise > 0:
+                a = a + s.feature_noise * torch.randn_like(a)
+                b = b + s.feature_noise * torch.randn_like(b)
             yt = torch.from_numpy(y).long()
             losses = train_step(self.model, self.opts, a, b, self.fit_sem[yt].to(dev), yt.to(dev), net=self.net)
             for k, v in losses.items():
-                totals[k] = totals.get(k, 0.0) + v / s["iters_per_epoch"]
+                totals[k] = totals.get(k, 0.0) + v / s.iters_per_epoch
             self.pairs += len(y) * self.world
         for sched in self.scheds.values():
             sched.step()
         return totals
 
     def validate(self) -> float:
-        import torch
         d, dev, model = self.data, self.device, self.model
         if not len(d["val_sk"]) or not len(d["val_im"]):
             return float("nan")
@@ -246,7 +254,6 @@ class Trainer:
                                  lambda x: model.embed_image(x.to(dev)).cpu(),
                                  d["val_sk"], d["val_sk_y"], d["val_im"], d["val_im_y"])
         if self.world > 1:  # every rank must take the same early-stopping decision
-            import torch.distributed as dist
             t = torch.tensor([val_map], dtype=torch.float64)
             dist.broadcast(t, src=0)
             val_map = float(t)
@@ -255,7 +262,7 @@ class Trainer:
     def fit(self, on_epoch=None):
         """Train until train.epochs or early stopping; leaves the best epoch's weights in self.model."""
         s = self.s
-        while self.state["epoch"] < s["epochs"]:
+        while self.state["epoch"] < s.epochs:
             totals = self.run_epoch()
             val_map = self.validate()
             # without validation classes (split.val_fraction 0) every epoch counts as the best: last one is kept
@@ -269,10 +276,10 @@ class Trainer:
             self.state["history"].append({"epoch": self.state["epoch"], "val_map": val_map, **totals})
             if on_epoch is not None:
                 on_epoch(self, totals, val_map, improved)
-            if self.state["bad_epochs"] >= s["patience"]:
+            if self.state["bad_epochs"] >= s.patience:
                 if self.rank == 0:
                     print(f"train: early stop after epoch {self.state['epoch']}: no validation gain for "
-                          f"{s['patience']} epochs")
+                          f"{s.patience} epochs")
                 break
         self.model.load_state_dict(self.best)
         return self.model
@@ -281,65 +288,89 @@ class Trainer:
 def open_live(live_dir: str, resume: bool):
     """A DVCLive logger. DVCLive looks up the git revision when it starts; in a repository with no commit yet
     that raises, so then it logs without its DVC integration (files only), which is all the stage needs."""
-    from dvclive import Live
     try:
         return Live(dir=live_dir, resume=resume, report=None, dvcyaml=None, save_dvc_exp=False)
     except Exception as exc:  # scmrepo's SCMError: "Empty git repo"
         if "git" not in str(exc).lower():
             raise
-        from unittest import mock
         with mock.patch("dvclive.live.get_dvc_repo", return_value=None):
             return Live(dir=live_dir, resume=resume, report=None, dvcyaml=None, save_dvc_exp=False)
 
 
 def run(args: argparse.Namespace) -> None:
-    import io
-    import torch
-    from .encoder import bundle_state
-    from .features import pick_device
-    from .fsutil import atomic_write_bytes
-
-    s = read_settings(params_mod.load(getattr(args, "params", "params.yaml")))
-    if s["threads"] > 0:
+    s = read_settings(params_mod.load(args.params), args.params)
+    if s.threads > 0:
         # the SEM-PCYC step is a few small matrix products: one thread is as fast as two on an idle box and up to
         # 100x faster on a busy one (OpenMP threads spin-waiting for a core; measured by bench/train_throughput.py)
-        torch.set_num_threads(s["threads"])
-    device = pick_device(s["device"])
+        torch.set_num_threads(s.threads)
+    device = pick_device(s.device)
     rank, world = _dist_setup(device)
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    features_dir, train_dir = Path(args.features), Path(args.train)
+    train_model(s, Path(args.features), Path(args.train), Path(args.out), device, rank, world,
+                live_dir=args.live_dir, checkpoint=Path(args.checkpoint),
+                resume=Path(args.resume) if args.resume else None)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def train_model(s: TrainRun, features_dir: Path, train_dir: Path, out: Path, device: str, rank: int, world: int,
+                live_dir: str, checkpoint: Path, resume: Path | None) -> None:
+    """Train on the cached features, checkpointing every epoch, and (rank 0) write the model bundle to `out`."""
     data = load_training_data(features_dir, train_dir, s)
     trainer = Trainer(data, s, device, rank, world)
-
-    fp = fingerprint({**s, "world": world}, features_dir, train_dir)
-    ckpt_path = Path(args.resume or args.checkpoint)
-    if args.resume and not ckpt_path.exists():
-        raise UserError(f"{ckpt_path}: checkpoint not found")
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if args.resume and ckpt.get("config") != trainer.cfg.to_dict():
-            theirs = ckpt.get("config", {})
-            diff = sorted(k for k, v in trainer.cfg.to_dict().items() if theirs.get(k) != v)
-            raise UserError(f"{ckpt_path}: checkpoint was made for another architecture or configuration "
-                            f"(differs in {', '.join(diff) or 'format'}); not resuming. Use the params it was "
-                            "made with, or start fresh without --resume")
-        if ckpt.get("fingerprint") == fp or args.resume:
-            trainer.restore(ckpt)
-            if rank == 0:
-                print(f"train: resuming from {ckpt_path} after epoch {trainer.state['epoch']}")
-        elif rank == 0:
-            print(f"train: {ckpt_path} is from other inputs or params; starting fresh")
-
+    fp = fingerprint({**dataclasses.asdict(s), "world": world}, features_dir, train_dir)
+    restore_checkpoint(trainer, resume or checkpoint, fp, explicit=resume is not None)
     live = None
     if rank == 0:
-        live = open_live(args.live_dir, resume=trainer.state["epoch"] > 0)
-        live.log_params({"preset": s["preset"], **s["config"], "dim_out": s["dim_out"], "lr": s["lr"],
-                         "batch_size": s["batch_size"], "feature_norm": s["feature_norm"], "world_size": world})
+        live = open_live(live_dir, resume=trainer.state["epoch"] > 0)
+        live.log_params({"preset": s.preset, **s.config, "dim_out": s.dim_out, "lr": s.lr,
+                         "batch_size": s.batch_size, "feature_norm": s.feature_norm, "world_size": world})
+    started = time.time()
+    model = trainer.fit(epoch_logger(live, checkpoint, fp) if rank == 0 else None)
+    if rank != 0:
+        return
+    state = trainer.state
+    bundle_meta = {**data["meta"], "feature_norm": s.feature_norm, "trained_classes": data["fit_classes"],
+                   "validation_classes": data["val_names"], "best_epoch": state["best_epoch"], "preset": s.preset}
+    buf = io.BytesIO()
+    torch.save(bundle_state(bundle_meta, trainer.cfg, data["extractors"], data["norms"], model.cpu()), buf)
+    atomic_write_bytes(out, buf.getvalue())
+    rate = trainer.pairs / max(time.time() - started, 1e-9)
+    live.summary.update({"val_map_all_best": state["best_map"], "best_epoch": state["best_epoch"],
+                         "epochs_run": state["epoch"], "pairs_per_second": round(rate, 1)})
+    live.end()
+    checkpoint.unlink(missing_ok=True)
+    print(f"train: best val mAP@all {state['best_map']:.4f} at epoch {state['best_epoch']}; "
+          f"{rate:.0f} pairs/s -> {out}")
 
+
+def restore_checkpoint(trainer: Trainer, path: Path, fp: str, explicit: bool) -> None:
+    """Resume from `path` when it was made from the same inputs and params (or, with --resume, whenever its
+    architecture matches)."""
+    if explicit and not path.exists():
+        raise UserError(f"{path}: checkpoint not found")
+    if not path.exists():
+        return
+    ckpt = torch.load(path, map_location=trainer.device, weights_only=True)
+    if explicit and ckpt.get("config") != trainer.cfg.to_dict():
+        theirs = ckpt.get("config", {})
+        diff = sorted(k for k, v in trainer.cfg.to_dict().items() if theirs.get(k) != v)
+        raise UserError(f"{path}: checkpoint was made for another architecture or configuration "
+                        f"(differs in {', '.join(diff) or 'format'}); not resuming. Use the params it was "
+                        "made with, or start fresh without --resume")
+    if ckpt.get("fingerprint") == fp or explicit:
+        trainer.restore(ckpt)
+        if trainer.rank == 0:
+            print(f"train: resuming from {path} after epoch {trainer.state['epoch']}")
+    elif trainer.rank == 0:
+        print(f"train: {path} is from other inputs or params; starting fresh")
+
+
+def epoch_logger(live: Live, checkpoint: Path, fp: str):
+    """The per-epoch callback of rank 0: DVCLive metrics, a progress line, and the checkpoint."""
     def on_epoch(tr: Trainer, totals: dict, val_map: float, improved: bool) -> None:
-        if rank != 0:
-            return
         for k, v in totals.items():
             live.log_metric(f"train/{k}", v)
         live.log_metric("val/map_all", val_map)
@@ -348,26 +379,5 @@ def run(args: argparse.Namespace) -> None:
               + f"  gen {totals['gen']:.3f} disc {totals['disc']:.3f} ae {totals['ae']:.4f}")
         buf = io.BytesIO()
         torch.save(tr.checkpoint(fp), buf)
-        atomic_write_bytes(args.checkpoint, buf.getvalue())
-
-    started = time.time()
-    model = trainer.fit(on_epoch)
-    if rank == 0:
-        state = trainer.state
-        bundle_meta = {**data["meta"], "feature_norm": s["feature_norm"], "trained_classes": data["fit_classes"],
-                       "validation_classes": data["val_names"], "best_epoch": state["best_epoch"],
-                       "preset": s["preset"]}
-        buf = io.BytesIO()
-        torch.save(bundle_state(bundle_meta, trainer.cfg, data["extractors"], data["norms"], model.cpu()), buf)
-        atomic_write_bytes(args.out, buf.getvalue())
-        rate = trainer.pairs / max(time.time() - started, 1e-9)
-        live.summary.update({"val_map_all_best": state["best_map"], "best_epoch": state["best_epoch"],
-                             "epochs_run": state["epoch"], "pairs_per_second": round(rate, 1)})
-        live.end()
-        Path(args.checkpoint).unlink(missing_ok=True)
-        print(f"train: best val mAP@all {state['best_map']:.4f} at epoch {state['best_epoch']}; "
-              f"{rate:.0f} pairs/s -> {args.out}")
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
-        dist.destroy_process_group()
+        atomic_write_bytes(checkpoint, buf.getvalue())
+    return on_epoch

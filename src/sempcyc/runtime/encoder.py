@@ -1,8 +1,6 @@
-"""The inference path, sketch or image -> embedding: extractor CNN (+ projection) then the SEM-PCYC generator.
-
-One implementation for the features stage, evaluation, the gallery stage, the TorchServe handler and the
-benchmarks. Imports only its siblings backbones and model (relatively), so the archive can ship these files as a
-small package of their own.
+"""The inference path, sketch or image -> embedding: extractor CNN (+ projection), the feature normalisation
+training used, then the SEM-PCYC generator. One implementation for evaluation, the gallery stage, the TorchServe
+handler and the benchmarks; `bundle_state` is what models/sem_pcyc.pt holds.
 """
 from __future__ import annotations
 
@@ -12,36 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import build_backbone, to_input
+from .backbones import Extractor, to_input
 from .model import Config, SemPcyc
-
-
-class Extractor(nn.Module):
-    """f_sk or f_im: a backbone's pooled features, optionally projected to `dim` (the fine-tuned head)."""
-
-    def __init__(self, backbone: str, dim: int | None, pretrained: bool = True, weights_path: str | None = None):
-        super().__init__()
-        self.backbone = build_backbone(backbone, pretrained=pretrained, weights_path=weights_path)
-        n = self.backbone.num_features
-        self.proj = nn.Linear(n, dim) if dim else nn.Identity()
-        self.out_dim = dim or n
-
-    def forward(self, x_0_255: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.backbone.forward_features(self.backbone.normalize(x_0_255)))
-
-
-def batched(fn, arrays: np.ndarray, batch_size: int, device: str = "cpu", progress=None) -> np.ndarray:
-    """Apply `fn` (uint8 tensor batch -> float tensor) over a uint8 array in batches, without gradients."""
-    outs = []
-    with torch.inference_mode():
-        for start in range(0, len(arrays), batch_size):
-            chunk = torch.from_numpy(np.array(arrays[start:start + batch_size])).to(device)  # writable copy
-            outs.append(fn(chunk).float().cpu().numpy())
-            if progress is not None:
-                progress.update(len(chunk))
-    if not outs:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(outs).astype(np.float32)
 
 
 class FeatureNorm(nn.Module):

@@ -6,6 +6,7 @@ It uses the same preprocessing (imaging) and the same model path (encoder) as tr
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -109,7 +110,6 @@ def _blas_controller():
 
 
 def _nothing():
-    import contextlib
     return contextlib.nullcontext()
 
 

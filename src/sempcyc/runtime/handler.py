@@ -1,13 +1,16 @@
 """TorchServe handler: a thin adapter from TorchServe's request batches to search.SketchSearch.
 
-In the archive this file sits at the root beside `sem_pcyc_runtime/`, a copy of the few modules it needs
-(imaging, retrieval, encoder, backbones, model, search); it never imports the installed `sempcyc` package, so a
-serving host needs only TorchServe, torch, torchvision, numpy and pillow. The model and the gallery embeddings are
+In the archive this file sits at the root beside `sem_pcyc_runtime/`, the archive's copy of this runtime package,
+and imports from it by that name (so it is only ever imported from an archive); it never imports the installed
+`sempcyc` package, so a serving host needs only TorchServe, torch, torchvision, numpy and pillow. The model and the gallery embeddings are
 loaded once in initialize(); each request is only preprocessing, one forward pass and a top-k.
 """
 import json
 import os
 from pathlib import Path
+
+import torch
+from sem_pcyc_runtime.search import RequestError, SketchSearch
 
 # No content type (curl -T) is fine too. Form encoding is refused: TorchServe parses such a body as form fields,
 # so the image would arrive mangled (curl --data-binary sends it unless told -H 'Content-Type: image/png').
@@ -22,9 +25,6 @@ class SemPcycHandler:
         self.initialized = False
 
     def initialize(self, context):
-        import torch
-        from sem_pcyc_runtime.search import SketchSearch
-
         model_dir = Path(context.system_properties["model_dir"])
         settings = json.loads((model_dir / "serving.json").read_text(encoding="utf-8"))
         threads = int(os.environ.get("SEM_PCYC_THREADS", settings.get("threads", 0)) or 0)
@@ -36,8 +36,6 @@ class SemPcycHandler:
         self.initialized = True
 
     def handle(self, data, context):
-        from sem_pcyc_runtime.search import RequestError
-
         bodies = []
         for idx, row in enumerate(data):
             body = row.get("data") if row.get("data") is not None else row.get("body")

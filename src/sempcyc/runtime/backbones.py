@@ -4,14 +4,16 @@
 package load with no missing or unexpected keys (TF-"same" padding, ReLU6, no squeeze-excitation, BN eps 1e-3).
 `vgg16`: the paper's backbone from torchvision (weights from a local file, or torchvision's download when online).
 `tiny`: a small from-scratch CNN, for tests only.
-
-Kept free of this package's other modules: the TorchServe archive ships this file as it is.
+`Extractor` is f_sk or f_im (a backbone plus the optional projection the features stage fine-tunes); `batched`
+runs one over a uint8 array. The features stage needs only this module of the runtime, so a change to the
+SEM-PCYC networks never reruns the extractor fine-tuning.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -181,3 +183,31 @@ def to_input(batch_uint8: torch.Tensor, invert: bool) -> torch.Tensor:
     else:
         x = x.permute(0, 3, 1, 2)
     return x.contiguous()
+
+
+class Extractor(nn.Module):
+    """f_sk or f_im: a backbone's pooled features, optionally projected to `dim` (the fine-tuned head)."""
+
+    def __init__(self, backbone: str, dim: int | None, pretrained: bool = True, weights_path: str | None = None):
+        super().__init__()
+        self.backbone = build_backbone(backbone, pretrained=pretrained, weights_path=weights_path)
+        n = self.backbone.num_features
+        self.proj = nn.Linear(n, dim) if dim else nn.Identity()
+        self.out_dim = dim or n
+
+    def forward(self, x_0_255: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.backbone.forward_features(self.backbone.normalize(x_0_255)))
+
+
+def batched(fn, arrays: np.ndarray, batch_size: int, device: str = "cpu", progress=None) -> np.ndarray:
+    """Apply `fn` (uint8 tensor batch -> float tensor) over a uint8 array in batches, without gradients."""
+    outs = []
+    with torch.inference_mode():
+        for start in range(0, len(arrays), batch_size):
+            chunk = torch.from_numpy(np.array(arrays[start:start + batch_size])).to(device)  # writable copy
+            outs.append(fn(chunk).float().cpu().numpy())
+            if progress is not None:
+                progress.update(len(chunk))
+    if not outs:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(outs).astype(np.float32)

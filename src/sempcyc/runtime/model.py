@@ -1,10 +1,8 @@
 """SEM-PCYC (Dutta & Akata, CVPR 2019) on precomputed features, in one readable file.
 
-Names follow shared/SEM-PCYC.md: a = f_sk(x_sk) and b = f_im(x_im) are frozen extractor features (F-dim),
+Names follow docs/model.md: a = f_sk(x_sk) and b = f_im(x_im) are frozen extractor features (F-dim),
 s_raw(y) the class's semantic vector (S-dim), s = A_enc(s_raw) its code in the common space (D-dim).
 p = G_sk→se(a) and q = G_im→se(b) are the retrieval embeddings; u = G_se→sk(s), v = G_se→im(s) close the cycles.
-
-Kept free of this package's other modules: the TorchServe archive ships this file as it is.
 """
 from __future__ import annotations
 
@@ -17,10 +15,12 @@ import torch.nn.functional as F
 
 @dataclass
 class Config:
-    feat_dim: int = 512            # F
-    sem_dim: int = 384             # S
-    dim_out: int = 64              # D, the retrieval embedding
-    n_classes: int = 2             # seen (training) classes, for the classifiers
+    # sizes, given by the data and model.dim_out
+    feat_dim: int                  # F
+    sem_dim: int                   # S
+    dim_out: int                   # D, the retrieval embedding
+    n_classes: int                 # seen (training) classes, for the classifiers
+    # the loss configuration: these defaults are the published recipe (preset `original`)
     dropout: float = 0.5
     disc_noise: float = 0.3
     train_classifiers: bool = False  # the original keeps C_se, C_sk, C_im frozen at random init

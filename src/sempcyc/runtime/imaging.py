@@ -1,7 +1,5 @@
 """Decoding and resizing of sketches and images: the one implementation that prepare, evaluation, the gallery
 stage and the TorchServe handler all call, so a served sketch is preprocessed exactly like a training one.
-
-Kept free of torch and of this package's other modules: the handler archive ships this file as it is.
 """
 from __future__ import annotations
 

@@ -1,0 +1,65 @@
+"""The `model` and `train` params sections, which the features and train stages share, and the device choice.
+
+Presets are named starting points for SEM-PCYC's loss configuration; `model.overrides` changes single fields
+of runtime.model.Config on top (validated by the train stage, which builds the Config).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .errors import UserError
+from .params import setting
+from .runtime.backbones import BACKBONES
+
+PRESETS = {
+    # The original code: every lambda as published, classifiers frozen at their random initialisation.
+    "original": {},
+    # Found by the ablation in README ("Quality"): lighter semantic/classification weights, trained classifiers.
+    "tuned": {"lambda_se": 1.0, "lambda_im": 1.0, "lambda_sk": 1.0, "train_classifiers": True},
+}
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    SECTION: ClassVar[str] = "model"
+    backbone: str = setting(choices=BACKBONES)
+    backbone_weights: str | None = setting()
+    invert_sketch: bool = setting()
+    dim_out: int = setting(min=1)
+    preset: str = setting(choices=tuple(PRESETS))
+    overrides: dict = setting()
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    SECTION: ClassVar[str] = "train"
+    device: str = setting()
+    epochs: int = setting(min=1)
+    iters_per_epoch: int = setting(min=1)
+    batch_size: int = setting(min=2)
+    lr: float = setting(above=0.0)
+    milestones: list[int] = setting()
+    gamma: float = setting(above=0.0)
+    patience: int = setting(min=1)
+    feature_norm: str = setting(choices=("none", "standardize", "l2"))
+    feature_noise: float = setting(min=0.0)
+    threads: int = setting(min=0)
+    seed: int = setting()
+
+
+def pick_device(name: str) -> str:
+    """train.device -> a torch device string; cpu, auto, cuda or cuda:N."""
+    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", name):
+        raise UserError(f"params.yaml: train.device must be cpu, cuda, cuda:N or auto, got {name!r}")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' requested (param train.device) but CUDA is not available here; "
+                        "set train.device: cpu (or auto)")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"train.device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return name
