@@ -12,6 +12,7 @@ repro: setup
 
 test: setup
 	@bash scripts/system-deps.sh
+	ruff check .
 	pytest
 
 test-quick: setup

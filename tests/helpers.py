@@ -6,7 +6,6 @@ import contextlib
 import copy
 import io
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -81,7 +80,7 @@ def png_bytes(seed: int, size: int = 48, mode: str = "RGB") -> bytes:
 def class_files(classes: dict[str, tuple[int, int]], seed: int = 0) -> dict[str, bytes]:
     """{member path: bytes} for classes -> (n_images, n_sketches), under top folder 'ds'."""
     files = {}
-    for ci, (cls, (n_img, n_sk)) in enumerate(sorted(classes.items())):
+    for cls, (n_img, n_sk) in sorted(classes.items()):
         base = sum(map(ord, cls)) * 100 + seed
         for i in range(n_img):
             files[f"ds/images/{cls}/{i:03d}.png"] = png_bytes(base + i)

@@ -81,7 +81,7 @@ class Host:
         self.token_auth = token_auth
         self.ts: TorchServe | None = None
 
-    def start(self) -> "Host":
+    def start(self) -> Host:
         self.ts = TorchServe(self.store, workdir=self.root / "run", config_file=self.config,
                              token_auth=self.token_auth)
         self.ts.start()

@@ -17,7 +17,9 @@ import pytest
 import yaml
 
 from helpers import REPO
-from sempcyc import cli, params as params_mod
+from sempcyc import cli
+from sempcyc import params as params_mod
+from sempcyc.recipe import TrainSettings
 
 SRC = REPO / "src" / "sempcyc"
 RUNTIME = SRC / "runtime"
@@ -182,7 +184,6 @@ def test_settings_fields_have_no_defaults_in_code():
 def test_a_missing_key_is_one_line_naming_it(tmp_path: Path):
     params = params_mod.load(REPO / "params.yaml")
     del params["train"]["epochs"]
-    from sempcyc.recipe import TrainSettings
     with pytest.raises(params_mod.UserError, match=r"^params.yaml: train.epochs is missing"):
         params_mod.read_section(params, TrainSettings)
     params["train"]["epochz"] = 3

@@ -5,28 +5,22 @@ The host's TorchServe runs from its own config.properties with the documented st
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
 import socket
-import subprocess
-import threading
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from helpers import CLASSES, PARAMS, PER_CLASS, class_files, merged, ok, png_bytes, run_cli, write_params, write_tar
+from helpers import CLASSES, PARAMS, PER_CLASS, class_files, merged, ok, run_cli, write_params, write_tar
 from hosts import Host, target_dict
 from sempcyc import archive, deploy
-from sempcyc.errors import UserError
 from sempcyc.params import read_section
+from sempcyc.runtime.search import SketchSearch
 from sempcyc.serving import ReleaseSettings, ServeSettings
-from sempcyc.targets import DeploySettings, parse_targets
-from sempcyc.torchserve import TorchServe, free_port, free_worker_port
+from sempcyc.torchserve import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -49,9 +43,9 @@ def artifacts(tmp_path_factory) -> dict:
     for version in ("0.1.0", "0.2.0"):
         params = merged(PARAMS, {"release": {"version": version, "model_name": "sem_pcyc"},
                                  "serve": {"top_k": 5, "threads": 1}})
+        release, serve = read_section(params, ReleaseSettings), read_section(params, ServeSettings)
         marts[version] = archive.build_archive(root / "models/sem_pcyc.pt", root / "models/gallery",
-                                               root / f"mars/sem_pcyc-{version}.mar",
-                                               read_section(params, ReleaseSettings), read_section(params, ServeSettings))
+                                               root / f"mars/sem_pcyc-{version}.mar", release, serve)
     broken = root / "mars/broken-0.3.0.mar"
     with zipfile.ZipFile(marts["0.2.0"]) as src, zipfile.ZipFile(broken, "w") as dst:
         for item in src.infolist():
@@ -65,8 +59,8 @@ def artifacts(tmp_path_factory) -> dict:
             dst.writestr(item, data)
     marts["broken"] = broken
     sketch = next((root / "data/dataset/sketches").glob("*/*.png")).read_bytes()
-    from sempcyc.runtime.search import SketchSearch
-    search = SketchSearch.load(root / "models/sem_pcyc.pt", root / "models/gallery", top_k=5)
+    search = SketchSearch.load(root / "models/sem_pcyc.pt", root / "models/gallery", top_k=5,
+                                max_pixels=16_000_000)
     return {"root": root, "mars": marts, "sketch": sketch, "expected": search.search([sketch])[0], "k": 5}
 
 

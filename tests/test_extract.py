@@ -1,7 +1,6 @@
 import base64
 import json
 import tarfile
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -33,7 +32,7 @@ def test_extracts_layout_and_index(tmp_path, tiny_classes):
 
 
 def test_cli_writes_index_and_replaces_old_output(tmp_path, tiny_classes):
-    tar = write_tar(tmp_path / "d.tar", class_files(tiny_classes))
+    write_tar(tmp_path / "d.tar", class_files(tiny_classes))
     write_params(tmp_path, {"data": {"tar": "d.tar"}})
     (tmp_path / "dataset" / "stale").mkdir(parents=True)
     run_cli("extract", "--out", "dataset", "--index", "dataset.json", cwd=tmp_path)

@@ -10,8 +10,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from sempcyc.runtime import backbones, retrieval
 from sempcyc.runtime import model as M
@@ -403,7 +403,7 @@ def test_train_step_matches_manual_phases():
 
     assert out["ae"] == pytest.approx(ae.item()) and out["gen"] == pytest.approx(g["gen"].item())
     assert out["disc"] == pytest.approx(d["disc"].item())
-    for (n1, p1), (n2, p2) in zip(m1.named_parameters(), m2.named_parameters(), strict=True):
+    for (n1, p1), (_, p2) in zip(m1.named_parameters(), m2.named_parameters(), strict=True):
         assert torch.allclose(p1, p2, rtol=0, atol=1e-7), n1
 
 

@@ -16,8 +16,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import (CLASSES, PER_CLASS, PIPELINE_OVERRIDES, REPO, VENV_BIN, class_files, dvc_env,
-                     new_unseen_class, write_tar)
+from helpers import (
+    CLASSES,
+    PER_CLASS,
+    PIPELINE_OVERRIDES,
+    REPO,
+    VENV_BIN,
+    class_files,
+    dvc_env,
+    new_unseen_class,
+    write_tar,
+)
 
 pytestmark = pytest.mark.integration
 

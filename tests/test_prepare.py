@@ -105,11 +105,11 @@ def test_arrays_labels_and_ids(tmp_path):
     assert sketches.shape == (2 * len(train_classes), 32, 32)
     labels = np.load(out / "train/images_labels.npy")
     ids = json.loads((out / "train/images_ids.json").read_text())
-    assert [train_classes[l] for l in labels] == [i.split("/")[0] for i in ids]
+    assert [train_classes[lab] for lab in labels] == [i.split("/")[0] for i in ids]
     assert np.load(out / "train/semantic.npy").shape == (len(train_classes), 32)
     meta = json.loads((out / "test/classes.json").read_text())
     query_labels = np.load(out / "test/sketches_labels.npy")
-    assert {meta["classes"][l] for l in query_labels} == set(meta["unseen"])
+    assert {meta["classes"][lab] for lab in query_labels} == set(meta["unseen"])
     assert len(np.load(out / "test/images_labels.npy")) == 3 * 16  # gallery: every class
 
 

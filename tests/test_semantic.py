@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import repo_params, write_params
 from sempcyc import semantic
@@ -90,8 +91,6 @@ def test_minilm_vector_independent_of_other_classes(minilm):
 
 
 def test_minilm_thread_count_restored(minilm):
-    import torch
-
     before = torch.get_num_threads()
     semantic.compute(["cat"], settings(), model=minilm)
     assert torch.get_num_threads() == before

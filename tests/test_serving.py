@@ -8,7 +8,7 @@ its own TMPDIR, logs, store and free 127.0.0.1 ports, and is stopped by the proc
 from __future__ import annotations
 
 import contextlib
-import io
+import importlib.util
 import json
 import os
 import shutil
@@ -29,15 +29,14 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-import torch
 import yaml
 
-from helpers import VENV_BIN, class_files, png_bytes, run_cli, write_tar
-from sempcyc import archive, cli, serve_check, serving, torchserve
-from sempcyc.params import read_section
+from helpers import CLASSES, PER_CLASS, VENV_BIN, call, class_files, merged, png_bytes, run_cli, write_tar
+from helpers import PARAMS as STAGE_PARAMS
+from sempcyc import archive, serve_check, serving, torchserve
 from sempcyc.errors import UserError
+from sempcyc.params import read_section
 from sempcyc.runtime.search import RequestError, SketchSearch
-from helpers import CLASSES, PER_CLASS, PARAMS as STAGE_PARAMS, call, merged
 
 # The tiny dataset and params of test_stages (12 classes, 3 on the unseen side -> 6 query sketches, 48 gallery
 # images), with one training epoch and the serving sections added.
@@ -256,13 +255,12 @@ def big_png() -> bytes:
 
 @pytest.fixture(scope="module")
 def offline(built: Built) -> SketchSearch:
-    return SketchSearch.load(built.model, built.gallery)
+    return SketchSearch.load(built.model, built.gallery, top_k=30, max_pixels=16_000_000)
 
 
 @pytest.fixture(scope="module")
 def handler_module(built: Built):
     """The archive's handler.py imported from the extracted archive (its sem_pcyc_runtime first on sys.path)."""
-    import importlib.util
     mp = pytest.MonkeyPatch()
     mp.syspath_prepend(str(built.extracted))
     spec = importlib.util.spec_from_file_location("sem_pcyc_archive_handler", built.extracted / "handler.py")
@@ -284,7 +282,7 @@ def handler(built: Built, handler_module):
 # ---------------------------------------------------------------------------------- 1. SketchSearch (unit)
 
 def test_search_returns_k_ranked_items(offline: SketchSearch, built: Built):
-    k = min(30, GALLERY_SIZE)  # the default top_k
+    k = min(30, GALLERY_SIZE)  # the README's serve.top_k
     [answer] = offline.search([sketch(1)])
     assert_ranked(answer, k)
     # the scores are exp(-distance) to the gallery embeddings, nearest first
@@ -298,7 +296,7 @@ def test_search_returns_k_ranked_items(offline: SketchSearch, built: Built):
 
 
 def test_search_top_k(built: Built, offline: SketchSearch):
-    five = SketchSearch.load(built.model, built.gallery, top_k=5)
+    five = SketchSearch.load(built.model, built.gallery, top_k=5, max_pixels=16_000_000)
     [answer] = five.search([sketch(2)])
     assert_ranked(answer, 5)
     assert [r["image"] for r in answer] == [r["image"] for r in offline.search([sketch(2)])[0][:5]]

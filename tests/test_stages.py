@@ -7,9 +7,6 @@ CUDA-absent error (exit status, no traceback) and DDP under torchrun.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
-import io
 import json
 import os
 import re
@@ -23,12 +20,25 @@ import torch
 import yaml
 from PIL import Image
 
-from helpers import (CLASSES, PER_CLASS, PARAMS, SALT, TEST_FRACTION, VENV_BIN, call, class_files, dvc_env, merged,
-                     new_unseen_class, ok, one_line_error, run_cli, write_params, write_tar)
+from helpers import (
+    CLASSES,
+    PARAMS,
+    PER_CLASS,
+    VENV_BIN,
+    call,
+    class_files,
+    dvc_env,
+    new_unseen_class,
+    ok,
+    one_line_error,
+    run_cli,
+    write_params,
+    write_tar,
+)
+from sempcyc import train as train_mod
 from sempcyc.runtime import imaging
 from sempcyc.runtime.backbones import build_backbone
 from sempcyc.runtime.encoder import Encoder
-from sempcyc.split import hash_unit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LOSSES = {"ae", "gen", "gen_adv", "gen_cyc", "gen_cls", "gen_reg", "disc", "disc_se", "disc_sk", "disc_im"}
@@ -86,7 +96,6 @@ def trained(prepared: Path) -> Path:
 @pytest.fixture(scope="module")
 def interrupted(trained: Path, tmp_path_factory) -> Path:
     """A checkpoint left by a run of 4 epochs interrupted (Ctrl-C) during epoch 3: it holds epochs 1-2."""
-    import sempcyc.train as train_mod
     folder = tmp_path_factory.mktemp("interrupted")
     write_params(folder, {"train": {"epochs": 4}})
     real, calls = train_mod.validation_map, []
@@ -232,17 +241,17 @@ def test_unknown_device_names_the_param(trained: Path, tmp_path: Path, stage: st
     assert "train.device" in one_line_error(rc, err, stage)
 
 
-def test_no_validation_classes_trains_or_says_why(prepared: Path, tmp_path: Path):
+def test_no_validation_classes_trains_every_epoch_and_keeps_the_last(prepared: Path, tmp_path: Path):
+    """split.val_fraction 0: nothing to stop early on, so every epoch counts as the best and the last is kept."""
     write_params(tmp_path, {"split": {"val_fraction": 0.0}})
     ok(tmp_path, "features", "--train", prepared / "data/prepared/train", "--out", "feat")
     assert json.loads((tmp_path / "feat/meta.json").read_text())["validation_classes"] == []
     argv = train_args(prepared, tmp_path)
     argv[argv.index(prepared / "models/features")] = tmp_path / "feat"
-    rc, _, err = call(tmp_path, *argv)
-    if rc == 0:
-        assert Encoder.load(tmp_path / "model.pt").meta["backbone"] == "tiny"
-    else:
-        assert "split.val_fraction" in one_line_error(rc, err, "train")
+    ok(tmp_path, *argv)
+    meta = Encoder.load(tmp_path / "model.pt").meta
+    assert meta["validation_classes"] == [] and meta["best_epoch"] == PARAMS["train"]["epochs"]
+    assert len(meta["trained_classes"]) == len(json.loads((prepared / "data/prepared/train/classes.json").read_text()))
 
 
 def test_train_in_a_git_repo_without_commits(trained: Path, tmp_path: Path):

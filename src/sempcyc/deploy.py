@@ -21,7 +21,6 @@ import os
 import posixpath
 import re
 import shlex
-import socket
 import time
 import uuid
 import zipfile
@@ -77,7 +76,7 @@ class HostSession:
         self.sftp = None
         self.bytes_sent = 0
 
-    def connect(self) -> "HostSession":
+    def connect(self) -> HostSession:
         t = self.t
         known_hosts = Path(os.path.expanduser(t.known_hosts))
         client = paramiko.SSHClient()
@@ -113,7 +112,7 @@ class HostSession:
                 raise DeployError(f"{t.name}: unknown host key (not in {known_hosts}); refusing to connect. Add "
                                   f"it after checking its fingerprint: ssh-keyscan -p {t.port} {t.host}") from None
             raise DeployError(f"{t.name}: SSH error: {exc}") from None
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             raise DeployError(f"{t.name}: no SSH answer within {t.connect_timeout:.0f} s; check host, port "
                               "and firewall") from None
         except OSError as exc:
@@ -136,7 +135,8 @@ class HostSession:
         out = stdout.read().decode(errors="replace")
         rc = stdout.channel.recv_exit_status()
         if check and rc != 0:
-            raise DeployError(f"{self.t.name}: `{command}` failed ({rc}): {stderr.read().decode(errors='replace')[:300]}")
+            detail = stderr.read().decode(errors="replace")[:300]
+            raise DeployError(f"{self.t.name}: `{command}` failed ({rc}): {detail}")
         return out
 
     def exists(self, path: str) -> bool:
@@ -226,8 +226,9 @@ class TorchServeHost:
     def _check_token(self, status: int, body: bytes, api: str, env: str) -> None:
         # TorchServe answers a missing or stale token with 400 InvalidKeyException (401 in some versions)
         if status in (400, 401) and (b"InvalidKeyException" in body or b"Token Authorization" in body):
-            raise DeployError(f"{self.t.name}: the {api} API refused the token ({'none given' if not self.tokens[api] else 'wrong or expired'}); "
-                              f"set ${env} or deploy.targets remote_key_file (TorchServe's key_file.json)")
+            why = "wrong or expired" if self.tokens[api] else "none given"
+            raise DeployError(f"{self.t.name}: the {api} API refused the token ({why}); set ${env} or "
+                              "deploy.targets remote_key_file (TorchServe's key_file.json)")
 
     def versions(self) -> list[str]:
         status, body = self.mgmt("GET", f"/models/{self.t.model_name}/all")
@@ -285,7 +286,7 @@ def updated_ts_config(text: str, model_name: str, versions: list[str], default: 
     try:
         models = json.loads(props.get("models", "{}") or "{}")
     except json.JSONDecodeError:
-        raise DeployError(f"the host's TorchServe config has an unreadable models= line; fix it by hand") from None
+        raise DeployError("the host's TorchServe config has an unreadable models= line; fix it by hand") from None
     models[model_name] = {v: {"defaultVersion": v == default, "marName": mar_file_name(model_name, v),
                               "minWorkers": workers, "maxWorkers": workers, "responseTimeout": 120}
                           for v in versions}

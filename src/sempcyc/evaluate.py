@@ -26,8 +26,14 @@ from .fsutil import atomic_dir, dumps_json
 from .params import setting
 from .runtime.backbones import batched, build_backbone, to_input
 from .runtime.encoder import Encoder
-from .runtime.retrieval import (ITQ, average_precisions, hamming_distances, precision_recall_curve,
-                                retrieval_metrics, squared_distances)
+from .runtime.retrieval import (
+    ITQ,
+    average_precisions,
+    hamming_distances,
+    precision_recall_curve,
+    retrieval_metrics,
+    squared_distances,
+)
 from .shards import load_test_shard
 
 KS = (10, 100, 200)

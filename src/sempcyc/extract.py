@@ -216,6 +216,6 @@ def _plan(members: list[tarfile.TarInfo], tar_path: Path, folders: dict[str, str
         print(f"extract: warning: skipped {len(skipped)} file(s) that are not "
               f"{'/'.join(imaging.IMAGE_SUFFIXES)}, e.g. {skipped[0]}")
     for domain in DOMAINS:
-        for cls, entries in classes[domain].items():
+        for entries in classes[domain].values():
             entries.sort(key=lambda e: e[0])
     return {"top": top, "classes": classes, "lists": lists}

@@ -110,7 +110,7 @@ def build_gallery(model_path: Path, dataset: Path, index: dict, out: Path, cache
     return len(entries), len(todo)
 
 
-def embed_into_cache(enc: Encoder, todo: list[tuple[str, Path]], cache: "EmbeddingCache", batch_size: int) -> None:
+def embed_into_cache(enc: Encoder, todo: list[tuple[str, Path]], cache: EmbeddingCache, batch_size: int) -> None:
     """Embed (sha256, path) images through the handler's preprocessing into the cache table."""
     with tqdm(total=len(todo), desc="gallery embed", unit="img", mininterval=2) as bar:
         for start in range(0, len(todo), batch_size):

@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _dvc(*args: str) -> str:
     """dvc's output, or a line saying it failed (a report shows what it can)."""
     proc = dvc(*args, check=False)
-    return proc.stdout.strip() if proc.returncode == 0 else f"(`dvc {' '.join(args)}` failed: {proc.stderr.strip()[:300]})"
+    if proc.returncode == 0:
+        return proc.stdout.strip()
+    return f"(`dvc {' '.join(args)}` failed: {proc.stderr.strip()[:300]})"
 
 
 def previous_tag(against: str | None) -> str | None:

@@ -83,26 +83,6 @@ def big_png(megapixels: int = 50) -> bytes:
     return buf.getvalue()
 
 
-def check_response(status: int, body: bytes, k: int) -> str | None:
-    """None when `body` is a valid answer of k items; else what is wrong."""
-    if status != 200:
-        return f"status {status}: {body[:200]!r}"
-    try:
-        items = json.loads(body)
-    except json.JSONDecodeError:
-        return f"not JSON: {body[:200]!r}"
-    if not isinstance(items, list) or len(items) != k:
-        return f"expected a list of {k} items, got {type(items).__name__} of {len(items) if isinstance(items, list) else '?'}"
-    for item in items:
-        if not (isinstance(item, dict) and isinstance(item.get("image"), str) and isinstance(item.get("class"), str)
-                and isinstance(item.get("score"), float)):
-            return f"bad item {item!r}"
-    scores = [i["score"] for i in items]
-    if scores != sorted(scores, reverse=True):
-        return "items are not sorted best first"
-    return None
-
-
 def run_checks(ts: TorchServe, model_name: str, queries: list[tuple[str, bytes]], offline: list[list[dict]],
                k: int, n_concurrent_requests: int) -> dict:
     """Every check against the running instance; failures are collected in the report's `failures`."""

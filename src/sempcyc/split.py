@@ -24,7 +24,7 @@ class SplitSettings:
 
 def hash_unit(name: str, salt: str) -> float:
     """A class name's fixed position in [0, 1): the same on every machine and independent of other classes."""
-    digest = hashlib.sha256(f"{salt}\0{name}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{salt}\0{name}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 

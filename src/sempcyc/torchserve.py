@@ -126,7 +126,7 @@ class TorchServe:
             lines["models"] = json.dumps(self.models)
         return "".join(f"{k}={v}\n" for k, v in lines.items())
 
-    def start(self) -> "TorchServe":
+    def start(self) -> TorchServe:
         check_java()
         exe = Path(sys.executable).parent / "torchserve"
         if not exe.exists():
@@ -171,7 +171,7 @@ class TorchServe:
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "TorchServe":
+    def __enter__(self) -> TorchServe:
         try:
             return self.start()
         except BaseException:
@@ -260,7 +260,7 @@ class TorchServe:
                                             f"(log: {self.workdir / 'logs' / 'model_log.log'})")
                     else:
                         failing_since = None
-            except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError):
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             if time.monotonic() - start > deadline_s:
                 cause = self.load_error()

@@ -27,9 +27,10 @@ from unittest import mock
 import numpy as np
 import torch
 import torch.distributed as dist
-from dvclive import Live
 from torch import nn
 from tqdm import tqdm
+
+from dvclive import Live
 
 from . import params as params_mod
 from .errors import UserError
@@ -165,8 +166,8 @@ def load_training_data(features_dir: Path, train_dir: Path, s: TrainRun) -> dict
                         "add classes or lower split.val_fraction")
     fit_index = {c: i for i, c in enumerate(fit_classes)}
     val_index = {c: i for i, c in enumerate(val_names)}
-    sk_fit = np.array([classes[l] in fit_index for l in sk_labels], dtype=bool)
-    im_fit = np.array([classes[l] in fit_index for l in im_labels], dtype=bool)
+    sk_fit = np.array([classes[lab] in fit_index for lab in sk_labels], dtype=bool)
+    im_fit = np.array([classes[lab] in fit_index for lab in im_labels], dtype=bool)
     if s.batch_size > int(sk_fit.sum()):
         raise UserError(f"train.batch_size {s.batch_size} is larger than the {int(sk_fit.sum())} training "
                         "sketches; lower it")
@@ -178,10 +179,10 @@ def load_training_data(features_dir: Path, train_dir: Path, s: TrainRun) -> dict
     sem_by_name = dict(zip(classes, shard["semantic"]))
     return {
         "meta": meta, "extractors": extractors, "norms": norms, "fit_classes": fit_classes, "val_names": val_names,
-        "fit_sk": sk_feats[sk_fit], "fit_sk_y": np.array([fit_index[classes[l]] for l in sk_labels[sk_fit]]),
-        "fit_im": im_feats[im_fit], "fit_im_y": np.array([fit_index[classes[l]] for l in im_labels[im_fit]]),
-        "val_sk": sk_feats[~sk_fit], "val_sk_y": np.array([val_index[classes[l]] for l in sk_labels[~sk_fit]]),
-        "val_im": im_feats[~im_fit], "val_im_y": np.array([val_index[classes[l]] for l in im_labels[~im_fit]]),
+        "fit_sk": sk_feats[sk_fit], "fit_sk_y": np.array([fit_index[classes[lab]] for lab in sk_labels[sk_fit]]),
+        "fit_im": im_feats[im_fit], "fit_im_y": np.array([fit_index[classes[lab]] for lab in im_labels[im_fit]]),
+        "val_sk": sk_feats[~sk_fit], "val_sk_y": np.array([val_index[classes[lab]] for lab in sk_labels[~sk_fit]]),
+        "val_im": im_feats[~im_fit], "val_im_y": np.array([val_index[classes[lab]] for lab in im_labels[~im_fit]]),
         "fit_sem": np.stack([sem_by_name[c] for c in fit_classes]).astype(np.float32),
     }
 

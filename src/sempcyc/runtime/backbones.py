@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 BACKBONES = ("efficientnet_lite0", "vgg16", "tiny")
 
@@ -114,7 +114,7 @@ class VGG16Features(nn.Module):
 
     def __init__(self, weights_path: str | None = None, download: bool = False):
         super().__init__()
-        from torchvision.models import vgg16, VGG16_Weights
+        from torchvision.models import VGG16_Weights, vgg16
         net = vgg16(weights=VGG16_Weights.IMAGENET1K_V1 if download else None)
         if weights_path:
             net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))

@@ -23,7 +23,7 @@ class FeatureNorm(nn.Module):
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
 
-    def fit(self, feats: np.ndarray) -> "FeatureNorm":
+    def fit(self, feats: np.ndarray) -> FeatureNorm:
         if self.kind == "standardize":
             self.mean.copy_(torch.from_numpy(feats.mean(0)))
             self.std.copy_(torch.from_numpy(feats.std(0) + 1e-6))
@@ -60,7 +60,7 @@ class Encoder(nn.Module):
         return self.gen_im2se(self.image_norm(self.image_extractor(to_input(images_uint8, False))))
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> "Encoder":
+    def load(cls, path: str | Path, device: str = "cpu") -> Encoder:
         bundle = torch.load(path, map_location=device, weights_only=True)
         enc = cls(bundle["meta"], Config(**bundle["config"]))
         enc.sketch_extractor.load_state_dict(bundle["sketch_extractor"])

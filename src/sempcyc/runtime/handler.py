@@ -2,8 +2,9 @@
 
 In the archive this file sits at the root beside `sem_pcyc_runtime/`, the archive's copy of this runtime package,
 and imports from it by that name (so it is only ever imported from an archive); it never imports the installed
-`sempcyc` package, so a serving host needs only TorchServe, torch, torchvision, numpy and pillow. The model and the gallery embeddings are
-loaded once in initialize(); each request is only preprocessing, one forward pass and a top-k.
+`sempcyc` package, so a serving host needs only TorchServe, torch, torchvision, numpy and pillow. The model and
+the gallery embeddings are loaded once in initialize(); each request is only preprocessing, one forward pass and a
+top-k.
 """
 import json
 import os

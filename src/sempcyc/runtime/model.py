@@ -6,11 +6,11 @@ p = G_sk→se(a) and q = G_im→se(b) are the retrieval embeddings; u = G_se→s
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 @dataclass

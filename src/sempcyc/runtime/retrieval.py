@@ -86,7 +86,6 @@ def precision_recall_curve(distances: np.ndarray, query_labels: np.ndarray, gall
     relevant = gallery_labels[order] == query_labels[:, None]
     hits = np.cumsum(relevant, axis=1)
     n_rel = np.maximum(relevant.sum(axis=1, keepdims=True), 1)
-    recall = hits / n_rel
     precision = hits / np.arange(1, relevant.shape[1] + 1)
     # interpolated precision: best precision at any recall >= r
     interp = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
@@ -107,7 +106,7 @@ class ITQ:
         self.bits, self.iterations, self.seed = bits, iterations, seed
         self.losses: list[float] = []
 
-    def fit(self, x: np.ndarray) -> "ITQ":
+    def fit(self, x: np.ndarray) -> ITQ:
         try:  # ~100 tiny SVDs: multi-threaded BLAS is far slower than one thread here (measured 200x)
             from threadpoolctl import threadpool_limits
         except ImportError:
@@ -115,7 +114,7 @@ class ITQ:
         with threadpool_limits(1):
             return self._fit(x)
 
-    def _fit(self, x: np.ndarray) -> "ITQ":
+    def _fit(self, x: np.ndarray) -> ITQ:
         x = np.asarray(x, dtype=np.float64)
         self.mean = x.mean(axis=0)
         centred = x - self.mean

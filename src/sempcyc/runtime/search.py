@@ -30,8 +30,9 @@ class RequestError(Exception):
 
 
 class SketchSearch:
-    def __init__(self, encoder: Encoder, embeddings: np.ndarray, index: list[dict], top_k: int = 30,
-                 max_pixels: int = 16_000_000):
+    def __init__(self, encoder: Encoder, embeddings: np.ndarray, index: list[dict], *, top_k: int,
+                 max_pixels: int):
+        """top_k and max_pixels: serve.top_k and serve.max_pixels (the archive's serving.json)."""
         if len(embeddings) != len(index):
             raise ValueError(f"gallery has {len(embeddings)} embeddings but {len(index)} index entries")
         self.encoder = encoder
@@ -45,7 +46,7 @@ class SketchSearch:
         self._blas = _blas_controller()
 
     @classmethod
-    def load(cls, model_path: str | Path, gallery_dir: str | Path, **kwargs) -> "SketchSearch":
+    def load(cls, model_path: str | Path, gallery_dir: str | Path, **kwargs) -> SketchSearch:
         gallery_dir = Path(gallery_dir)
         embeddings = np.load(gallery_dir / "embeddings.npy")
         index = json.loads((gallery_dir / "index.json").read_text(encoding="utf-8"))
