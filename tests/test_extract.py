@@ -1,13 +1,15 @@
 import base64
+import io
 import json
 import tarfile
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from conftest import class_files, png_bytes, run_cli, write_tar
-from sempcyc import extract
+from sempcyc import extract, imaging
 from sempcyc.errors import UserError
 
 FOLDERS = {"images": "images", "sketches": "sketches"}
@@ -211,3 +213,57 @@ def test_wrong_param_type_is_one_line_error(tmp_path, tiny_classes):
 def test_help():
     proc = run_cli("extract", "--help", cwd=Path("."))
     assert "data.tar" in proc.stdout
+
+
+# --- only PNG and JPEG are decoded -------------------------------------------------------------------------------
+
+def _encoded(mode: str, fmt: str, size=(8, 8)) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke showpage\n"
+
+
+@pytest.mark.parametrize("data, found", [(_encoded("LAB", "TIFF"), "TIFF"), (_encoded("P", "GIF"), "GIF"),
+                                         (_encoded("RGB", "BMP"), "BMP"), (EPS, "EPS"),
+                                         (b"just some text, no image", "unknown format")],
+                         ids=["tiff-lab", "gif", "bmp", "eps", "text"])
+def test_decode_bytes_accepts_only_png_and_jpeg(data, found):
+    with pytest.raises(imaging.ImageDecodeError, match=f"x.png: {found}.*only PNG and JPEG"):
+        imaging.decode_bytes(data, "x.png")
+
+
+@pytest.mark.parametrize("mode, fmt", [("1", "PNG"), ("L", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("RGB", "PNG"),
+                                       ("RGBA", "PNG"), ("I;16", "PNG"), ("L", "JPEG"), ("RGB", "JPEG"),
+                                       ("CMYK", "JPEG")])
+def test_decode_bytes_keeps_png_and_jpeg_modes(mode, fmt):
+    image = imaging.decode_bytes(_encoded(mode, fmt), f"x.{fmt.lower()}")
+    assert image.mode == mode
+    assert imaging.sketch_to_array(image, 16).shape == (16, 16)
+
+
+def test_sixteen_bit_grey_png_is_scaled_not_clipped():
+    import numpy as np
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(buf, format="PNG")
+    image = imaging.decode_bytes(buf.getvalue(), "x.png")
+    assert image.mode == "I;16"
+    assert abs(int(imaging.sketch_to_array(image, 8)[4, 4]) - 40000 // 257) <= 1
+
+
+def test_decode_bytes_refuses_unexpected_modes(monkeypatch):
+    monkeypatch.setattr(imaging, "ACCEPTED_MODES", ("RGB",))
+    with pytest.raises(imaging.ImageDecodeError, match="x.png: PNG image in mode 'LA'"):
+        imaging.decode_bytes(_encoded("LA", "PNG"), "x.png")
+
+
+def test_disguised_format_in_tar_is_named(tmp_path, tiny_classes):
+    files = class_files(tiny_classes)
+    files["ds/sketches/class_05/fake.png"] = _encoded("P", "GIF")
+    with pytest.raises(UserError) as err:
+        do_extract(tmp_path, write_tar(tmp_path / "d.tar", files))
+    assert "ds/sketches/class_05/fake.png: GIF" in str(err.value) and "only PNG and JPEG" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert_nothing_written(tmp_path)
