@@ -1,7 +1,10 @@
 import base64
+import gzip
 import io
 import json
 import tarfile
+import time
+import tracemalloc
 from argparse import Namespace
 from pathlib import Path
 
@@ -213,6 +216,124 @@ def test_wrong_param_type_is_one_line_error(tmp_path, tiny_classes):
 def test_help():
     proc = run_cli("extract", "--help", cwd=Path("."))
     assert "data.tar" in proc.stdout
+
+
+# --- hostile inputs: sizes, sparse members, extended headers -----------------------------------------------------
+
+GIB = 1 << 30
+
+
+def _raw(files: dict[str, bytes], fmt: int = tarfile.GNU_FORMAT) -> bytes:
+    """Tar member bytes (header + padded data) without the end-of-archive marker, to splice hand-made headers in."""
+    out = b""
+    for name, data in sorted(files.items()):
+        info = tarfile.TarInfo(name)
+        info.size, info.mode = len(data), 0o644
+        out += info.tobuf(fmt, "utf-8", "surrogateescape") + data + bytes(-len(data) % tarfile.BLOCKSIZE)
+    return out
+
+
+def _header(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytearray:
+    info = tarfile.TarInfo(name)
+    info.size, info.type, info.mode = size, kind, 0o644
+    return bytearray(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+
+
+def _gnu_sparse(name: str, claimed: int) -> bytes:
+    """An old-GNU sparse member ('S'): one 512-byte data region, the rest of the `claimed` size a hole."""
+    buf = _header(name, tarfile.BLOCKSIZE, tarfile.GNUTYPE_SPARSE)
+    buf[386:398] = b"%011o\0" % 0
+    buf[398:410] = b"%011o\0" % tarfile.BLOCKSIZE
+    buf[483:495] = b"\x80" + claimed.to_bytes(11, "big")  # GNU base-256 number: the file's real size
+    buf[148:156] = b" " * 8
+    buf[148:155] = b"%06o\0" % sum(buf)
+    return bytes(buf) + bytes(tarfile.BLOCKSIZE)
+
+
+def _pax_sparse(version: str, name: str, claimed: int) -> bytes:
+    """A GNU sparse member in PAX format 0.1 (map in the header) or 1.0 (map at the start of the data)."""
+    info = tarfile.TarInfo(f"{name}.sparse")
+    if version == "0.1":
+        info.pax_headers = {"GNU.sparse.size": str(claimed), "GNU.sparse.numblocks": "1",
+                            "GNU.sparse.map": f"0,{tarfile.BLOCKSIZE}", "GNU.sparse.name": name}
+        data = bytes(tarfile.BLOCKSIZE)
+    else:
+        info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": name,
+                            "GNU.sparse.realsize": str(claimed)}
+        data = b"1\n0\n512\n".ljust(tarfile.BLOCKSIZE, b"\0") + bytes(tarfile.BLOCKSIZE)
+    info.size, info.mode = len(data), 0o644
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape") + data
+
+
+def _hostile(tmp_path: Path, member: bytes, suffix: str = ".tar") -> Path:
+    """A small valid dataset (one class) after one hand-made member."""
+    data = member + _raw(class_files({"a": (1, 1)})) + bytes(2 * tarfile.BLOCKSIZE)
+    path = tmp_path / f"hostile{suffix}"
+    path.write_bytes(gzip.compress(data, mtime=0) if suffix == ".tar.gz" else data)
+    return path
+
+
+def _fails_fast(tmp_path: Path, tar: Path, match: str, **kwargs) -> str:
+    """The tar is refused with one line, in under a second and 200 MB, and nothing is written."""
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(UserError, match=match) as err:
+            extract.extract(tar, tmp_path / "dataset", FOLDERS, **kwargs)
+        elapsed = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 1.0 and peak < 200e6, (elapsed, peak)
+    assert "\n" not in str(err.value) and str(tar) in str(err.value)
+    assert_nothing_written(tmp_path)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["gnu", "pax0.1", "pax1.0"])
+def test_sparse_member_refused_before_reading(tmp_path, kind):
+    name = "ds/images/a/huge.png"
+    member = _gnu_sparse(name, 64 * GIB) if kind == "gnu" else _pax_sparse(kind[3:], name, 64 * GIB)
+    tar = _hostile(tmp_path, member)
+    assert tar.stat().st_size < 10_000
+    _fails_fast(tmp_path, tar, f"'{name}.*sparse")
+
+
+@pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME])
+def test_huge_extended_header_refused(tmp_path, kind):
+    """tarfile would read a PAX or long-name header whole, so a few KB could ask for 64 GiB of memory."""
+    tar = _hostile(tmp_path, bytes(_header("././@LongHeader", 64 * GIB, kind)))
+    _fails_fast(tmp_path, tar, "header.*refused")
+
+
+@pytest.mark.parametrize("kind", [tarfile.REGTYPE, tarfile.XHDTYPE], ids=["file", "pax-header"])
+def test_negative_size_refused(tmp_path, kind):
+    """A GNU base-256 size can be negative: tarfile would step back onto the same header, or read a PAX header
+    to the end of the stream."""
+    buf = _header("ds/images/a/neg.png", 0, kind)
+    buf[124:136] = b"\xff" * 10 + b"\xf8\x00"  # -2048: four blocks back
+    buf[148:156] = b" " * 8
+    buf[148:155] = b"%06o\0" % sum(buf)
+    _fails_fast(tmp_path, _hostile(tmp_path, bytes(buf)), "negative size")
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+def test_member_over_max_member_bytes_refused_from_its_header(tmp_path, suffix):
+    tar = _hostile(tmp_path, bytes(_header("ds/images/a/huge.png", 64 * GIB)), suffix)
+    _fails_fast(tmp_path, tar, r"'ds/images/a/huge.png' declares 68,719,476,736 bytes.*data\.max_member_bytes")
+
+
+@pytest.mark.parametrize("key, value", [("max_member_bytes", 100), ("max_members", 10),
+                                        ("max_total_bytes", 5000)])
+def test_size_caps_are_params(tmp_path, tiny_classes, key, value):
+    write_tar(tmp_path / "d.tar", class_files(tiny_classes))
+    (tmp_path / "params.yaml").write_text(f"data:\n  tar: d.tar\n  {key}: {value}\n")
+    proc = run_cli("extract", "--out", "dataset", "--index", "dataset.json", cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    line = proc.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert "d.tar" in line and "member 'ds/" in line and f"data.{key}" in line
+    assert not (tmp_path / "dataset").exists()
 
 
 # --- only PNG and JPEG are decoded -------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ reported by name now rather than hours later in training. Output appears only wh
 from __future__ import annotations
 
 import argparse
+import lzma
 import tarfile
 import unicodedata
+import zlib
 from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
@@ -20,6 +22,15 @@ from .fsutil import atomic_dir, atomic_write_json
 HELP = "Safely extract and validate the dataset tar (param data.tar) into data/dataset/ and data/dataset.json."
 DOMAINS = ("images", "sketches")
 CLASS_LIST_FILES = ("test_classes.txt", "train_classes.txt")
+# Defaults of the data.max_* params. An image or sketch is well under 1 MB; the extended Sketchy and TU-Berlin sets
+# have under 300 000 files. Without caps a 10 KB tar can declare a 64 GiB member and a 17 MB .tar.gz hold one.
+DEFAULT_LIMITS = {"max_member_bytes": 50_000_000, "max_members": 2_000_000, "max_total_bytes": 20_000_000_000}
+# A PAX or GNU long-name header holds a path and a few attributes; tarfile reads it whole into memory.
+MAX_HEADER_BYTES = 1 << 20
+READ_CHUNK = 1 << 20
+READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
+EXTENDED_HEADERS = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                    tarfile.GNUTYPE_LONGLINK)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +43,8 @@ def run(args: argparse.Namespace) -> None:
     section = params_mod.Section(params_mod.load(getattr(args, "params", "params.yaml")), "data")
     tar_path = Path(args.tar or section.str("tar", "data/demo.tar"))
     folders = {"images": section.str("images_dir", "images"), "sketches": section.str("sketches_dir", "sketches")}
-    index = extract(tar_path, Path(args.out), folders)
+    limits = {key: section.int(key, default, min=1) for key, default in DEFAULT_LIMITS.items()}
+    index = extract(tar_path, Path(args.out), folders, limits)
     atomic_write_json(args.index, index)
     totals = {d: sum(c[d] for c in index["counts"].values()) for d in DOMAINS}
     print(f"extract: {len(index['classes'])} classes, {totals['images']} images, {totals['sketches']} sketches "
@@ -67,22 +79,52 @@ def _safe_parts(member: tarfile.TarInfo, tar_path: Path) -> tuple[str, ...]:
     return parts
 
 
+class _Refused(Exception):
+    """A hostile header met inside tarfile's own parsing; extract reports it with the tar's path."""
+
+
+def _sparse(name: str) -> str:
+    return (f"member {name!r} is a sparse file; refused (a few KB of tar can claim terabytes of holes). "
+            "Re-create the tar without tar's --sparse (-S) option")
+
+
+class _GuardedTarInfo(tarfile.TarInfo):
+    """tarfile reads a PAX or GNU long-name header whole and follows a GNU sparse map of any length while it
+    parses headers, before extract sees the member: refuse those right there, through the hook tarfile documents
+    for subclasses (_proc_member) and the one sparse format whose map sits in the data (1.0)."""
+
+    def _proc_member(self, tar):
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise _Refused(_sparse(self.name))
+        if self.size < 0:  # a base-256 size can be negative: tarfile would step back and read the header again
+            raise _Refused(f"member {self.name!r} declares a negative size; the archive is corrupt, re-create it")
+        if self.type in EXTENDED_HEADERS and self.size > MAX_HEADER_BYTES:
+            raise _Refused(f"the extended (PAX or long-name) header at byte {self.offset:,} declares "
+                           f"{self.size:,} bytes; refused (real ones hold a path and a few attributes). "
+                           "Re-create the tar")
+        return super()._proc_member(tar)
+
+    def _proc_gnusparse_10(self, member, pax_headers, tar):
+        raise _Refused(_sparse(pax_headers.get("GNU.sparse.name", member.name)))
+
+
 def _open(tar_path: Path) -> tarfile.TarFile:
     if not tar_path.exists():
         raise UserError(f"{tar_path}: not found; set data.tar in params.yaml or build the demo with "
                         "`dvc repro demo-data`")
     try:
-        return tarfile.open(tar_path, "r:*")
-    except (tarfile.TarError, EOFError, OSError) as exc:
+        return tarfile.open(tar_path, "r:*", tarinfo=_GuardedTarInfo)
+    except _Refused as exc:
+        raise UserError(f"{tar_path}: {exc}") from None
+    except READ_ERRORS as exc:
         raise UserError(f"{tar_path}: not a readable tar archive ({exc}); re-download or re-create it") from None
 
 
-def extract(tar_path: Path, out_dir: Path, folders: dict[str, str]) -> dict:
+def extract(tar_path: Path, out_dir: Path, folders: dict[str, str], limits: dict[str, int] | None = None) -> dict:
+    """`limits`: the data.max_* caps (DEFAULT_LIMITS where missing)."""
+    limits = {**DEFAULT_LIMITS, **(limits or {})}
     with _open(tar_path) as tar:
-        try:
-            members = tar.getmembers()
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise UserError(f"{tar_path}: corrupt tar archive ({exc}); re-download or re-create it") from None
+        members = _read_headers(tar, tar_path, limits)
         if not members:
             raise UserError(f"{tar_path}: the archive is empty")
         _check_end_marker(tar, members, tar_path)
@@ -92,11 +134,7 @@ def extract(tar_path: Path, out_dir: Path, folders: dict[str, str]) -> dict:
             todo = [(d, c, n, m) for d in DOMAINS for c, entries in layout["classes"][d].items() for n, m in entries]
             for domain, cls, fname, member in tqdm(todo, desc="extract", unit="file", mininterval=1,
                                                    disable=len(todo) < 200):
-                try:
-                    data = tar.extractfile(member).read()
-                except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
-                    raise UserError(f"{tar_path}: member {member.name!r} cannot be read ({exc}); "
-                                    "the archive is truncated or corrupt") from None
+                data = _read_member(tar, member, tar_path)
                 try:
                     imaging.decode_bytes(data, fname)
                 except imaging.ImageDecodeError as exc:
@@ -107,7 +145,7 @@ def extract(tar_path: Path, out_dir: Path, folders: dict[str, str]) -> dict:
                 dest.write_bytes(data)
                 files[domain].setdefault(cls, []).append(fname)
             for list_name, member in layout["lists"].items():
-                (scratch / list_name).write_bytes(tar.extractfile(member).read())
+                (scratch / list_name).write_bytes(_read_member(tar, member, tar_path))
     classes = sorted(set(files["images"]) | set(files["sketches"]))
     lists = {}
     for list_name in layout["lists"]:
@@ -122,6 +160,30 @@ def extract(tar_path: Path, out_dir: Path, folders: dict[str, str]) -> dict:
     }
 
 
+def _read_headers(tar: tarfile.TarFile, tar_path: Path, limits: dict[str, int]) -> list[tarfile.TarInfo]:
+    """Every member's header, each checked against the caps as it comes: the scan stops at the first member over
+    one, before tarfile skips through its data (in a .tar.gz that means decompressing it)."""
+    members: list[tarfile.TarInfo] = []
+    total = 0
+    try:
+        for member in tar:
+            if member.issparse():
+                raise UserError(f"{tar_path}: {_sparse(member.name)}")
+            count, total = len(members) + 1, total + member.size
+            for key, value, what in (("max_members", count, f"is number {count:,}"),
+                                     ("max_member_bytes", member.size, f"declares {member.size:,} bytes"),
+                                     ("max_total_bytes", total, f"brings the total to {total:,} bytes")):
+                if value > limits[key]:
+                    raise UserError(f"{tar_path}: member {member.name!r} {what}, over data.{key} ({limits[key]:,}); "
+                                    f"raise data.{key} in params.yaml if the dataset really is that large")
+            members.append(member)
+    except _Refused as exc:
+        raise UserError(f"{tar_path}: {exc}") from None
+    except READ_ERRORS as exc:
+        raise UserError(f"{tar_path}: corrupt tar archive ({exc}); re-download or re-create it") from None
+    return members
+
+
 def _check_end_marker(tar: tarfile.TarFile, members: list[tarfile.TarInfo], tar_path: Path) -> None:
     """tarfile stops quietly at a cut-off header, so a truncated archive would lose its last classes unnoticed;
     a complete archive ends with two zero blocks after its last member's data."""
@@ -130,16 +192,29 @@ def _check_end_marker(tar: tarfile.TarFile, members: list[tarfile.TarInfo], tar_
     try:
         tar.fileobj.seek(end)
         tail = tar.fileobj.read(2 * tarfile.BLOCKSIZE)
-    except (OSError, EOFError, tarfile.TarError, zlib_error()):
+    except READ_ERRORS:
         tail = b""
     if tail != bytes(2 * tarfile.BLOCKSIZE):
         raise UserError(f"{tar_path}: the archive is truncated (no end-of-archive marker after "
                         f"{len(members)} members); re-download or re-create it")
 
 
-def zlib_error():
-    import zlib
-    return zlib.error
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, tar_path: Path) -> bytearray:
+    """Exactly the size its header declared (checked against the caps), in bounded chunks into one buffer: a
+    member can neither make us read more than that nor sit in memory twice."""
+    data = bytearray(member.size)
+    try:
+        with tar.extractfile(member) as stream, memoryview(data) as view:
+            done = 0
+            while done < member.size:
+                got = stream.readinto(view[done:done + READ_CHUNK])
+                if not got:
+                    raise EOFError("unexpected end of data")
+                done += got
+    except READ_ERRORS as exc:
+        raise UserError(f"{tar_path}: member {member.name!r} cannot be read ({exc}); "
+                        "the archive is truncated or corrupt") from None
+    return data
 
 
 def read_class_list(path: Path) -> list[str]:
