@@ -336,6 +336,49 @@ def test_size_caps_are_params(tmp_path, tiny_classes, key, value):
     assert not (tmp_path / "dataset").exists()
 
 
+# --- compressed tars: one pass in archive order ------------------------------------------------------------------
+
+def test_compressed_tar_is_read_in_one_pass_in_archive_order(tmp_path, tiny_classes, monkeypatch):
+    """Every backward seek in a gzip stream restarts decompression from byte 0; one (headers, then data) is fine."""
+    files = class_files(tiny_classes)
+    plain = tmp_path / "d.tar"
+    with tarfile.open(plain, "w") as tar:  # name order reversed, like `tar -c` in directory order
+        for name, data in sorted(files.items(), reverse=True):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    packed = tmp_path / "d.tar.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes(), mtime=0))
+    backward = []
+    original = gzip.GzipFile.seek
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        if whence == io.SEEK_SET and offset < self.tell():
+            backward.append(offset)
+        return original(self, offset, whence)
+
+    monkeypatch.setattr(gzip.GzipFile, "seek", seek)
+    index = extract.extract(packed, tmp_path / "from_gz", FOLDERS)
+    assert len(backward) <= 1
+    assert index == {**extract.extract(plain, tmp_path / "from_tar", FOLDERS), "source": "d.tar.gz"}
+    assert index["files"]["images"]["class_03"] == ["000.png", "001.png", "002.png"]
+    for path in (tmp_path / "from_tar").rglob("*.png"):
+        assert (tmp_path / "from_gz" / path.relative_to(tmp_path / "from_tar")).read_bytes() == path.read_bytes()
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+@pytest.mark.parametrize("tail", [b"", bytes(tarfile.BLOCKSIZE)])
+def test_tar_cut_at_a_member_boundary(tmp_path, tiny_classes, suffix, tail):
+    """tarfile stops quietly there; the missing end-of-archive marker (two zero blocks) gives it away."""
+    files = class_files(tiny_classes)
+    data = _raw(dict(sorted(files.items())[: len(files) // 2])) + tail
+    tar = tmp_path / f"cut{suffix}"
+    tar.write_bytes(gzip.compress(data, mtime=0) if suffix == ".tar.gz" else data)
+    with pytest.raises(UserError, match=f"cut{suffix}: the archive is truncated"):
+        do_extract(tmp_path, tar)
+    assert_nothing_written(tmp_path)
+
+
 # --- only PNG and JPEG are decoded -------------------------------------------------------------------------------
 
 def _encoded(mode: str, fmt: str, size=(8, 8)) -> bytes:

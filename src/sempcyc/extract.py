@@ -3,6 +3,9 @@
 The tar is read member by member and each file is written to a path we compute, never with tarfile.extract, so
 absolute paths, `..`, links and devices cannot escape. Every image is decoded once here, so a broken file is
 reported by name now rather than hours later in training. Output appears only when everything is valid.
+
+Headers are read and checked first (sizes against the data.max_* caps, names, layout), then the data in one pass
+in archive order: in a .tar.gz every backward seek restarts decompression from byte 0.
 """
 from __future__ import annotations
 
@@ -130,26 +133,12 @@ def extract(tar_path: Path, out_dir: Path, folders: dict[str, str], limits: dict
         _check_end_marker(tar, members, tar_path)
         layout = _plan(members, tar_path, folders)
         with atomic_dir(out_dir) as scratch:
-            files: dict[str, dict[str, list[str]]] = {d: {} for d in DOMAINS}
-            todo = [(d, c, n, m) for d in DOMAINS for c, entries in layout["classes"][d].items() for n, m in entries]
-            for domain, cls, fname, member in tqdm(todo, desc="extract", unit="file", mininterval=1,
-                                                   disable=len(todo) < 200):
-                data = _read_member(tar, member, tar_path)
-                try:
-                    imaging.decode_bytes(data, fname)
-                except imaging.ImageDecodeError as exc:
-                    raise UserError(f"{tar_path}: {member.name}: {str(exc).split(': ', 1)[-1]}; "
-                                    "fix or remove that file") from None
-                dest = scratch / domain / cls / fname
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(data)
-                files[domain].setdefault(cls, []).append(fname)
-            for list_name, member in layout["lists"].items():
-                (scratch / list_name).write_bytes(_read_member(tar, member, tar_path))
+            files = _write_members(tar, layout["jobs"], scratch, tar_path)
     classes = sorted(set(files["images"]) | set(files["sketches"]))
     lists = {}
-    for list_name in layout["lists"]:
-        lists[list_name.removesuffix(".txt")] = read_class_list(out_dir / list_name)
+    for _, domain, _, list_name in layout["jobs"]:
+        if domain is None:
+            lists[list_name.removesuffix(".txt")] = read_class_list(out_dir / list_name)
     return {
         "source": tar_path.name,
         "top": layout["top"],
@@ -186,17 +175,43 @@ def _read_headers(tar: tarfile.TarFile, tar_path: Path, limits: dict[str, int]) 
 
 def _check_end_marker(tar: tarfile.TarFile, members: list[tarfile.TarInfo], tar_path: Path) -> None:
     """tarfile stops quietly at a cut-off header, so a truncated archive would lose its last classes unnoticed;
-    a complete archive ends with two zero blocks after its last member's data."""
+    a complete archive ends with two zero blocks after its last member's data.
+
+    tarfile has just read one block where the marker belongs and stopped: at a zero block, or at an unreadable
+    header, which in a real archive is followed by that member's data, not zeros. So only the second block is read,
+    forward: seeking back to the first would restart a compressed stream's decompression from byte 0."""
     last = members[-1]
     end = last.offset_data + (-(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE if last.isfile() else 0)
     try:
-        tar.fileobj.seek(end)
-        tail = tar.fileobj.read(2 * tarfile.BLOCKSIZE)
+        complete = (tar.fileobj.tell() == end + tarfile.BLOCKSIZE
+                    and tar.fileobj.read(tarfile.BLOCKSIZE) == bytes(tarfile.BLOCKSIZE))
     except READ_ERRORS:
-        tail = b""
-    if tail != bytes(2 * tarfile.BLOCKSIZE):
+        complete = False
+    if not complete:
         raise UserError(f"{tar_path}: the archive is truncated (no end-of-archive marker after "
                         f"{len(members)} members); re-download or re-create it")
+
+
+def _write_members(tar: tarfile.TarFile, jobs: list, scratch: Path, tar_path: Path) -> dict:
+    """Read, check and write the planned files in archive order, so a compressed tar is decompressed once more
+    (after the header scan), not once per backward seek."""
+    files: dict[str, dict[str, list[str]]] = {d: {} for d in DOMAINS}
+    for member, domain, cls, fname in tqdm(jobs, desc="extract", unit="file", mininterval=1,
+                                           disable=len(jobs) < 200):
+        data = _read_member(tar, member, tar_path)
+        if domain is None:
+            (scratch / fname).write_bytes(data)
+            continue
+        try:
+            imaging.decode_bytes(data, fname)
+        except imaging.ImageDecodeError as exc:
+            raise UserError(f"{tar_path}: {member.name}: {str(exc).split(': ', 1)[-1]}; "
+                            "fix or remove that file") from None
+        dest = scratch / domain / cls / fname
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+        files[domain].setdefault(cls, []).append(fname)
+    return files
 
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, tar_path: Path) -> bytearray:
@@ -230,7 +245,8 @@ def read_class_list(path: Path) -> list[str]:
 
 
 def _plan(members: list[tarfile.TarInfo], tar_path: Path, folders: dict[str, str]) -> dict:
-    """Validate every member's path and the layout before anything is written."""
+    """Validate every member's path and the layout before anything is written; `jobs` lists the files to extract
+    as (member, domain, class, file name), or (member, None, None, list name) for a class list, in archive order."""
     parted = [(m, _safe_parts(m, tar_path)) for m in members]
     tops = {parts[0] for _, parts in parted if parts}
     if len(tops) != 1:
@@ -240,14 +256,14 @@ def _plan(members: list[tarfile.TarInfo], tar_path: Path, folders: dict[str, str
     by_folder = {folders[d]: d for d in DOMAINS}
     classes: dict[str, dict[str, list]] = {d: {} for d in DOMAINS}
     seen_dirs: dict[str, set[str]] = {d: set() for d in DOMAINS}
-    lists: dict[str, tarfile.TarInfo] = {}
+    jobs: list[tuple] = []
     skipped: list[str] = []
     for member, parts in parted:
         rel = parts[1:]
         if not rel:
             continue
         if len(rel) == 1 and member.isfile() and rel[0] in CLASS_LIST_FILES:
-            lists[rel[0]] = member
+            jobs.append((member, None, None, rel[0]))
             continue
         domain = by_folder.get(rel[0])
         if domain is None:
@@ -272,6 +288,7 @@ def _plan(members: list[tarfile.TarInfo], tar_path: Path, folders: dict[str, str
             skipped.append(member.name)
             continue
         classes[domain].setdefault(cls, []).append((fname, member))
+        jobs.append((member, domain, cls, fname))
     for domain in DOMAINS:
         if not seen_dirs[domain]:
             raise UserError(f"{tar_path}: no '{top}/{folders[domain]}/' folder with class folders; expected "
@@ -294,7 +311,4 @@ def _plan(members: list[tarfile.TarInfo], tar_path: Path, folders: dict[str, str
     if skipped:
         print(f"extract: warning: skipped {len(skipped)} file(s) that are not "
               f"{'/'.join(imaging.IMAGE_SUFFIXES)}, e.g. {skipped[0]}")
-    for domain in DOMAINS:
-        for cls, entries in classes[domain].items():
-            entries.sort(key=lambda e: e[0])
-    return {"top": top, "classes": classes, "lists": lists}
+    return {"top": top, "classes": classes, "jobs": jobs}
