@@ -431,3 +431,62 @@ def test_disguised_format_in_tar_is_named(tmp_path, tiny_classes):
     assert "ds/sketches/class_05/fake.png: GIF" in str(err.value) and "only PNG and JPEG" in str(err.value)
     assert "\n" not in str(err.value)
     assert_nothing_written(tmp_path)
+
+
+# --- failing early: names, duplicates, class lists ---------------------------------------------------------------
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_non_utf8_class_list_leaves_previous_output(tmp_path, tiny_classes):
+    do_extract(tmp_path, write_tar(tmp_path / "good.tar", class_files(tiny_classes)))
+    before = _snapshot(tmp_path / "dataset")
+    files = class_files(tiny_classes)
+    files["ds/test_classes.txt"] = "class_01\ncafé\n".encode("latin-1")
+    with pytest.raises(UserError, match=r"bad.tar: ds/test_classes.txt: class list is not UTF-8"):
+        do_extract(tmp_path, write_tar(tmp_path / "bad.tar", files))
+    assert _snapshot(tmp_path / "dataset") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tar", "dataset", "good.tar"]
+
+
+def test_non_utf8_member_name_refused(tmp_path, tiny_classes):
+    tar = tmp_path / "d.tar"
+    with tarfile.open(tar, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as out:  # raw 0xe9, as on Latin-1
+        for name, data in sorted({**class_files(tiny_classes), "ds/images/class_00/café.png": png_bytes(3)}.items()):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
+    with pytest.raises(UserError, match=r"'ds/images/class_00/caf\\xe9.png'.*not UTF-8"):
+        do_extract(tmp_path, tar)
+    assert_nothing_written(tmp_path)
+
+
+def test_non_utf8_member_name_is_one_line_in_the_cli(tmp_path, tiny_classes):
+    files = class_files(tiny_classes)
+    data = _raw(files) + _raw({"ds/sketches/class_01/caf\udce9.png": png_bytes(4, mode="L")})
+    (tmp_path / "d.tar").write_bytes(data + bytes(2 * tarfile.BLOCKSIZE))
+    (tmp_path / "params.yaml").write_text("data:\n  tar: d.tar\n")
+    proc = run_cli("extract", "--out", "dataset", "--index", "dataset.json", cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "caf\\xe9.png" in proc.stderr and "not UTF-8" in proc.stderr
+    assert not (tmp_path / "dataset").exists() and not (tmp_path / "dataset.json").exists()
+
+
+@pytest.mark.parametrize("long_name", ["ds/images/class_00/" + "x" * 296 + ".png",
+                                       "ds/images/" + "é" * 150 + "/000.png"])
+def test_over_long_file_or_folder_name_refused(tmp_path, tiny_classes, long_name):
+    files = {**class_files(tiny_classes), long_name: png_bytes(5)}
+    with pytest.raises(UserError, match="300 bytes.*255"):
+        do_extract(tmp_path, write_tar(tmp_path / "d.tar", files))
+    assert_nothing_written(tmp_path)
+
+
+def test_duplicate_member_refused(tmp_path, tiny_classes):
+    files = class_files(tiny_classes)
+    data = _raw(files) + _raw({"ds/images/class_02/001.png": png_bytes(6)})
+    (tmp_path / "d.tar").write_bytes(data + bytes(2 * tarfile.BLOCKSIZE))
+    with pytest.raises(UserError, match="'ds/images/class_02/001.png' appears more than once"):
+        do_extract(tmp_path, tmp_path / "d.tar")
+    assert_nothing_written(tmp_path)

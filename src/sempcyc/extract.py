@@ -30,6 +30,7 @@ CLASS_LIST_FILES = ("test_classes.txt", "train_classes.txt")
 DEFAULT_LIMITS = {"max_member_bytes": 50_000_000, "max_members": 2_000_000, "max_total_bytes": 20_000_000_000}
 # A PAX or GNU long-name header holds a path and a few attributes; tarfile reads it whole into memory.
 MAX_HEADER_BYTES = 1 << 20
+NAME_MAX = 255  # bytes in one file or folder name on ext4, XFS, btrfs and APFS
 READ_CHUNK = 1 << 20
 READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
 EXTENDED_HEADERS = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
@@ -68,6 +69,12 @@ def check_class_name(name: str, where: str) -> None:
 
 def _safe_parts(member: tarfile.TarInfo, tar_path: Path) -> tuple[str, ...]:
     name = member.name
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # tarfile keeps undecodable bytes as surrogates; no file or JSON could hold them
+        shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise UserError(f"{tar_path}: member '{shown}' has a name that is not UTF-8 (e.g. Latin-1 bytes, shown as "
+                        "\\xNN); rename it in UTF-8 and re-create the tar") from None
     if member.issym() or member.islnk():
         raise UserError(f"{tar_path}: member {name!r} is a link; links are refused (tar-slip protection). "
                         "Re-create the tar with real files (tar --dereference)")
@@ -133,12 +140,8 @@ def extract(tar_path: Path, out_dir: Path, folders: dict[str, str], limits: dict
         _check_end_marker(tar, members, tar_path)
         layout = _plan(members, tar_path, folders)
         with atomic_dir(out_dir) as scratch:
-            files = _write_members(tar, layout["jobs"], scratch, tar_path)
+            files, lists = _write_members(tar, layout["jobs"], scratch, tar_path)
     classes = sorted(set(files["images"]) | set(files["sketches"]))
-    lists = {}
-    for _, domain, _, list_name in layout["jobs"]:
-        if domain is None:
-            lists[list_name.removesuffix(".txt")] = read_class_list(out_dir / list_name)
     return {
         "source": tar_path.name,
         "top": layout["top"],
@@ -192,15 +195,23 @@ def _check_end_marker(tar: tarfile.TarFile, members: list[tarfile.TarInfo], tar_
                         f"{len(members)} members); re-download or re-create it")
 
 
-def _write_members(tar: tarfile.TarFile, jobs: list, scratch: Path, tar_path: Path) -> dict:
+def _write_members(tar: tarfile.TarFile, jobs: list, scratch: Path, tar_path: Path) -> tuple[dict, dict]:
     """Read, check and write the planned files in archive order, so a compressed tar is decompressed once more
-    (after the header scan), not once per backward seek."""
+    (after the header scan), not once per backward seek. Class lists are decoded here too: all of it happens
+    before atomic_dir replaces the previous output."""
     files: dict[str, dict[str, list[str]]] = {d: {} for d in DOMAINS}
+    lists: dict[str, list[str]] = {}
     for member, domain, cls, fname in tqdm(jobs, desc="extract", unit="file", mininterval=1,
                                            disable=len(jobs) < 200):
         data = _read_member(tar, member, tar_path)
         if domain is None:
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{tar_path}: {member.name}: class list is not UTF-8 text; save it as UTF-8 "
+                                "and re-create the tar") from None
             (scratch / fname).write_bytes(data)
+            lists[fname.removesuffix(".txt")] = read_class_list(scratch / fname)
             continue
         try:
             imaging.decode_bytes(data, fname)
@@ -211,7 +222,7 @@ def _write_members(tar: tarfile.TarFile, jobs: list, scratch: Path, tar_path: Pa
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(data)
         files[domain].setdefault(cls, []).append(fname)
-    return files
+    return files, lists
 
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, tar_path: Path) -> bytearray:
@@ -257,8 +268,14 @@ def _plan(members: list[tarfile.TarInfo], tar_path: Path, folders: dict[str, str
     classes: dict[str, dict[str, list]] = {d: {} for d in DOMAINS}
     seen_dirs: dict[str, set[str]] = {d: set() for d in DOMAINS}
     jobs: list[tuple] = []
+    seen_files: set[tuple[str, ...]] = set()
     skipped: list[str] = []
     for member, parts in parted:
+        if member.isfile():
+            if parts in seen_files:
+                raise UserError(f"{tar_path}: member {member.name!r} appears more than once in the archive; "
+                                "re-create the tar without the duplicate")
+            seen_files.add(parts)
         rel = parts[1:]
         if not rel:
             continue
@@ -268,6 +285,10 @@ def _plan(members: list[tarfile.TarInfo], tar_path: Path, folders: dict[str, str
         domain = by_folder.get(rel[0])
         if domain is None:
             continue  # README, LICENSE and other extras beside the two domain folders
+        longest = max(len(part.encode("utf-8")) for part in rel)
+        if longest > NAME_MAX:
+            raise UserError(f"{tar_path}: {member.name}: a file or folder name of {longest} bytes; file systems "
+                            f"allow {NAME_MAX}. Shorten it")
         if len(rel) == 2 and member.isdir():
             seen_dirs[domain].add(rel[1])
             continue
