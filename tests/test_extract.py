@@ -2,6 +2,7 @@ import base64
 import gzip
 import io
 import json
+import lzma
 import tarfile
 import time
 import tracemalloc
@@ -53,6 +54,20 @@ def test_corrupt_or_empty_tar(tmp_path, content):
     tar.write_bytes(content)
     with pytest.raises(UserError, match="bad.tar"):
         do_extract(tmp_path, tar)
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("where", [slice(40, 240), slice(-240, -40)], ids=["start", "end"])
+def test_damaged_compressed_tar_is_one_line(tmp_path, tiny_classes, where):
+    """Damage near the start fails tarfile.open (which lists every method it tried, a line each), damage further
+    on fails the header scan with lzma's own error type."""
+    packed = bytearray(lzma.compress(write_tar(tmp_path / "d.tar", class_files(tiny_classes)).read_bytes()))
+    packed[where] = bytes(200)
+    tar = tmp_path / "bad.tar.xz"
+    tar.write_bytes(packed)
+    with pytest.raises(UserError, match="bad.tar.xz: (not a readable|corrupt) tar archive") as err:
+        do_extract(tmp_path, tar)
+    assert "\n" not in str(err.value)
     assert_nothing_written(tmp_path)
 
 

@@ -126,8 +126,9 @@ def _open(tar_path: Path) -> tarfile.TarFile:
         return tarfile.open(tar_path, "r:*", tarinfo=_GuardedTarInfo)
     except _Refused as exc:
         raise UserError(f"{tar_path}: {exc}") from None
-    except READ_ERRORS as exc:
-        raise UserError(f"{tar_path}: not a readable tar archive ({exc}); re-download or re-create it") from None
+    except READ_ERRORS as exc:  # for a damaged compressed tar, tarfile lists every method it tried, a line each
+        raise UserError(f"{tar_path}: not a readable tar archive ({' '.join(str(exc).split())}); "
+                        "re-download or re-create it") from None
 
 
 def extract(tar_path: Path, out_dir: Path, folders: dict[str, str], limits: dict[str, int] | None = None) -> dict:
