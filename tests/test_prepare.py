@@ -6,11 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import class_files, write_params, write_tar
+from helpers import class_files, repo_params, write_params, write_tar
 from sempcyc import extract, prepare
 from sempcyc import split as split_mod
 from sempcyc.errors import UserError
 from sempcyc.fsutil import dumps_json
+from sempcyc.params import read_section
 
 
 def counts(classes):
@@ -71,7 +72,7 @@ def build(tmp_path: Path, classes: dict, split: dict | None = None) -> Path:
     """extract + fake semantic vectors + prepare, in tmp_path; returns the prepared folder."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     tar = write_tar(tmp_path / "d.tar", class_files(classes))
-    index = extract.extract(tar, tmp_path / "dataset", {"images": "images", "sketches": "sketches"})
+    index = extract.extract(tar, tmp_path / "dataset", read_section(repo_params(), extract.DataSettings))
     (tmp_path / "dataset.json").write_text(dumps_json(index))
     sem = tmp_path / "semantic"
     sem.mkdir(exist_ok=True)

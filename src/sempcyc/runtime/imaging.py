@@ -13,6 +13,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".base64")
+# The only formats opened, whatever a file is called: each of Pillow's other parsers (some 40; EPS runs Ghostscript)
+# would face user uploads too, and a TIFF or GIF named .png would pass here only to fail or look wrong later.
+ACCEPTED_FORMATS = ("PNG", "JPEG")
+# The modes Pillow opens PNG and JPEG files in that the *_to_array functions convert faithfully: I;16 is 16-bit grey
+# PNG ("I" before Pillow 10), CMYK a print JPEG. A mode outside these (a future Pillow's) is refused, not guessed.
+ACCEPTED_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I", "CMYK")
 # A decompression bomb guard: far above any real sketch or photo, far below what exhausts memory.
 MAX_PIXELS = 40_000_000
 
@@ -26,7 +32,12 @@ class ImageTooLarge(ImageDecodeError):
 
 
 def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode encoded image bytes; `.base64` files may hold base64 text of an image or raw image bytes."""
+    """Decode encoded image bytes; `.base64` files may hold base64 text of an image or raw image bytes.
+
+    Only PNG and JPEG are opened, told by their content, not their name, and only in the modes those give that
+    the *_to_array functions convert faithfully: 1, L, LA, P, RGB, RGBA, CMYK (print JPEGs) and I;16 (16-bit grey
+    PNG, "I" before Pillow 10; scaled to 8 bits). Anything else raises ImageDecodeError naming the format or mode
+    found, so extract, prepare, gallery and the TorchServe handler all refuse the same files."""
     if not data:
         raise ImageDecodeError(f"{name}: empty file")
     if name.endswith(".base64") and not _looks_like_image(data):
@@ -39,16 +50,25 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXEL
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
             if image.width * image.height > max_pixels:
                 raise ImageTooLarge(f"{name}: {image.width}x{image.height} pixels is over the "
                                     f"{max_pixels:,}-pixel limit")
+            if image.mode not in ACCEPTED_MODES:
+                raise ImageDecodeError(f"{name}: {image.format} image in mode {image.mode!r}; only modes "
+                                       f"{', '.join(ACCEPTED_MODES)} are accepted (re-save it as 8-bit RGB)")
             image.load()
     except ImageDecodeError:
         raise
+    except UnidentifiedImageError:
+        found = _format_of(data)
+        if found in ACCEPTED_FORMATS:
+            raise ImageDecodeError(f"{name}: not a readable image (broken {found} data)") from None
+        raise ImageDecodeError(f"{name}: {f'{found} image' if found else 'unknown format'}; only PNG and JPEG "
+                               "images are accepted (re-save it as PNG or JPEG)") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise ImageTooLarge(f"{name}: too many pixels ({exc})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"{name}: not a readable image ({exc.__class__.__name__}: {exc})") from None
     return image
 
@@ -58,12 +78,29 @@ def load_file(path: str | Path) -> Image.Image:
     return decode_bytes(path.read_bytes(), str(path))
 
 
+def _format_of(data: bytes) -> str | None:
+    """The format Pillow takes the bytes for, from its plugins' signature checks only: nothing is parsed."""
+    Image.init()
+    prefix = bytes(data[:16])
+    for fmt in Image.ID:
+        accept = Image.OPEN[fmt][1]
+        try:
+            found = accept is not None and accept(prefix)
+        except Exception:  # noqa: BLE001 - a signature check that trips on short input is just no match
+            continue
+        if found and not isinstance(found, str):  # a str is Pillow's "looks like it, but cannot open it" warning
+            return fmt
+    return None
+
+
 def _looks_like_image(data: bytes) -> bool:
     return data[:8] == b"\x89PNG\r\n\x1a\n" or data[:3] == b"\xff\xd8\xff" or data[:4] in (b"GIF8", b"RIFF")
 
 
 def _flatten_on_white(image: Image.Image) -> Image.Image:
     """Composite any transparency onto white (emoji and many sketches are transparent PNGs)."""
+    if image.mode in ("I;16", "I"):  # 16-bit grey: scale 0..65535 to 0..255; convert() would clip at 255 (white)
+        image = image.convert("I").point(lambda v: v / 257).convert("L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
