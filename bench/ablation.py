@@ -29,33 +29,46 @@ Run from anywhere:  python bench/ablation.py [--quick] [--seeds 0,1] [--only KEY
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import random
+import shutil
 import sys
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import tqdm as _tqdm  # noqa: E402
 
-_tqdm_cls = _tqdm.tqdm
-# the stages' progress bars (train.py passes disable= explicitly, so TQDM_DISABLE would not reach them); this script
-# prints its own progress
-_tqdm.tqdm = lambda *a, **kw: _tqdm_cls(*a, **{**kw, "disable": True})
 
-import numpy as np
+class _QuietTqdm(_tqdm.tqdm):
+    """The stages' progress bars, always disabled (train.py passes disable= explicitly, so TQDM_DISABLE would not
+    reach them); this script prints its own progress. A subclass, not a function: libraries imported with the
+    stages (dvc, via dvclive) call tqdm's class methods."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "disable": True})
+
+
+_tqdm.tqdm = _QuietTqdm
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from sempcyc import evaluate, features, train  # noqa: E402
-from sempcyc.runtime.backbones import to_input  # noqa: E402
-from sempcyc.runtime.encoder import Extractor, FeatureNorm, batched  # noqa: E402
+from sempcyc import params as params_mod  # noqa: E402
+from sempcyc.features import FeaturesSettings  # noqa: E402
+from sempcyc.recipe import PRESETS, ModelSettings  # noqa: E402
+from sempcyc.runtime.backbones import Extractor, batched, to_input  # noqa: E402
+from sempcyc.runtime.encoder import FeatureNorm  # noqa: E402
+from sempcyc.runtime.model import Config, SemPcyc  # noqa: E402
 from sempcyc.runtime.retrieval import retrieval_metrics  # noqa: E402
+from sempcyc.shards import load_test_shard, load_train_shard  # noqa: E402
+from sempcyc.split import SplitSettings  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 TRAIN_DIR = ROOT / "data" / "prepared" / "train"
@@ -68,14 +81,14 @@ FEATURE_FILES = ("extractors.pt", "meta.json", "train_sketches.npy", "train_imag
 
 # ------------------------------------------------------------------------------------------------ rows
 
-def rows(base: dict | None = None) -> list[dict]:
+def rows(base: train.TrainRun | None = None) -> list[dict]:
     """One dict per trained configuration: `feats` (feature set), `s` (top-level train settings changed),
     `config` (loss Config fields changed, on top of the preset), `preset`, `half` (half of the fit classes)."""
     tuned_off = {"train_classifiers": False}
     lam = lambda v: {"lambda_se": v, "lambda_im": v, "lambda_sk": v}  # noqa: E731
     return [
         {"name": "default" if base is None else
-         f"default (params: preset {base['preset']}, {base['feature_norm']}, D={base['dim_out']}, {base['epochs']} "
+         f"default (params: preset {base.preset}, {base.feature_norm}, D={base.dim_out}, {base.epochs} "
          f"epochs, ft2, early stop)", "group": "default", "key": "default"},
         {"name": "extractor: ImageNet as is (features.epochs 0)", "group": "extractor", "key": "e0", "feats": "e0"},
         {"name": "preset original (λ=10, classifiers frozen)", "group": "loss", "key": "original",
@@ -102,16 +115,14 @@ DERIVED = [  # rows read off the default run (trained with no early stopping, sc
 ]
 
 
-def settings_for(row: dict, base: dict, seed: int, quick: bool) -> dict:
-    s = copy.deepcopy(base)
-    if "preset" in row:
-        s["preset"] = row["preset"]
-        s["config"] = {**train.PRESETS[row["preset"]]}
-    s["config"].update(row.get("config", {}))
-    s.update(row.get("s", {}))
-    s["seed"] = seed
+def settings_for(row: dict, base: train.TrainRun, seed: int, quick: bool) -> train.TrainRun:
+    """The default settings with the row's changes: a row's preset replaces the loss configuration (params'
+    model.overrides included) by that preset's, then the row's `config` and `s` fields go on top."""
+    preset = row.get("preset", base.preset)
+    config = {**(PRESETS[preset] if "preset" in row else base.config), **row.get("config", {})}
+    s = replace(base, preset=preset, config=config, seed=seed, **row.get("s", {}))
     if quick:
-        s.update(epochs=3, iters_per_epoch=10, patience=2)
+        s = replace(s, epochs=3, iters_per_epoch=10, patience=2)
     return s
 
 
@@ -128,7 +139,6 @@ def file_digest(path: Path) -> str:
 def snapshot_ft2(refresh: bool) -> None:
     """Copy models/features (the fine-tuned set) into bench/out/features-ft2 once: the pipeline's workspace may
     rerun the features stage (which deletes and rewrites models/features) while this script runs."""
-    import shutil
     dst = FEATURE_SETS["ft2"]
     if not refresh and all((dst / f).exists() for f in FEATURE_FILES):
         return
@@ -143,19 +153,15 @@ def snapshot_ft2(refresh: bool) -> None:
 
 
 def ensure_e0_features(params_path: Path) -> None:
-    """The features stage with features.epochs 0, into bench/out/features-e0 (skipped when already there)."""
+    """The features stage's code with features.epochs 0, on the CPU, into bench/out/features-e0 (skipped when
+    already there)."""
     out = FEATURE_SETS["e0"]
     if (out / "extractors.pt").exists() and (out / "train_sketches.npy").exists():
         return
-    params = yaml.safe_load(params_path.read_text())
-    params["features"]["epochs"] = 0
-    params["train"]["device"] = "cpu"
-    OUT.mkdir(parents=True, exist_ok=True)
-    pfile = OUT / "params-e0.yaml"
-    pfile.write_text(yaml.safe_dump(params))
+    model, feat, split = params_mod.read(params_path, ModelSettings, FeaturesSettings, SplitSettings)
     print("features e0: ImageNet features of the training shard (features stage, epochs 0) ...", flush=True)
     t = time.time()
-    features.run(argparse.Namespace(train=str(TRAIN_DIR), out=str(out), params=str(pfile)))
+    features.compute_features(load_train_shard(TRAIN_DIR), out, model, replace(feat, epochs=0), split, "cpu")
     print(f"features e0: done in {time.time() - t:.0f} s", flush=True)
 
 
@@ -224,16 +230,16 @@ def embed(model, norms: dict, feats: dict) -> tuple[np.ndarray, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------------ training data
 
-def half_classes(features_dir: Path, s: dict) -> dict:
+def half_classes(features_dir: Path, s: train.TrainRun) -> dict:
     """The training data of every other fit class (sorted names), feature norm refitted on those classes only;
     validation classes unchanged."""
-    data = train.load_training_data(features_dir, TRAIN_DIR, {**s, "feature_norm": "none"})
+    data = train.load_training_data(features_dir, TRAIN_DIR, replace(s, feature_norm="none"))
     keep_old = np.arange(0, len(data["fit_classes"]), 2)
     remap = {int(old): new for new, old in enumerate(keep_old)}
     sk_m, im_m = np.isin(data["fit_sk_y"], keep_old), np.isin(data["fit_im_y"], keep_old)
     dim = data["fit_sk"].shape[1]
-    norms = {"sketch": FeatureNorm(s["feature_norm"], dim).fit(data["fit_sk"][sk_m]),
-             "image": FeatureNorm(s["feature_norm"], dim).fit(data["fit_im"][im_m])}
+    norms = {"sketch": FeatureNorm(s.feature_norm, dim).fit(data["fit_sk"][sk_m]),
+             "image": FeatureNorm(s.feature_norm, dim).fit(data["fit_im"][im_m])}
 
     def apply(kind: str, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -254,9 +260,9 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_fingerprint(row: dict, s: dict, features_digest: str) -> str:
+def run_fingerprint(row: dict, s: train.TrainRun, features_digest: str) -> str:
     """Identity of one training run: its full settings, feature set, class subset and row kind (not its label)."""
-    what = {"s": s, "key": row["key"], "feats": row.get("feats", "ft2"), "half": bool(row.get("half")),
+    what = {"s": asdict(s), "key": row["key"], "feats": row.get("feats", "ft2"), "half": bool(row.get("half")),
             "features": features_digest}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -274,14 +280,14 @@ def early_stop_choice(history: list[dict], patience: int) -> tuple[int, int]:
     return best_epoch, history[-1]["epoch"]
 
 
-def train_row(row: dict, s: dict, feats: dict, test: TestSet) -> dict[str, dict]:
+def train_row(row: dict, s: train.TrainRun, feats: dict, test: TestSet) -> dict[str, dict]:
     """Train one configuration; returns {row key: figures} (several keys for the default row)."""
     features_dir = FEATURE_SETS[row.get("feats", "ft2")]
     data = half_classes(features_dir, s) if row.get("half") else train.load_training_data(features_dir, TRAIN_DIR, s)
-    seed_all(s["seed"])
+    seed_all(s.seed)
     per_epoch = row["key"] == "default"
-    patience = s["patience"]
-    run_s = {**s, "patience": s["epochs"] + 1} if per_epoch else s
+    patience = s.patience
+    run_s = replace(s, patience=s.epochs + 1) if per_epoch else s
     trainer = train.Trainer(data, run_s)
     epoch_scores, epoch_times = {}, {}
     started = time.time()
@@ -318,10 +324,22 @@ def train_row(row: dict, s: dict, feats: dict, test: TestSet) -> dict[str, dict]
     }
 
 
-def pipeline_check(feats: dict, test: TestSet, results: list[dict], add) -> None:
+def load_pipeline_model(bundle: dict) -> tuple[SemPcyc, dict]:
+    """The SEM-PCYC generators and feature norms held by a models/sem_pcyc.pt bundle."""
+    model = SemPcyc(Config(**bundle["config"]))
+    model.gen_sk2se.load_state_dict(bundle["gen_sk2se"])
+    model.gen_im2se.load_state_dict(bundle["gen_im2se"])
+    dim = bundle["config"]["feat_dim"]
+    kind = bundle["meta"].get("feature_norm", "none")
+    norms = {"sketch": FeatureNorm(kind, dim), "image": FeatureNorm(kind, dim)}
+    norms["sketch"].load_state_dict(bundle["sketch_norm"])
+    norms["image"].load_state_dict(bundle["image_norm"])
+    return model, norms
+
+
+def pipeline_check(feats: dict, test: TestSet, report: Report) -> None:
     """Score models/sem_pcyc.pt on the cached ft2 test features (only if it was trained on the snapshot's
     extractors) and set it beside reports/eval/metrics.json: checks this script's scoring path."""
-    from sempcyc.runtime.model import Config, SemPcyc
     bundle_path = ROOT / "models" / "sem_pcyc.pt"
     if not bundle_path.exists():
         print("check: models/sem_pcyc.pt missing; skipped", flush=True)
@@ -333,15 +351,7 @@ def pipeline_check(feats: dict, test: TestSet, results: list[dict], add) -> None
     if not same:
         print("check: models/sem_pcyc.pt was trained on other extractors than the ft2 snapshot; skipped", flush=True)
         return
-    model = SemPcyc(Config(**bundle["config"]))
-    model.gen_sk2se.load_state_dict(bundle["gen_sk2se"])
-    model.gen_im2se.load_state_dict(bundle["gen_im2se"])
-    dim = bundle["config"]["feat_dim"]
-    kind = bundle["meta"].get("feature_norm", "none")
-    norms = {"sketch": FeatureNorm(kind, dim), "image": FeatureNorm(kind, dim)}
-    norms["sketch"].load_state_dict(bundle["sketch_norm"])
-    norms["image"].load_state_dict(bundle["image_norm"])
-    res = test.score(*embed(model, norms, feats))
+    res = test.score(*embed(*load_pipeline_model(bundle), feats))
     check = {}
     metrics_path = ROOT / "reports" / "eval" / "metrics.json"
     if metrics_path.exists():
@@ -351,12 +361,12 @@ def pipeline_check(feats: dict, test: TestSet, results: list[dict], add) -> None
                  "reports_eval_pretrained_zs_map": m["zero_shot"]["pretrained"]["map_all"],
                  "reports_eval_mtime": time.ctime(metrics_path.stat().st_mtime),
                  "model_mtime": time.ctime(bundle_path.stat().st_mtime)}
-        pre = next(r for r in results if r["key"] == "pretrained")["mean"]["zs_map"]
+        pre = report.row("pretrained")["mean"]["zs_map"]
         print(f"check: models/sem_pcyc.pt via this script: zs mAP {res['zs_map']:.4f} gen {res['gen_map']:.4f} "
               f"(reports/eval: {check['reports_eval_zs_map']:.4f} / {check['reports_eval_gen_map']:.4f}); "
               f"pretrained zs {pre:.4f} (reports/eval {check['reports_eval_pretrained_zs_map']:.4f})", flush=True)
-    add("baseline", "pipeline model models/sem_pcyc.pt (check against reports/eval)", "pipeline_model",
-        [{**res, "best_epoch": bundle["meta"].get("best_epoch")}], check=check)
+    report.add("baseline", "pipeline model models/sem_pcyc.pt (check against reports/eval)", "pipeline_model",
+               [{**res, "best_epoch": bundle["meta"].get("best_epoch")}], check=check)
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -402,7 +412,82 @@ def markdown(results: list[dict], default: dict | None) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+class Report:
+    """bench/out/ablation.json as it grows: every added row rewrites the file, so an interrupted run keeps its
+    rows."""
+
+    def __init__(self, path: Path, data: dict):
+        self.path, self.data = path, data
+        self.rows: list[dict] = data["rows"]
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.data, indent=1))
+
+    def add(self, group: str, name: str, key: str, per_seed: list[dict], **extra) -> None:
+        self.rows.append({"group": group, "name": name, "key": key, "per_seed": per_seed,
+                          "mean": summarise(per_seed), **extra})
+        self.save()
+
+    def row(self, key: str) -> dict | None:
+        return next((r for r in self.rows if r["key"] == key), None)
+
+
+def headline(results: list[dict]) -> tuple[dict, dict] | None:
+    """(summary figures, best trained row): the default against the best other trained row and against the
+    no-training baselines; None without a default row or any other trained row."""
+    keys = {r["key"]: r for r in results}
+    default = keys.get("default")
+    trained = [r for r in results if "seeds" in r and r["key"] != "default"]
+    if default is None or not trained:
+        return None
+    complete = [r for r in trained if set(default["seeds"]) <= set(r["seeds"])]
+    best = max(complete or trained, key=lambda r: paired_delta(r, default))
+    direct = {k: keys[k]["mean"]["zs_map"] for k in ("pretrained", "ft2_direct", "ft2_direct_std") if k in keys}
+    best_direct = max(direct.values()) if direct else None
+    dmap = default["mean"]["zs_map"]
+    summary = {"default_zs_map": dmap, "default_seeds": default["seeds"], "best_row": best["key"],
+               "best_zs_map": best["mean"]["zs_map"], "best_minus_default_paired": paired_delta(best, default),
+               "rows_missing_seeds": [r["key"] for r in trained if r not in complete],
+               "best_direct_matching_zs_map": best_direct,
+               "default_over_best_direct": None if not best_direct else dmap / best_direct,
+               "default_over_random": dmap / keys["random"]["mean"]["zs_map"]}
+    return summary, best
+
+
+def print_results(report: Report) -> None:
+    """The Markdown table, then the headline figures (also saved as the report's `summary`)."""
+    print()
+    print(markdown(report.rows, report.row("default")))
+    print()
+    found = headline(report.rows)
+    if found is None:
+        return
+    summary, best = found
+    report.data["summary"] = summary
+    report.save()
+    print(f"default zero-shot mAP@all {summary['default_zs_map']:.4f} (seeds {summary['default_seeds']}); best "
+          f"trained row '{best['name']}' {best['mean']['zs_map']:.4f} ({summary['best_minus_default_paired']:+.4f} "
+          "paired)" + (f"; rows not run with every seed: {', '.join(summary['rows_missing_seeds'])}"
+                       if summary["rows_missing_seeds"] else ""))
+    if summary["best_direct_matching_zs_map"]:
+        print(f"default / best no-training baseline (direct matching) = {summary['default_over_best_direct']:.2f}x; "
+              f"default / random = {summary['default_over_random']:.2f}x")
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+@dataclass
+class Plan:
+    """What every training run of this invocation shares."""
+    args: argparse.Namespace
+    base: train.TrainRun
+    seeds: list[int]
+    feats: dict
+    test: TestSet
+    started: float
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Rows: " + ", ".join(r["key"] for r in rows() + DERIVED))
@@ -423,92 +508,94 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cache", action="store_true", help="retrain even when bench/out/runs/ has the run")
     ap.add_argument("--refresh-features", action="store_true",
                     help="re-copy models/features into bench/out/features-ft2 (otherwise the first copy is kept)")
-    args = ap.parse_args(argv)
-    seeds = [0] if args.quick else [int(x) for x in args.seeds.split(",") if x.strip()]
-    torch.set_num_threads(args.threads)
-    OUT.mkdir(parents=True, exist_ok=True)
-    t_all = time.time()
+    return ap.parse_args(argv)
 
-    snapshot_ft2(args.refresh_features)
-    params_path = Path(args.params)
-    base = train.read_settings(yaml.safe_load(params_path.read_text()))
-    base["device"] = "cpu"
-    print(f"ablation: default train settings preset={base['preset']} config={base['config']} dim_out="
-          f"{base['dim_out']} norm={base['feature_norm']} epochs={base['epochs']}x{base['iters_per_epoch']} "
-          f"batch={base['batch_size']} patience={base['patience']}; seeds {seeds}" + (" [QUICK]" if args.quick else ""),
+
+def default_settings(params_path: Path, seeds: list[int], quick: bool) -> train.TrainRun:
+    """The train stage's settings from the params file, on the CPU; prints them and the ft2 snapshot's origin."""
+    base = replace(train.read_settings(params_mod.load(params_path), str(params_path)), device="cpu")
+    print(f"ablation: default train settings preset={base.preset} config={base.config} dim_out="
+          f"{base.dim_out} norm={base.feature_norm} epochs={base.epochs}x{base.iters_per_epoch} "
+          f"batch={base.batch_size} patience={base.patience}; seeds {seeds}" + (" [QUICK]" if quick else ""),
           flush=True)
     ft_meta = json.loads((FEATURE_SETS["ft2"] / "meta.json").read_text())
-    print(f"ablation: ft2 = {FEATURE_SETS['ft2']} (copy of models/features; finetune_epochs {ft_meta['finetune_epochs']}, "
-          f"{ft_meta['feat_dim']}-d)", flush=True)
+    print(f"ablation: ft2 = {FEATURE_SETS['ft2']} (copy of models/features; finetune_epochs "
+          f"{ft_meta['finetune_epochs']}, {ft_meta['feat_dim']}-d)", flush=True)
+    return base
 
-    shard = evaluate.load_test_shard(TEST_DIR)
-    test = TestSet(shard)
-    ensure_e0_features(params_path)
-    feats = {name: test_features(name, shard) for name in FEATURE_SETS}
 
-    results: list[dict] = []
-    report = {"params": str(params_path), "settings": {k: base[k] for k in ("preset", "config", "dim_out", "feature_norm", "epochs",
-                                                  "iters_per_epoch", "batch_size", "patience", "lr")},
-              "seeds": seeds, "quick": args.quick, "rows": results,
-              "counts": {"queries": int(len(test.q_labels)), "gallery_zero_shot": int(test.zs.sum()),
-                         "gallery_generalised": int(len(test.g_labels)), "unseen_classes": int(len(test.unseen))}}
+def new_report(plan: Plan) -> Report:
+    base, test = plan.base, plan.test
+    return Report(Path(plan.args.out), {
+        "params": str(Path(plan.args.params)),
+        "settings": {k: getattr(base, k) for k in ("preset", "config", "dim_out", "feature_norm", "epochs",
+                                                   "iters_per_epoch", "batch_size", "patience", "lr")},
+        "seeds": plan.seeds, "quick": plan.args.quick, "rows": [],
+        "counts": {"queries": int(len(test.q_labels)), "gallery_zero_shot": int(test.zs.sum()),
+                   "gallery_generalised": int(len(test.g_labels)), "unseen_classes": int(len(test.unseen))}})
 
-    def save() -> None:
-        Path(args.out).write_text(json.dumps(report, indent=1))
 
-    def add(group, name, key, per_seed, **extra):
-        results.append({"group": group, "name": name, "key": key, "per_seed": per_seed,
-                        "mean": summarise(per_seed), **extra})
-        save()
-
-    # --- baselines: no SEM-PCYC training
-    add("baseline", "random ranking", "random", [test.score_random(sd) for sd in seeds])
-    add("baseline", "ImageNet backbone features matched directly (= evaluate's 'pretrained')", "pretrained",
-        [test.score(feats["e0"]["q"], feats["e0"]["g"])])
-    add("baseline", "fine-tuned extractor features matched directly (ft2, raw)", "ft2_direct",
-        [test.score(feats["ft2"]["q"], feats["ft2"]["g"])])
-    data_ft = train.load_training_data(FEATURE_SETS["ft2"], TRAIN_DIR, base)
+def add_baselines(report: Report, plan: Plan) -> None:
+    """Rows with no SEM-PCYC training: random ranking, the extractor features matched directly, and the
+    pipeline's own model scored through this script's path (should match reports/eval/metrics.json)."""
+    test, feats = plan.test, plan.feats
+    report.add("baseline", "random ranking", "random", [test.score_random(sd) for sd in plan.seeds])
+    report.add("baseline", "ImageNet backbone features matched directly (= evaluate's 'pretrained')", "pretrained",
+               [test.score(feats["e0"]["q"], feats["e0"]["g"])])
+    report.add("baseline", "fine-tuned extractor features matched directly (ft2, raw)", "ft2_direct",
+               [test.score(feats["ft2"]["q"], feats["ft2"]["g"])])
+    data_ft = train.load_training_data(FEATURE_SETS["ft2"], TRAIN_DIR, plan.base)
     with torch.no_grad():
         q = data_ft["norms"]["sketch"](torch.from_numpy(feats["ft2"]["q"])).numpy()
         g = data_ft["norms"]["image"](torch.from_numpy(feats["ft2"]["g"])).numpy()
-    add("baseline", "fine-tuned extractor features, standardized per domain, matched directly", "ft2_direct_std",
-        [test.score(q, g)])
-    # the pipeline's own model, scored through this script's path: should match reports/eval/metrics.json
-    pipeline_check(feats["ft2"], test, results, add)
+    report.add("baseline", "fine-tuned extractor features, standardized per domain, matched directly",
+               "ft2_direct_std", [test.score(q, g)])
+    pipeline_check(feats["ft2"], test, report)
 
-    # --- trained rows: seed-major order (every row with the first seed, then the next seed), each run cached in
-    # bench/out/runs/ by a fingerprint of its settings and features, so an interrupted or budget-cut run resumes
-    only = {x.strip() for x in args.only.split(",") if x.strip()}
-    todo = [r for r in rows(base) if not only or r["key"] in only]
+
+def same_as_default(row: dict, s: train.TrainRun, plan: Plan, seed: int) -> bool:
+    """Whether a row would train exactly the default row's run (e.g. "dim_out 64" when params says 64)."""
+    return (s, row.get("feats", "ft2"), bool(row.get("half"))) == (
+        settings_for({}, plan.base, seed, plan.args.quick), "ft2", False)
+
+
+def run_or_load(plan: Plan, row: dict, s: train.TrainRun, label: str, cache: Path) -> tuple[dict | None, str]:
+    """(figures, how they were got) of one run: from its cache file, or trained now and cached; (None, "") when
+    --no-train or --budget-min leaves it out."""
+    args = plan.args
+    if cache.exists() and not args.no_cache:
+        return json.loads(cache.read_text()), "cached"
+    if args.no_train or (args.budget_min and time.time() - plan.started > 60 * args.budget_min):
+        return None, ""
+    print(f"{label} {row['name']} ... [{time.time() - plan.started:.0f} s elapsed]", flush=True)
+    t = time.time()
+    out = train_row(row, s, plan.feats[row.get("feats", "ft2")], plan.test)
+    cache.write_text(json.dumps(out))
+    return out, f"{time.time() - t:.0f} s"
+
+
+def train_rows(plan: Plan, todo: list[dict]) -> tuple[dict[str, dict[int, dict]], dict, list[str]]:
+    """Every (seed, row) run in seed-major order (every row with the first seed, then the next seed), each cached
+    in bench/out/runs/ by a fingerprint of its settings and features, so an interrupted or budget-cut run resumes.
+    Returns {row key: {seed: figures}}, the default row's per-epoch curves, and the runs left out."""
     digests = {name: file_digest(FEATURE_SETS[name] / "extractors.pt") for name in FEATURE_SETS}
     runs_dir = OUT / "runs"
     runs_dir.mkdir(exist_ok=True)
     per_key: dict[str, dict[int, dict]] = {}
-    curves = {}
-    skipped = []
-    for sd in seeds:
+    curves, skipped = {}, []
+    for sd in plan.seeds:
         for i, row in enumerate(todo, 1):
-            s = settings_for(row, base, sd, args.quick)
-            if row["key"] != "default" and (s, row.get("feats", "ft2"), bool(row.get("half"))) == (
-                    settings_for({}, base, sd, args.quick), "ft2", False):
-                if sd == seeds[0]:
+            s = settings_for(row, plan.base, sd, plan.args.quick)
+            if row["key"] != "default" and same_as_default(row, s, plan, sd):
+                if sd == plan.seeds[0]:
                     print(f"    {row['key']}: same settings as the default row; not trained again", flush=True)
                 continue
             fp = run_fingerprint(row, s, digests[row.get("feats", "ft2")])
-            cache = runs_dir / f"{row['key']}-seed{sd}-{fp}.json"
-            if cache.exists() and not args.no_cache:
-                out = json.loads(cache.read_text())
-                how = "cached"
-            elif args.no_train or (args.budget_min and time.time() - t_all > 60 * args.budget_min):
+            out, how = run_or_load(plan, row, s, f"[seed {sd}, {i}/{len(todo)}]",
+                                   runs_dir / f"{row['key']}-seed{sd}-{fp}.json")
+            if out is None:
                 skipped.append(f"{row['key']} seed {sd}")
                 continue
-            else:
-                print(f"[seed {sd}, {i}/{len(todo)}] {row['name']} ... [{time.time() - t_all:.0f} s elapsed]",
-                      flush=True)
-                t = time.time()
-                out = train_row(row, s, feats[row.get("feats", "ft2")], test)
-                cache.write_text(json.dumps(out))
-                how = f"{time.time() - t:.0f} s"
             if "_curve" in out:
                 curves[f"seed{sd}"] = out.pop("_curve")
             for k, v in out.items():
@@ -516,44 +603,47 @@ def main(argv: list[str] | None = None) -> int:
             r = out[row["key"]]
             print(f"    {row['key']} seed {sd}: zs mAP {r['zs_map']:.4f}  P@10 {r['zs_p10']:.3f}  gen mAP "
                   f"{r['gen_map']:.4f}  best epoch {r['best_epoch']}  ({how})", flush=True)
+    return per_key, curves, skipped
+
+
+def add_trained(report: Report, todo: list[dict], per_key: dict[str, dict[int, dict]]) -> None:
+    """One row per trained configuration (and the early-stopping rows read off the default run), in table order,
+    with the seeds that finished."""
     for row in todo:
         for d in [row] + (DERIVED if row["key"] == "default" else []):
             if d["key"] in per_key:
                 got = per_key[d["key"]]
-                add(d["group"], d["name"], d["key"], [got[sd] for sd in sorted(got)], seeds=sorted(got))
-    report["default_curve"] = curves
-    if skipped:
-        report["skipped"] = skipped
-        print(f"ablation: not run (budget or --no-train): {', '.join(skipped)}", flush=True)
-    save()
+                report.add(d["group"], d["name"], d["key"], [got[sd] for sd in sorted(got)], seeds=sorted(got))
 
-    keys = {r["key"]: r for r in results}
-    default = keys.get("default")
-    print()
-    print(markdown(results, default))
-    print()
-    trained = [r for r in results if "seeds" in r and r["key"] != "default"]
-    if default is not None and trained:
-        complete = [r for r in trained if set(default["seeds"]) <= set(r["seeds"])]
-        best = max(complete or trained, key=lambda r: paired_delta(r, default))
-        direct = {k: keys[k]["mean"]["zs_map"] for k in ("pretrained", "ft2_direct", "ft2_direct_std") if k in keys}
-        best_direct = max(direct.values()) if direct else None
-        dmap = default["mean"]["zs_map"]
-        summary = {"default_zs_map": dmap, "default_seeds": default["seeds"], "best_row": best["key"],
-                   "best_zs_map": best["mean"]["zs_map"], "best_minus_default_paired": paired_delta(best, default),
-                   "rows_missing_seeds": [r["key"] for r in trained if r not in complete],
-                   "best_direct_matching_zs_map": best_direct,
-                   "default_over_best_direct": None if not best_direct else dmap / best_direct,
-                   "default_over_random": dmap / keys["random"]["mean"]["zs_map"]}
-        report["summary"] = summary
-        save()
-        print(f"default zero-shot mAP@all {dmap:.4f} (seeds {default['seeds']}); best trained row '{best['name']}' "
-              f"{best['mean']['zs_map']:.4f} ({summary['best_minus_default_paired']:+.4f} paired)"
-              + (f"; rows not run with every seed: {', '.join(summary['rows_missing_seeds'])}"
-                 if summary["rows_missing_seeds"] else ""))
-        if best_direct:
-            print(f"default / best no-training baseline (direct matching) = {summary['default_over_best_direct']:.2f}x; "
-                  f"default / random = {summary['default_over_random']:.2f}x")
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    seeds = [0] if args.quick else [int(x) for x in args.seeds.split(",") if x.strip()]
+    torch.set_num_threads(args.threads)
+    OUT.mkdir(parents=True, exist_ok=True)
+    t_all = time.time()
+
+    snapshot_ft2(args.refresh_features)
+    params_path = Path(args.params)
+    base = default_settings(params_path, seeds, args.quick)
+    shard = load_test_shard(TEST_DIR)
+    test = TestSet(shard)
+    ensure_e0_features(params_path)
+    feats = {name: test_features(name, shard) for name in FEATURE_SETS}
+    plan = Plan(args, base, seeds, feats, test, t_all)
+
+    report = new_report(plan)
+    add_baselines(report, plan)
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+    todo = [r for r in rows(base) if not only or r["key"] in only]
+    per_key, curves, skipped = train_rows(plan, todo)
+    add_trained(report, todo, per_key)
+    report.data["default_curve"] = curves
+    if skipped:
+        report.data["skipped"] = skipped
+        print(f"ablation: not run (budget or --no-train): {', '.join(skipped)}", flush=True)
+    report.save()
+    print_results(report)
     print(f"ablation: {time.time() - t_all:.0f} s -> {args.out}")
     return 0
 

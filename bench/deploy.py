@@ -1,12 +1,13 @@
 """Deploy wall time per host on loopback, and bytes sent on a first deploy and on a repeat.
 
-Starts a real sshd and a TorchServe "host" on 127.0.0.1 (the test fixtures' code), deploys the demo archive
+Starts a real sshd and a TorchServe "host" on 127.0.0.1 (the tests' tests/hosts.py), deploys the demo archive
 (models/sem_pcyc.mar, needs `dvc repro archive`) twice and prints the receipt figures.
 
 Usage: python bench/deploy.py
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -16,19 +17,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
 
+from hosts import Host, start_sshd  # noqa: E402
+from sempcyc import deploy  # noqa: E402
+from sempcyc import params as params_mod  # noqa: E402
+from sempcyc.fsutil import sha256_file  # noqa: E402
+from sempcyc.runtime.search import SketchSearch  # noqa: E402
+from sempcyc.serving import ServeSettings, pick_queries  # noqa: E402
+
 
 def main() -> None:
-    import argparse
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
-    from test_deploy import Host, start_sshd
-    from sempcyc import deploy
-    from sempcyc.runtime.search import SketchSearch
-    from sempcyc.serving import pick_queries
-
     mar = REPO / "models/sem_pcyc.mar"
-    version, digest = deploy.mar_version(mar), deploy.sha256_file(mar)
+    version, digest = deploy.mar_version(mar), sha256_file(mar)
     name, sketch = pick_queries(REPO / "data/dataset", REPO / "data/prepared/splits.json", per_class=1)[0]
-    expected = SketchSearch.load(REPO / "models/sem_pcyc.pt", REPO / "models/gallery").search([sketch])[0]
+    (serve,) = params_mod.read(REPO / "params.yaml", ServeSettings)
+    offline = SketchSearch.load(REPO / "models/sem_pcyc.pt", REPO / "models/gallery", top_k=serve.top_k,
+                                max_pixels=serve.max_pixels)
+    expected = offline.search([sketch])[0]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "sshd").mkdir()

@@ -18,10 +18,16 @@ import sys
 import tarfile
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+
+from sempcyc import demo_data  # noqa: E402
+from sempcyc import params as params_mod  # noqa: E402
+from sempcyc.demo_data import DemoParams, EmojiClass  # noqa: E402
+from sempcyc.split import SplitSettings, hash_unit  # noqa: E402
 
 
 def repro(proj: Path, env: dict) -> tuple[float, dict[str, float], list[str]]:
@@ -47,32 +53,9 @@ def repro(proj: Path, env: dict) -> tuple[float, dict[str, float], list[str]]:
     return end - start, stage_times, order
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--keep", help="run in this folder and keep it (default: a temporary folder)")
-    args = parser.parse_args()
-    from sempcyc import demo_data
-    from sempcyc.split import hash_unit
-    import yaml
-
-    work = Path(args.keep or tempfile.mkdtemp(prefix="sem-pcyc-bench-"))
-    proj = work / "proj"
-    if proj.exists():
-        shutil.rmtree(proj)
-    subprocess.run(["git", "clone", "-q", str(REPO), str(proj)], check=True)
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               DVC_NO_ANALYTICS="1")
-    params = yaml.safe_load((proj / "params.yaml").read_text())
-
-    # base dataset = the default demo; extended = the same files plus three unseen-side classes
-    demo = params["demo"]
-    catalogue = demo_data.available_classes()
-    base_names = {c.name for c in catalogue[:demo["classes"]]}
-    salt, fraction = params["split"]["salt"], params["split"]["test_fraction"]
-    extra = [c for c in catalogue[demo["classes"]:] if hash_unit(c.name, salt) < fraction][:3]
-    extra_params = demo_data.DemoParams(**{**demo, "classes": catalogue.index(extra[-1]) + 1})
-    big, _ = demo_data.build(extra_params, progress=False)
-    keep = base_names | {c.name for c in extra}
+def split_tar(big: bytes, base_names: set[str], keep: set[str]) -> tuple[bytes, bytes]:
+    """Two tars from the demo tar `big`: its files of the classes in `base_names`, and of those in `keep`
+    (files outside a class folder, e.g. ATTRIBUTION.md, go into both)."""
     base_tar, ext_tar = io.BytesIO(), io.BytesIO()
     with tarfile.open(fileobj=io.BytesIO(big)) as src, tarfile.open(fileobj=base_tar, mode="w") as b, \
             tarfile.open(fileobj=ext_tar, mode="w") as e:
@@ -84,20 +67,52 @@ def main() -> None:
                 b.addfile(member, io.BytesIO(data))
             if cls is None or cls in keep:
                 e.addfile(member, io.BytesIO(data))
-    (proj / "data").mkdir(exist_ok=True)
-    (proj / "data/bench.tar").write_bytes(base_tar.getvalue())
-    text = (proj / "params.yaml").read_text().replace("tar: data/demo.tar", "tar: data/bench.tar")
-    (proj / "params.yaml").write_text(text)
+    return base_tar.getvalue(), ext_tar.getvalue()
 
-    full, stages, _ = repro(proj, env)
-    print(f"full dvc repro on the demo ({demo['classes']} classes): {full:.0f} s")
+
+def demo_tars(params_file: Path) -> tuple[bytes, bytes, DemoParams, list[EmojiClass]]:
+    """(base tar, extended tar, demo params, added classes): base = the default demo; extended = the same files
+    plus the next three catalogue classes that the hash split puts on the unseen side."""
+    demo, split = params_mod.read(params_file, DemoParams, SplitSettings)
+    catalogue = demo_data.available_classes()
+    base_names = {c.name for c in catalogue[:demo.classes]}
+    extra = [c for c in catalogue[demo.classes:] if hash_unit(c.name, split.salt) < split.test_fraction][:3]
+    big, _ = demo_data.build(replace(demo, classes=catalogue.index(extra[-1]) + 1), progress=False)
+    base_tar, ext_tar = split_tar(big, base_names, base_names | {c.name for c in extra})
+    return base_tar, ext_tar, demo, extra
+
+
+def print_full_run(full: float, stages: dict[str, float], classes: int) -> None:
+    print(f"full dvc repro on the demo ({classes} classes): {full:.0f} s")
     for name, seconds in stages.items():
         print(f"  {name:12s} {seconds:7.1f} s")
     through_gallery = sum(v for k, v in stages.items() if k not in ("archive", "serve-check", "deploy"))
     print(f"  through gallery: {through_gallery:.0f} s")
 
-    (proj / "data/bench.tar").write_bytes(ext_tar.getvalue())
-    again, stages2, order = repro(proj, env)
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keep", help="run in this folder and keep it (default: a temporary folder)")
+    args = parser.parse_args()
+
+    work = Path(args.keep or tempfile.mkdtemp(prefix="sem-pcyc-bench-"))
+    proj = work / "proj"
+    if proj.exists():
+        shutil.rmtree(proj)
+    subprocess.run(["git", "clone", "-q", str(REPO), str(proj)], check=True)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               DVC_NO_ANALYTICS="1")
+    base_tar, ext_tar, demo, extra = demo_tars(proj / "params.yaml")
+    (proj / "data").mkdir(exist_ok=True)
+    (proj / "data/bench.tar").write_bytes(base_tar)
+    text = (proj / "params.yaml").read_text().replace("tar: data/demo.tar", "tar: data/bench.tar")
+    (proj / "params.yaml").write_text(text)
+
+    full, stages, _ = repro(proj, env)
+    print_full_run(full, stages, demo.classes)
+
+    (proj / "data/bench.tar").write_bytes(ext_tar)
+    again, _, order = repro(proj, env)
     print(f"after adding {', '.join(c.name for c in extra)} (unseen side): {again:.0f} s "
           f"= {100 * again / full:.0f} % of the full run")
     print(f"  stages that ran: {', '.join(order)}")

@@ -19,6 +19,11 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from sempcyc import params as params_mod  # noqa: E402
+from sempcyc.runtime.search import SketchSearch  # noqa: E402
+from sempcyc.serving import ServeSettings, pick_queries  # noqa: E402
 
 
 def main() -> None:
@@ -39,12 +44,12 @@ def main() -> None:
               f"{r['latency_ms_p50']} ms, p95 {r['latency_ms_p95']} ms, {r['concurrent_throughput_rps']} req/s "
               f"with 8 clients, parity {r['parity_top10']}, errors {r['errors']}")
 
-    sys.path.insert(0, str(REPO / "src"))
-    from sempcyc.runtime.search import SketchSearch
-    search = SketchSearch.load(REPO / "models/sem_pcyc.pt", REPO / "models/gallery")
-    splits = json.loads((REPO / "data/prepared/splits.json").read_text())
-    files = [f for c in splits["test"] for f in sorted((REPO / "data/dataset/sketches" / c).glob("*"))[:2]]
-    bodies = [f.read_bytes() for f in files]
+    (serve,) = params_mod.read(REPO / "params.yaml", ServeSettings)
+    search = SketchSearch.load(REPO / "models/sem_pcyc.pt", REPO / "models/gallery", top_k=serve.top_k,
+                               max_pixels=serve.max_pixels)
+    # the first two sketches of every unseen class, as serve-check sends
+    bodies = [body for _, body in pick_queries(REPO / "data/dataset", REPO / "data/prepared/splits.json",
+                                                  per_class=2)]
     search.search(bodies[:1])
     times = []
     for body in bodies:

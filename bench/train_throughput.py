@@ -17,28 +17,35 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import tqdm as _tqdm  # noqa: E402
 
-_tqdm_cls = _tqdm.tqdm
-# the stages' progress bars (train.py passes disable= explicitly, so TQDM_DISABLE would not reach them); this script
-# prints its own progress
-_tqdm.tqdm = lambda *a, **kw: _tqdm_cls(*a, **{**kw, "disable": True})
 
-import numpy as np
+class _QuietTqdm(_tqdm.tqdm):
+    """The stages' progress bars, always disabled (train.py passes disable= explicitly, so TQDM_DISABLE would not
+    reach them); this script prints its own progress. A subclass, not a function: libraries imported with the
+    stages (dvc, via dvclive) call tqdm's class methods."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "disable": True})
+
+
+_tqdm.tqdm = _QuietTqdm
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
+from sempcyc import params as params_mod  # noqa: E402
 from sempcyc import train  # noqa: E402
-from sempcyc.runtime.backbones import to_input  # noqa: E402
-from sempcyc.runtime.encoder import Extractor  # noqa: E402
-from sempcyc.shards import load_train_shard  # noqa: E402
+from sempcyc.runtime.backbones import Extractor, to_input  # noqa: E402
 from sempcyc.runtime.model import train_step  # noqa: E402
+from sempcyc.shards import load_train_shard  # noqa: E402
 
 TRAIN_DIR = ROOT / "data" / "prepared" / "train"
 SNAPSHOT = ROOT / "bench" / "out" / "features-ft2"  # bench/ablation.py's copy of models/features
@@ -48,43 +55,43 @@ def default_features() -> Path:
     return SNAPSHOT if (SNAPSHOT / "extractors.pt").exists() else ROOT / "models" / "features"
 
 
-def measure(args, s: dict, data: dict, features_dir: Path) -> dict:
-    meta = data["meta"]
-    print(f"throughput: {features_dir} ({meta['backbone']}, {meta['feat_dim']}-d, fine-tuned "
-          f"{meta['finetune_epochs']} epochs); preset {s['preset']}, D={s['dim_out']}, batch {args.batch_size} pairs, "
-          f"{torch.get_num_threads()} torch threads on {os.cpu_count()} CPUs", flush=True)
+def cached_rate(s: train.TrainRun, data: dict, steps: int) -> float:
+    """Pairs/s of the train stage's loop on cached features (`Trainer.run_epoch`, iters_per_epoch = the number
+    of timed steps), after a warm-up epoch of 2 steps (allocations, first-call overheads)."""
+    trainer = train.Trainer(data, replace(s, iters_per_epoch=2))
+    trainer.run_epoch()
+    trainer.s = replace(trainer.s, iters_per_epoch=steps)
+    trainer.pairs = 0
+    t = time.perf_counter()
+    trainer.run_epoch()
+    return trainer.pairs / (time.perf_counter() - t)
 
-    # --- cached features: the train stage's loop, iters_per_epoch = the number of timed steps
-    def cached_run(steps: int) -> float:
-        trainer = train.Trainer(data, {**s, "iters_per_epoch": 2})
-        trainer.run_epoch()                                   # warm-up (allocations, first-call overheads)
-        trainer.s = {**trainer.s, "iters_per_epoch": steps}
-        trainer.pairs = 0
-        t = time.perf_counter()
-        trainer.run_epoch()
-        return trainer.pairs / (time.perf_counter() - t)
 
-    cached = cached_run(args.cached_steps)
-    print(f"cached features:   {cached:9.1f} pairs/s  ({args.cached_steps} steps of {args.batch_size})", flush=True)
-
-    # --- recompute: the extractors run on every batch's raw sketches and images, then the same step
-    shard = load_train_shard(TRAIN_DIR)
-    classes, fit = shard["classes"], set(data["fit_classes"])
-    sk_rows = np.flatnonzero([classes[l] in fit for l in shard["sketches_labels"]])  # fit_sk row i = shard row
-    im_rows = np.flatnonzero([classes[l] in fit for l in shard["images_labels"]])    # sk_rows[i], as in train
-    sketches, images = np.asarray(shard["sketches"]), np.asarray(shard["images"])  # in RAM: no disk in the timing
-    bundle = data["extractors"]
+def frozen_extractors(data: dict) -> dict[str, Extractor]:
+    """The features stage's sketch and image extractors, in eval mode and without gradients."""
+    meta, bundle = data["meta"], data["extractors"]
     extractors = {}
     for domain in ("sketch", "image"):
         ex = Extractor(meta["backbone"], meta["feature_proj_dim"], pretrained=False)
         ex.load_state_dict(bundle[f"{domain}_extractor"])
         extractors[domain] = ex.eval().requires_grad_(False)
-    norms = data["norms"]
+    return extractors
+
+
+def recompute_step_fn(s: train.TrainRun, data: dict, batch_size: int):
+    """A function doing one SEM-PCYC step on features recomputed from the batch's uint8 sketches and images;
+    it returns (extractor seconds, SEM-PCYC step seconds)."""
+    shard = load_train_shard(TRAIN_DIR)
+    classes, fit = shard["classes"], set(data["fit_classes"])
+    sk_rows = np.flatnonzero([classes[c] in fit for c in shard["sketches_labels"]])  # fit_sk row i = shard row
+    im_rows = np.flatnonzero([classes[c] in fit for c in shard["images_labels"]])    # sk_rows[i], as in train
+    sketches, images = np.asarray(shard["sketches"]), np.asarray(shard["images"])  # in RAM: no disk in the timing
+    extractors, norms = frozen_extractors(data), data["norms"]
     trainer = train.Trainer(data, s)
-    invert = bool(meta["invert_sketch"])
+    invert = bool(data["meta"]["invert_sketch"])
 
     def recompute_step() -> tuple[float, float]:
-        sk_i, im_i, y = trainer.sampler.batch(args.batch_size)
+        sk_i, im_i, y = trainer.sampler.batch(batch_size)
         t0 = time.perf_counter()
         with torch.no_grad():
             a = norms["sketch"](extractors["sketch"](to_input(torch.from_numpy(sketches[sk_rows[sk_i]]), invert)))
@@ -94,6 +101,13 @@ def measure(args, s: dict, data: dict, features_dir: Path) -> dict:
         train_step(trainer.model, trainer.opts, a, b, trainer.fit_sem[yt], yt, net=trainer.net)
         return t1 - t0, time.perf_counter() - t1
 
+    return recompute_step
+
+
+def recompute_rate(args, s: train.TrainRun, data: dict) -> float:
+    """Pairs/s when the frozen extractors run on every batch's raw sketches and images before the same step
+    (one untimed warm-up step); prints the split between extractors and SEM-PCYC step."""
+    recompute_step = recompute_step_fn(s, data, args.batch_size)
     recompute_step()                                          # warm-up
     cnn = sem = 0.0
     t = time.perf_counter()
@@ -105,9 +119,20 @@ def measure(args, s: dict, data: dict, features_dir: Path) -> dict:
     print(f"recompute features: {recompute:8.1f} pairs/s  ({args.recompute_steps} steps of {args.batch_size}; "
           f"per step {elapsed / args.recompute_steps:.2f} s: extractors {cnn / args.recompute_steps:.2f} s, "
           f"SEM-PCYC step {sem / args.recompute_steps:.3f} s)", flush=True)
+    return recompute
+
+
+def measure(args, s: train.TrainRun, data: dict, features_dir: Path) -> dict:
+    meta = data["meta"]
+    print(f"throughput: {features_dir} ({meta['backbone']}, {meta['feat_dim']}-d, fine-tuned "
+          f"{meta['finetune_epochs']} epochs); preset {s.preset}, D={s.dim_out}, batch {args.batch_size} pairs, "
+          f"{torch.get_num_threads()} torch threads on {os.cpu_count()} CPUs", flush=True)
+    cached = cached_rate(s, data, args.cached_steps)
+    print(f"cached features:   {cached:9.1f} pairs/s  ({args.cached_steps} steps of {args.batch_size})", flush=True)
+    recompute = recompute_rate(args, s, data)
     print(f"ratio cached / recompute: {cached / recompute:.0f}x", flush=True)
-    epoch_pairs = s["iters_per_epoch"] * args.batch_size
-    print(f"one train epoch ({s['iters_per_epoch']} steps x {args.batch_size} pairs): cached "
+    epoch_pairs = s.iters_per_epoch * args.batch_size
+    print(f"one train epoch ({s.iters_per_epoch} steps x {args.batch_size} pairs): cached "
           f"{epoch_pairs / cached:.1f} s, recompute {epoch_pairs / recompute:.0f} s", flush=True)
     return {"cached": cached, "recompute": recompute}
 
@@ -118,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--features", default=None, help="features stage output (default: bench/out/features-ft2 if "
                     "bench/ablation.py made it, else models/features)")
     ap.add_argument("--batch-size", type=int, default=128, help="pairs per step, both paths (default: %(default)s)")
-    ap.add_argument("--cached-steps", type=int, default=20, help="timed steps on cached features (default: %(default)s)")
+    ap.add_argument("--cached-steps", type=int, default=20,
+                    help="timed steps on cached features (default: %(default)s)")
     ap.add_argument("--recompute-steps", type=int, default=3,
                     help="timed steps recomputing extractor features (default: %(default)s)")
     ap.add_argument("--threads", default="1",
@@ -128,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     features_dir = Path(args.features) if args.features else default_features()
 
-    s = train.read_settings(yaml.safe_load((ROOT / "params.yaml").read_text()))
-    s.update(device="cpu", batch_size=args.batch_size)
+    s = train.read_settings(params_mod.load(ROOT / "params.yaml"), str(ROOT / "params.yaml"))
+    s = replace(s, device="cpu", batch_size=args.batch_size)
     data = train.load_training_data(features_dir, TRAIN_DIR, s)
     results = {}
     torch_default = torch.get_num_threads()
