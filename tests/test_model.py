@@ -21,7 +21,8 @@ FEAT, SEM, DIM, N_CLS, BATCH = 16, 12, 8, 5, 8
 GENERATORS = ("gen_sk2se", "gen_im2se", "gen_se2sk", "gen_se2im")
 DISCRIMINATORS = ("disc_se", "disc_sk", "disc_im")
 CLASSIFIERS = ("cls_se", "cls_sk", "cls_im")
-LOSS_KEYS = {"ae", "gen", "gen_adv", "gen_cyc", "gen_cls", "gen_reg", "disc", "disc_se", "disc_sk", "disc_im"}
+LOSS_KEYS = {"ae", "gen", "gen_adv", "gen_cyc", "gen_cls", "gen_reg", "gen_code", "disc", "disc_se", "disc_sk",
+             "disc_im"}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -34,10 +35,15 @@ def make_model(seed: int = 0, **overrides) -> M.SemPcyc:
 
 
 def make_batch(seed: int = 0, n: int = BATCH):
+    """(sketch features, image features, every class's semantic vector (row = label), labels)."""
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, N_CLS, (n,), generator=g)
     sem = torch.rand(N_CLS, SEM, generator=g)
-    return torch.randn(n, FEAT, generator=g), torch.randn(n, FEAT, generator=g), sem[y], y
+    return torch.randn(n, FEAT, generator=g), torch.randn(n, FEAT, generator=g), sem, y
+
+
+def codes_of(m: M.SemPcyc, sem: torch.Tensor) -> torch.Tensor:
+    return m.autoencoder.code(sem).detach()
 
 
 def params_of(model: nn.Module, names) -> list[nn.Parameter]:
@@ -107,7 +113,8 @@ def test_discriminator_noise_only_in_training():
 
 def test_module_shapes():
     m = make_model()
-    a, b, s_raw, y = make_batch()
+    a, b, sem, y = make_batch()
+    s_raw = sem[y]
     m.train()
     assert m.gen_sk2se(a).shape == (BATCH, DIM)
     assert m.gen_im2se(b).shape == (BATCH, DIM)
@@ -135,6 +142,82 @@ def test_embeddings_deterministic_in_eval_mode_only():
     assert torch.equal(m.embed_sketch(a), m.embed_sketch(a))
     m.train()
     assert not torch.equal(m.embed_sketch(a), m.embed_sketch(a))   # dropout 0.5
+
+
+# ------------------------------------------------------------------------------- levers beyond the paper
+
+def test_levers_are_off_in_the_published_recipe():
+    c = M.Config(feat_dim=FEAT, sem_dim=SEM, dim_out=DIM, n_classes=N_CLS)
+    assert (c.ae_linear, c.unit_embeddings, c.semantic_classifier, c.lambda_code) == (False, False, False, 0.0)
+
+
+def test_linear_autoencoder_can_reconstruct_negative_values():
+    """Unit-length sentence vectors are half negative: a ReLU decoder cannot give those back."""
+    sem = torch.randn(N_CLS, SEM)
+    for linear in (False, True):
+        m = make_model(ae_linear=linear)
+        opt = torch.optim.Adam(m.autoencoder.parameters(), lr=1e-2)
+        for _ in range(300):
+            opt.zero_grad()
+            M.autoencoder_loss(m, sem).backward()
+            opt.step()
+        _, recon = m.autoencoder(sem)
+        assert bool(recon.min() < 0) is linear
+        if linear:  # and it does better than predicting zeros, which the ReLU one cannot beat by much
+            assert F.mse_loss(recon, sem) < 0.5 * (sem ** 2).mean()
+
+
+def test_unit_embeddings_put_embeddings_and_codes_on_one_sphere():
+    m = make_model(unit_embeddings=True).eval()
+    a, b, sem, _ = make_batch()
+    for x in (m.embed_sketch(a), m.embed_image(b), m.autoencoder.code(sem)):
+        assert torch.allclose(x.norm(dim=1), torch.full((len(x),), DIM ** 0.5), atol=1e-4)
+
+
+def test_semantic_classifier_scores_against_the_class_codes():
+    m = make_model(semantic_classifier=True, classifier_temperature=0.5)
+    a, b, sem, y = make_batch()
+    codes = codes_of(m, sem)
+    p = m.embed_sketch(a)
+    want = F.normalize(p, dim=1) @ F.normalize(codes, dim=1).T / 0.5
+    assert torch.allclose(M.semantic_logits(m, p, codes), want)
+    M.generator_losses(m, a, b, codes[y], y, codes)["gen"].backward()
+    assert all(w.grad is None for w in m.cls_se.parameters())  # the free C_se is not used
+
+
+def test_code_loss_pulls_embeddings_to_their_class_code():
+    m = make_model(lambda_code=2.0)
+    a, b, sem, y = make_batch()
+    codes = codes_of(m, sem)
+    out = M.generator_losses(m, a, b, codes[y], y, codes)
+    p, q = out["_fakes"][:2]
+    assert out["gen_code"].item() == pytest.approx((F.mse_loss(p, codes[y]) + F.mse_loss(q, codes[y])).item())
+    without = M.generator_losses(make_model(lambda_code=0.0), a, b, codes[y], y, codes)
+    assert out["gen"].item() == pytest.approx(without["gen"].item() + 2.0 * out["gen_code"].item(), rel=1e-4)
+
+
+def test_embed_skip_mixes_input_and_generator_distances():
+    """With skip w, squared distances are (width) * (w |dx|^2 + (1 - w) |dg|^2) over unit-length x and g."""
+    m = make_model(embed_skip=0.3).eval()
+    a, b, _, _ = make_batch()
+    ea, eb = m.embed_sketch(a), m.embed_image(b)
+    assert ea.shape == (BATCH, FEAT + DIM)
+    ua, ub = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    ga, gb = F.normalize(m.gen_sk2se(a), dim=1), F.normalize(m.gen_im2se(b), dim=1)
+    want = (FEAT + DIM) * (0.3 * ((ua - ub) ** 2).sum(1) + 0.7 * ((ga - gb) ** 2).sum(1))
+    assert torch.allclose(((ea - eb) ** 2).sum(1), want, rtol=1e-4)
+    assert torch.equal(make_model(embed_skip=0.0).eval().embed_sketch(a), make_model().eval().gen_sk2se(a))
+
+
+def test_centre_feature_norm_removes_the_mean_then_projects_to_the_sphere():
+    feats = np.random.default_rng(0).normal(3.0, 1.0, (50, FEAT)).astype(np.float32)
+    norm = FeatureNorm("centre", FEAT).fit(feats)
+    x = torch.from_numpy(feats[:5])
+    want = F.normalize(x - torch.from_numpy(feats.mean(0)), dim=1) * FEAT ** 0.5
+    assert torch.allclose(norm(x), want, atol=1e-5)
+    restored = FeatureNorm("centre", FEAT)
+    restored.load_state_dict(norm.state_dict())  # the mean travels in the model bundle
+    assert torch.allclose(restored(x), want, atol=1e-5)
 
 
 def test_config_round_trip():
@@ -182,7 +265,8 @@ def test_gan_loss_targets_fake_in_00_03():
 
 def test_autoencoder_loss_by_hand():
     m = make_model(lambda_regular=0.5)      # large enough that the regulariser matters numerically
-    s_raw = make_batch()[2]
+    sem, y = make_batch()[2:]
+    s_raw = sem[y]
     loss = M.autoencoder_loss(m, s_raw)
     w, bias = m.autoencoder.enc[0].weight.detach(), m.autoencoder.enc[0].bias.detach()
     w2, b2 = m.autoencoder.dec[0].weight.detach(), m.autoencoder.dec[0].bias.detach()
@@ -200,9 +284,9 @@ def test_autoencoder_loss_by_hand():
 
 def test_generator_loss_is_weighted_sum_of_terms():
     m = make_model(lambda_gen_adv=2.0, lambda_gen_cyc=3.0, lambda_gen_cls=0.5, lambda_gen_reg=0.25)
-    a, b, s_raw, y = make_batch()
+    a, b, sem, y = make_batch()
     m.train()
-    out = M.generator_losses(m, a, b, m.autoencoder.enc(s_raw).detach(), y)
+    out = M.generator_losses(m, a, b, codes_of(m, sem)[y], y, codes_of(m, sem))
     expected = 2.0 * out["gen_adv"] + 3.0 * out["gen_cyc"] + 0.5 * out["gen_cls"] + 0.25 * out["gen_reg"]
     assert out["gen"].item() == pytest.approx(expected.item(), rel=1e-6)
     p, q, u, v = out["_fakes"]
@@ -213,10 +297,11 @@ def test_generator_loss_is_weighted_sum_of_terms():
 def test_regression_and_classification_terms_by_hand():
     """In eval mode (no dropout, no noise; only the GAN targets stay random) the cls and reg terms are exact."""
     m = make_model(lambda_se=2.0, lambda_im=3.0, lambda_sk=5.0)
-    a, b, s_raw, y = make_batch()
+    a, b, sem, y = make_batch()
+    s_raw = sem[y]
     m.eval()
     s = m.autoencoder.enc(s_raw).detach()
-    out = M.generator_losses(m, a, b, s, y)
+    out = M.generator_losses(m, a, b, s, y, codes_of(m, sem))
     with torch.no_grad():
         p, q, u, v = m.gen_sk2se(a), m.gen_im2se(b), m.gen_se2sk(s), m.gen_se2im(s)
         reg = 2.0 * 2 * ((p - q) ** 2).mean() + 3.0 * ((v - b) ** 2).mean() + 5.0 * ((u - a) ** 2).mean()
@@ -233,11 +318,12 @@ def test_regression_and_classification_terms_by_hand():
 
 def test_generator_loss_gradients_frozen_classifiers():
     m = make_model()
-    a, b, s_raw, y = make_batch()
+    a, b, sem, y = make_batch()
+    s_raw = sem[y]
     m.train()
     s = m.autoencoder.enc(s_raw).detach()
     zero_all_grads(m)
-    M.generator_losses(m, a, b, s, y)["gen"].backward()
+    M.generator_losses(m, a, b, s, y, codes_of(m, sem))["gen"].backward()
     for name in GENERATORS:
         grads = [p.grad for p in getattr(m, name).parameters()]
         assert all(g is not None for g in grads), name
@@ -254,10 +340,10 @@ def test_generator_loss_gradients_frozen_classifiers():
 
 def test_generator_loss_gradients_trained_classifiers():
     m = make_model(train_classifiers=True)
-    a, b, s_raw, y = make_batch()
+    a, b, sem, y = make_batch()
     m.train()
     zero_all_grads(m)
-    M.generator_losses(m, a, b, m.autoencoder.enc(s_raw).detach(), y)["gen"].backward()
+    M.generator_losses(m, a, b, codes_of(m, sem)[y], y, codes_of(m, sem))["gen"].backward()
     for name in CLASSIFIERS:
         clf = getattr(m, name)
         assert clf.weight.requires_grad
@@ -270,7 +356,8 @@ def test_generator_loss_gradients_trained_classifiers():
 
 def test_discriminator_loss_gradients_reach_discriminators_only():
     m = make_model()
-    a, b, s_raw, y = make_batch()
+    a, b, sem, y = make_batch()
+    s_raw = sem[y]
     m.train()
     s = m.autoencoder.enc(s_raw)              # NOT detached: discriminator_losses must detach it itself
     # fakes straight from the generators, still attached to their graphs
@@ -292,10 +379,11 @@ def test_discriminator_loss_gradients_reach_discriminators_only():
 
 def test_discriminator_loss_weights():
     m = make_model(lambda_disc_se=0.0, lambda_disc_sk=0.0, lambda_disc_im=2.0)
-    a, b, s_raw, y = make_batch()
+    a, b, sem, y = make_batch()
+    s_raw = sem[y]
     m.train()
     s = m.autoencoder.enc(s_raw).detach()
-    fakes = M.generator_losses(m, a, b, s, y)["_fakes"]
+    fakes = M.generator_losses(m, a, b, s, y, codes_of(m, sem))["_fakes"]
     out = M.discriminator_losses(m, a, b, s, fakes)
     assert out["disc_se"].item() == 0.0 and out["disc_sk"].item() == 0.0
     assert out["disc_im"].item() > 0.0
@@ -334,7 +422,7 @@ def test_make_optimizers():
 def test_train_step_updates_and_isolation():
     m = make_model()
     opts = M.make_optimizers(m, 1e-3)
-    a, b, s_raw, y = make_batch()
+    a, b, sem, y = make_batch()
     gen_p, disc_p = params_of(m, GENERATORS), params_of(m, DISCRIMINATORS)
     ae_p, cls_p = list(m.autoencoder.parameters()), params_of(m, CLASSIFIERS)
     gen0, disc0, ae0, cls0 = snapshot(gen_p), snapshot(disc_p), snapshot(ae_p), snapshot(cls_p)
@@ -351,7 +439,7 @@ def test_train_step_updates_and_isolation():
 
     h1 = opts["disc"].register_step_pre_hook(before_disc_step)
     h2 = opts["ae"].register_step_post_hook(after_ae_step)
-    out = M.train_step(m, opts, a, b, s_raw, y)
+    out = M.train_step(m, opts, a, b, sem, y)
     h1.remove(), h2.remove()
 
     assert set(out) == LOSS_KEYS
@@ -377,11 +465,12 @@ def test_train_step_updates_and_isolation():
 
 def test_train_step_matches_manual_phases():
     """train_step == the three phases run by hand with the same optimisers and random stream."""
-    a, b, s_raw, y = make_batch(3)
+    a, b, sem, y = make_batch(3)
+    s_raw = sem[y]
     m1, m2 = make_model(5), make_model(5)
     o1, o2 = M.make_optimizers(m1, 1e-3), M.make_optimizers(m2, 1e-3)
     torch.manual_seed(11)
-    out = M.train_step(m1, o1, a, b, s_raw, y)
+    out = M.train_step(m1, o1, a, b, sem, y)
 
     torch.manual_seed(11)
     m2.train()
@@ -389,9 +478,9 @@ def test_train_step_matches_manual_phases():
     ae = M.autoencoder_loss(m2, s_raw)
     ae.backward()
     o2["ae"].step()
-    s = m2.autoencoder.enc(s_raw).detach()
+    s = codes_of(m2, sem)[y]
     o2["gen"].zero_grad()
-    g = M.generator_losses(m2, a, b, s, y)
+    g = M.generator_losses(m2, a, b, s, y, codes_of(m2, sem))
     g["gen"].backward()
     disc_before = snapshot(m2.discriminator_parameters())
     o2["gen"].step()
@@ -431,7 +520,7 @@ def test_training_on_easy_problem_decreases_generator_loss():
     def batch(n):
         y = torch.randint(0, N_CLS, (n,), generator=g)
         return (proto_sk[y] + 0.3 * torch.randn(n, FEAT, generator=g),
-                proto_im[y] + 0.3 * torch.randn(n, FEAT, generator=g), sem[y], y)
+                proto_im[y] + 0.3 * torch.randn(n, FEAT, generator=g), sem, y)
 
     def unseen_map():
         a, b, _, y = batch(100)

@@ -103,7 +103,14 @@ def test_arrays_labels_and_ids(tmp_path):
     images = np.load(out / "train/images.npy")
     sketches = np.load(out / "train/sketches.npy")
     assert images.dtype == np.uint8 and images.shape == (3 * len(train_classes), 32, 32, 3)
-    assert sketches.shape == (2 * len(train_classes), 32, 32)
+    seen_queries = json.loads((out / "test/seen_sketches_ids.json").read_text())
+    train_sketches = json.loads((out / "train/sketches_ids.json").read_text())
+    # every training-class sketch is either trained on or held out as a seen query, never both
+    assert sketches.shape == (2 * len(train_classes) - len(seen_queries), 32, 32)
+    assert not set(seen_queries) & set(train_sketches) and seen_queries
+    assert {i.split("/")[0] for i in seen_queries} <= set(train_classes)
+    assert {i.split("/")[0] for i in train_sketches} == set(train_classes)  # each class keeps one at least
+    assert np.load(out / "test/seen_sketches.npy").shape == (len(seen_queries), 32, 32)
     labels = np.load(out / "train/images_labels.npy")
     ids = json.loads((out / "train/images_ids.json").read_text())
     assert [train_classes[lab] for lab in labels] == [i.split("/")[0] for i in ids]
@@ -112,6 +119,17 @@ def test_arrays_labels_and_ids(tmp_path):
     query_labels = np.load(out / "test/sketches_labels.npy")
     assert {meta["classes"][lab] for lab in query_labels} == set(meta["unseen"])
     assert len(np.load(out / "test/images_labels.npy")) == 3 * 16  # gallery: every class
+
+
+def test_held_out_sketches_are_stable_per_file(tmp_path):
+    """A file's fate depends on its own name only: more files and more classes never move an existing one."""
+    small = {"a": ["1.png", "2.png", "3.png"], "b": ["1.png", "2.png"]}
+    large = {"a": small["a"] + ["4.png", "5.png"], "b": small["b"], "c": ["1.png", "9.png"]}
+    before = split_mod.held_out_sketches(small, ["a", "b"], 0.4, "s")
+    after = split_mod.held_out_sketches(large, ["a", "b", "c"], 0.4, "s")
+    assert {i for i in after if i.split("/")[1] in ("1.png", "2.png", "3.png") and i[0] in "ab"} == before
+    # a class whose every sketch hashes below the fraction still keeps one for training
+    assert len(split_mod.held_out_sketches({"a": ["x.png", "y.png"]}, ["a"], 1.0, "s")) == 1
 
 
 def test_adding_an_unseen_class_leaves_train_shard_byte_identical(tmp_path):

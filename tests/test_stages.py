@@ -41,7 +41,7 @@ from sempcyc.runtime.backbones import build_backbone
 from sempcyc.runtime.encoder import Encoder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-LOSSES = {"ae", "gen", "gen_adv", "gen_cyc", "gen_cls", "gen_reg", "disc", "disc_se", "disc_sk", "disc_im"}
+LOSSES = {"ae", "gen", "gen_adv", "gen_cyc", "gen_cls", "gen_reg", "gen_code", "disc", "disc_se", "disc_sk", "disc_im"}
 
 # ------------------------------------------------------------------------------------------------- helpers
 
@@ -133,7 +133,9 @@ def test_features_outputs_and_fine_tuned_dim(trained: Path):
     meta = json.loads((out / "meta.json").read_text())
     train_classes = json.loads((trained / "data/prepared/train/classes.json").read_text())
     n = len(train_classes) * PER_CLASS
-    assert np.load(out / "train_sketches.npy").shape == (n, PARAMS["features"]["proj_dim"])
+    held_out = len(json.loads((trained / "data/prepared/test/seen_sketches_ids.json").read_text()))
+    assert 0 < held_out < n  # some training-class sketches are evaluation queries, never trained on
+    assert np.load(out / "train_sketches.npy").shape == (n - held_out, PARAMS["features"]["proj_dim"])
     assert np.load(out / "train_images.npy").shape == (n, PARAMS["features"]["proj_dim"])
     assert meta["feat_dim"] == meta["feature_proj_dim"] == PARAMS["features"]["proj_dim"]
     assert meta["backbone"] == "tiny" and meta["size"] == 32 and meta["finetune_epochs"] == 1

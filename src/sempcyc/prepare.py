@@ -26,7 +26,7 @@ from .fsutil import atomic_dir, atomic_write_json, dumps_json
 from .params import setting
 from .runtime import imaging
 from .shards import load_json, load_semantic
-from .split import SplitSettings, assign_split, read_class_list
+from .split import SplitSettings, assign_split, held_out_sketches, read_class_list
 
 
 @dataclass(frozen=True)
@@ -61,16 +61,24 @@ def prepare(dataset: Path, index_path: Path, semantic_dir: Path, out: Path, sett
         raise UserError(f"{semantic_dir}: no semantic vector for training class(es) {', '.join(missing)}; "
                         "rerun `dvc repro semantic`")
     files = index["files"]
+    held = held_out_sketches(files["sketches"], split["train"], settings.seen_query_fraction, settings.salt)
+    sketch_items = {c: [(c, f) for f in files["sketches"].get(c, [])] for c in index["classes"]}
+    image_items = {c: [(c, f) for f in files["images"].get(c, [])] for c in index["classes"]}
+    train_sketches = [i for c in split["train"] for i in sketch_items[c] if "/".join(i) not in held]
+    seen_queries = [i for c in split["train"] for i in sketch_items[c] if "/".join(i) in held]
     with atomic_dir(out / "train") as scratch:
         label_of = {c: i for i, c in enumerate(split["train"])}
-        _write_domain(scratch, "images", dataset, files["images"], split["train"], label_of, size)
-        _write_domain(scratch, "sketches", dataset, files["sketches"], split["train"], label_of, size)
+        _write_domain(scratch, "images", dataset, [i for c in split["train"] for i in image_items[c]], label_of, size)
+        _write_domain(scratch, "sketches", dataset, train_sketches, label_of, size)
         np.save(scratch / "semantic.npy", np.stack([semantic[c] for c in split["train"]]).astype(np.float32))
         (scratch / "classes.json").write_text(dumps_json(split["train"]), encoding="utf-8")
     with atomic_dir(out / "test") as scratch:
         label_of = {c: i for i, c in enumerate(index["classes"])}
-        _write_domain(scratch, "sketches", dataset, files["sketches"], split["test"], label_of, size)
-        _write_domain(scratch, "images", dataset, files["images"], index["classes"], label_of, size)
+        _write_domain(scratch, "sketches", dataset, [i for c in split["test"] for i in sketch_items[c]], label_of,
+                      size)
+        _write_domain(scratch, "seen_sketches", dataset, seen_queries, label_of, size)
+        _write_domain(scratch, "images", dataset, [i for c in index["classes"] for i in image_items[c]], label_of,
+                      size)
         meta = {"classes": index["classes"], "unseen": split["test"], "seen": split["train"],
                 "gallery_only": split["gallery_only"]}
         (scratch / "classes.json").write_text(dumps_json(meta), encoding="utf-8")
@@ -92,14 +100,14 @@ def split_classes(index: dict, settings: SplitSettings) -> dict:
     return split
 
 
-def _write_domain(folder: Path, domain: str, dataset: Path, files: dict[str, list[str]], classes: list[str],
-                  label_of: dict[str, int], size: int) -> None:
-    """Decode every file of `classes` into one (N, size, size[, 3]) uint8 .npy, plus labels and ids."""
-    kind = "sketch" if domain == "sketches" else "image"
-    items = [(c, f) for c in classes for f in files.get(c, [])]
+def _write_domain(folder: Path, name: str, dataset: Path, items: list[tuple[str, str]], label_of: dict[str, int],
+                  size: int) -> None:
+    """Decode the (class, file) items into one (N, size, size[, 3]) uint8 array `name`.npy, plus labels and ids."""
+    kind = "image" if name == "images" else "sketch"
+    domain = "images" if kind == "image" else "sketches"
     shape = (len(items), size, size) if kind == "sketch" else (len(items), size, size, 3)
-    array = np.lib.format.open_memmap(folder / f"{domain}.npy", mode="w+", dtype=np.uint8, shape=shape)
-    for row, (cls, fname) in enumerate(tqdm(items, desc=f"prepare {folder.name.split('.')[1]} {domain}",
+    array = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.uint8, shape=shape)
+    for row, (cls, fname) in enumerate(tqdm(items, desc=f"prepare {folder.name.split('.')[1]} {name}",
                                             unit="file", mininterval=1, disable=len(items) < 500)):
         path = dataset / domain / cls / fname
         try:
@@ -111,5 +119,5 @@ def _write_domain(folder: Path, domain: str, dataset: Path, files: dict[str, lis
                 from None
     array.flush()
     del array
-    np.save(folder / f"{domain}_labels.npy", np.array([label_of[c] for c, _ in items], dtype=np.int32))
-    (folder / f"{domain}_ids.json").write_text(dumps_json([f"{c}/{f}" for c, f in items]), encoding="utf-8")
+    np.save(folder / f"{name}_labels.npy", np.array([label_of[c] for c, _ in items], dtype=np.int32))
+    (folder / f"{name}_ids.json").write_text(dumps_json([f"{c}/{f}" for c, f in items]), encoding="utf-8")

@@ -89,12 +89,20 @@ def run(args: argparse.Namespace) -> None:
 
 
 def quality_section(metrics: dict) -> list[str]:
-    lines = ["## Retrieval quality (unseen classes)", "",
+    lines = ["## Retrieval quality", "",
+             "Unseen-class sketches (zero-shot: against unseen-class images; generalised: against the whole gallery) "
+             "and held-out sketches of training classes (seen) against the whole gallery.", "",
              "| setting | method | mAP@all | P@10 | P@100 |", "|---|---|---|---|---|"]
-    for setting, block in (("zero-shot", metrics["zero_shot"]), ("generalised", metrics["generalised"])):
-        for method in ("sem_pcyc", "sem_pcyc_itq64", "pretrained", "random"):
-            m = block[method]
-            lines.append(f"| {setting} | {method} | {m['map_all']:.4f} | {m['p_at_10']:.4f} | {m['p_at_100']:.4f} |")
+    for setting in ("zero_shot", "generalised", "seen_generalised"):
+        block = metrics.get(setting, {})
+        for method in ("sem_pcyc", "sem_pcyc_itq64", "pretrained", "pretrained_centred", "random"):
+            if method in block:
+                m = block[method]
+                lines.append(f"| {setting} | {method} | {m['map_all']:.4f} | {m['p_at_10']:.4f} | "
+                             f"{m['p_at_100']:.4f} |")
+    if "harmonic" in metrics:
+        lines += ["", "H (harmonic mean of the unseen and seen generalised mAP@all): "
+                  + ", ".join(f"{m} {v:.4f}" for m, v in metrics["harmonic"].items())]
     return lines + [""] + [f"- {note}" for note in metrics.get("notes", [])] + [""]
 
 

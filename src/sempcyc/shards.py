@@ -37,10 +37,11 @@ def load_train_shard(folder: Path) -> dict:
 
 
 def load_test_shard(folder: Path) -> dict:
-    """meta (classes, seen, unseen), and per domain the uint8 arrays (memory-mapped), labels and item ids."""
+    """meta (classes, seen, unseen), and for the unseen-class query sketches, the held-out seen-class query
+    sketches and the gallery images: the uint8 arrays (memory-mapped), labels and item ids."""
     try:
         shard = {"meta": json.loads((folder / "classes.json").read_text(encoding="utf-8"))}
-        for domain in DOMAINS:
+        for domain in ("sketches", "seen_sketches", "images"):
             shard[domain] = np.load(folder / f"{domain}.npy", mmap_mode="r")
             shard[f"{domain}_labels"] = np.load(folder / f"{domain}_labels.npy")
             shard[f"{domain}_ids"] = json.loads((folder / f"{domain}_ids.json").read_text(encoding="utf-8"))

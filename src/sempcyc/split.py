@@ -1,6 +1,8 @@
 """The zero-shot class split, stable under added classes: which classes train (seen), which are held out for
 validation among them, and which are only ever queried (unseen). An explicit class list decides when one is
-given; otherwise a hash of each class name does, so one new class never moves another.
+given; otherwise a hash of each class name does, so one new class never moves another. A few sketches of each
+seen class are held out of training too (by a hash of their file name), so evaluation can query seen classes
+with sketches the model never saw.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ class SplitSettings:
     val_fraction: float = setting(min=0.0, max=0.9)
     salt: str = setting()
     test_classes_file: str | None = setting()
+    seen_query_fraction: float = setting(above=0.0, max=0.5)
 
 
 def hash_unit(name: str, salt: str) -> float:
@@ -77,6 +80,19 @@ def _check_sizes(test: list[str], train: list[str]) -> None:
     if len(train) < 2:
         raise UserError(f"the split has {len(train)} training class(es); at least 2 are needed. "
                         "Lower split.test_fraction or shorten the test-class list")
+
+
+def held_out_sketches(files: dict[str, list[str]], seen: list[str], fraction: float, salt: str) -> set[str]:
+    """`class/file` ids of the seen classes' sketches kept out of training as evaluation queries: each file by
+    a hash of its name (stable as files and classes are added); every class keeps at least one for training."""
+    held = set()
+    for cls in seen:
+        names = files.get(cls, [])
+        out = [n for n in names if hash_unit(f"{cls}/{n}", salt + "/seen-query") < fraction]
+        if len(out) == len(names) and names:
+            out.remove(max(out, key=lambda n: hash_unit(f"{cls}/{n}", salt + "/seen-query")))
+        held |= {f"{cls}/{n}" for n in out}
+    return held
 
 
 def validation_classes(classes: list[str], fraction: float, salt: str) -> list[str]:

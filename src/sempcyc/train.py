@@ -69,6 +69,7 @@ class TrainRun:
     gamma: float
     patience: int
     feature_norm: str
+    feature_dim: int
     feature_noise: float
     threads: int
     seed: int
@@ -77,6 +78,9 @@ class TrainRun:
 def read_settings(params: dict, source: str = params_mod.PARAMS_FILE) -> TrainRun:
     model = params_mod.read_section(params, ModelSettings, source)
     train = params_mod.read_section(params, TrainSettings, source)
+    if train.feature_dim and train.feature_norm != "centre":
+        raise UserError(f"{source}: train.feature_dim {train.feature_dim} projects centred features; set "
+                        "train.feature_norm: centre, or train.feature_dim: 0")
     return TrainRun(preset=model.preset, config=loss_config(model), dim_out=model.dim_out,
                     **dataclasses.asdict(train))
 
@@ -171,8 +175,9 @@ def load_training_data(features_dir: Path, train_dir: Path, s: TrainRun) -> dict
     if s.batch_size > int(sk_fit.sum()):
         raise UserError(f"train.batch_size {s.batch_size} is larger than the {int(sk_fit.sum())} training "
                         "sketches; lower it")
-    norms = {"sketch": FeatureNorm(s.feature_norm, sk_all.shape[1]).fit(sk_all[sk_fit]),
-             "image": FeatureNorm(s.feature_norm, im_all.shape[1]).fit(im_all[im_fit])}
+    basis = shared_basis(sk_all[sk_fit], im_all[im_fit], s.feature_dim) if s.feature_dim else None
+    norms = {"sketch": FeatureNorm(s.feature_norm, sk_all.shape[1], s.feature_dim).fit(sk_all[sk_fit], basis),
+             "image": FeatureNorm(s.feature_norm, im_all.shape[1], s.feature_dim).fit(im_all[im_fit], basis)}
     with torch.no_grad():
         sk_feats = norms["sketch"](torch.from_numpy(sk_all)).numpy()
         im_feats = norms["image"](torch.from_numpy(im_all)).numpy()
@@ -185,6 +190,18 @@ def load_training_data(features_dir: Path, train_dir: Path, s: TrainRun) -> dict
         "val_im": im_feats[~im_fit], "val_im_y": np.array([val_index[classes[lab]] for lab in im_labels[~im_fit]]),
         "fit_sem": np.stack([sem_by_name[c] for c in fit_classes]).astype(np.float32),
     }
+
+
+def shared_basis(sketches: np.ndarray, images: np.ndarray, k: int) -> np.ndarray:
+    """(dim, k): the top-k principal directions of both domains' features, each centred on its own mean, so
+    sketches and images are projected into the same coordinates."""
+    x = np.concatenate([sketches - sketches.mean(0), images - images.mean(0)]).astype(np.float64)
+    if k > min(x.shape):
+        raise UserError(f"train.feature_dim {k} is more than the {min(x.shape)} the training features allow; "
+                        "lower it")
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    vt *= np.sign(vt[:, :1] + (vt[:, :1] == 0))  # a fixed sign per direction: the same basis on every machine
+    return np.ascontiguousarray(vt[:k].T, dtype=np.float32)
 
 
 class Trainer:
@@ -204,7 +221,7 @@ class Trainer:
         if world > 1:
             self.net = nn.parallel.DistributedDataParallel(self.net, find_unused_parameters=True)
         self.sampler = PairSampler(data["fit_sk_y"], data["fit_im_y"], s.seed + 1000 * rank)
-        self.fit_sem = torch.from_numpy(data["fit_sem"])
+        self.fit_sem = torch.from_numpy(data["fit_sem"]).to(device)
         self.state = {"epoch": 0, "best_map": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
         self.best = None
         self.pairs = 0
@@ -238,7 +255,7 @@ class Trainer:
                 a = a + s.feature_noise * torch.randn_like(a)
                 b = b + s.feature_noise * torch.randn_like(b)
             yt = torch.from_numpy(y).long()
-            losses = train_step(self.model, self.opts, a, b, self.fit_sem[yt].to(dev), yt.to(dev), net=self.net)
+            losses = train_step(self.model, self.opts, a, b, self.fit_sem, yt.to(dev), net=self.net)
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + v / s.iters_per_epoch
             self.pairs += len(y) * self.world
@@ -333,7 +350,8 @@ def train_model(s: TrainRun, features_dir: Path, train_dir: Path, out: Path, dev
     if rank != 0:
         return
     state = trainer.state
-    bundle_meta = {**data["meta"], "feature_norm": s.feature_norm, "trained_classes": data["fit_classes"],
+    bundle_meta = {**data["meta"], "feature_norm": s.feature_norm, "feature_pca_dim": s.feature_dim or None,
+                   "trained_classes": data["fit_classes"],
                    "validation_classes": data["val_names"], "best_epoch": state["best_epoch"], "preset": s.preset}
     buf = io.BytesIO()
     torch.save(bundle_state(bundle_meta, trainer.cfg, data["extractors"], data["norms"], model.cpu()), buf)

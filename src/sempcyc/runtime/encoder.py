@@ -11,28 +11,38 @@ import torch
 from torch import nn
 
 from .backbones import Extractor, to_input
-from .model import Config, SemPcyc
+from .model import Config, SemPcyc, fuse
 
 
 class FeatureNorm(nn.Module):
-    """The feature normalisation training used (train.feature_norm), applied identically at inference."""
+    """The feature normalisation training used (train.feature_norm), applied identically at inference: none;
+    standardize (per-coordinate mean and std of the training classes); l2 (onto the sphere of radius sqrt(dim));
+    centre (the training classes' mean removed, then l2: per domain, this takes away the sketch/photo offset),
+    optionally projected first onto `out_dim` principal directions shared by both domains (train.feature_dim)."""
 
-    def __init__(self, kind: str, dim: int):
+    def __init__(self, kind: str, dim: int, out_dim: int | None = None):
         super().__init__()
         self.kind = kind
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
+        if out_dim:
+            self.register_buffer("basis", torch.eye(dim, out_dim))
 
-    def fit(self, feats: np.ndarray) -> FeatureNorm:
-        if self.kind == "standardize":
+    def fit(self, feats: np.ndarray, basis: np.ndarray | None = None) -> FeatureNorm:
+        if self.kind in ("standardize", "centre"):
             self.mean.copy_(torch.from_numpy(feats.mean(0)))
+        if self.kind == "standardize":
             self.std.copy_(torch.from_numpy(feats.std(0) + 1e-6))
+        if basis is not None:
+            self.basis.copy_(torch.from_numpy(basis))
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "standardize":
             return (x - self.mean) / self.std
-        if self.kind == "l2":
+        if self.kind in ("l2", "centre"):
+            x = x - self.mean if self.kind == "centre" else x
+            x = x @ self.basis if hasattr(self, "basis") else x
             return nn.functional.normalize(x, dim=-1) * x.shape[-1] ** 0.5
         return x
 
@@ -47,17 +57,20 @@ class Encoder(nn.Module):
         self.image_extractor = Extractor(meta["backbone"], meta["feature_proj_dim"], pretrained=False)
         model = SemPcyc(cfg)
         self.gen_sk2se, self.gen_im2se = model.gen_sk2se, model.gen_im2se
-        self.sketch_norm = FeatureNorm(meta.get("feature_norm", "none"), cfg.feat_dim)
-        self.image_norm = FeatureNorm(meta.get("feature_norm", "none"), cfg.feat_dim)
+        self.skip = cfg.embed_skip
+        kind, pca = meta.get("feature_norm", "none"), meta.get("feature_pca_dim")
+        self.sketch_norm = FeatureNorm(kind, meta["feat_dim"], pca)
+        self.image_norm = FeatureNorm(kind, meta["feat_dim"], pca)
         self.invert_sketch = bool(meta["invert_sketch"])
         self.size = int(meta["size"])
 
     def embed_sketches(self, sketches_uint8: torch.Tensor) -> torch.Tensor:
-        feats = self.sketch_extractor(to_input(sketches_uint8, self.invert_sketch))
-        return self.gen_sk2se(self.sketch_norm(feats))
+        a = self.sketch_norm(self.sketch_extractor(to_input(sketches_uint8, self.invert_sketch)))
+        return fuse(a, self.gen_sk2se(a), self.skip)
 
     def embed_images(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        return self.gen_im2se(self.image_norm(self.image_extractor(to_input(images_uint8, False))))
+        b = self.image_norm(self.image_extractor(to_input(images_uint8, False)))
+        return fuse(b, self.gen_im2se(b), self.skip)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> Encoder:

@@ -35,17 +35,41 @@ class Config:
     lambda_disc_sk: float = 0.5
     lambda_disc_im: float = 0.5
     lambda_regular: float = 0.001
+    # levers beyond the paper (each off here, so `original` stays the published recipe; see docs/model.md)
+    ae_linear: bool = False          # autoencoder without its output ReLUs: codes and reconstructions may be negative
+    unit_embeddings: bool = False    # embeddings p, q and class codes s on a sphere of radius sqrt(D)
+    semantic_classifier: bool = False  # C_se scores an embedding against every class's code (no free weights)
+    classifier_temperature: float = 0.1  # cosine logits / temperature, with semantic_classifier
+    lambda_code: float = 0.0         # weight of |p - s|^2 + |q - s|^2: each embedding near its class's code
+    embed_skip: float = 0.0          # share of the retrieval distance taken from the input features themselves
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def generator(n_in: int, n_out: int, dropout: float) -> nn.Sequential:
+def generator(n_in: int, n_out: int, dropout: float, unit: bool = False) -> nn.Sequential:
     hidden = (n_in + n_out) // 2
     layers: list[nn.Module] = []
     for a, b in ((n_in, hidden), (hidden, hidden)):
         layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.LeakyReLU(0.2), nn.Dropout(dropout)]
-    return nn.Sequential(*layers, nn.Linear(hidden, n_out))
+    return nn.Sequential(*layers, nn.Linear(hidden, n_out), *([ToSphere()] if unit else []))
+
+
+def fuse(x: torch.Tensor, g: torch.Tensor, skip: float) -> torch.Tensor:
+    """The retrieval embedding: the generator's output g, or with skip > 0 the input features x and g, each on the
+    unit sphere, weighted so a squared distance is skip * |dx|^2 + (1 - skip) * |dg|^2 (times the width). The
+    input side keeps what the (frozen, centred) features know about classes the generators never saw."""
+    if skip <= 0:
+        return g
+    scale = (x.shape[-1] + g.shape[-1]) ** 0.5
+    return torch.cat([skip ** 0.5 * F.normalize(x, dim=-1), (1 - skip) ** 0.5 * F.normalize(g, dim=-1)], -1) * scale
+
+
+class ToSphere(nn.Module):
+    """x / |x| * sqrt(dim): every coordinate of unit scale on average, and lengths no longer carry a class."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1) * x.shape[-1] ** 0.5
 
 
 class GaussianNoise(nn.Module):
@@ -66,10 +90,16 @@ def discriminator(n_in: int, noise: float) -> nn.Sequential:
 
 
 class SemanticAutoencoder(nn.Module):
-    def __init__(self, sem_dim: int, dim_out: int):
+    def __init__(self, sem_dim: int, dim_out: int, linear: bool = False, unit: bool = False):
         super().__init__()
-        self.enc = nn.Sequential(nn.Linear(sem_dim, dim_out), nn.ReLU())
-        self.dec = nn.Sequential(nn.Linear(dim_out, sem_dim), nn.ReLU())
+        out = [] if linear else [nn.ReLU()]
+        self.enc = nn.Sequential(nn.Linear(sem_dim, dim_out), *out)
+        self.dec = nn.Sequential(nn.Linear(dim_out, sem_dim), *out)
+        self.to_sphere = ToSphere() if unit else nn.Identity()
+
+    def code(self, s_raw: torch.Tensor) -> torch.Tensor:
+        """s, the class's code in the common space (on the embeddings' sphere when they are)."""
+        return self.to_sphere(self.enc(s_raw))
 
     def forward(self, s_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         code = self.enc(s_raw)
@@ -81,14 +111,14 @@ class SemPcyc(nn.Module):
         super().__init__()
         self.cfg = cfg
         F_, D = cfg.feat_dim, cfg.dim_out
-        self.gen_sk2se = generator(F_, D, cfg.dropout)
-        self.gen_im2se = generator(F_, D, cfg.dropout)
+        self.gen_sk2se = generator(F_, D, cfg.dropout, cfg.unit_embeddings)
+        self.gen_im2se = generator(F_, D, cfg.dropout, cfg.unit_embeddings)
         self.gen_se2sk = generator(D, F_, cfg.dropout)
         self.gen_se2im = generator(D, F_, cfg.dropout)
         self.disc_se = discriminator(D, cfg.disc_noise)
         self.disc_sk = discriminator(F_, cfg.disc_noise)
         self.disc_im = discriminator(F_, cfg.disc_noise)
-        self.autoencoder = SemanticAutoencoder(cfg.sem_dim, D)
+        self.autoencoder = SemanticAutoencoder(cfg.sem_dim, D, cfg.ae_linear, cfg.unit_embeddings)
         self.cls_se = nn.Linear(D, cfg.n_classes, bias=False)
         self.cls_sk = nn.Linear(F_, cfg.n_classes, bias=False)
         self.cls_im = nn.Linear(F_, cfg.n_classes, bias=False)
@@ -97,10 +127,10 @@ class SemPcyc(nn.Module):
 
     # --- inference: the only part the service needs
     def embed_sketch(self, a: torch.Tensor) -> torch.Tensor:
-        return self.gen_sk2se(a)
+        return fuse(a, self.gen_sk2se(a), self.cfg.embed_skip)
 
     def embed_image(self, b: torch.Tensor) -> torch.Tensor:
-        return self.gen_im2se(b)
+        return fuse(b, self.gen_im2se(b), self.cfg.embed_skip)
 
     # --- parameter groups, one optimiser each
     def generator_parameters(self) -> list[nn.Parameter]:
@@ -127,9 +157,18 @@ def autoencoder_loss(model: SemPcyc, s_raw: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(recon, s_raw) + model.cfg.lambda_regular * l21 / s_raw.shape[0]
 
 
+def semantic_logits(model: SemPcyc, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """C_se: a free linear layer (the paper), or, with semantic_classifier, the cosine of x with every class's
+    code over a temperature: the classifier is the class semantics, so it cannot learn around them."""
+    if not model.cfg.semantic_classifier:
+        return model.cls_se(x)
+    return F.normalize(x, dim=-1) @ F.normalize(codes, dim=-1).T / model.cfg.classifier_temperature
+
+
 def generator_losses(model: SemPcyc, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor,
-                     y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """All generator terms; `s` must already be detached from the autoencoder."""
+                     y: torch.Tensor, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+    """All generator terms; `s` (the batch's class codes) and `codes` (every training class's code, row = label)
+    must already be detached from the autoencoder."""
     c = model.cfg
     p, q = model.gen_sk2se(a), model.gen_im2se(b)
     u, v = model.gen_se2sk(s), model.gen_se2im(s)
@@ -137,12 +176,15 @@ def generator_losses(model: SemPcyc, a: torch.Tensor, b: torch.Tensor, s: torch.
            + gan_loss(model.disc_im(v), True) + gan_loss(model.disc_sk(u), True))
     cyc = (c.lambda_im * F.l1_loss(model.gen_se2im(q), b) + c.lambda_sk * F.l1_loss(model.gen_se2sk(p), a)
            + c.lambda_se * (F.l1_loss(model.gen_sk2se(u), s) + F.l1_loss(model.gen_im2se(v), s)))
-    cls = (c.lambda_se * (F.cross_entropy(model.cls_se(q), y) + F.cross_entropy(model.cls_se(p), y))
+    cls = (c.lambda_se * (F.cross_entropy(semantic_logits(model, q, codes), y)
+                          + F.cross_entropy(semantic_logits(model, p, codes), y))
            + c.lambda_sk * F.cross_entropy(model.cls_sk(u), y) + c.lambda_im * F.cross_entropy(model.cls_im(v), y))
     reg = (c.lambda_se * (F.mse_loss(q, p) + F.mse_loss(p, q))
            + c.lambda_im * F.mse_loss(v, b) + c.lambda_sk * F.mse_loss(u, a))
-    total = c.lambda_gen_adv * adv + c.lambda_gen_cyc * cyc + c.lambda_gen_cls * cls + c.lambda_gen_reg * reg
-    return {"gen": total, "gen_adv": adv, "gen_cyc": cyc, "gen_cls": cls, "gen_reg": reg,
+    code = F.mse_loss(p, s) + F.mse_loss(q, s)
+    total = (c.lambda_gen_adv * adv + c.lambda_gen_cyc * cyc + c.lambda_gen_cls * cls + c.lambda_gen_reg * reg
+             + c.lambda_code * code)
+    return {"gen": total, "gen_adv": adv, "gen_cyc": cyc, "gen_cls": cls, "gen_reg": reg, "gen_code": code,
             "_fakes": (p.detach(), q.detach(), u.detach(), v.detach())}
 
 
@@ -185,20 +227,24 @@ class TrainLosses(nn.Module):
         raise ValueError(phase)
 
 
-def train_step(model: SemPcyc, opts: dict, a: torch.Tensor, b: torch.Tensor, s_raw: torch.Tensor,
+def train_step(model: SemPcyc, opts: dict, a: torch.Tensor, b: torch.Tensor, sem: torch.Tensor,
                y: torch.Tensor, net: nn.Module | None = None) -> dict[str, float]:
-    """One update of autoencoder, generators and discriminators on a batch of same-class (sketch, image) pairs.
+    """One update of autoencoder, generators and discriminators on a batch of same-class (sketch, image) pairs
+    of classes `y`; `sem` holds every training class's semantic vector (row = label).
     `net` is TrainLosses(model), possibly wrapped in DistributedDataParallel."""
     net = net if net is not None else TrainLosses(model)
     model.train()
+    s_raw = sem[y]
     opts["ae"].zero_grad(set_to_none=True)
     ae = net("ae", s_raw)
     ae.backward()
     opts["ae"].step()
 
-    s = model.autoencoder.enc(s_raw).detach()
+    with torch.no_grad():
+        codes = model.autoencoder.code(sem)
+    s = codes[y]
     opts["gen"].zero_grad(set_to_none=True)
-    g = net("gen", a, b, s, y)
+    g = net("gen", a, b, s, y, codes)
     g["gen"].backward()
     opts["gen"].step()
 

@@ -1,0 +1,178 @@
+"""Retrieval quality of SEM-PCYC variants next to the no-training baselines, mean ± sd over seeds.
+
+Defaults are chosen on validation classes only: every variant trains on the fit classes of the training side
+(the features and train stages' split), `val` is its zero-shot mAP@all on the held-out validation classes, and
+the test figures (unseen classes; held-out sketches of seen classes) are reported beside it, never used to choose.
+
+The extractors are frozen ImageNet EfficientNet-Lite0 (features.epochs 0): their features of the training and
+test shards are computed once per dataset and cached under bench/out/quality/<dataset>/, so each run trains
+SEM-PCYC on cached features only. A variant is the project's params (model, train sections) with a few fields
+changed; `shuffled` variants permute the class vectors among the training classes (is semantics used at all?).
+
+Usage (a project folder whose data/prepared/ was made by `dvc repro prepare`, e.g. on the cross-artist tar):
+  python bench/quality.py --project DIR [--seeds 0,1,2] [--only default,original] [--budget-min 30]
+Writes bench/out/quality/<dataset>/results.json and prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from sempcyc import evaluate, features, params, train  # noqa: E402
+from sempcyc.recipe import ModelSettings  # noqa: E402
+from sempcyc.runtime.backbones import Extractor, batched, to_input  # noqa: E402
+from sempcyc.shards import load_test_shard, load_train_shard  # noqa: E402
+from sempcyc.split import SplitSettings  # noqa: E402
+
+OUT = ROOT / "bench" / "out" / "quality"
+SEMANTIC = {"ae_linear": True, "unit_embeddings": True, "semantic_classifier": True, "lambda_code": 1.0}
+# name -> (TrainRun fields, model.Config overrides on top of the preset, shuffle the class vectors)
+CENTRED = {"preset": "tuned", "feature_norm": "centre", "feature_dim": 512}
+VARIANTS = {
+    "original": ({"preset": "original", "feature_norm": "standardize", "feature_dim": 0}, {}, False),
+    "tuned": ({"preset": "tuned", "feature_norm": "standardize", "feature_dim": 0}, {}, False),
+    "tuned + centred": (CENTRED, {}, False),
+    "semantic": (CENTRED, SEMANTIC, False),
+    "semantic, vectors shuffled": (CENTRED, SEMANTIC, True),
+}
+SKIPS = (0.0, 0.25, 0.5, 0.75)
+COLUMNS = ("val", "zs_map", "zs_p10", "gen_map", "gen_p10", "seen_map", "H", "hit")
+
+
+def dataset_key(project: Path) -> str:
+    h = hashlib.sha256()
+    for part in ("train/classes.json", "test/classes.json", "train/sketches_ids.json", "test/images_ids.json"):
+        path = project / "data/prepared" / part
+        h.update(path.read_bytes() if path.exists() else part.encode())
+    h.update(str(np.load(project / "data/prepared/train/images.npy", mmap_mode="r").shape).encode())
+    return h.hexdigest()[:12]
+
+
+def cache_features(project: Path, out: Path) -> None:
+    """The features stage with features.epochs 0 into out/features, and the same extractor's features of the
+    test shard (unseen queries q, seen queries s, gallery g) into out/test_*.npy."""
+    model, split = params.read(project / "params.yaml", ModelSettings, SplitSettings)
+    if not (out / "features/extractors.pt").exists():
+        feat = features.FeaturesSettings(epochs=0, lr=1e-4, head_lr=1e-3, batch_size=32, proj_dim=512, seed=0)
+        features.compute_features(load_train_shard(project / "data/prepared/train"), out / "features", model, feat,
+                                  split, "cpu")
+    if (out / "test_g.npy").exists():
+        return
+    shard = load_test_shard(project / "data/prepared/test")
+    torch.manual_seed(0)
+    net = Extractor(model.backbone, None, pretrained=True, weights_path=model.backbone_weights).eval()
+    for key, part, invert in (("q", "sketches", model.invert_sketch), ("s", "seen_sketches", model.invert_sketch),
+                              ("g", "images", False)):
+        print(f"quality: test features {part} ({len(shard[part])})", flush=True)
+        np.save(out / f"test_{key}.npy", batched(lambda x, inv=invert: net(to_input(x, inv)), shard[part], 64))
+
+
+def test_labels(project: Path) -> tuple[dict, np.ndarray]:
+    meta = json.loads((project / "data/prepared/test/classes.json").read_text())
+    folder = project / "data/prepared/test"
+    labels = {k: np.load(folder / f"{part}_labels.npy") for k, part in
+              (("q", "sketches"), ("s", "seen_sketches"), ("g", "images"))}
+    return labels, np.array([meta["classes"].index(c) for c in meta["unseen"]])
+
+
+def run_variant(project: Path, out: Path, name: str, seed: int) -> dict:
+    """Train one variant with one seed; score it at every SKIPS value (the embedding's share of input features,
+    model.Config.embed_skip, an inference-time choice) on the validation classes and the test shard."""
+    fields, overrides, shuffle = VARIANTS[name]
+    base = train.read_settings(params.load(project / "params.yaml"))
+    run = dataclasses.replace(base, **fields, seed=seed, threads=1, device="cpu")
+    run = dataclasses.replace(run, config={**train.PRESETS[run.preset], **overrides})
+    data = train.load_training_data(out / "features", project / "data/prepared/train", run)
+    if shuffle:
+        data["fit_sem"] = data["fit_sem"][np.random.default_rng(seed).permutation(len(data["fit_sem"]))]
+    started = time.time()
+    trainer = train.Trainer(data, run)
+    model = trainer.fit().eval()
+    seconds = round(time.time() - started, 1)
+    raw = {k: np.load(out / f"test_{k}.npy") for k in ("q", "s", "g")}
+    labels, unseen = test_labels(project)
+    normed = {k: data["norms"]["image" if k == "g" else "sketch"](torch.from_numpy(v)) for k, v in raw.items()}
+    scores = {}
+    for skip in SKIPS:
+        model.cfg.embed_skip = skip
+        with torch.no_grad():
+            emb = {k: (model.embed_image(v) if k == "g" else model.embed_sketch(v)).numpy()
+                   for k, v in normed.items()}
+        val = train.validation_map(model.embed_sketch, model.embed_image, data["val_sk"], data["val_sk_y"],
+                                   data["val_im"], data["val_im_y"])
+        scores[str(skip)] = {"val": val, "metrics": evaluate.evaluate_all(emb, raw, labels, unseen, seed)[0]}
+    return {"epochs": trainer.state["epoch"], "seconds": seconds, "skips": scores}
+
+
+def validation_baselines(out: Path, project: Path) -> dict:
+    """The baselines' zero-shot mAP@all on the validation classes (what `val` is for a trained variant)."""
+    base = train.read_settings(params.load(project / "params.yaml"))
+    found = {}
+    for name, norm in (("pretrained", "none"), ("pretrained_centred", "centre")):
+        run = dataclasses.replace(base, feature_norm=norm, feature_dim=0)
+        data = train.load_training_data(out / "features", project / "data/prepared/train", run)
+        found[name] = train.validation_map(torch.nn.Identity(), torch.nn.Identity(), data["val_sk"],
+                                           data["val_sk_y"], data["val_im"], data["val_im_y"])
+    return found
+
+
+def figures(metrics: dict, method: str) -> dict:
+    zs, gen, seen = metrics["zero_shot"][method], metrics["generalised"][method], metrics["seen_generalised"][method]
+    return {"zs_map": zs["map_all"], "zs_p10": zs["p_at_10"], "gen_map": gen["map_all"], "gen_p10": gen["p_at_10"],
+            "seen_map": seen["map_all"], "H": metrics["harmonic"][method],
+            "hit": metrics["diagnostics"]["unseen_centroid_hit_rate"][method]}
+
+
+def table(results: dict, val_baselines: dict) -> str:
+    rows = ["| variant | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    first = next(iter(next(iter(results.values())).values()))["skips"]["0.0"]
+    for baseline in ("pretrained", "pretrained_centred"):
+        f = {"val": val_baselines[baseline], **figures(first["metrics"], baseline)}
+        rows.append(f"| no training: {baseline} | " + " | ".join(f"{f[c]:.3f}" for c in COLUMNS) + " |")
+    for name, per_seed in results.items():
+        for skip in SKIPS:
+            vals = [{"val": r["skips"][str(skip)]["val"], **figures(r["skips"][str(skip)]["metrics"], "sem_pcyc")}
+                    for r in per_seed.values()]
+            cells = [f"{np.mean([v[c] for v in vals]):.3f} ± {np.std([v[c] for v in vals]):.3f}" for c in COLUMNS]
+            rows.append(f"| {name}, skip {skip} ({len(vals)} seeds) | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--project", type=Path, default=ROOT, help="folder with params.yaml and data/prepared/")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--only", default="", help="variant names separated by ; (default: all)")
+    parser.add_argument("--budget-min", type=float, default=60, help="start no new run after this many minutes")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out = OUT / dataset_key(args.project)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_features(args.project, out)
+    results_file = out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    names = [n.strip() for n in args.only.split(";") if n.strip()] or list(VARIANTS)
+    started = time.time()
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for name in names:
+            if str(seed) in results.get(name, {}) or time.time() - started > args.budget_min * 60:
+                continue
+            print(f"quality: {name}, seed {seed}", flush=True)
+            results.setdefault(name, {})[str(seed)] = run_variant(args.project, out, name, seed)
+            results_file.write_text(json.dumps(results, indent=1))
+    print(table({n: results[n] for n in names if n in results}, validation_baselines(out, args.project)))
+
+
+if __name__ == "__main__":
+    main()
