@@ -66,6 +66,11 @@ def _svg_with(layers: list[ET.Element], transform: str) -> str:
     return ET.tostring(svg, encoding="unicode")
 
 
+def whole_svg(root: ET.Element, transform: str) -> str:
+    """The emoji as published: every layer."""
+    return _svg_with([copy.deepcopy(child) for child in root], transform)
+
+
 def colour_svg(root: ET.Element, transform: str) -> str:
     """The emoji without its outlines: every layer except `line` and `line-supplement` (the latter holds black
     fills that stand in for colour in one-colour fonts, so it is outline too)."""
