@@ -4,7 +4,7 @@
 # RELEASE_OVERRIDE_GATE (true|false), RELEASE_PUBLISH_IMAGES (true|false), SEM_PCYC_DVC_CACHE (cache folder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+SEM_PCYC_ICONIFY=skip bash scripts/setup.sh   # a release never builds the cross-artist set: no npm fetch
 export PATH="$PWD/.venv/bin:$PATH" DVC_NO_ANALYTICS=1
 
 if [ -n "${SEM_PCYC_DVC_CACHE:-}" ]; then

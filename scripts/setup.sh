@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install the pinned dependencies and this package. Idempotent: when requirements.lock and
-# pyproject.toml are unchanged since the last successful run it does nothing.
+# pyproject.toml are unchanged since the last successful run it only checks the Iconify emoji sets (see below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -9,6 +9,16 @@ if ! "$PYTHON" -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] < (3
   exit 1
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# The art sets of `sempcyc cross-artist` (npm packages, pinned in scripts/iconify.txt). The default pipeline does
+# not need them, so setup goes on without npm or when the fetch fails; SEM_PCYC_ICONIFY=skip leaves them out.
+if [ "${SEM_PCYC_ICONIFY:-}" = "skip" ]; then
+  :
+elif command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then
+  PYTHON="$PYTHON" bash scripts/iconify.sh ||
+    echo "setup: warning: fetching the Iconify emoji sets failed; sempcyc cross-artist needs them (rerun bash scripts/iconify.sh)" >&2
+else
+  echo "setup: npm not found, Iconify emoji sets not fetched: sempcyc cross-artist will need them (install Node.js with npm, then run bash scripts/iconify.sh)"
+fi
 stamp=.venv/.installed-lock
 want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then

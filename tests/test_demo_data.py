@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from sempcyc import demo_data
+from sempcyc import demo_data, emoji_art, emoji_catalogue
 from sempcyc.errors import UserError
 
 SMALL = {"classes": 4, "images_per_class": 2, "sketches_per_class": 2, "size": 64, "seed": 0}
@@ -126,10 +126,10 @@ def test_attribution_names_openmoji_and_its_license(tmp_path):
 
 def test_sketch_is_not_a_pixel_copy_of_the_clean_outline(tmp_path):
     files = members(build(tmp_path))
-    svg_files = demo_data.openmoji_svg_files()
+    svg_files = emoji_art.openmoji_svg_files()
     for emoji in demo_data.available_classes(svg_files)[:SMALL["classes"]]:
-        root = demo_data.parse_svg(svg_files[emoji.svg_file].read_text(encoding="utf-8"))
-        rgba = demo_data.render_rgba(demo_data.outline_svg(root, demo_data.affine_about_centre()), 64)
+        root = emoji_art.parse_svg(svg_files[emoji.svg_file].read_text(encoding="utf-8"))
+        rgba = emoji_art.render_rgba(emoji_art.outline_svg(root, emoji_art.affine_about_centre()), 64)
         clean = 255.0 - rgba[..., 3].astype(np.float32)  # black lines on white
         for index in range(SMALL["sketches_per_class"]):
             name = f"openmoji-demo/sketches/{emoji.name}/{emoji.name}_{index:02d}.png"
@@ -138,14 +138,14 @@ def test_sketch_is_not_a_pixel_copy_of_the_clean_outline(tmp_path):
 
 
 def test_images_have_no_outline_layer():
-    svg_files = demo_data.openmoji_svg_files()
+    svg_files = emoji_art.openmoji_svg_files()
     emoji = next(c for c in demo_data.available_classes(svg_files) if c.name == "red_apple")
-    root = demo_data.parse_svg(svg_files[emoji.svg_file].read_text(encoding="utf-8"))
-    colour = demo_data.parse_svg(demo_data.colour_svg(root, demo_data.affine_about_centre()))
+    root = emoji_art.parse_svg(svg_files[emoji.svg_file].read_text(encoding="utf-8"))
+    colour = emoji_art.parse_svg(emoji_art.colour_svg(root, emoji_art.affine_about_centre()))
     ids = {e.get("id") for e in colour.iter()}
     assert "color" in ids and not any(i and i.startswith("line") for i in ids)
     # and no black strokes are left: every opaque pixel is coloured
-    rgba = demo_data.render_rgba(demo_data.colour_svg(root, demo_data.affine_about_centre()), 64)
+    rgba = emoji_art.render_rgba(emoji_art.colour_svg(root, emoji_art.affine_about_centre()), 64)
     opaque = rgba[..., 3] > 250
     assert opaque.any() and rgba[opaque][:, :3].max(axis=1).min() > 60
 
@@ -157,28 +157,28 @@ def test_outline_svg_scales_widths_and_drops_strokes():
            'r="20" fill="#f00"/></g><g id="line"><g stroke-width="2"><path d="M0 0L10 10" stroke="#000"/>'
            '<line x1="0" y1="0" x2="5" y2="5" stroke="#000" stroke-width="3"/></g>'
            '<circle cx="36" cy="36" r="20" fill="none" stroke="#000" stroke-width="2"/></g></svg>')
-    root = demo_data.parse_svg(svg)
-    out = demo_data.parse_svg(demo_data.outline_svg(root, "matrix(1 0 0 1 0 0)", width_factor=1.5, dropped=[1]))
+    root = emoji_art.parse_svg(svg)
+    out = emoji_art.parse_svg(emoji_art.outline_svg(root, "matrix(1 0 0 1 0 0)", width_factor=1.5, dropped=[1]))
     widths = sorted(e.get("stroke-width") for e in out.iter() if e.get("stroke-width") and e.get("id") != "line")
     assert widths == ["3", "3"]  # the group's 2 and the circle's 2; the line (3) was dropped
     tags = [e.tag.split("}")[1] for e in out.iter()]
     assert "line" not in tags and "path" in tags and "circle" in tags
     assert not [e for e in out.iter() if e.get("id") == "color"]
     # the source tree is left untouched
-    assert len(demo_data.stroke_elements(demo_data.find_layer(root, "line"))) == 3
+    assert len(emoji_art.stroke_elements(emoji_art.find_layer(root, "line"))) == 3
 
 
 def test_dropped_strokes_are_never_all_nor_the_main_outline():
     rng = np.random.default_rng(0)
     for _ in range(200):
-        assert demo_data.choose_dropped_strokes([1.0], rng) == []
+        assert emoji_art.choose_dropped_strokes([1.0], rng) == []
         shares = [0.6, 0.1, 0.1, 0.1, 0.05, 0.05]
-        dropped = demo_data.choose_dropped_strokes(shares, rng)
+        dropped = emoji_art.choose_dropped_strokes(shares, rng)
         assert 0 not in dropped and len(dropped) <= 2
 
 
 def test_affine_about_centre_keeps_the_centre_in_place():
-    numbers = re.findall(r"-?[0-9.]+", demo_data.affine_about_centre(rotation_deg=20, scale_x=0.8, scale_y=1.1,
+    numbers = re.findall(r"-?[0-9.]+", emoji_art.affine_about_centre(rotation_deg=20, scale_x=0.8, scale_y=1.1,
                                                                        shear_deg=7))
     a, b, c, d, e, f = map(float, numbers)
     assert a * 36 + c * 36 + e == pytest.approx(36, abs=1e-3)
@@ -186,7 +186,7 @@ def test_affine_about_centre_keeps_the_centre_in_place():
 
 
 def test_file_rng_depends_only_on_its_key():
-    draw = lambda *key: demo_data.file_rng(*key).random()  # noqa: E731
+    draw = lambda *key: emoji_art.file_rng(*key).random()  # noqa: E731
     assert draw(0, "dog", "images", 1) == draw(0, "dog", "images", 1)
     assert len({draw(0, "dog", "images", 1), draw(1, "dog", "images", 1), draw(0, "cat", "images", 1),
                 draw(0, "dog", "sketches", 1), draw(0, "dog", "images", 2)}) == 5
@@ -195,13 +195,13 @@ def test_file_rng_depends_only_on_its_key():
 # ----------------------------------------------------------------------------------------------- catalogue
 
 def test_class_names_from_unicode():
-    assert demo_data.class_name(0x1F34E) == "red_apple"
-    assert demo_data.class_name(0x1F418) == "elephant"
-    assert demo_data.class_name(0x1F981) == "lion"         # animal head named after its animal
-    assert demo_data.class_name(0x2702) == "scissors"      # "BLACK SCISSORS" without the glyph-style prefix
+    assert emoji_catalogue.class_name(0x1F34E) == "red_apple"
+    assert emoji_catalogue.class_name(0x1F418) == "elephant"
+    assert emoji_catalogue.class_name(0x1F981) == "lion"         # animal head named after its animal
+    assert emoji_catalogue.class_name(0x2702) == "scissors"      # "BLACK SCISSORS" without the glyph-style prefix
     for not_an_object in (0x1F600, 0x1F431, 0x1F44D, 0x1F1E6, 0x1F3F4, 0x2648, 0x1F550, 0x2B05, 0x1F494,
                           0x1F534, 0x1F6AB, 0x1F468, 0x1F51F, 0x1F315):
-        assert demo_data.class_name(not_an_object) is None, hex(not_an_object)
+        assert emoji_catalogue.class_name(not_an_object) is None, hex(not_an_object)
 
 
 def test_catalogue_holds_only_concrete_objects():
@@ -215,7 +215,7 @@ def test_catalogue_holds_only_concrete_objects():
     assert all(re.fullmatch(r"[a-z0-9_]+", n) for n in names)
     for expected in ("red_apple", "elephant", "bicycle", "guitar", "teapot", "giraffe"):
         assert expected in names
-    assert names == sorted(names, key=demo_data.catalogue_order_key)
+    assert names == sorted(names, key=emoji_catalogue.catalogue_order_key)
 
 
 def test_catalogue_does_not_depend_on_the_python_unicode_version():
@@ -223,7 +223,7 @@ def test_catalogue_does_not_depend_on_the_python_unicode_version():
     unicode_14 = {0x1F6DD, 0x1F6DE, 0x1F6DF, 0x1F7F0, 0x1F979, 0x1F9CC, 0x1FA7B, 0x1FA7C, 0x1FAA9, 0x1FAAA,
                   0x1FAAB, 0x1FAAC, 0x1FAB7, 0x1FAB8, 0x1FAB9, 0x1FABA, 0x1FAC3, 0x1FAC4, 0x1FAC5, 0x1FAD7,
                   0x1FAD8, 0x1FAD9, *range(0x1FAE0, 0x1FAE8), *range(0x1FAF0, 0x1FAF7)}
-    in_ranges = {cp for low, high in demo_data.OBJECT_RANGES for cp in range(low, high + 1)}
+    in_ranges = {cp for low, high in emoji_catalogue.OBJECT_RANGES for cp in range(low, high + 1)}
     assert not unicode_14 & in_ranges
     assert max(in_ranges) <= 0x1FAD6
 

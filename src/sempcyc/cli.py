@@ -15,6 +15,8 @@ from .errors import UserError
 COMMANDS = {
     "demo-data": ("demo_data", "Render the built-in demo dataset (OpenMoji emoji as coloured images and hand-drawn-"
                                "looking sketches)."),
+    "cross-artist": ("cross_artist", "Render the cross-artist benchmark: per class, photos from one artist's colour "
+                                     "emoji, sketches from another's line art (needs scripts/iconify.sh)."),
     "extract": ("extract", "Safely extract and validate the dataset tar (param data.tar) into data/dataset/ and "
                            "data/dataset.json."),
     "semantic": ("semantic", "Compute one semantic vector per class name (param semantic.backend: minilm, "
