@@ -84,8 +84,8 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"{model_path}: not found; run `dvc repro train`")
     n_items, n_embedded = build_gallery(model_path, Path(args.dataset), index, Path(args.out), Path(args.cache),
                                         settings)
-    print(f"gallery: {n_items} images ({n_embedded} embedded, {n_items - n_embedded} from cache; "
-          f"{min(n_items, settings.thumbnail_max_items)} thumbnails) in {time.time() - started:.1f} s -> {args.out}")
+    print(f"gallery: {n_items} images ({n_embedded} embedded, {n_items - n_embedded} from cache) and "
+          f"{min(n_items, settings.thumbnail_max_items)} thumbnails in {time.time() - started:.1f} s -> {args.out}")
 
 
 def build_gallery(model_path: Path, dataset: Path, index: dict, out: Path, cache_dir: Path,
