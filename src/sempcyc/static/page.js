@@ -154,7 +154,8 @@
     const name = file.name || 'The image';
     if (!file.size) return {problem: `${name} is empty.`};
     if (file.size > meta.max_body_bytes) {
-      return {problem: `${name} is ${mb(file.size)}, over the ${mb(meta.max_body_bytes)} limit; choose a smaller image.`};
+      return {problem: `${name} is ${num(file.size)} bytes, over the ${num(meta.max_body_bytes)}-byte limit; ` +
+        'choose a smaller image.'};
     }
     const head = new Uint8Array(await file.slice(0, 1 << 18).arrayBuffer());
     const info = imageInfo(head);
@@ -210,7 +211,8 @@
     setStatus('Searching…');
     probe.sent++;
     const t1 = performance.now();
-    const answers = await Promise.all(wanted.map((v, i) => ask(v, blob, signals[i])));
+    const body = new Uint8Array(await blob.arrayBuffer());  // bytes, not a Blob: DevTools (and tests) can see them
+    const answers = await Promise.all(wanted.map((v, i) => ask(v, body, blob.type, signals[i])));
     const httpMs = performance.now() - t1;
     if (seq !== state.seq || answers.some((a) => a.aborted)) return;  // stale: never over a newer one
     render(wanted, answers);
@@ -224,11 +226,11 @@
     });
   }
 
-  async function ask(version, blob, signal) {
+  async function ask(version, body, type, signal) {
     if (!version) return {error: 'Choose a version to search.'};
     try {
       const resp = await fetch(`/api/search/${encodeURIComponent(version)}`,
-        {method: 'POST', body: blob, headers: {'Content-Type': blob.type}, signal});
+        {method: 'POST', body, headers: {'Content-Type': type}, signal});
       const data = await resp.json().catch(() => null);
       if (resp.ok && Array.isArray(data)) return {items: data};
       return {error: (data && data.error) || `The page server answered ${resp.status}.`};
@@ -277,6 +279,7 @@
   function tile(item, version, common) {
     const li = document.createElement('li');
     li.dataset.class = item.class;
+    li.dataset.image = item.image;
     li.title = `${item.image} (score ${item.score})`;
     if (common.has(item.class)) li.className = 'agree';
     const img = document.createElement('img');
@@ -314,7 +317,6 @@
     return el;
   }
   const num = (n) => n.toLocaleString('en-US');
-  const mb = (n) => `${(n / 1e6).toFixed(1)} MB`;
   const setStatus = (text) => { $('status').textContent = text; };
   function showError(text) {
     $('error').hidden = !text;
