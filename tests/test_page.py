@@ -224,7 +224,7 @@ class SketchPage:
     """One browser tab on the page, with the searches it sent (Playwright requests to /api/search/)."""
 
     def __init__(self, browser, url: str, shots: Path):
-        self.context = browser.new_context(viewport={"width": 1100, "height": 720})
+        self.context = browser.new_context(viewport={"width": 1100, "height": 720}, has_touch=True)
         self.page = self.context.new_page()
         self.shots = shots
         self.searches = []
@@ -419,6 +419,30 @@ def test_draw_a_class_sketch_finds_that_class(tab: SketchPage, built: Built, ts)
     assert f"{MODEL_NAME}, versions {V1}, {V2}, served by TorchServe at {ts.inference_url}" in \
         tab.page.inner_text("#model")
     tab.shot("02-drawn-results")
+
+
+@pytest.mark.integration
+def test_touch_and_pen_strokes(tab: SketchPage, built: Built):
+    """A finger and a pen, as the browser reports them (DevTools input events: pointerType touch and pen)."""
+    cdp = tab.context.new_cdp_session(tab.page)
+    box = tab.page.locator("#canvas").bounding_box()
+    at = [(box["x"] + box["width"] * f, box["y"] + box["height"] * f) for f in (0.2, 0.35, 0.5, 0.65, 0.8)]
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": at[0][0], "y": at[0][1]}]})
+    for x, y in at[1:]:
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [{"x": x, "y": y}]})
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    tab.wait_searches(1)
+    ink = tab.ink()
+    assert ink > 0
+    for kind, (x, y) in [("mousePressed", at[4])] + [("mouseMoved", (x, at[0][1])) for x, _ in at[3::-1]] \
+            + [("mouseReleased", (at[0][0], at[0][1]))]:
+        cdp.send("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y, "button": "left", "pointerType": "pen",
+                                              "buttons": 0 if kind == "mouseReleased" else 1, "clickCount": 1})
+    tab.wait_searches(2)
+    assert tab.ink() > ink
+    sent = tab.searches[-1].post_data_buffer
+    assert tab.grid() == ranked(built.offline[V1].search([sent])[0])
+    assert tab.page.evaluate("window.semPcyc.sent") == 2
 
 
 @pytest.mark.integration

@@ -45,7 +45,9 @@
   canvas.addEventListener('pointerdown', (e) => {
     if (!e.isPrimary || e.button > 0) return;
     e.preventDefault();
-    canvas.setPointerCapture(e.pointerId);
+    try {
+      canvas.setPointerCapture(e.pointerId);  // the stroke goes on when the pointer leaves the canvas
+    } catch (err) { /* a pointer the browser no longer tracks: draw without capture */ }
     clearTimeout(state.timer);  // a new stroke before the debounce ends: one search, after this stroke
     state.stroke = {width: Number($('width').value), points: [point(e)], id: e.pointerId};
     state.strokes.push(state.stroke);
