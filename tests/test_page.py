@@ -560,6 +560,20 @@ def test_unknown_version_is_a_readable_error_and_the_drawing_stays(tab: SketchPa
 
 
 @pytest.mark.integration
+def test_a_4xx_from_the_handler_is_shown_and_the_drawing_stays(tab: SketchPage, page_server):
+    """A truncated PNG: its header passes the page's and the page server's checks, the handler refuses it."""
+    tab.stroke([(40, 120), (200, 120)])
+    tab.wait_searches(1)
+    ink, forwarded = tab.ink(), page_server.forwarded
+    tab.drop(png_bytes(5, mode="L")[:60], "cut.png", "image/png")
+    tab.wait_searches(2)
+    assert page_server.forwarded == forwarded + 1  # this one did reach TorchServe
+    assert "not a readable PNG or JPEG image" in tab.error(), tab.error()
+    assert tab.ink() == ink and tab.grid() == []
+    tab.shot("08-handler-400")
+
+
+@pytest.mark.integration
 def test_a_stale_answer_never_replaces_a_newer_one(tab: SketchPage, built: Built):
     held = []
 

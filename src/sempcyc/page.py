@@ -39,6 +39,8 @@ DISCARD_BYTES = 64 << 20  # a larger refused body is not even read: the connecti
 VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 FORWARD_TIMEOUT_S = 60
+# TorchServe is called directly, never through an http(s)_proxy from the environment: the token goes along.
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 THUMB_TYPES = {"webp": "image/webp", "jpeg": "image/jpeg", "png": "image/png"}
 
 
@@ -164,7 +166,7 @@ def forward(config: PageConfig, version: str, body: bytes, content_type: str) ->
         headers["Authorization"] = f"Bearer {config.token}"
     request = urllib.request.Request(url, data=body, method="POST", headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=FORWARD_TIMEOUT_S) as resp:
+        with DIRECT.open(request, timeout=FORWARD_TIMEOUT_S) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, error_json(exc.code, torchserve_error(config, version, exc.code, exc.read()))
@@ -286,6 +288,7 @@ class PageHandler(BaseHTTPRequestHandler):
         host = urllib.parse.urlsplit("//" + (self.headers.get("Host") or "")).hostname
         if host in LOCAL_HOSTS:
             return True
+        self.close_connection = True  # a request body, if any, is left unread
         self.reply(403, error_json(403, f"host {host!r} refused; open the page at 127.0.0.1"))
         return False
 
