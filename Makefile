@@ -8,10 +8,11 @@ setup:
 	@bash scripts/setup.sh
 
 repro: setup
+	@bash scripts/system-deps.sh repro
 	dvc repro
 
 test: setup
-	@bash scripts/system-deps.sh
+	@bash scripts/system-deps.sh test
 	ruff check .
 	pytest
 

@@ -15,7 +15,9 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
-from sempcyc import cli
+from sempcyc import archive, cli
+from sempcyc.params import read_section
+from sempcyc.serving import ReleaseSettings, ServeSettings
 from sempcyc.split import hash_unit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,8 +68,7 @@ def png_bytes(seed: int, size: int = 48, mode: str = "RGB") -> bytes:
     rng = np.random.default_rng(seed)
     if mode == "L":
         img = Image.new("L", (size, size), 255)
-        box = sorted(rng.integers(2, size - 2, 2)), sorted(rng.integers(2, size - 2, 2))
-        ImageDraw.Draw(img).ellipse([box[0][0], box[1][0], box[0][1] + 1, box[1][1] + 1], outline=0, width=2)
+        ImageDraw.Draw(img).ellipse(sketch_box(seed, size), outline=0, width=2)
     else:
         colour = tuple(int(v) for v in rng.integers(0, 256, 3))
         img = Image.new("RGB", (size, size), (255, 255, 255))
@@ -75,6 +76,13 @@ def png_bytes(seed: int, size: int = 48, mode: str = "RGB") -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def sketch_box(seed: int, size: int = 48) -> list[int]:
+    """The bounding box [x0, y0, x1, y1] of the ellipse outline png_bytes(seed, size, mode="L") draws (2 px wide)."""
+    rng = np.random.default_rng(seed)
+    xs, ys = sorted(rng.integers(2, size - 2, 2)), sorted(rng.integers(2, size - 2, 2))
+    return [int(xs[0]), int(ys[0]), int(xs[1]) + 1, int(ys[1]) + 1]
 
 
 def class_files(classes: dict[str, tuple[int, int]], seed: int = 0) -> dict[str, bytes]:
@@ -179,3 +187,19 @@ def new_unseen_class(taken: list[str]) -> str:
         if name not in taken and sum(map(ord, name)) not in sums and hash_unit(name, SALT) < TEST_FRACTION:
             return name
     raise AssertionError("no candidate class lands on the unseen side")
+
+
+def build_tiny_model(root: Path, params: dict) -> tuple[Path, Path]:
+    """The tiny pipeline up to the gallery, in this process, in `root` (ds.tar of CLASSES and `params` written
+    there): extract -> semantic -> prepare -> features -> train -> gallery. (model bundle, gallery folder)."""
+    write_tar(root / "ds.tar", class_files({c: (PER_CLASS, PER_CLASS) for c in CLASSES}))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    for name in ("extract", "semantic", "prepare", "features", "train", "gallery"):
+        ok(root, name)
+    return root / "models/sem_pcyc.pt", root / "models/gallery"
+
+
+def build_tiny_archive(model: Path, gallery: Path, out: Path, params: dict, metrics: Path | None = None) -> Path:
+    """The archive stage's .mar of `model` and `gallery`, with the release and serve sections of `params`."""
+    return archive.build_archive(model, gallery, out, read_section(params, ReleaseSettings),
+                                 read_section(params, ServeSettings), metrics)

@@ -7,7 +7,8 @@
   sshd + a TorchServe "serving host" (tests/hosts.py)  <- the release deploys here
 
 Small everywhere: 12 classes x 4 images x 4 sketches, tiny CNN, 32-px arrays, a few iterations, one torch thread.
-The story test (first release, then three new unseen classes -> second release without retraining) comes first;
+The story test (first release, then three new unseen classes -> second release without retraining, then both
+releases' archives fetched with `dvc artifacts get`) comes first;
 the safety tests work on fresh clones of origin with the same S3, registry, host and DVC cache. The release's pure
 core (versions, the quality gate, leftovers of an unfinished release) has its unit tests at the end.
 """
@@ -24,6 +25,7 @@ import shutil
 import subprocess
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import boto3
@@ -432,6 +434,18 @@ def test_release_story(base, env, registry, origin, project, host):
             old = predict(host, sketch, "0.1.0")  # the previous version is still there, without them
             assert not {a["class"] for a in old} & set(NEW_CLASSES)
     print(f"rank of the first image of the sketch's own (new) class, over {len(ranks)} sketches: {ranks}")
+
+    # ---- 3. each release's archive, as DVC users fetch it (dvc.yaml's `artifacts:` entry, the GTO tags, S3)
+    fetched = {}
+    for version in ("0.1.0", "0.2.0"):
+        out = base / f"fetched-{version}.mar"
+        dvc(base, env, "artifacts", "get", str(origin), "sem-pcyc", "--rev", f"v{version}", "-o", str(out))
+        with zipfile.ZipFile(out) as zf:
+            fetched[version] = (json.loads(zf.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"],
+                                out.read_bytes())
+    assert {v: manifest for v, (manifest, _) in fetched.items()} == {"0.1.0": "0.1.0", "0.2.0": "0.2.0"}
+    assert fetched["0.1.0"][1] != fetched["0.2.0"][1]
+    assert fetched["0.2.0"][1] == (project / "models/sem_pcyc.mar").read_bytes()
 
 
 # --------------------------------------------------------------------------------------- bad inputs, safety

@@ -31,11 +31,20 @@ import psutil
 import pytest
 import yaml
 
-from helpers import CLASSES, PER_CLASS, VENV_BIN, call, class_files, merged, png_bytes, run_cli, write_tar
+from helpers import (
+    CLASSES,
+    PER_CLASS,
+    VENV_BIN,
+    build_tiny_archive,
+    build_tiny_model,
+    call,
+    merged,
+    png_bytes,
+    run_cli,
+)
 from helpers import PARAMS as STAGE_PARAMS
-from sempcyc import archive, serve_check, serving, torchserve
+from sempcyc import serve_check, serving, torchserve
 from sempcyc.errors import UserError
-from sempcyc.params import read_section
 from sempcyc.runtime.search import RequestError, SketchSearch
 
 # The tiny dataset and params of test_stages (12 classes, 3 on the unseen side -> 6 query sketches, 48 gallery
@@ -53,15 +62,12 @@ PARAMS = merged(STAGE_PARAMS, {
 })
 
 ARCHIVE_FILES = {"handler.py", "sem_pcyc.pt", "gallery/embeddings.npy", "gallery/index.json", "serving.json",
+                 "gallery/thumbs.bin", "gallery/thumbs.json",
                  *(f"sem_pcyc_runtime/{m}.py" for m in ("search", "encoder", "imaging", "retrieval", "backbones",
                                                         "model"))}
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-
-def serving_settings(params: dict) -> tuple[serving.ReleaseSettings, serving.ServeSettings]:
-    return read_section(params, serving.ReleaseSettings), read_section(params, serving.ServeSettings)
-
 
 def write_params(folder: Path, serve: dict | None = None) -> Path:
     params = json.loads(json.dumps(PARAMS))
@@ -229,12 +235,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def built(tmp_path_factory) -> Built:
     """extract -> semantic -> prepare -> features -> train -> gallery -> archive on a tiny dataset."""
     root = tmp_path_factory.mktemp("serving")
-    write_tar(root / "ds.tar", class_files({c: (PER_CLASS, PER_CLASS) for c in CLASSES}))
-    write_params(root)
-    for name in ("extract", "semantic", "prepare", "features", "train", "gallery"):
-        stage(root, name)
-    model, gallery = root / "models/sem_pcyc.pt", root / "models/gallery"
-    mar = archive.build_archive(model, gallery, root / "models/sem_pcyc.mar", *serving_settings(PARAMS))
+    model, gallery = build_tiny_model(root, PARAMS)
+    mar = build_tiny_archive(model, gallery, root / "models/sem_pcyc.mar", PARAMS)
     extracted = root / "extracted"
     with zipfile.ZipFile(mar) as zf:
         zf.extractall(extracted)
@@ -803,6 +805,14 @@ def test_sempcyc_serve(built: Built, tmp_path: Path):
             status, body = http("POST", url, sketch(15), {"Content-Type": "image/png"})
             assert status == 200, body
             assert_ranked(json.loads(body), TOP_K)
+            # ... and the sketch page, on its own 127.0.0.1 port, searching the same TorchServe
+            page = next(line for line in text.splitlines() if "sketch page:" in line).split()[-1]
+            assert page.startswith("http://127.0.0.1:") and page.endswith("/"), page
+            status, html = http("GET", page)
+            assert status == 200 and b"<canvas" in html
+            status, body = http("POST", f"{page}api/search/{VERSION}", sketch(15), {"Content-Type": "image/png"})
+            assert status == 200, body
+            assert_ranked(json.loads(body), TOP_K)
             ts_procs = processes_under(tmp_path / "tmp")
             assert any("java" in " ".join(p.cmdline()) for p in ts_procs), ts_procs
 
@@ -820,7 +830,7 @@ def test_sempcyc_serve(built: Built, tmp_path: Path):
             kill_leftovers(left)
     assert "serve: stopped" in out_path.read_text()
     assert left == [], "the TorchServe of `sempcyc serve` outlived it"
-    assert http_refused(url)
+    assert http_refused(url) and http_refused(page)
 
 
 def http_refused(url: str) -> bool:

@@ -7,6 +7,7 @@ CUDA-absent error (exit status, no traceback) and DDP under torchrun.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -412,3 +413,25 @@ def test_gallery_cache_embeds_only_new_images(trained: Path, tmp_path: Path):
     assert gallery(tmp_path / "other.pt", tmp_path / "ds2", tmp_path / "ds2.json") == (n + PER_CLASS, 0)
     assert not np.allclose(np.load(tmp_path / "gallery/embeddings.npy"), before)
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+
+
+def test_gallery_thumbnails(trained: Path, tmp_path: Path):
+    """The page's thumbnails: one square WebP per gallery image in index order, up to gallery.thumbnail_max_items."""
+    n = len(CLASSES) * PER_CLASS
+    for cap, want in ((10_000, n), (5, 5), (0, 0)):
+        write_params(tmp_path, {"gallery": {"thumbnail_size": 40, "thumbnail_max_items": cap}})
+        out = ok(tmp_path, "gallery", "--model", trained / "models/sem_pcyc.pt", "--dataset",
+                 trained / "data/dataset", "--index", trained / "data/dataset.json", "--out", "gallery",
+                 "--cache", "cache")
+        assert f"and {want} thumbnails" in out, out
+        index = json.loads((tmp_path / "gallery/thumbs.json").read_text())
+        blob = (tmp_path / "gallery/thumbs.bin").read_bytes()
+        assert index["format"] == "webp" and index["size"] == 40 and len(index["offsets"]) == want
+        assert sum(length for _, length in index["offsets"]) == len(blob)
+        entries = json.loads((tmp_path / "gallery/index.json").read_text())
+        for (start, length), entry in zip(index["offsets"], entries):
+            thumb = Image.open(io.BytesIO(blob[start:start + length]))
+            assert thumb.format == "WEBP" and thumb.size == (40, 40)
+            # the model's own fit-and-pad view of the photo, made small
+            photo = imaging.image_to_array(imaging.load_file(trained / "data/dataset/images" / entry["id"]), 40)
+            assert np.abs(np.asarray(thumb.convert("RGB"), dtype=float) - photo).mean() < 12

@@ -2,7 +2,8 @@
 
 Contents (archive root): handler.py (runtime/handler.py); sem_pcyc_runtime/ (a copy of the runtime/ package,
 everything the handler imports, under a name that cannot clash with the installed `sempcyc`); sem_pcyc.pt (model
-bundle); gallery/ (embeddings + index); serving.json (top-k, version, limits, evaluation metrics).
+bundle); gallery/ (embeddings + index, and the sketch page's thumbnails when the gallery has them, which the
+handler never reads); serving.json (top-k, version, limits, evaluation metrics).
 torch-model-archiver stages files in $TMPDIR/<model-name>, so it runs with a private TMPDIR: two archivings at
 once never collide.
 """
@@ -24,6 +25,7 @@ from .serving import ReleaseSettings, ServeSettings
 
 RUNTIME_PACKAGE = "sem_pcyc_runtime"
 RUNTIME_DIR = Path(__file__).resolve().parent / "runtime"
+THUMBNAIL_FILES = ("thumbs.bin", "thumbs.json")  # the sketch page's, from the gallery stage
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +48,9 @@ def stage_files(stage: Path, model: Path, gallery: Path, release: ReleaseSetting
     shutil.copytree(RUNTIME_DIR, stage / RUNTIME_PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(model, stage / "sem_pcyc.pt")
     (stage / "gallery").mkdir()
-    for name in ("embeddings.npy", "index.json", "meta.json"):
+    for name in ("embeddings.npy", "index.json", "meta.json", *THUMBNAIL_FILES):
+        if name in THUMBNAIL_FILES and not (gallery / name).exists():
+            continue  # a gallery made before thumbnails existed: the page falls back to page.thumbnail_base_url
         shutil.copy2(gallery / name, stage / "gallery" / name)
     (stage / "serving.json").write_text(dumps_json({
         "model_name": release.model_name, "version": release.version, "top_k": serve.top_k,

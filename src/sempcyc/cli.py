@@ -37,8 +37,10 @@ COMMANDS = {
                                    "search, load, bad input."),
     "deploy": ("deploy", "Deploy the .mar to the TorchServe hosts in deploy.targets over SSH (rolling; rollback "
                          "on failure)."),
-    "serve": ("serve", "Serve models/sem_pcyc.mar on localhost in the foreground (Ctrl-C stops it) and print a "
-                       "curl line to try."),
+    "serve": ("serve", "Serve models/sem_pcyc.mar on localhost in the foreground (Ctrl-C stops it), with a curl "
+                       "line to try and the sketch page."),
+    "ui": ("ui", "The sketch page against a running TorchServe (--inference-url, e.g. a deployed host through an "
+                 "SSH tunnel)."),
     "release": ("release", "Release: update data, retrain what changed, gate on quality, deploy, push data, commit "
                            "and tag."),
     "report": ("report", "Write reports/report.md: diffs against the previous release, curves, retrieval grid, "
