@@ -42,6 +42,7 @@ CENTRED = {"preset": "tuned", "feature_norm": "centre", "feature_dim": 512}
 VARIANTS = {
     "original": ({"preset": "original", "feature_norm": "standardize", "feature_dim": 0}, {}, False),
     "tuned": ({"preset": "tuned", "feature_norm": "standardize", "feature_dim": 0}, {}, False),
+    "original + centred": ({**CENTRED, "preset": "original"}, {}, False),
     "tuned + centred": (CENTRED, {}, False),
     "semantic": (CENTRED, SEMANTIC, False),
     "semantic, vectors shuffled": (CENTRED, SEMANTIC, True),

@@ -98,7 +98,7 @@ def recompute_step_fn(s: train.TrainRun, data: dict, batch_size: int):
             b = norms["image"](extractors["image"](to_input(torch.from_numpy(images[im_rows[im_i]]), False)))
         t1 = time.perf_counter()
         yt = torch.from_numpy(y).long()
-        train_step(trainer.model, trainer.opts, a, b, trainer.fit_sem[yt], yt, net=trainer.net)
+        train_step(trainer.model, trainer.opts, a, b, trainer.fit_sem, yt, net=trainer.net)
         return t1 - t0, time.perf_counter() - t1
 
     return recompute_step

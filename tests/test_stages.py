@@ -341,6 +341,17 @@ def test_evaluate_reports(trained: Path, tmp_path: Path):
             m = report[setting][method]
             assert set(m) >= {"map_all", "p_at_10", "p_at_100", "p_at_200"}, (setting, method)
             assert all(0.0 <= m[k] <= 1.0 for k in ("map_all", "p_at_10", "p_at_100", "p_at_200"))
+    for method in ("sem_pcyc", "pretrained", "pretrained_centred", "random"):
+        seen = report["seen_generalised"][method]["map_all"]
+        assert 0.0 <= seen <= 1.0 and 0.0 <= report["harmonic"][method] <= 1.0
+        assert 0.0 <= report["diagnostics"]["unseen_centroid_hit_rate"][method if method != "random" else
+                                                                        "pretrained"] <= 1.0
+    for setting in ("zero_shot", "generalised", "seen_generalised"):
+        best = report[setting]["best_baseline"]
+        assert report[setting][best]["map_all"] == max(report[setting][b]["map_all"]
+                                                       for b in ("pretrained", "pretrained_centred", "random"))
+    held_out = json.loads((trained / "data/prepared/test/seen_sketches_ids.json").read_text())
+    assert report["counts"]["seen_queries"] == len(held_out) > 0
     unseen = json.loads((trained / "data/prepared/splits.json").read_text())["test"]
     assert report["counts"]["unseen_classes"] == len(unseen)
     assert report["counts"]["gallery_generalised"] == len(CLASSES) * PER_CLASS
