@@ -13,6 +13,7 @@ import stat
 import time
 import zipfile
 from pathlib import Path
+from urllib.parse import quote
 
 import paramiko
 import pytest
@@ -319,6 +320,14 @@ def test_closed_management_port_fails_the_stage_on_one_line(artifacts, sshd, hos
     assert "deploy failed on host-a" in line and "step inspect" in line and "TorchServe" in line, line
     receipt = json.loads((proj / "reports/deploy.json").read_text())
     assert_failed_at(receipt["targets"][0], "inspect", "cannot connect")
+
+
+def test_allowed_urls_of_the_host_template_refuse_urls(host):
+    """README's host template (which every Host here runs) registers archives by file name, as deploy does (the
+    other tests), and refuses any URL: TorchServe matches allowed_urls against the URL before downloading."""
+    for url in ("http://example.com/x.mar", "https://example.com/x.mar", "file:///etc/hostname"):
+        status, body = host.ts.request("POST", f"{host.ts.management_url}/models?url={quote(url, safe='')}")
+        assert status != 200 and b"does not match any allowed URL" in body, (url, status, body)
 
 
 # ------------------------------------------------------------------------ the host's config.properties
