@@ -37,8 +37,8 @@ COMMANDS = {
                          "on failure)."),
     "serve": ("serve", "Serve models/sem_pcyc.mar on localhost in the foreground (Ctrl-C stops it) and print a "
                        "curl line to try."),
-    "release": ("release", "Release: update data, retrain what changed, gate on quality, deploy, push data, commit "
-                           "and tag."),
+    "release": ("release", "Release: update data, retrain what changed, gate on quality, commit and tag, push data, "
+                           "tag and branch, then deploy."),
     "report": ("report", "Write reports/report.md: diffs against the previous release, curves, retrieval grid, "
                          "serve/deploy summary."),
 }
