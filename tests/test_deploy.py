@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
 import time
 import zipfile
 from pathlib import Path
@@ -22,6 +23,8 @@ from helpers import (
     CLASSES,
     PARAMS,
     PER_CLASS,
+    REPO,
+    VENV_BIN,
     class_files,
     merged,
     ok,
@@ -527,3 +530,25 @@ def test_updated_ts_config_all_other_models_and_extras():
 
 def config_props_text(text: str) -> dict:
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+
+
+def test_systemd_unit_stops_java_with_the_wrapper(tmp_path):
+    """docs/torchserve.service: stopping the foreground wrapper alone leaves Java running (bench/torchserve_stop.py
+    measures it), so the unit stops TorchServe itself and keeps killing the whole control group."""
+    unit = (REPO / "docs/torchserve.service").read_text(encoding="utf-8")
+    settings = {}
+    for line in unit.splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).append(value)
+    assert settings["KillMode"] == ["control-group"]
+    assert "--foreground" in settings["ExecStart"][0].split() and "--stop" in settings["ExecStop"][0].split()
+    assert any(v.startswith("TMPDIR=") for v in settings["Environment"]) and settings["WorkingDirectory"]
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    local = tmp_path / "torchserve.service"  # with an installed torchserve and an existing user
+    local.write_text(unit.replace("/opt/torchserve/bin/torchserve", str(VENV_BIN / "torchserve"))
+                     .replace("=torchserve\n", "=root\n"))
+    proc = subprocess.run([analyze, "verify", str(local)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
