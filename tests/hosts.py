@@ -6,13 +6,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-from helpers import repo_params
+from helpers import REPO, repo_params
 from sempcyc.params import read_mapping
+from sempcyc.serving import parse_properties
 from sempcyc.targets import Target
 from sempcyc.torchserve import TorchServe, free_port, free_worker_port
 
@@ -30,9 +32,10 @@ def wait_port(port: int, deadline: float = 15) -> None:
 
 
 @contextlib.contextmanager
-def start_sshd(d: Path):
+def start_sshd(d: Path, sftp: str = "internal-sftp"):
     """A real OpenSSH sshd on a free 127.0.0.1 port with its own host key, config, pid file and one client key;
-    also writes known_hosts files: the right key, a different (\"changed\") key, and none."""
+    also writes known_hosts files: the right key, a different (\"changed\") key, and none. `sftp` is its SFTP
+    subsystem (`internal-sftp -R`: a read-only one, which refuses every write even to root)."""
     assert Path(SSHD).exists(), "openssh-server is not installed; run scripts/system-deps.sh (make test does)"
     for name in ("host_key", "client_key", "other_key", "other_host_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
@@ -43,7 +46,7 @@ def start_sshd(d: Path):
         f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {d / 'host_key'}", f"PidFile {d / 'sshd.pid'}",
         f"AuthorizedKeysFile {d / 'authorized_keys'}", "UsePAM no", "StrictModes no", "PasswordAuthentication no",
         "KbdInteractiveAuthentication no", "PubkeyAuthentication yes", "PermitRootLogin prohibit-password",
-        "AllowTcpForwarding yes", "Subsystem sftp internal-sftp", "LogLevel ERROR", ""]))
+        "AllowTcpForwarding yes", f"Subsystem sftp {sftp}", "LogLevel ERROR", ""]))
     Path("/run/sshd").mkdir(parents=True, exist_ok=True)
     log = open(d / "sshd.log", "wb")
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT,
@@ -62,22 +65,34 @@ def start_sshd(d: Path):
         log.close()
 
 
-class Host:
-    """A serving host: a model store and a config.properties, TorchServe started with the documented command."""
+def readme_host_config() -> dict[str, str]:
+    """The host config.properties README documents ("Deploying to serving hosts"), key -> value."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```properties\n# /srv/torchserve/config.properties\n(.*?)```", text, re.S)
+    assert block, "README.md lost its host config.properties template"
+    return parse_properties(block.group(1))
 
-    def __init__(self, root: Path, token_auth: bool = False):
+
+class Host:
+    """A serving host: a model store and README's config.properties template (addresses and paths made local,
+    plus `extra` settings), TorchServe started with the documented command."""
+
+    def __init__(self, root: Path, token_auth: bool = False, extra: dict | None = None):
         self.root = root
         self.store = root / "model-store"
         self.store.mkdir(parents=True)
         self.config = root / "config.properties"
-        self.config.write_text("\n".join([
-            f"inference_address=http://127.0.0.1:{free_port()}",
-            f"management_address=http://127.0.0.1:{free_port()}",
-            f"metrics_address=http://127.0.0.1:{free_port()}",
-            f"grpc_inference_port={free_port()}", f"grpc_management_port={free_port()}",
-            f"initial_worker_port={free_worker_port()}", f"initial_distribution_port={free_port()}",
-            f"model_store={self.store}", "enable_model_api=true",
-            f"disable_token_authorization={'false' if token_auth else 'true'}", ""]))
+        props = readme_host_config()
+        assert props["model_store"] == "/srv/torchserve/model-store", props
+        props.update({
+            "inference_address": f"http://127.0.0.1:{free_port()}",
+            "management_address": f"http://127.0.0.1:{free_port()}",
+            "metrics_address": f"http://127.0.0.1:{free_port()}",
+            "grpc_inference_port": free_port(), "grpc_management_port": free_port(),
+            "initial_worker_port": free_worker_port(), "initial_distribution_port": free_port(),
+            "model_store": str(self.store), "disable_token_authorization": "false" if token_auth else "true",
+            **(extra or {})})
+        self.config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         self.token_auth = token_auth
         self.ts: TorchServe | None = None
 
@@ -86,6 +101,7 @@ class Host:
                              token_auth=self.token_auth)
         self.ts.start()
         self.ts.wait_ready(None, 60)
+        wait_port(self.ts.management_port)  # /ping answers on the inference port, which may be bound first
         return self
 
     def stop(self) -> None:

@@ -6,16 +6,34 @@ The host's TorchServe runs from its own config.properties with the documented st
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import stat
+import subprocess
 import time
 import zipfile
 from pathlib import Path
+from urllib.parse import quote
 
+import paramiko
 import pytest
 
-from helpers import CLASSES, PARAMS, PER_CLASS, class_files, merged, ok, run_cli, write_params, write_tar
-from hosts import Host, target_dict
+from helpers import (
+    CLASSES,
+    PARAMS,
+    PER_CLASS,
+    REPO,
+    VENV_BIN,
+    class_files,
+    merged,
+    ok,
+    one_line_error,
+    run_cli,
+    write_params,
+    write_tar,
+)
+from hosts import Host, start_sshd, target_dict
 from sempcyc import archive, deploy
 from sempcyc.params import read_section
 from sempcyc.runtime.search import SketchSearch
@@ -29,7 +47,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> dict:
-    """A tiny trained model + gallery, archived as versions 0.1.0 and 0.2.0, and a broken 0.3.0."""
+    """A tiny trained model + gallery, archived as versions 0.1.0, 0.2.0 and 0.3.0, a broken 0.3.0, and the same
+    model under another name ("other")."""
     root = tmp_path_factory.mktemp("artifacts")
     write_tar(root / "ds.tar", class_files({c: (PER_CLASS, PER_CLASS) for c in CLASSES}))
     write_params(root)
@@ -40,7 +59,7 @@ def artifacts(tmp_path_factory) -> dict:
     ok(root, "train")
     ok(root, "gallery")
     marts = {}
-    for version in ("0.1.0", "0.2.0"):
+    for version in ("0.1.0", "0.2.0", "0.3.0"):
         params = merged(PARAMS, {"release": {"version": version, "model_name": "sem_pcyc"},
                                  "serve": {"top_k": 5, "threads": 1}})
         release, serve = read_section(params, ReleaseSettings), read_section(params, ServeSettings)
@@ -58,10 +77,24 @@ def artifacts(tmp_path_factory) -> dict:
                 data = json.dumps(manifest).encode()
             dst.writestr(item, data)
     marts["broken"] = broken
+    marts["other"] = renamed_model(marts["0.1.0"], root / "mars/other.mar", "other")
     sketch = next((root / "data/dataset/sketches").glob("*/*.png")).read_bytes()
     search = SketchSearch.load(root / "models/sem_pcyc.pt", root / "models/gallery", top_k=5,
                                 max_pixels=16_000_000)
     return {"root": root, "mars": marts, "sketch": sketch, "expected": search.search([sketch])[0], "k": 5}
+
+
+def renamed_model(mar: Path, out: Path, name: str) -> Path:
+    """A copy of `mar` whose manifest names another model: an unrelated model in a host's store."""
+    with zipfile.ZipFile(mar) as src, zipfile.ZipFile(out, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "MAR-INF/MANIFEST.json":
+                manifest = json.loads(data)
+                manifest["model"]["modelName"] = name
+                data = json.dumps(manifest).encode()
+            dst.writestr(item, data)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +117,7 @@ def test_rollout_story(artifacts, sshd, host):
     version again sends nothing; a broken archive rolls back; a restart keeps the new default."""
     mars = artifacts["mars"]
     first = do_deploy(artifacts, host.target(sshd), mars["0.1.0"])
-    assert first["status"] == "deployed", first
+    assert first["status"] == "deployed", json.dumps(first)
     assert first["bytes_sent"] == mars["0.1.0"].stat().st_size
     assert host.default() == "0.1.0" and host.predict(artifacts["sketch"]) == 200
 
@@ -205,6 +238,190 @@ def test_unreachable_port_fails_fast(artifacts, sshd, host):
         silent.close()
 
 
+# ----------------------------------------------------------------------- broken hosts: a failed step, never a traceback
+
+def assert_failed_at(receipt: dict, step: str, *words: str) -> None:
+    assert receipt["status"] == "failed" and receipt["failed_step"] == step, json.dumps(receipt)
+    line = receipt["error"]
+    assert "\n" not in line and "host-a (127.0.0.1:" in line and f"step {step}" in line, line
+    for word in words:
+        assert word in line, line
+
+
+def host_state(h: Host) -> tuple:
+    return h.default(), h.versions(), sorted(p.name for p in h.store.iterdir())
+
+
+def silent_port(stack) -> int:
+    """A port that accepts connections and never answers (a hung server)."""
+    sock = socket.socket()
+    stack.append(sock)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("inference", ["closed", "hung"])
+def test_unreachable_inference_api_after_registration_rolls_back(artifacts, sshd, host, inference):
+    """The new version registers, then the smoke query cannot reach TorchServe: through the SSH channel a closed
+    port is paramiko's ChannelException, a hung one a socket timeout. Either way the version is unregistered, its
+    archive removed, the previous default untouched, and the receipt names the host and the step."""
+    before = host_state(host)
+    sockets = []
+    try:
+        port = free_port() if inference == "closed" else silent_port(sockets)
+        target = host.target(sshd, inference_url=f"http://127.0.0.1:{port}", request_timeout=3)
+        receipt = do_deploy(artifacts, target, artifacts["mars"]["0.3.0"])
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert_failed_at(receipt, "smoke")
+    assert receipt.get("rolled_back") is True and "registered" in receipt["timings"], receipt
+    assert host_state(host) == before
+
+
+def test_socket_timeout_in_a_remote_command_is_a_failed_step(artifacts, sshd, host, monkeypatch):
+    """A socket timeout outside the HTTP calls (here: the checksum command after the upload)."""
+    before = host_state(host)
+    real_run = deploy.HostSession.run
+
+    def hangs(self, command, check=True):
+        if ".partial-" in command:
+            raise TimeoutError("timed out")
+        return real_run(self, command, check)
+    monkeypatch.setattr(deploy.HostSession, "run", hangs)
+    receipt = do_deploy(artifacts, host.target(sshd), artifacts["mars"]["broken"])
+    assert_failed_at(receipt, "verify", "TimeoutError", "timed out")
+    assert host_state(host) == before  # the partial upload is removed, nothing registered
+
+
+def test_read_only_model_store_fails_the_upload_step(artifacts, host, tmp_path):
+    """A model store the SSH user may not write to. As root no file mode stops a write, so the refusal comes from
+    the SSH server itself: OpenSSH's read-only SFTP (`internal-sftp -R`) answers SSH2_FX_PERMISSION_DENIED, which
+    paramiko raises as PermissionError from sftp.put, as it would for a store without write permission."""
+    before = host_state(host)
+    with start_sshd(tmp_path, sftp="internal-sftp -R") as read_only:
+        receipt = do_deploy(artifacts, host.target(read_only), artifacts["mars"]["broken"])
+    assert_failed_at(receipt, "upload", "Permission denied", str(host.store))
+    assert receipt["bytes_sent"] == 0
+    assert host_state(host) == before
+
+
+def test_model_store_that_is_a_file_is_refused(artifacts, sshd, host, tmp_path):
+    not_a_folder = tmp_path / "model-store"
+    not_a_folder.write_text("")
+    receipt = do_deploy(artifacts, host.target(sshd, model_store=str(not_a_folder)), artifacts["mars"]["0.1.0"])
+    assert_failed_at(receipt, "inspect", "not a folder", str(not_a_folder))
+    assert not_a_folder.read_text() == ""
+
+
+def test_closed_management_port_fails_the_stage_on_one_line(artifacts, sshd, host, tmp_path):
+    targets = [target_dict(host, sshd, name="host-a", management_url=f"http://127.0.0.1:{free_port()}")]
+    proj = stage_project(artifacts, tmp_path, targets)
+    proc = run_cli("deploy", "--mar", "release.mar", cwd=proj, check=False)
+    line = one_line_error(proc.returncode, proc.stderr, "deploy")
+    assert "deploy failed on host-a" in line and "step inspect" in line and "TorchServe" in line, line
+    receipt = json.loads((proj / "reports/deploy.json").read_text())
+    assert_failed_at(receipt["targets"][0], "inspect", "cannot connect")
+
+
+def test_allowed_urls_of_the_host_template_refuse_urls(host):
+    """README's host template (which every Host here runs) registers archives by file name, as deploy does (the
+    other tests), and refuses any URL: TorchServe matches allowed_urls against the URL before downloading."""
+    for url in ("http://example.com/x.mar", "https://example.com/x.mar", "file:///etc/hostname"):
+        status, body = host.ts.request("POST", f"{host.ts.management_url}/models?url={quote(url, safe='')}")
+        assert status != 200 and b"does not match any allowed URL" in body, (url, status, body)
+
+
+# ------------------------------------------------------------------------ the host's config.properties
+
+def config_props(path: Path) -> dict:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and line[0] != "#")
+
+
+def test_stale_config_is_fixed_when_the_version_is_already_live(artifacts, sshd, tmp_path, monkeypatch):
+    """A deploy that stops after set-default (the connection drops while the config is written) leaves the new
+    version serving and the config naming the old one first; the next deploy finds the version already live and
+    still fixes the config, keeping its mode and owner, so a restart serves the new default."""
+    h = Host(tmp_path / "host").start()
+    try:
+        assert do_deploy(artifacts, h.target(sshd), artifacts["mars"]["0.1.0"])["status"] == "deployed"
+
+        def dropped(self, path, text):
+            raise EOFError()
+        with monkeypatch.context() as patch:
+            patch.setattr(deploy.HostSession, "write_text_atomic", dropped)
+            broken = do_deploy(artifacts, h.target(sshd), artifacts["mars"]["0.2.0"])
+        assert_failed_at(broken, "config", "EOFError")
+        assert "rolled_back" not in broken and h.default() == "0.2.0"
+        assert config_props(h.config)["load_models"].startswith("sem_pcyc-0.1.0.mar")  # stale
+        os.chmod(h.config, 0o640)
+        os.chown(h.config, 1234, 1234)
+
+        again = do_deploy(artifacts, h.target(sshd), artifacts["mars"]["0.2.0"])
+        assert again["status"] == "already live" and again["bytes_sent"] == 0, again
+        assert again["config_rewritten"] is True and again["versions_kept"] == ["0.1.0", "0.2.0"]
+        assert config_props(h.config)["load_models"] == "sem_pcyc-0.2.0.mar,sem_pcyc-0.1.0.mar"
+        info = h.config.stat()
+        assert (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == (0o640, 1234, 1234)
+        assert do_deploy(artifacts, h.target(sshd), artifacts["mars"]["0.2.0"])["config_rewritten"] is False
+        h.restart()
+        assert h.default() == "0.2.0" and h.versions() == ["0.1.0", "0.2.0"]
+    finally:
+        h.stop()
+
+
+def test_config_rewrite_keeps_mode_and_owner_or_writes_in_place(sshd, host, tmp_path, monkeypatch):
+    config = tmp_path / "config.properties"
+    config.write_text("a=1\n")
+    os.chmod(config, 0o604)
+    os.chown(config, 4321, 4322)
+    session = deploy.HostSession(host.target(sshd, ts_config=str(config))).connect()
+    try:
+        session.write_text_atomic(str(config), "a=2\n")
+        info = config.stat()
+        assert (config.read_text(), stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == ("a=2\n", 0o604, 4321,
+                                                                                              4322)
+        # an SSH user who may not give the file its owner (not root) rewrites it in place: same inode and owner
+
+        def refused(*args):
+            raise PermissionError(13, "Permission denied")
+        monkeypatch.setattr(paramiko.SFTPClient, "chown", refused)
+        session.write_text_atomic(str(config), "a=3\n")
+        after = config.stat()
+        assert (config.read_text(), after.st_ino, after.st_uid, stat.S_IMODE(after.st_mode)) == \
+            ("a=3\n", info.st_ino, 4321, 0o604)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["config.properties"]
+    finally:
+        session.close()
+
+
+def test_load_models_all_keeps_every_model_and_the_default_first(artifacts, sshd, tmp_path):
+    """load_models=ALL loads the model store in directory order and makes the first version loaded the default
+    (measured here): deploy turns ALL into that list with the default first, other models included."""
+    h = Host(tmp_path / "host", extra={"load_models": "ALL"})
+    shutil.copy(artifacts["mars"]["other"], h.store / "other.mar")
+    h.start()
+    try:
+        for version in ("0.1.0", "0.2.0"):
+            assert do_deploy(artifacts, h.target(sshd), artifacts["mars"][version])["status"] == "deployed"
+        written = h.config.read_text()
+        assert deploy.ALL_MARKER in written.splitlines()
+        assert config_props(h.config)["load_models"] == "sem_pcyc-0.2.0.mar,sem_pcyc-0.1.0.mar,other.mar"
+        h.restart()
+        assert h.default() == "0.2.0" and h.versions() == ["0.1.0", "0.2.0"]
+        assert h.ts.request("GET", f"{h.ts.management_url}/models/other")[0] == 200
+
+        # what plain ALL would have done: the first of our archives in directory order (readdir, as os.listdir)
+        h.config.write_text(written.replace(config_props(h.config)["load_models"], "ALL"))
+        first = next(n for n in os.listdir(h.store) if n.startswith("sem_pcyc-"))
+        h.restart()
+        print(f"\nload_models=ALL, directory order {os.listdir(h.store)}: default {h.default()}")
+        assert h.default() == deploy.mar_version(h.store / first)
+    finally:
+        h.stop()
+
+
 # ----------------------------------------------------------------------------------- the stage, several hosts
 
 def stage_project(artifacts, tmp_path: Path, targets: list[dict]) -> Path:
@@ -289,3 +506,49 @@ def test_updated_ts_config_keeps_other_settings():
     assert models["other"]["1.0"]["marName"] == "other.mar"
     assert models["sem_pcyc"]["0.2.0"]["defaultVersion"] is True
     assert models["sem_pcyc"]["0.1.0"]["defaultVersion"] is False
+
+
+def test_updated_ts_config_all_other_models_and_extras():
+    store = ["zeta.mar", "sem_pcyc-0.1.0.mar", "models-dir", "sem_pcyc-extra-1.0.mar"]
+    text = ("# host\nload_models=ALL\nmodels={\"sem_pcyc\": {\"0.1.0\": {\"batchSize\": 4}}, "
+            "\"zeta\": {\"2\": {}}}\n")
+    out = deploy.updated_ts_config(text, "sem_pcyc", ["0.1.0", "0.2.0"], "0.2.0", 1, store)
+    props = config_props_text(out)
+    assert props["load_models"] == "sem_pcyc-0.2.0.mar,sem_pcyc-0.1.0.mar,zeta.mar,models-dir,sem_pcyc-extra-1.0.mar"
+    assert out.splitlines()[1] == deploy.ALL_MARKER and out.startswith("# host\n")
+    models = json.loads(props["models"])
+    assert models["zeta"] == {"2": {}} and models["sem_pcyc"]["0.1.0"]["batchSize"] == 4
+    # idempotent, and the marker keeps listing the store at the next deploy
+    assert deploy.updated_ts_config(out, "sem_pcyc", ["0.1.0", "0.2.0"], "0.2.0", 1, store) == out
+    later = deploy.updated_ts_config(out, "sem_pcyc", ["0.2.0", "0.3.0"], "0.3.0", 1, store + ["new.mar"])
+    assert config_props_text(later)["load_models"].endswith(",new.mar") and later.count(deploy.ALL_MARKER) == 1
+    # a plain list keeps other models' entries where and as they were (their first is their default)
+    listed = "load_models=b-2.mar,sem_pcyc-0.1.0.mar,b-1.mar,sem_pcyc=x/sem_pcyc-0.0.9.mar,c=c.mar\n"
+    out = deploy.updated_ts_config(listed, "sem_pcyc", ["0.2.0"], "0.2.0", 1, store)
+    assert config_props_text(out)["load_models"] == "sem_pcyc-0.2.0.mar,b-2.mar,b-1.mar,c=c.mar"
+
+
+def config_props_text(text: str) -> dict:
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+
+
+def test_systemd_unit_stops_java_with_the_wrapper(tmp_path):
+    """docs/torchserve.service: stopping the foreground wrapper alone leaves Java running (bench/torchserve_stop.py
+    measures it), so the unit stops TorchServe itself and keeps killing the whole control group."""
+    unit = (REPO / "docs/torchserve.service").read_text(encoding="utf-8")
+    settings = {}
+    for line in unit.splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).append(value)
+    assert settings["KillMode"] == ["control-group"]
+    assert "--foreground" in settings["ExecStart"][0].split() and "--stop" in settings["ExecStop"][0].split()
+    assert any(v.startswith("TMPDIR=") for v in settings["Environment"]) and settings["WorkingDirectory"]
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    local = tmp_path / "torchserve.service"  # with an installed torchserve and an existing user
+    local.write_text(unit.replace("/opt/torchserve/bin/torchserve", str(VENV_BIN / "torchserve"))
+                     .replace("=torchserve\n", "=root\n"))
+    proc = subprocess.run([analyze, "verify", str(local)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr

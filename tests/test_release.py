@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import threading
 import time
@@ -46,7 +47,7 @@ from helpers import (
 )
 from hosts import Host, target_dict, wait_port
 from sempcyc.errors import UserError
-from sempcyc.release import next_version, quality_gate, real_changes, set_release_version
+from sempcyc.release import gate_note, next_version, quality_gate, real_changes, set_release_version
 from sempcyc.runtime.search import SketchSearch
 from sempcyc.serving import same_ranking
 from sempcyc.split import hash_unit
@@ -402,7 +403,10 @@ def test_release_story(base, env, registry, origin, project, host):
     log = second.stdout + second.stderr
     # zero-shot: the new classes are served without retraining
     assert not {"features", "train"} & ran(log), sorted(ran(log))
-    assert {"extract", "prepare", "gallery", "archive", "serve-check", "deploy"} <= ran(log), sorted(ran(log))
+    assert {"extract", "prepare", "gallery", "archive", "serve-check"} <= ran(log), sorted(ran(log))
+    # deployed after the publication, by the deploy stage's own command (dvc.lock stays the published one)
+    assert "deploy: host-a: deployed" in log and log.index("pushed main and sem-pcyc@v0.2.0") < \
+        log.index("deploy: host-a: deployed"), log[-3000:]
     assert lock_stage_out(v1_lock, "train", "models/sem_pcyc.pt") == lock_stage_out(v2_lock, "train",
                                                                                      "models/sem_pcyc.pt")
     assert lock_stage_out(v1_lock, "features", "models/features") == lock_stage_out(v2_lock, "features",
@@ -503,17 +507,39 @@ def test_second_release_at_once_stops(base, env, origin):
     assert set(git(proj, env, "tag", "--list").split()) == set(tags_before)
 
 
+def next_commit(proj: Path, env: dict) -> None:
+    """A new commit to release: a release is made from a commit, and a published release at HEAD with the same
+    data is only (re)deployed."""
+    git(proj, env, "commit", "-q", "--allow-empty", "-m", "next release")
+
+
+def without_venv(env: dict) -> dict:
+    """The environment of a shell where the venv is not activated: its bin/ is not on PATH."""
+    path = [p for p in env["PATH"].split(os.pathsep) if p and Path(p).resolve() != VENV_BIN.resolve()]
+    bare = dict(env, PATH=os.pathsep.join(path))
+    assert shutil.which("sempcyc", path=bare["PATH"]) is None
+    return bare
+
+
 @pytest.mark.integration
 def test_two_checkouts_releasing_at_once_never_share_a_version(base, env, origin):
     """Two runners (the workflow's concurrency group is per repository, a person may run the script locally)
     check out the same commit: the first publishes the next version; the second finds origin ahead of it and
-    stops with a clear line before doing any work, so origin never has one version twice or a tag moved."""
+    stops with a clear line before doing any work, so origin never has one version twice or a tag moved.
+    The first runs `.venv/bin/sempcyc release` itself, without the venv on PATH: the stage commands DVC runs
+    (`sempcyc <stage>`) must still be found."""
     a = clone(base, env, origin, "race-a")
     b = clone(base, env, origin, "race-b")
+    for proj in (a, b):
+        next_commit(proj, env)
     tags_before = remote_tags(origin, env)
-    won, took = release(a, env, RELEASE_BUMP="minor", RELEASE_DEPLOY="false", RELEASE_OVERRIDE_GATE="true")
-    print(f"\nrelease from checkout A: {took:.1f} s")
+    dvc(a, env, "cache", "dir", "--local", env["SEM_PCYC_DVC_CACHE"])  # what scripts/release.sh does first
+    started = time.perf_counter()
+    won = run([str(a / ".venv/bin/sempcyc"), "release", "--bump", "minor", "--no-deploy", "--override-gate"], a,
+              without_venv(env), check=False, timeout=RELEASE_TIMEOUT)
+    print(f"\nrelease from checkout A: {time.perf_counter() - started:.1f} s")
     assert won.returncode == 0, show(won)
+    assert "command not found" not in won.stderr
     new = sorted(set(remote_tags(origin, env)) - set(tags_before))
     assert len(new) == 1, new
     winner = remote_tags(origin, env)[new[0]]
@@ -524,37 +550,73 @@ def test_two_checkouts_releasing_at_once_never_share_a_version(base, env, origin
     assert origin_head(origin, env) == winner
 
 
+def tag_message(origin: Path, env: dict, tag: str) -> str:
+    return git(origin, env, "for-each-ref", f"refs/tags/{tag}", "--format=%(contents)")
+
+
 @pytest.mark.integration
-def test_failed_dvc_push_publishes_nothing_and_a_rerun_finishes(base, env, origin, moto):
+def test_release_deploys_only_what_is_published_and_reruns_finish_the_job(base, env, origin, moto, host):
+    """build -> gate -> commit+tag -> dvc push -> git push -> deploy. A failed dvc push, then a rejected git push,
+    leave origin and the host as they were; a deploy failure after the publication leaves the release published
+    and says so; each rerun of the same command takes the job one step further, the last one only deploys."""
     proj = clone(base, env, origin, "push-fails")
-    tags_before = remote_tags(origin, env)
-    head_before = origin_head(origin, env)
+    next_commit(proj, env)
+    tags_before, head_before, default_before = remote_tags(origin, env), origin_head(origin, env), host.default()
+    inputs = {"RELEASE_BUMP": "patch", "RELEASE_DEPLOY": "true", "RELEASE_OVERRIDE_GATE": "true"}
     proxy = S3Proxy(moto["port"])
+    hook = origin / "hooks" / "pre-receive"
     try:
-        # this checkout's remote goes through a proxy that refuses writes: the bucket check passes, dvc push fails
+        # 1. this checkout's remote goes through a proxy that refuses writes: the bucket check passes, dvc push fails
         dvc(proj, env, "remote", "modify", "--local", "storage", "endpointurl", f"http://127.0.0.1:{proxy.port}")
-        failed, took = release(proj, env, RELEASE_BUMP="patch", RELEASE_DEPLOY="false", RELEASE_OVERRIDE_GATE="true")
+        failed, took = release(proj, env, **inputs)
         print(f"\nrelease with a failing dvc push: {took:.1f} s")
-        assert failed.returncode != 0, show(failed)
-        assert "Traceback" not in failed.stderr, show(failed)
-        assert remote_tags(origin, env) == tags_before
-        assert origin_head(origin, env) == head_before
+        assert failed.returncode != 0 and "Traceback" not in failed.stderr, show(failed)
+        assert (remote_tags(origin, env), origin_head(origin, env)) == (tags_before, head_before)
+        assert host.default() == default_before  # nothing deployed before the data is on the remote
         # ... and the data the release made is indeed not in the remote (the checks assert_published makes can fail)
         assert json.loads(dvc(proj, env, "status", "--cloud", "--json").stdout or "{}")
         not_in_remote = dvc(proj, env, "data", "status", "--not-in-remote", "--json").stdout
         assert json.loads(not_in_remote).get("not_in_remote"), not_in_remote
-        # fixed: the remote takes writes again; the same command finishes the job
+        verdict = re.search(r"quality gate (passed|OVERRIDDEN): .*", failed.stdout).group(0)
+
+        # 2. the remote takes writes again, but origin refuses the git push: still nothing deployed
         proxy.fail_writes = False
-        again, took = release(proj, env, RELEASE_BUMP="patch", RELEASE_DEPLOY="false", RELEASE_OVERRIDE_GATE="true")
-        print(f"rerun after fixing the remote: {took:.1f} s")
+        hook.write_text("#!/bin/sh\necho 'refused by a hook' >&2\nexit 1\n")
+        hook.chmod(hook.stat().st_mode | stat.S_IXUSR)
+        rejected, _ = release(proj, env, **inputs)
+        assert "finishing its publication" in rejected.stdout, show(rejected)
+        one_error_line(rejected, "git push", "nothing deployed", "rerun")
+        assert (remote_tags(origin, env), origin_head(origin, env)) == (tags_before, head_before)
+        assert host.default() == default_before
+        hook.unlink()
+
+        # 3. published, but TorchServe is down on the host: the release says so and exits non-zero
+        host.stop()
+        try:
+            half, _ = release(proj, env, **inputs)
+        finally:
+            host.start()
+        one_error_line(half, "is released", "deploy failed", "rerun")
+        tag = json.loads((proj / "reports/release.json").read_text())["tag"]
+        assert json.loads((proj / "reports/release.json").read_text())["deploy"] == "failed"
+        receipt = json.loads((proj / "reports/deploy.json").read_text())["targets"][0]
+        assert receipt["status"] == "failed" and receipt["failed_step"] == "inspect", receipt
+        assert_published(proj, env, origin, tag)
+        assert verdict in tag_message(origin, env, tag)  # an override stays on record
+        assert host.default() == default_before
+
+        # 4. the same command again: the release at HEAD is published and nothing changed, so it only deploys
+        again, took = release(proj, env, **inputs)
+        print(f"rerun that finishes the deploy: {took:.1f} s")
         assert again.returncode == 0, show(again)
+        assert "finishing its deploy" in again.stdout and "Running stage" not in again.stdout, show(again)
     finally:
         proxy.close()
+        hook.unlink(missing_ok=True)
+    assert remote_tags(origin, env) == dict(tags_before, **{tag: remote_tags(origin, env)[tag]})
+    assert host.default() == tag.split("@v")[1]
     dvc(proj, env, "remote", "modify", "--local", "storage", "--unset", "endpointurl")
-    tags = remote_tags(origin, env)
-    new = sorted(set(tags) - set(tags_before))
-    assert len(new) == 1, (tags_before, tags)
-    assert_published(proj, env, origin, new[0])
+    assert_published(proj, env, origin, tag)
 
 
 # ----------------------------------------------------------------------------------------- release.py's core (unit)
@@ -666,6 +728,12 @@ def test_quality_gate_against_a_release_from_before_the_seen_side():
     older = {"zero_shot": {"sem_pcyc": {"map_all": 0.35}, "pretrained": {"map_all": 0.2}}}
     assert quality_gate(metrics(0.36, 0.2), older, 0.02)[0] is True
     assert quality_gate(metrics(0.30, 0.2), older, 0.02)[0] is False
+
+
+def test_gate_note_records_an_override():
+    assert gate_note(False, "unseen mAP@all 0.1 is below the baseline 0.2") == \
+        "quality gate OVERRIDDEN: unseen mAP@all 0.1 is below the baseline 0.2"
+    assert gate_note(True, "unseen mAP@all 0.3").startswith("quality gate passed: ")
 
 
 def test_quality_gate_tolerance_edges():

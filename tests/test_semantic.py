@@ -96,6 +96,56 @@ def test_minilm_thread_count_restored(minilm):
     assert torch.get_num_threads() == before
 
 
+# Another CPU on this one: PyTorch's own kernels, MKL's and oneDNN's without AVX-512/AVX2, as on an older machine.
+# With float32 encodings these settings changed every row in the last bits (up to 1.6e-7).
+OLDER_CPU = {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "DNNL_MAX_CPU_ISA": "SSE41"}
+ENCODE = """import sys, torch
+from sempcyc import semantic
+torch.set_num_threads(int(sys.argv[1]))
+settings = semantic.Settings(backend="minilm", word2vec_path=None, word2vec_binary=None, synonyms_path=None)
+vectors, _ = semantic.compute(sys.argv[2:], settings, progress=False)
+sys.stdout.buffer.write(vectors.tobytes())
+"""
+STABLE_NAMES = ["apple", "teddy_bear", "hot air balloon", "pickup_truck", "aeroplane", "cat", "dog", "guitar",
+                "sea turtle", "alarm clock", "wine glass", "banana"]
+
+
+def test_minilm_vectors_are_the_same_bytes_on_other_cpus_and_thread_counts():
+    """Two processes, one with 2 torch threads and this CPU's kernels, one with 1 thread and an older CPU's."""
+    outputs = []
+    for threads, extra in ((2, {}), (1, OLDER_CPU)):
+        proc = subprocess.run([sys.executable, "-c", ENCODE, str(threads), *STABLE_NAMES],
+                              env=dict(os.environ, **extra), capture_output=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+        outputs.append(proc.stdout)
+    assert len(outputs[0]) == len(STABLE_NAMES) * 384 * 4
+    assert outputs[0] == outputs[1]
+
+
+def test_stable_vectors_keep_the_class_similarities(minilm):
+    """The float64 encoding snapped to the grid against plain float32 encoding: cosine similarities between
+    classes move by far less than 1e-3."""
+    stable, _ = semantic.compute(STABLE_NAMES, settings(), model=minilm)
+    plain = semantic.load_minilm()  # float32, as loaded
+    texts = [semantic.class_text(n) for n in STABLE_NAMES]
+    reference = np.stack([plain.encode([t], convert_to_numpy=True, normalize_embeddings=True)[0] for t in texts])
+    moved = np.abs(stable.astype(np.float64) @ stable.T - reference.astype(np.float64) @ reference.T).max()
+    print(f"\nlargest change of a class-to-class cosine similarity: {moved:.2e}")
+    assert moved < 1e-3
+    np.testing.assert_allclose(np.linalg.norm(stable.astype(np.float64), axis=1), 1.0, atol=1e-6)
+
+
+def test_stable_rows_ignore_the_last_bits():
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(20, 384))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    noisy = vectors * (1 + rng.uniform(-1e-15, 1e-15, vectors.shape))
+    assert not np.array_equal(noisy, vectors)
+    stable = semantic.stable_rows(vectors)
+    assert stable.dtype == np.float32 and stable.tobytes() == semantic.stable_rows(noisy).tobytes()
+    assert np.abs(stable - vectors).max() < 1e-6
+
+
 def test_build_writes_outputs_and_added_class_keeps_rows(tmp_path, minilm):
     index = write_index(tmp_path / "dataset.json", ["dog", "cat", "red_apple"])
     out = tmp_path / "semantic"

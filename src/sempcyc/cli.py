@@ -41,8 +41,8 @@ COMMANDS = {
                        "line to try and the sketch page."),
     "ui": ("ui", "The sketch page against a running TorchServe (--inference-url, e.g. a deployed host through an "
                  "SSH tunnel)."),
-    "release": ("release", "Release: update data, retrain what changed, gate on quality, deploy, push data, commit "
-                           "and tag."),
+    "release": ("release", "Release: update data, retrain what changed, gate on quality, commit and tag, push data, "
+                           "tag and branch, then deploy."),
     "report": ("report", "Write reports/report.md: diffs against the previous release, curves, retrieval grid, "
                          "serve/deploy summary."),
 }

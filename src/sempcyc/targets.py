@@ -43,6 +43,7 @@ class Target:
     remote_key_file: str | None = setting()    # the host's TorchServe key_file.json, read over SSH if set
     passphrase_env: str = setting()
     connect_timeout: float = setting(above=0.0)
+    request_timeout: float = setting(above=0.0)  # one API call or remote command (registration loads workers)
 
 
 def parse_targets(settings: DeploySettings, model_name: str) -> list[Target]:
