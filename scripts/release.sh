@@ -5,7 +5,7 @@
 # SEM_PCYC_DVC_CACHE (cache folder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SEM_PCYC_ICONIFY=skip bash scripts/setup.sh   # a release never builds the cross-artist set: no npm fetch
+SEM_PCYC_ICONIFY=skip bash scripts/setup.sh   # a release never builds the cross-artist set: skip the Iconify download
 export PATH="$PWD/.venv/bin:$PATH" DVC_NO_ANALYTICS=1
 
 if [ -n "${SEM_PCYC_DVC_CACHE:-}" ]; then

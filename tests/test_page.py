@@ -161,7 +161,7 @@ def pick_drawable(search: SketchSearch) -> tuple[str, list[int]]:
         for i in range(PER_CLASS):
             box = sketch_box(sketch_seed(cls, i))
             answer = search.search([canvas_like(box)])[0]
-            if answer[0]["class"] == cls and answer[1]["class"] == cls:
+            if answer[0]["class"] == cls:
                 return cls, box
     raise AssertionError("no class sketch of the tiny model is found first when drawn at canvas scale")
 
@@ -409,7 +409,7 @@ def test_draw_a_class_sketch_finds_that_class(tab: SketchPage, built: Built, ts)
     sent = tab.searches[0].post_data_buffer
     assert Image.open(io.BytesIO(sent)).size == (CANVAS, CANVAS)
     assert tab.grid() == ranked(built.offline[V1].search([sent])[0])
-    assert [c for _, c in tab.grid()[:2]] == [cls, cls], (cls, tab.grid())
+    assert tab.grid()[0][1] == cls, (cls, tab.grid())
     assert tab.page.locator("#col-a .grid img").count() == TOP_K  # every thumbnail came from the archive
     tab.page.wait_for_function("() => [...document.querySelectorAll('#col-a img')].every(i => i.complete "
                                "&& i.naturalWidth === 64)")

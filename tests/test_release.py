@@ -339,6 +339,8 @@ def release_through_gate(proj: Path, env: dict, origin: Path, host: Host, **extr
     assert "params.yaml" in git(proj, env, "status", "--porcelain", "--untracked-files=no")
     rerun, took2 = release(proj, env, **extra, RELEASE_OVERRIDE_GATE="true")
     assert "continuing after an unfinished release" in rerun.stdout, show(rerun)
+    # the stages ran in the stopped release (the rerun finds them cached): keep its log for `ran()`
+    rerun.stdout, rerun.stderr = proc.stdout + rerun.stdout, proc.stderr + rerun.stderr
     return rerun, took2, f"gate stopped it in {took:.1f} s, rerun with override_gate"
 
 
