@@ -48,11 +48,10 @@ from sempcyc.runtime.model import train_step  # noqa: E402
 from sempcyc.shards import load_train_shard  # noqa: E402
 
 TRAIN_DIR = ROOT / "data" / "prepared" / "train"
-SNAPSHOT = ROOT / "bench" / "out" / "features-ft2"  # bench/ablation.py's copy of models/features
 
 
 def default_features() -> Path:
-    return SNAPSHOT if (SNAPSHOT / "extractors.pt").exists() else ROOT / "models" / "features"
+    return ROOT / "models" / "features"
 
 
 def cached_rate(s: train.TrainRun, data: dict, steps: int) -> float:
@@ -140,8 +139,7 @@ def measure(args, s: train.TrainRun, data: dict, features_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--features", default=None, help="features stage output (default: bench/out/features-ft2 if "
-                    "bench/ablation.py made it, else models/features)")
+    ap.add_argument("--features", default=None, help="features stage output (default: models/features)")
     ap.add_argument("--batch-size", type=int, default=128, help="pairs per step, both paths (default: %(default)s)")
     ap.add_argument("--cached-steps", type=int, default=20,
                     help="timed steps on cached features (default: %(default)s)")
