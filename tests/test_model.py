@@ -197,15 +197,16 @@ def test_code_loss_pulls_embeddings_to_their_class_code():
 
 
 def test_embed_skip_mixes_input_and_generator_distances():
-    """With skip w, squared distances are (width) * (w |dx|^2 + (1 - w) |dg|^2) over unit-length x and g."""
+    """With skip w, squared distances are w |dx|^2 + (1 - w) |dg|^2 over unit-length x and g."""
     m = make_model(embed_skip=0.3).eval()
     a, b, _, _ = make_batch()
     ea, eb = m.embed_sketch(a), m.embed_image(b)
     assert ea.shape == (BATCH, FEAT + DIM)
     ua, ub = F.normalize(a, dim=1), F.normalize(b, dim=1)
     ga, gb = F.normalize(m.gen_sk2se(a), dim=1), F.normalize(m.gen_im2se(b), dim=1)
-    want = (FEAT + DIM) * (0.3 * ((ua - ub) ** 2).sum(1) + 0.7 * ((ga - gb) ** 2).sum(1))
+    want = 0.3 * ((ua - ub) ** 2).sum(1) + 0.7 * ((ga - gb) ** 2).sum(1)
     assert torch.allclose(((ea - eb) ** 2).sum(1), want, rtol=1e-4)
+    assert torch.allclose(ea.norm(dim=1), torch.ones(BATCH))  # served scores exp(-d) stay in [exp(-2), 1]
     assert torch.equal(make_model(embed_skip=0.0).eval().embed_sketch(a), make_model().eval().gen_sk2se(a))
 
 
