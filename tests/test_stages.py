@@ -36,6 +36,7 @@ from helpers import (
     write_params,
     write_tar,
 )
+from sempcyc import gallery as gallery_mod
 from sempcyc import train as train_mod
 from sempcyc.runtime import imaging
 from sempcyc.runtime.backbones import build_backbone
@@ -424,6 +425,21 @@ def test_gallery_cache_embeds_only_new_images(trained: Path, tmp_path: Path):
     assert gallery(tmp_path / "other.pt", tmp_path / "ds2", tmp_path / "ds2.json") == (n + PER_CLASS, 0)
     assert not np.allclose(np.load(tmp_path / "gallery/embeddings.npy"), before)
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+
+
+def test_gallery_cache_is_not_reused_when_the_embedding_code_changes(trained: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch):
+    """Same model bytes, other runtime code (e.g. a new embedding layout): every image is embedded again."""
+    write_params(tmp_path)
+    argv = ["gallery", "--model", trained / "models/sem_pcyc.pt", "--dataset", trained / "data/dataset",
+            "--index", trained / "data/dataset.json", "--out", "gallery", "--cache", "cache"]
+    n = len(CLASSES) * PER_CLASS
+    assert gallery_counts(ok(tmp_path, *argv)) == (n, 0)
+    runtime = tmp_path / "runtime"
+    shutil.copytree(gallery_mod.RUNTIME_DIR, runtime)
+    (runtime / "model.py").write_text((runtime / "model.py").read_text() + "\n# changed\n")
+    monkeypatch.setattr(gallery_mod, "RUNTIME_DIR", runtime)
+    assert gallery_counts(ok(tmp_path, *argv)) == (n, 0)
 
 
 def test_gallery_thumbnails(trained: Path, tmp_path: Path):

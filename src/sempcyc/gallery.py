@@ -11,6 +11,7 @@ them (the handler never reads them) and the page server serves them from there.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import time
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from .params import setting
 from .runtime import imaging
 from .runtime.encoder import Encoder
 from .shards import load_json
+
+RUNTIME_DIR = Path(__file__).resolve().parent / "runtime"
 
 THUMB_FORMAT, THUMB_QUALITY = "webp", 70  # 64-px WebP at q70: ~400 bytes a demo photo (JPEG q80: ~880)
 
@@ -49,8 +52,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", default="models/gallery-cache", help="embedding cache (default: %(default)s)")
 
 
+def embedding_key(model_sha: str) -> str:
+    """What an embedding depends on besides the image: the model's bytes and the runtime code that computes it
+    (a code change with the same model, e.g. a new embedding layout, must not reuse old embeddings)."""
+    h = hashlib.sha256(model_sha.encode())
+    for name in ("imaging.py", "backbones.py", "model.py", "encoder.py"):
+        h.update((RUNTIME_DIR / name).read_bytes())
+    return h.hexdigest()
+
+
 class EmbeddingCache:
-    """image sha256 -> embedding, for one model (the file name carries the model's hash)."""
+    """image sha256 -> embedding, for one model and runtime code (the file name carries embedding_key)."""
 
     def __init__(self, folder: Path, model_sha: str):
         self.folder, self.model_sha = folder, model_sha
@@ -93,7 +105,7 @@ def build_gallery(model_path: Path, dataset: Path, index: dict, out: Path, cache
     """Embed the images the cache lacks and write `out`: (gallery items, images embedded now)."""
     model_sha = sha256_file(model_path)
     enc = Encoder.load(model_path)
-    cache = EmbeddingCache(cache_dir, model_sha)
+    cache = EmbeddingCache(cache_dir, embedding_key(model_sha))
     items = [(c, f) for c in index["classes"] for f in index["files"]["images"].get(c, [])]
     hashes, todo = [], []
     for cls, fname in items:
