@@ -11,7 +11,8 @@ changed; `shuffled` variants permute the class vectors among the training classe
 
 Usage (a project folder whose data/prepared/ was made by `dvc repro prepare`, e.g. on the cross-artist tar):
   python bench/quality.py --project DIR [--seeds 0,1,2] [--only default,original] [--budget-min 30]
-Writes bench/out/quality/<dataset>/results.json and prints a Markdown table.
+Writes bench/out/quality/<dataset>/results-<code>.json (runs are reused only for the same variants and training
+code) and prints a Markdown table.
 """
 from __future__ import annotations
 
@@ -161,7 +162,10 @@ def main() -> None:
     out = OUT / dataset_key(args.project)
     out.mkdir(parents=True, exist_ok=True)
     cache_features(args.project, out)
-    results_file = out / "results.json"
+    # results are reused only for the same variant definitions, skips and training code
+    digest = hashlib.sha256(repr((VARIANTS, SKIPS)).encode() + (ROOT / "src/sempcyc/runtime/model.py").read_bytes()
+                            + (ROOT / "src/sempcyc/train.py").read_bytes()).hexdigest()[:12]
+    results_file = out / f"results-{digest}.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     names = [n.strip() for n in args.only.split(";") if n.strip()] or list(VARIANTS)
     started = time.time()
