@@ -199,8 +199,9 @@ class IVFIndex:
         """Exact float32 distances to the items of `lists`, top-k as in retrieval.top_k: rank by |g|^2 - 2 q.g,
         argpartition then sort only the k winners, a tie group cut at k taken whole and ordered by gallery index."""
         spans = list(zip(self.offsets[lists].tolist(), self.offsets[lists + 1].tolist()))
-        # List by list: each widened block (~250 x d) stays in cache for its matrix-vector product; torch's
-        # float16 -> float32 cast is ~4x faster than numpy's astype (bench/index.py: 3x faster search overall).
+        # List by list: each widened block (~250 x d) stays in cache for its matrix-vector product, and torch's
+        # float16 -> float32 cast is ~4x faster than numpy's astype. Measured on 15,600 candidates x 128: 0.65 ms
+        # vs. 3.3 ms for one numpy concatenate-and-cast then one product (1M items, nprobe 64: 1.6 vs. 3.6 ms).
         dots = np.concatenate([self._halves[a:b].float().numpy() @ query for a, b in spans])
         ids = np.concatenate([self.ids[a:b] for a, b in spans])
         partial = np.concatenate([self.sq_norms[a:b] for a, b in spans])
