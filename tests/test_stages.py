@@ -36,7 +36,7 @@ from helpers import (
     write_params,
     write_tar,
 )
-from sempcyc import gallery as gallery_mod
+from sempcyc import embedcache
 from sempcyc import train as train_mod
 from sempcyc.runtime import imaging
 from sempcyc.runtime.backbones import build_backbone
@@ -436,9 +436,9 @@ def test_gallery_cache_is_not_reused_when_the_embedding_code_changes(trained: Pa
     n = len(CLASSES) * PER_CLASS
     assert gallery_counts(ok(tmp_path, *argv)) == (n, 0)
     runtime = tmp_path / "runtime"
-    shutil.copytree(gallery_mod.RUNTIME_DIR, runtime)
+    shutil.copytree(embedcache.RUNTIME_DIR, runtime)
     (runtime / "model.py").write_text((runtime / "model.py").read_text() + "\n# changed\n")
-    monkeypatch.setattr(gallery_mod, "RUNTIME_DIR", runtime)
+    monkeypatch.setattr(embedcache, "RUNTIME_DIR", runtime)
     assert gallery_counts(ok(tmp_path, *argv)) == (n, 0)
 
 
