@@ -1,8 +1,11 @@
 """Whole-pipeline timings on the demo, in a scratch clone of this repository:
 
 1. `dvc repro` from nothing (every stage: demo-data ... serve-check, deploy with no targets), per-stage seconds;
-2. three classes added that the hash split puts on the unseen side, `dvc repro` again: which stages ran and the
-   time against the full run (adding zero-shot classes must not retrain).
+2. three classes added that the hash split puts on the unseen side, `dvc repro` again: which stages ran, the
+   time against the full run (adding zero-shot classes must not retrain), and what the evaluate and gallery
+   caches spared (their count lines).
+
+The stages run the clone's own code (PYTHONPATH), whichever checkout the environment's `sempcyc` was installed from.
 
 Usage: python bench/pipeline.py [--keep DIR]     (about 10 minutes on 2 cores)
 """
@@ -30,13 +33,16 @@ from sempcyc.demo_data import DemoParams, EmojiClass  # noqa: E402
 from sempcyc.split import SplitSettings, hash_unit  # noqa: E402
 
 
-def repro(proj: Path, env: dict) -> tuple[float, dict[str, float], list[str]]:
-    """Run `dvc repro`, timing each stage from the moment DVC announces it."""
+def repro(proj: Path, env: dict) -> tuple[float, dict[str, float], list[str], list[str]]:
+    """Run `dvc repro`, timing each stage from the moment DVC announces it: (seconds, per stage, stages in order,
+    the cache count lines of evaluate and gallery)."""
     start = time.perf_counter()
     proc = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=proj, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    stage_times, order, current, t_stage = {}, [], None, start
+    stage_times, order, current, t_stage, counts = {}, [], None, start, []
     for line in proc.stdout:
+        if re.match(r"(evaluate: \d+ test items|gallery: \d+ images) \(", line):
+            counts.append(line.strip())
         match = re.match(r"Running stage '([^']+)'", line)
         if match:
             now = time.perf_counter()
@@ -50,7 +56,7 @@ def repro(proj: Path, env: dict) -> tuple[float, dict[str, float], list[str]]:
         stage_times[current] = end - t_stage
     if proc.returncode != 0:
         raise SystemExit(f"dvc repro failed in {proj}")
-    return end - start, stage_times, order
+    return end - start, stage_times, order, counts
 
 
 def split_tar(big: bytes, base_names: set[str], keep: set[str]) -> tuple[bytes, bytes]:
@@ -101,21 +107,23 @@ def main() -> None:
         shutil.rmtree(proj)
     subprocess.run(["git", "clone", "-q", str(REPO), str(proj)], check=True)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               DVC_NO_ANALYTICS="1")
+               DVC_NO_ANALYTICS="1", PYTHONPATH=str(proj / "src"))
     base_tar, ext_tar, demo, extra = demo_tars(proj / "params.yaml")
     (proj / "data").mkdir(exist_ok=True)
     (proj / "data/bench.tar").write_bytes(base_tar)
     text = (proj / "params.yaml").read_text().replace("tar: data/demo.tar", "tar: data/bench.tar")
     (proj / "params.yaml").write_text(text)
 
-    full, stages, _ = repro(proj, env)
+    full, stages, _, _ = repro(proj, env)
     print_full_run(full, stages, demo.classes)
 
     (proj / "data/bench.tar").write_bytes(ext_tar)
-    again, _, order = repro(proj, env)
+    again, again_stages, order, counts = repro(proj, env)
     print(f"after adding {', '.join(c.name for c in extra)} (unseen side): {again:.0f} s "
           f"= {100 * again / full:.0f} % of the full run")
-    print(f"  stages that ran: {', '.join(order)}")
+    print(f"  stages that ran: {', '.join(f'{s} {again_stages[s]:.1f} s' for s in order)}")
+    for line in counts:
+        print(f"  {line}")
     print(f"  train reran: {'train' in order}; features reran: {'features' in order}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

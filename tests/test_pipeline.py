@@ -150,6 +150,9 @@ def test_adding_an_unseen_class_keeps_features_and_train(project):
     assert metrics["counts"]["gallery_generalised"] == (len(CLASSES) + 1) * PER_CLASS
     # the gallery cache (persist: true) kept the old embeddings: only the new class's images were embedded
     assert f"({PER_CLASS} embedded, {len(CLASSES) * PER_CLASS} from cache)" in output, output
+    # so did the evaluate cache: only the new class's images and (unseen query) sketches went through the networks
+    assert re.search(rf"test items \({2 * PER_CLASS} embedded, \d+ from cache; CNN passes: {2 * PER_CLASS} baseline "
+                     rf"backbone, {2 * PER_CLASS} model extractor", output), output
     ids = [e["id"] for e in json.loads((proj / "models/gallery/index.json").read_text())]
     assert sum(i.startswith(f"{extra}/") for i in ids) == PER_CLASS
 

@@ -36,7 +36,8 @@ from helpers import (
     write_params,
     write_tar,
 )
-from sempcyc import gallery as gallery_mod
+from sempcyc import embedcache
+from sempcyc import evaluate as evaluate_mod
 from sempcyc import train as train_mod
 from sempcyc.runtime import imaging
 from sempcyc.runtime.backbones import build_backbone
@@ -61,6 +62,25 @@ def bundle_equal(a, b) -> bool:
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(bundle_equal(x, y) for x, y in zip(a, b))
     return a == b
+
+
+def evaluate_counts(out: str) -> dict:
+    """evaluate's printed counts: items, embedded, backbone and extractor passes, and the shared domains."""
+    match = re.search(r"(\d+) test items \((\d+) embedded, (\d+) from cache; CNN passes: (\d+) baseline backbone, "
+                      r"(\d+) model extractor; extractor is the backbone for: ([a-z, ]+)\)", out)
+    assert match, out
+    items, embedded, cached, backbone, extractor = (int(g) for g in match.groups()[:5])
+    assert embedded + cached == items, out
+    return {"items": items, "embedded": embedded, "backbone": backbone, "extractor": extractor,
+            "shared": match.group(6)}
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def shard_items(test: Path) -> int:
+    return sum(len(np.load(test / f"{part}.npy")) for part in ("sketches", "seen_sketches", "images"))
 
 
 def gallery_counts(out: str) -> tuple[int, int]:
@@ -370,6 +390,103 @@ def test_evaluate_reports(trained: Path, tmp_path: Path):
         assert grid.width > 0 and grid.height > 0
 
 
+def evaluate_in(folder: Path, model: Path, test: Path, out: str, cache: str) -> dict:
+    return evaluate_counts(ok(folder, "evaluate", "--model", model, "--test", test, "--out", out, "--cache", cache))
+
+
+def test_evaluate_passes_never_depend_on_which_items_share_them():
+    """CPU kernels pick their algorithm by batch size (efficientnet_lite0 gives other float bits at 64 than at 8),
+    so every network pass takes exactly EMBED_BATCH rows: an item's vector is then the same bytes whichever items
+    share its pass, which is what keeps cached and fresh vectors equal."""
+    sizes = []
+
+    def by_batch_size(x: torch.Tensor) -> torch.Tensor:  # a stand-in whose result depends on the batch size
+        sizes.append(len(x))
+        return x.float() * len(x)
+
+    rows = [np.full(3, i, np.uint8) for i in range(2 * evaluate_mod.EMBED_BATCH + 3)]
+    alone, among = evaluate_mod.fixed_batches(by_batch_size, rows[5:6]), evaluate_mod.fixed_batches(by_batch_size, rows)
+    assert len(among) == len(rows) and np.array_equal(alone[0], among[5])
+    assert set(sizes) == {evaluate_mod.EMBED_BATCH}
+
+
+def test_evaluate_cache_embeds_only_new_items_and_changes_no_byte(trained: Path, tmp_path: Path):
+    """A second run embeds nothing; after a class is added (the real extract -> semantic -> prepare), only its
+    items; and the reports are the bytes a run without a cache writes."""
+    write_params(tmp_path)
+    model, test = trained / "models/sem_pcyc.pt", trained / "data/prepared/test"
+    n = shard_items(test)
+    everything = {"items": n, "embedded": n, "backbone": n, "extractor": n, "shared": "none"}  # fine-tuned: no
+    assert evaluate_in(tmp_path, model, test, "eval1", "cache") == everything
+    nothing = {**everything, "embedded": 0, "backbone": 0, "extractor": 0}
+    assert evaluate_in(tmp_path, model, test, "eval2", "cache") == nothing
+    assert folder_bytes(tmp_path / "eval2") == folder_bytes(tmp_path / "eval1")
+
+    extra = new_unseen_class(CLASSES)
+    write_tar(tmp_path / "ds2.tar", class_files({c: (PER_CLASS, PER_CLASS) for c in [*CLASSES, extra]}))
+    ok(tmp_path, "extract", "--tar", "ds2.tar", "--out", "ds2", "--index", "ds2.json")
+    ok(tmp_path, "semantic", "--index", "ds2.json", "--out", "sem2")
+    ok(tmp_path, "prepare", "--dataset", "ds2", "--index", "ds2.json", "--semantic", "sem2", "--out", "prep2")
+    test2 = tmp_path / "prep2/test"
+    assert extra in json.loads((test2 / "classes.json").read_text())["unseen"]
+    new = 2 * PER_CLASS  # the new class's images (gallery) and sketches (unseen queries)
+    assert shard_items(test2) == n + new
+    added = {"items": n + new, "embedded": new, "backbone": new, "extractor": new, "shared": "none"}
+    assert evaluate_in(tmp_path, model, test2, "eval3", "cache") == added
+    assert evaluate_in(tmp_path, model, test2, "eval-cold", "cold-cache")["embedded"] == n + new
+    assert folder_bytes(tmp_path / "eval3") == folder_bytes(tmp_path / "eval-cold")
+    assert folder_bytes(tmp_path / "eval3") != folder_bytes(tmp_path / "eval1")
+
+
+def test_evaluate_cache_new_model_and_damaged_files(trained: Path, tmp_path: Path):
+    """Another model re-embeds every item but reuses the backbone features, and its cache file replaces the old
+    model's; damaged cache files are computed again; the reports never depend on what the cache held."""
+    write_params(tmp_path)
+    model, test = trained / "models/sem_pcyc.pt", trained / "data/prepared/test"
+    n = shard_items(test)
+    evaluate_in(tmp_path, model, test, "eval1", "cache")
+    bundle = torch.load(model, map_location="cpu", weights_only=True)
+    first = next(iter(bundle["gen_im2se"]))
+    bundle["gen_im2se"][first] = bundle["gen_im2se"][first] + 0.5
+    torch.save(bundle, tmp_path / "other.pt")
+    counts = evaluate_in(tmp_path, tmp_path / "other.pt", test, "eval2", "cache")
+    assert (counts["embedded"], counts["backbone"]) == (n, 0)
+    assert len(list((tmp_path / "cache").glob("model-*.npz"))) == 1
+    assert len(list((tmp_path / "cache").glob("backbone-*.npz"))) == 1
+    evaluate_in(tmp_path, tmp_path / "other.pt", test, "eval-cold", "cold-cache")
+    assert folder_bytes(tmp_path / "eval2") == folder_bytes(tmp_path / "eval-cold")
+    assert folder_bytes(tmp_path / "eval2") != folder_bytes(tmp_path / "eval1")
+
+    (model_file,) = (tmp_path / "cache").glob("model-*.npz")
+    model_file.write_bytes(b"not a zip file")
+    (backbone_file,) = (tmp_path / "cache").glob("backbone-*.npz")
+    backbone_file.write_bytes(backbone_file.read_bytes()[:1000])
+    counts = evaluate_in(tmp_path, tmp_path / "other.pt", test, "eval3", "cache")
+    assert (counts["embedded"], counts["backbone"]) == (n, n)
+    assert folder_bytes(tmp_path / "eval3") == folder_bytes(tmp_path / "eval-cold")
+    counts = evaluate_in(tmp_path, tmp_path / "other.pt", test, "eval4", "cache")  # the files were rewritten
+    assert (counts["embedded"], counts["backbone"]) == (0, 0)
+
+
+def test_evaluate_shares_the_backbone_pass_only_where_the_extractor_is_the_backbone(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """features.epochs 0: the model's extractors are backbones without projection. With the tiny test CNN (random
+    weights, seeded) the sketch extractor has the baseline backbone's weights and the image extractor others, so
+    only sketches are shared; the reports equal those of a run that shares nothing."""
+    write_params(tmp_path, {"features": {"epochs": 0}})
+    ok(tmp_path, "features", "--train", trained / "data/prepared/train", "--out", "feat")
+    ok(tmp_path, "train", "--features", "feat", "--train", trained / "data/prepared/train", "--out", "m0.pt",
+       "--live-dir", "live", "--checkpoint", "ckpt.pt")
+    test = trained / "data/prepared/test"
+    n, images = shard_items(test), len(np.load(test / "images.npy"))
+    assert evaluate_in(tmp_path, tmp_path / "m0.pt", test, "shared", "cache1") == {
+        "items": n, "embedded": n, "backbone": n, "extractor": images, "shared": "sketch"}
+    monkeypatch.setattr(evaluate_mod, "runs_backbone", lambda *args: False)
+    assert evaluate_in(tmp_path, tmp_path / "m0.pt", test, "separate", "cache2") == {
+        "items": n, "embedded": n, "backbone": n, "extractor": n, "shared": "none"}
+    assert folder_bytes(tmp_path / "shared") == folder_bytes(tmp_path / "separate")
+
+
 # ------------------------------------------------------------------------------------------------- gallery
 
 def test_gallery_embeddings_match_the_encoder(trained: Path, tmp_path: Path):
@@ -436,9 +553,9 @@ def test_gallery_cache_is_not_reused_when_the_embedding_code_changes(trained: Pa
     n = len(CLASSES) * PER_CLASS
     assert gallery_counts(ok(tmp_path, *argv)) == (n, 0)
     runtime = tmp_path / "runtime"
-    shutil.copytree(gallery_mod.RUNTIME_DIR, runtime)
+    shutil.copytree(embedcache.RUNTIME_DIR, runtime)
     (runtime / "model.py").write_text((runtime / "model.py").read_text() + "\n# changed\n")
-    monkeypatch.setattr(gallery_mod, "RUNTIME_DIR", runtime)
+    monkeypatch.setattr(embedcache, "RUNTIME_DIR", runtime)
     assert gallery_counts(ok(tmp_path, *argv)) == (n, 0)
 
 

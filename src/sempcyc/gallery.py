@@ -11,7 +11,6 @@ them (the handler never reads them) and the page server serves them from there.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import time
 from dataclasses import dataclass
@@ -24,14 +23,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import params as params_mod
+from .embedcache import EmbeddingCache, embedding_key
 from .errors import UserError
-from .fsutil import atomic_dir, atomic_write_bytes, dumps_json, sha256_file
+from .fsutil import atomic_dir, dumps_json, sha256_file
 from .params import setting
 from .runtime import imaging
 from .runtime.encoder import Encoder
 from .shards import load_json
-
-RUNTIME_DIR = Path(__file__).resolve().parent / "runtime"
 
 THUMB_FORMAT, THUMB_QUALITY = "webp", 70  # 64-px WebP at q70: ~400 bytes a demo photo (JPEG q80: ~880)
 
@@ -50,41 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", default="data/dataset.json", help="dataset index (default: %(default)s)")
     parser.add_argument("--out", default="models/gallery", help="output folder (default: %(default)s)")
     parser.add_argument("--cache", default="models/gallery-cache", help="embedding cache (default: %(default)s)")
-
-
-def embedding_key(model_sha: str) -> str:
-    """What an embedding depends on besides the image: the model's bytes and the runtime code that computes it
-    (a code change with the same model, e.g. a new embedding layout, must not reuse old embeddings)."""
-    h = hashlib.sha256(model_sha.encode())
-    for name in ("imaging.py", "backbones.py", "model.py", "encoder.py"):
-        h.update((RUNTIME_DIR / name).read_bytes())
-    return h.hexdigest()
-
-
-class EmbeddingCache:
-    """image sha256 -> embedding, for one model and runtime code (the file name carries embedding_key)."""
-
-    def __init__(self, folder: Path, model_sha: str):
-        self.folder, self.model_sha = folder, model_sha
-        self.path = folder / f"{model_sha[:20]}.npz"
-        self.table: dict[str, np.ndarray] = {}
-        if self.path.exists():
-            try:
-                with np.load(self.path) as data:
-                    self.table = dict(zip(data["keys"].tolist(), data["vectors"]))
-            except (OSError, ValueError, KeyError):
-                self.table = {}  # a damaged cache is only a cache: recompute
-
-    def save(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        keys = sorted(self.table)
-        buf = io.BytesIO()
-        vectors = np.stack([self.table[k] for k in keys]) if keys else np.zeros((0, 0), np.float32)
-        np.savez(buf, keys=np.array(keys), vectors=vectors)
-        atomic_write_bytes(self.path, buf.getvalue())
-        for old in self.folder.glob("*.npz"):  # embeddings of older models are useless now
-            if old != self.path:
-                old.unlink()
 
 
 def run(args: argparse.Namespace) -> None:

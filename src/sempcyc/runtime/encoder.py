@@ -65,11 +65,20 @@ class Encoder(nn.Module):
         self.size = int(meta["size"])
 
     def embed_sketches(self, sketches_uint8: torch.Tensor) -> torch.Tensor:
-        a = self.sketch_norm(self.sketch_extractor(to_input(sketches_uint8, self.invert_sketch)))
-        return fuse(a, self.gen_sk2se(a), self.skip)
+        return self.embed_sketch_features(self.sketch_extractor(to_input(sketches_uint8, self.invert_sketch)))
 
     def embed_images(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        b = self.image_norm(self.image_extractor(to_input(images_uint8, False)))
+        return self.embed_image_features(self.image_extractor(to_input(images_uint8, False)))
+
+    def embed_sketch_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The embedding of sketch-extractor features: embed_sketches after its CNN (evaluate feeds it the
+        baseline's backbone features when the extractor is that backbone, rather than running the CNN twice)."""
+        a = self.sketch_norm(features)
+        return fuse(a, self.gen_sk2se(a), self.skip)
+
+    def embed_image_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The embedding of image-extractor features: embed_images after its CNN."""
+        b = self.image_norm(features)
         return fuse(b, self.gen_im2se(b), self.skip)
 
     @classmethod

@@ -1,0 +1,64 @@
+"""Content-hash caches of network outputs, shared by the gallery and evaluate stages.
+
+A cache file holds the vectors one producer (a model, a backbone) computed, by the sha256 of each input item; the
+file's name carries the producer's key (`embedding_key`: the producer's identity and the runtime code that runs
+it), so a new model or changed runtime code never reuses old vectors, and saving drops the files of older
+producers. A damaged file is only a cache: it is ignored and its vectors are computed again.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .fsutil import atomic_write_bytes
+
+RUNTIME_DIR = Path(__file__).resolve().parent / "runtime"
+RUNTIME_CODE = ("imaging.py", "backbones.py", "model.py", "encoder.py")
+
+
+def embedding_key(producer: str) -> str:
+    """What a cached vector depends on besides its item: `producer` (e.g. the model's sha256) and the runtime code
+    that computes it (a code change with the same model, e.g. a new embedding layout, must not reuse old vectors)."""
+    h = hashlib.sha256(producer.encode())
+    for name in RUNTIME_CODE:
+        h.update((RUNTIME_DIR / name).read_bytes())
+    return h.hexdigest()
+
+
+class EmbeddingCache:
+    """item sha256 -> vector, for one producer key: the file `<folder>/<prefix><key[:20]>.npz`. Files of other
+    keys with the same prefix are removed on save; several prefixes (producers) may share a folder."""
+
+    def __init__(self, folder: Path, key: str, prefix: str = ""):
+        self.folder, self.key, self.prefix = Path(folder), key, prefix
+        self.path = self.folder / f"{prefix}{key[:20]}.npz"
+        self.table: dict[str, np.ndarray] = {}
+        self.loaded = -1  # vectors the file held; -1: no usable file
+        if self.path.exists():
+            try:
+                with np.load(self.path) as data:
+                    keys, vectors = data["keys"], data["vectors"]
+                if len(keys) != len(vectors) or vectors.ndim != 2:
+                    raise ValueError("keys and vectors differ in length")
+                self.table = dict(zip(keys.tolist(), vectors))
+                self.loaded = len(self.table)
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                self.table = {}  # a damaged cache is only a cache: recompute
+
+    def save(self) -> None:
+        """Write the table (when it grew or no usable file holds it) and remove the files of other producers."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if len(self.table) != self.loaded:
+            keys = sorted(self.table)
+            buf = io.BytesIO()
+            vectors = np.stack([self.table[k] for k in keys]) if keys else np.zeros((0, 0), np.float32)
+            np.savez(buf, keys=np.array(keys), vectors=vectors)
+            atomic_write_bytes(self.path, buf.getvalue())
+            self.loaded = len(self.table)
+        for old in self.folder.glob(f"{self.prefix}*.npz"):  # vectors of older producers are useless now
+            if old != self.path:
+                old.unlink()
