@@ -15,7 +15,7 @@ from torch import nn
 
 from sempcyc.runtime import backbones, retrieval
 from sempcyc.runtime import model as M
-from sempcyc.runtime.encoder import FeatureNorm
+from sempcyc.runtime.encoder import SAME_EXTRACTOR, Encoder, FeatureNorm, bundle_state
 
 FEAT, SEM, DIM, N_CLS, BATCH = 16, 12, 8, 5, 8
 GENERATORS = ("gen_sk2se", "gen_im2se", "gen_se2sk", "gen_se2im")
@@ -659,3 +659,36 @@ def test_feature_norm_l2_and_none():
     np.testing.assert_allclose(cos.numpy(), 1.0, rtol=1e-5)            # direction kept
     none = FeatureNorm("none", 16).fit(x.numpy())
     assert torch.equal(none(x), x)
+
+
+# ------------------------------------------------------------------------------------------- model bundle
+
+def _bundle(image_differs: bool) -> dict:
+    torch.manual_seed(0)
+    extractor = backbones.Extractor("tiny", None, pretrained=False)
+    sketch_state = extractor.state_dict()
+    image_state = {k: v.clone() for k, v in sketch_state.items()}
+    if image_differs:
+        first = next(iter(image_state))
+        image_state[first] = image_state[first] + 1
+    cfg = M.Config(feat_dim=64, sem_dim=SEM, dim_out=DIM, n_classes=N_CLS)
+    meta = {"backbone": "tiny", "feature_proj_dim": None, "feat_dim": 64, "invert_sketch": True, "size": 32}
+    norms = {"sketch": FeatureNorm("none", 64), "image": FeatureNorm("none", 64)}
+    return bundle_state(meta, cfg, {"sketch_extractor": sketch_state, "image_extractor": image_state}, norms,
+                        M.SemPcyc(cfg))
+
+
+@pytest.mark.parametrize("image_differs", [False, True])
+def test_bundle_stores_equal_extractors_once_and_loads_them_back(tmp_path, image_differs):
+    bundle = _bundle(image_differs)
+    assert (bundle["image_extractor"] == SAME_EXTRACTOR) is not image_differs
+    buf = io.BytesIO()
+    torch.save(bundle, buf)
+    (tmp_path / "m.pt").write_bytes(buf.getvalue())
+    enc = Encoder.load(tmp_path / "m.pt")
+    assert (enc.image_extractor is enc.sketch_extractor) is not image_differs
+    x = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        via_image = enc.image_extractor(backbones.to_input(x, False))
+        via_sketch = enc.sketch_extractor(backbones.to_input(x, False))
+    assert torch.equal(via_image, via_sketch) is not image_differs
