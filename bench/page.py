@@ -36,6 +36,14 @@ sys.path.insert(0, str(REPO / "src"))
 
 from sempcyc import archive  # noqa: E402
 from sempcyc import params as params_mod  # noqa: E402
+from sempcyc.runtime.gallery_shards import (  # noqa: E402
+    MANIFEST,
+    SHARD_DIR,
+    pack_shard,
+    read_manifest,
+    sha256_bytes,
+    unpack_shard,
+)
 from sempcyc.serving import ReleaseSettings, ServeSettings, models_config  # noqa: E402
 from sempcyc.torchserve import TorchServe  # noqa: E402
 
@@ -43,25 +51,42 @@ OUT = REPO / "bench/out/page"
 CHROMIUM = os.environ.get("SEM_PCYC_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-NEEDED = ("models/sem_pcyc.pt", "models/gallery/embeddings.npy", "models/gallery/thumbs.bin", "data/dataset",
+NEEDED = ("models/sem_pcyc.pt", "models/gallery/manifest.json", "data/dataset",
           "data/prepared/splits.json")
+
+
+def gallery_without_thumbnails(gallery: Path, out: Path) -> Path:
+    """A copy of `gallery` whose shards carry no thumbnails (repacked), with its manifest."""
+    shutil.rmtree(out, ignore_errors=True)
+    (out / SHARD_DIR).mkdir(parents=True)
+    manifest = read_manifest(gallery)
+    shards = []
+    for entry in manifest["shards"]:
+        shard = unpack_shard((gallery / entry["file"]).read_bytes(), entry["file"])
+        data = pack_shard(shard["embeddings"], shard["ids"], shard["classes"], [None] * len(shard["ids"]))
+        digest = sha256_bytes(data)
+        (out / SHARD_DIR / f"{digest}.npz").write_bytes(data)
+        shards.append({**entry, "file": f"{SHARD_DIR}/{digest}.npz", "sha256": digest, "bytes": len(data)})
+    (out / MANIFEST).write_text(json.dumps({**manifest, "shards": shards,
+                                            "thumbnails": {**manifest["thumbnails"], "items": 0}}))
+    return out
 
 
 def build_archives(release: ReleaseSettings, serve: ServeSettings) -> tuple[Path, int]:
     """The demo archive as the archive stage builds it, and the bytes its thumbnails add (built once without)."""
     gallery = REPO / "models/gallery"
-    bare = OUT / "gallery-without-thumbnails"
-    shutil.rmtree(bare, ignore_errors=True)
-    shutil.copytree(gallery, bare, ignore=shutil.ignore_patterns(*archive.THUMBNAIL_FILES))
+    bare = gallery_without_thumbnails(gallery, OUT / "gallery-without-thumbnails")
     metrics = REPO / "reports/eval/metrics.json"
     args = (REPO / "models/sem_pcyc.pt",)
     with_thumbs = archive.build_archive(*args, gallery, OUT / "with" / "sem_pcyc.mar", release, serve, metrics)
     without = archive.build_archive(*args, bare, OUT / "without" / "sem_pcyc.mar", release, serve, metrics)
     added = with_thumbs.stat().st_size - without.stat().st_size
-    thumbs = (gallery / "thumbs.bin").stat().st_size
-    count = len(json.loads((gallery / "thumbs.json").read_text())["offsets"])
-    print(f"thumbnails: {count} x {json.loads((gallery / 'thumbs.json').read_text())['size']} px WebP, "
-          f"{thumbs:,} bytes ({thumbs / max(count, 1):.0f} a thumbnail); the .mar grows by {added:,} bytes "
+    manifest = read_manifest(gallery)
+    thumbs = [t for e in manifest["shards"]
+              for t in unpack_shard((gallery / e["file"]).read_bytes(), e["file"])["thumbs"].values()]
+    count, size = len(thumbs), sum(map(len, thumbs))
+    print(f"thumbnails: {count} x {manifest['thumbnails']['size']} px WebP, "
+          f"{size:,} bytes ({size / max(count, 1):.0f} a thumbnail); the .mar grows by {added:,} bytes "
           f"({without.stat().st_size / 1e6:.2f} -> {with_thumbs.stat().st_size / 1e6:.2f} MB, "
           f"+{100 * added / without.stat().st_size:.1f} %)")
     return with_thumbs, added

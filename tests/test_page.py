@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,7 @@ from sempcyc.page import (
     check_query,
     read_archive,
 )
+from sempcyc.runtime.gallery_shards import MANIFEST, SHARD_DIR, pack_shard, read_manifest, unpack_shard
 from sempcyc.runtime.search import SketchSearch
 
 MODEL_NAME, V1, V2 = "sem_pcyc", "1.0.0", "2.0.0"
@@ -142,16 +144,24 @@ class Built:
 
 
 def gallery_without(gallery: Path, out: Path, dropped: list[str]) -> Path:
-    """A copy of `gallery` without the images of `dropped` classes (thumbnails included)."""
-    out.mkdir(parents=True)
-    index = json.loads((gallery / "index.json").read_text())
-    keep = [i for i, item in enumerate(index) if item["class"] not in dropped]
-    np.save(out / "embeddings.npy", np.load(gallery / "embeddings.npy")[keep])
-    (out / "index.json").write_text(json.dumps([index[i] for i in keep]))
-    thumbs = json.loads((gallery / "thumbs.json").read_text())
-    (out / "thumbs.json").write_text(json.dumps({**thumbs, "offsets": [thumbs["offsets"][i] for i in keep]}))
-    shutil.copy2(gallery / "thumbs.bin", out / "thumbs.bin")
-    shutil.copy2(gallery / "meta.json", out / "meta.json")
+    """A copy of `gallery` without the images of `dropped` classes (thumbnails included): their shards repacked."""
+    manifest = read_manifest(gallery)
+    (out / SHARD_DIR).mkdir(parents=True)
+    shards = []
+    for entry in manifest["shards"]:
+        shard = unpack_shard((gallery / entry["file"]).read_bytes(), entry["file"])
+        keep = [i for i, c in enumerate(shard["classes"]) if c not in dropped]
+        if not keep:
+            continue
+        ids = [shard["ids"][i] for i in keep]
+        data = pack_shard(shard["embeddings"][keep], ids, [shard["classes"][i] for i in keep],
+                          [shard["thumbs"].get(i) for i in ids])
+        digest = hashlib.sha256(data).hexdigest()
+        (out / SHARD_DIR / f"{digest}.npz").write_bytes(data)
+        shards.append({**entry, "file": f"{SHARD_DIR}/{digest}.npz", "sha256": digest, "bytes": len(data),
+                       "items": len(keep)})
+    items = sum(e["items"] for e in shards)
+    (out / MANIFEST).write_text(json.dumps({**manifest, "shards": shards, "items": items}))
     return out
 
 
@@ -338,6 +348,14 @@ def test_read_archive(built: Built, tmp_path: Path):
     (tmp_path / "bad.mar").write_bytes(b"not a zip")
     with pytest.raises(UserError, match="not a sem-pcyc archive"):
         read_archive(tmp_path / "bad.mar")
+    # a damaged shard is refused, naming it
+    with zipfile.ZipFile(built.mars[V2]) as src, zipfile.ZipFile(tmp_path / "damaged.mar", "w") as dst:
+        shard = next(n for n in src.namelist() if n.startswith("gallery/shards/"))
+        for item in src.infolist():
+            dst.writestr(item, src.read(item.filename)[:-1] + b"x" if item.filename == shard else
+                         src.read(item.filename))
+    with pytest.raises(UserError, match=f"{shard}.*damaged"):
+        read_archive(tmp_path / "damaged.mar")
 
 
 def test_thumbnails_metadata_and_host_check(built: Built):

@@ -27,6 +27,7 @@ from helpers import (
     new_unseen_class,
     write_tar,
 )
+from sempcyc.runtime.gallery_shards import load_gallery
 
 pytestmark = pytest.mark.integration
 
@@ -118,13 +119,13 @@ def test_repro_builds_through_gallery_and_evaluate_then_skips(built):
     proj, env, first = built
     assert ran(first) == set(STAGES_UP_TO_GALLERY), first
     assert "demo-data" not in first  # data.tar points at our tar, so the demo dataset is never built
-    for path in ("models/sem_pcyc.pt", "models/gallery/embeddings.npy", "models/gallery/index.json",
+    for path in ("models/sem_pcyc.pt", "models/gallery/manifest.json",
                  "reports/eval/metrics.json", "reports/eval/retrieval_grid.png", "dvclive/metrics.json",
                  "data/prepared/train/sketches.npy", "dvc.lock"):
         assert (proj / path).is_file(), path
     metrics = json.loads((proj / "reports/eval/metrics.json").read_text())
     assert {"zero_shot", "generalised"} <= set(metrics)
-    assert len(json.loads((proj / "models/gallery/index.json").read_text())) == len(CLASSES) * PER_CLASS
+    assert json.loads((proj / "models/gallery/manifest.json").read_text())["items"] == len(CLASSES) * PER_CLASS
 
     again = dvc(proj, env, "repro", *TARGETS)
     assert "Running stage" not in again, again
@@ -136,6 +137,7 @@ def test_adding_an_unseen_class_keeps_features_and_train(project):
     extra = new_unseen_class(CLASSES)
     train_before = tree_digest(proj / "data/prepared/train")
     model_before = (proj / "models/sem_pcyc.pt").read_bytes()
+    shards_before = shard_files(proj)
     write_tar(proj / "data/ds.tar", class_files({c: (PER_CLASS, PER_CLASS) for c in [*CLASSES, extra]}))
 
     output = dvc(proj, env, "repro", *TARGETS)
@@ -153,8 +155,15 @@ def test_adding_an_unseen_class_keeps_features_and_train(project):
     # so did the evaluate cache: only the new class's images and (unseen query) sketches went through the networks
     assert re.search(rf"test items \({2 * PER_CLASS} embedded, \d+ from cache; CNN passes: {2 * PER_CLASS} baseline "
                      rf"backbone, {2 * PER_CLASS} model extractor", output), output
-    ids = [e["id"] for e in json.loads((proj / "models/gallery/index.json").read_text())]
-    assert sum(i.startswith(f"{extra}/") for i in ids) == PER_CLASS
+    # and only the shard the new class hashes into is a new file
+    _, _, index = load_gallery(proj / "models/gallery")
+    assert sum(e["id"].startswith(f"{extra}/") for e in index) == PER_CLASS
+    shards_after = shard_files(proj)
+    assert len(set(shards_after) - set(shards_before)) == 1, (shards_before, shards_after)
+
+
+def shard_files(proj: Path) -> list[str]:
+    return [e["file"] for e in json.loads((proj / "models/gallery/manifest.json").read_text())["shards"]]
 
 
 def test_exp_run_with_a_changed_learning_rate(project):

@@ -45,6 +45,7 @@ from helpers import (
 from helpers import PARAMS as STAGE_PARAMS
 from sempcyc import serve_check, serving, torchserve
 from sempcyc.errors import UserError
+from sempcyc.runtime.gallery_shards import GalleryError, load_gallery, read_manifest
 from sempcyc.runtime.search import RequestError, SketchSearch
 
 # The tiny dataset and params of test_stages (12 classes, 3 on the unseen side -> 6 query sketches, 48 gallery
@@ -61,10 +62,9 @@ PARAMS = merged(STAGE_PARAMS, {
               "check_requests": 16, "ready_timeout_s": READY_S},
 })
 
-ARCHIVE_FILES = {"handler.py", "sem_pcyc.pt", "gallery/embeddings.npy", "gallery/index.json", "serving.json",
-                 "gallery/thumbs.bin", "gallery/thumbs.json",
+ARCHIVE_FILES = {"handler.py", "sem_pcyc.pt", "gallery/manifest.json", "serving.json",
                  *(f"sem_pcyc_runtime/{m}.py" for m in ("search", "encoder", "imaging", "retrieval", "backbones",
-                                                        "model"))}
+                                                        "model", "gallery_shards"))}
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -288,11 +288,11 @@ def test_search_returns_k_ranked_items(offline: SketchSearch, built: Built):
     [answer] = offline.search([sketch(1)])
     assert_ranked(answer, k)
     # the scores are exp(-distance) to the gallery embeddings, nearest first
-    emb = np.load(built.gallery / "embeddings.npy")
+    _, emb, index = load_gallery(built.gallery)
     arr = offline.preprocess(sketch(1))
     query = offline.embed(arr[None])[0]
     dist = np.sqrt(((emb - query) ** 2).sum(1))
-    ids = [e["id"] for e in json.loads((built.gallery / "index.json").read_text())]
+    ids = [e["id"] for e in index]
     assert answer[0]["image"] == ids[int(np.argmin(dist))]
     assert answer[0]["score"] == pytest.approx(float(np.exp(-dist.min())), rel=1e-4)
 
@@ -381,9 +381,80 @@ def test_archive_contents(built: Built):
     assert settings["version"] == VERSION and settings["model_name"] == MODEL_NAME and settings["top_k"] == TOP_K
     assert offenders == []
     assert manifest["model"]["modelVersion"] == VERSION and manifest["model"]["handler"] == "handler.py"
-    # the archive's gallery and model are the pipeline's, byte for byte
-    assert (built.extracted / "gallery/embeddings.npy").read_bytes() == (built.gallery / "embeddings.npy").read_bytes()
+    # the archive's gallery and model are the pipeline's, byte for byte: the manifest and every shard it lists
+    gallery_files = {p.relative_to(built.gallery).as_posix() for p in built.gallery.rglob("*") if p.is_file()}
+    assert gallery_files == {"manifest.json", *(e["file"] for e in read_manifest(built.gallery)["shards"])}
+    assert {n for n in names if n.startswith("gallery/")} == {f"gallery/{f}" for f in gallery_files}
+    for name in gallery_files:
+        assert (built.extracted / "gallery" / name).read_bytes() == (built.gallery / name).read_bytes()
     assert (built.extracted / "sem_pcyc.pt").read_bytes() == built.model.read_bytes()
+
+
+# ------------------------------------------------------------------ 2. the gallery's files, verified (unit)
+
+def gallery_copy(built: Built, root: Path) -> tuple[Path, dict]:
+    """A copy of the built gallery in `root`/gallery and its manifest."""
+    shutil.copytree(built.gallery, root / "gallery")
+    return root / "gallery", read_manifest(root / "gallery")
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "truncated"])
+def test_a_missing_or_damaged_shard_refuses_the_whole_gallery(built: Built, tmp_path: Path, damage: str):
+    gallery, manifest = gallery_copy(built, tmp_path)
+    victim = gallery / manifest["shards"][-1]["file"]
+    if damage == "missing":
+        victim.unlink()
+    elif damage == "corrupt":
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    else:
+        victim.write_bytes(victim.read_bytes()[:-100])
+    with pytest.raises(GalleryError) as exc:
+        SketchSearch.load(built.model, gallery, top_k=5, max_pixels=16_000_000)
+    message = str(exc.value)
+    assert manifest["shards"][-1]["file"] in message and "\n" not in message, message
+    assert ("missing" in message) if damage == "missing" else ("not the manifest's" in message), message
+
+
+def test_the_handler_refuses_to_load_an_archive_with_a_damaged_shard(built: Built, handler_module,
+                                                                     tmp_path: Path):
+    """What TorchServe's worker does with it: initialize() raises, naming the shard, so the version never loads
+    (registration fails, deploy rolls back) rather than answering from part of the gallery."""
+    model_dir = tmp_path / "model_dir"
+    shutil.copytree(built.extracted, model_dir)
+    entry = read_manifest(model_dir / "gallery")["shards"][0]
+    (model_dir / "gallery" / entry["file"]).write_bytes(b"not the shard")
+    h = handler_module.SemPcycHandler()
+    with pytest.raises(Exception, match=entry["file"].replace(".", r"\.")) as exc:
+        h.initialize(FakeContext(model_dir))
+    assert type(exc.value).__name__ == "GalleryError" and not h.initialized
+
+
+def test_the_model_must_be_the_one_the_gallery_was_built_with(built: Built, tmp_path: Path):
+    other = tmp_path / "other.pt"
+    other.write_bytes(built.model.read_bytes() + b"\0")
+    with pytest.raises(GalleryError, match="built with another model"):
+        SketchSearch.load(other, built.gallery, top_k=5, max_pixels=16_000_000)
+
+
+def test_files_missing_from_the_archive_come_from_the_blob_store(built: Built, tmp_path: Path,
+                                                                 offline: SketchSearch):
+    """A slim archive's model_dir: no model, no shards; the blob store holds them by sha256, each verified."""
+    gallery, manifest = gallery_copy(built, tmp_path)
+    store = tmp_path / "blobs"
+    store.mkdir()
+    shutil.copy2(built.model, store / manifest["model_sha256"])
+    for entry in manifest["shards"]:
+        (gallery / entry["file"]).rename(store / entry["sha256"])
+    slim = SketchSearch.load(tmp_path / "no-model.pt", gallery, blob_store=store, top_k=30, max_pixels=16_000_000)
+    assert slim.ids == offline.ids and slim.search([sketch(1)])[0] == offline.search([sketch(1)])[0]
+    with pytest.raises(GalleryError, match="blob store"):  # neither in the archive nor in the store
+        SketchSearch.load(tmp_path / "no-model.pt", gallery, blob_store=tmp_path, top_k=5, max_pixels=16_000_000)
+    victim = store / manifest["shards"][0]["sha256"]
+    victim.write_bytes(victim.read_bytes()[:-1] + b"x")
+    with pytest.raises(GalleryError, match=manifest["shards"][0]["file"].replace(".", r"\.")):
+        SketchSearch.load(tmp_path / "no-model.pt", gallery, blob_store=store, top_k=5, max_pixels=16_000_000)
 
 
 SELF_CONTAINED_SCRIPT = textwrap.dedent("""

@@ -7,6 +7,7 @@ CUDA-absent error (exit status, no traceback) and DDP under torchrun.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -39,9 +40,11 @@ from helpers import (
 from sempcyc import embedcache
 from sempcyc import evaluate as evaluate_mod
 from sempcyc import train as train_mod
+from sempcyc.fsutil import sha256_file
 from sempcyc.runtime import imaging
 from sempcyc.runtime.backbones import build_backbone
 from sempcyc.runtime.encoder import Encoder
+from sempcyc.runtime.gallery_shards import EMBEDDING_DTYPE, bucket_of, load_gallery, unpack_shard
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LOSSES = {"ae", "gen", "gen_adv", "gen_cyc", "gen_cls", "gen_reg", "gen_code", "disc", "disc_se", "disc_sk", "disc_im"}
@@ -489,19 +492,33 @@ def test_evaluate_shares_the_backbone_pass_only_where_the_extractor_is_the_backb
 
 # ------------------------------------------------------------------------------------------------- gallery
 
+def read_gallery(folder: Path) -> tuple[dict, np.ndarray, list[dict], dict[str, bytes]]:
+    """(manifest, embeddings, index entries, thumbnails by id) of a gallery folder, as the handler loads it."""
+    manifest, embeddings, index = load_gallery(folder)
+    thumbs = {}
+    for entry in manifest["shards"]:
+        thumbs.update(unpack_shard((folder / entry["file"]).read_bytes(), entry["file"])["thumbs"])
+    return manifest, embeddings, index, thumbs
+
+
+def gallery_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_gallery_embeddings_match_the_encoder(trained: Path, tmp_path: Path):
     write_params(tmp_path)
     dataset = trained / "data/dataset"
     ok(tmp_path, "gallery", "--model", trained / "models/sem_pcyc.pt", "--dataset", dataset,
        "--index", trained / "data/dataset.json", "--out", "gallery", "--cache", "cache")
-    emb = np.load(tmp_path / "gallery/embeddings.npy")
-    entries = json.loads((tmp_path / "gallery/index.json").read_text())
+    manifest, emb, entries, _ = read_gallery(tmp_path / "gallery")
     index = json.loads((trained / "data/dataset.json").read_text())
     expected = [f"{c}/{f}" for c in index["classes"] for f in index["files"]["images"].get(c, [])]
     assert len(expected) == len(CLASSES) * PER_CLASS
-    assert emb.shape == (len(expected), PARAMS["model"]["dim_out"])
-    assert [e["id"] for e in entries] == expected
+    assert emb.shape == (len(expected), PARAMS["model"]["dim_out"]) and emb.dtype == EMBEDDING_DTYPE
+    assert sorted(e["id"] for e in entries) == sorted(expected)  # shard by shard, index order within each
     assert all(e["class"] == e["id"].split("/")[0] for e in entries)
+    assert manifest["items"] == len(expected) and manifest["classes"] == len(CLASSES)
+    assert manifest["model_sha256"] == sha256_file(trained / "models/sem_pcyc.pt")
 
     enc = Encoder.load(trained / "models/sem_pcyc.pt")
     for row in (0, 5, len(expected) - 1):
@@ -512,8 +529,33 @@ def test_gallery_embeddings_match_the_encoder(trained: Path, tmp_path: Path):
         np.testing.assert_allclose(emb[row], want, rtol=1e-4, atol=1e-5)
 
 
+def test_gallery_shards_by_class_hash_with_deterministic_bytes(trained: Path, tmp_path: Path):
+    """Each shard holds the classes of one bucket (gallery.shards), is named by its sha256, and equal inputs give
+    equal bytes: a rerun (from the cache) rewrites every file identically."""
+    argv = ["gallery", "--model", trained / "models/sem_pcyc.pt", "--dataset", trained / "data/dataset",
+            "--index", trained / "data/dataset.json", "--cache", "cache"]
+    for buckets in (1, 5, 256):
+        write_params(tmp_path, {"gallery": {"shards": buckets}})
+        ok(tmp_path, *argv, "--out", f"a{buckets}")
+        ok(tmp_path, *argv, "--out", f"b{buckets}")
+        first = gallery_files(tmp_path / f"a{buckets}")
+        assert first == gallery_files(tmp_path / f"b{buckets}")
+        manifest = json.loads(first["manifest.json"])
+        shards = manifest["shards"]
+        assert set(first) == {"manifest.json", *(e["file"] for e in shards)}
+        assert [e["bucket"] for e in shards] == sorted({bucket_of(c, buckets) for c in CLASSES})
+        for entry in shards:
+            data = first[entry["file"]]
+            assert entry["file"] == f"shards/{entry['sha256']}.npz" and hashlib.sha256(data).hexdigest() == \
+                entry["sha256"] and entry["bytes"] == len(data)
+            shard = unpack_shard(data, entry["file"])
+            assert {bucket_of(c, buckets) for c in shard["classes"]} == {entry["bucket"]}
+            assert len(shard["ids"]) == entry["items"] == PER_CLASS * len(set(shard["classes"]))
+    assert len(json.loads((tmp_path / "a1/manifest.json").read_text())["shards"]) == 1
+
+
 def test_gallery_cache_embeds_only_new_images(trained: Path, tmp_path: Path):
-    write_params(tmp_path)
+    write_params(tmp_path, {"gallery": {"shards": 64}})
     model = trained / "models/sem_pcyc.pt"
     n = len(CLASSES) * PER_CLASS
 
@@ -524,23 +566,27 @@ def test_gallery_cache_embeds_only_new_images(trained: Path, tmp_path: Path):
 
     assert gallery(model, trained / "data/dataset", trained / "data/dataset.json") == (n, 0)
     assert gallery(model, trained / "data/dataset", trained / "data/dataset.json") == (0, n)
+    before = {e["bucket"]: e["sha256"] for e in json.loads((tmp_path / "gallery/manifest.json").read_text())["shards"]}
 
     extra = new_unseen_class(CLASSES)
     write_tar(tmp_path / "ds2.tar", class_files({c: (PER_CLASS, PER_CLASS) for c in [*CLASSES, extra]}))
     ok(tmp_path, "extract", "--tar", "ds2.tar", "--out", "ds2", "--index", "ds2.json")
     assert gallery(model, tmp_path / "ds2", tmp_path / "ds2.json") == (PER_CLASS, n)
-    assert len(np.load(tmp_path / "gallery/embeddings.npy")) == n + PER_CLASS
-    ids = [e["id"] for e in json.loads((tmp_path / "gallery/index.json").read_text())]
-    assert sum(i.startswith(f"{extra}/") for i in ids) == PER_CLASS
+    manifest, emb, entries, _ = read_gallery(tmp_path / "gallery")
+    assert len(emb) == n + PER_CLASS
+    assert sum(e["id"].startswith(f"{extra}/") for e in entries) == PER_CLASS
+    # only the new class's shard changed: every other bucket's shard is the same file
+    after = {e["bucket"]: e["sha256"] for e in manifest["shards"]}
+    changed = {b for b in after if before.get(b) != after[b]}
+    assert changed == {bucket_of(extra, 64)} and set(before) <= set(after)
 
     # another model: nothing from the cache, and the old model's cache file is gone
     bundle = torch.load(model, map_location="cpu", weights_only=True)
     first = next(iter(bundle["gen_im2se"]))
     bundle["gen_im2se"][first] = bundle["gen_im2se"][first] + 0.5
     torch.save(bundle, tmp_path / "other.pt")
-    before = np.load(tmp_path / "gallery/embeddings.npy")
     assert gallery(tmp_path / "other.pt", tmp_path / "ds2", tmp_path / "ds2.json") == (n + PER_CLASS, 0)
-    assert not np.allclose(np.load(tmp_path / "gallery/embeddings.npy"), before)
+    assert not np.allclose(read_gallery(tmp_path / "gallery")[1], emb)
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
 
 
@@ -560,22 +606,22 @@ def test_gallery_cache_is_not_reused_when_the_embedding_code_changes(trained: Pa
 
 
 def test_gallery_thumbnails(trained: Path, tmp_path: Path):
-    """The page's thumbnails: one square WebP per gallery image in index order, up to gallery.thumbnail_max_items."""
-    n = len(CLASSES) * PER_CLASS
-    for cap, want in ((10_000, n), (5, 5), (0, 0)):
+    """The page's thumbnails: one square WebP for each of the first gallery.thumbnail_max_items images in index
+    order, kept in the shard of the image's class."""
+    index = json.loads((trained / "data/dataset.json").read_text())
+    in_order = [f"{c}/{f}" for c in index["classes"] for f in index["files"]["images"].get(c, [])]
+    for cap, want in ((10_000, len(in_order)), (5, 5), (0, 0)):
         write_params(tmp_path, {"gallery": {"thumbnail_size": 40, "thumbnail_max_items": cap}})
         out = ok(tmp_path, "gallery", "--model", trained / "models/sem_pcyc.pt", "--dataset",
                  trained / "data/dataset", "--index", trained / "data/dataset.json", "--out", "gallery",
                  "--cache", "cache")
         assert f"and {want} thumbnails" in out, out
-        index = json.loads((tmp_path / "gallery/thumbs.json").read_text())
-        blob = (tmp_path / "gallery/thumbs.bin").read_bytes()
-        assert index["format"] == "webp" and index["size"] == 40 and len(index["offsets"]) == want
-        assert sum(length for _, length in index["offsets"]) == len(blob)
-        entries = json.loads((tmp_path / "gallery/index.json").read_text())
-        for (start, length), entry in zip(index["offsets"], entries):
-            thumb = Image.open(io.BytesIO(blob[start:start + length]))
+        manifest, _, _, thumbs = read_gallery(tmp_path / "gallery")
+        assert manifest["thumbnails"] == {"format": "webp", "size": 40, "items": want}
+        assert sorted(thumbs) == sorted(in_order[:want])
+        for image_id, data in thumbs.items():
+            thumb = Image.open(io.BytesIO(data))
             assert thumb.format == "WEBP" and thumb.size == (40, 40)
             # the model's own fit-and-pad view of the photo, made small
-            photo = imaging.image_to_array(imaging.load_file(trained / "data/dataset/images" / entry["id"]), 40)
+            photo = imaging.image_to_array(imaging.load_file(trained / "data/dataset/images" / image_id), 40)
             assert np.abs(np.asarray(thumb.convert("RGB"), dtype=float) - photo).mean() < 12

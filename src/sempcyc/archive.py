@@ -2,8 +2,9 @@
 
 Contents (archive root): handler.py (runtime/handler.py); sem_pcyc_runtime/ (a copy of the runtime/ package,
 everything the handler imports, under a name that cannot clash with the installed `sempcyc`); sem_pcyc.pt (model
-bundle); gallery/ (embeddings + index, and the sketch page's thumbnails when the gallery has them, which the
-handler never reads); serving.json (top-k, version, limits, evaluation metrics).
+bundle); gallery/ (manifest.json and the shards it lists: embeddings, ids, and the sketch page's thumbnails, which
+the handler never reads); serving.json (top-k, version, limits, evaluation metrics). The deploy stage ships a slim
+copy of it to each host and the large files (model, shards) separately, by sha256.
 torch-model-archiver stages files in $TMPDIR/<model-name>, so it runs with a private TMPDIR: two archivings at
 once never collide.
 """
@@ -20,12 +21,12 @@ from pathlib import Path
 
 from . import params as params_mod
 from .errors import UserError
-from .fsutil import dumps_json
+from .fsutil import dumps_json, sha256_file
+from .runtime.gallery_shards import MANIFEST, GalleryError, read_manifest
 from .serving import ReleaseSettings, ServeSettings
 
 RUNTIME_PACKAGE = "sem_pcyc_runtime"
 RUNTIME_DIR = Path(__file__).resolve().parent / "runtime"
-THUMBNAIL_FILES = ("thumbs.bin", "thumbs.json")  # the sketch page's, from the gallery stage
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,10 +49,10 @@ def stage_files(stage: Path, model: Path, gallery: Path, release: ReleaseSetting
     shutil.copytree(RUNTIME_DIR, stage / RUNTIME_PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(model, stage / "sem_pcyc.pt")
     (stage / "gallery").mkdir()
-    for name in ("embeddings.npy", "index.json", "meta.json", *THUMBNAIL_FILES):
-        if name in THUMBNAIL_FILES and not (gallery / name).exists():
-            continue  # a gallery made before thumbnails existed: the page falls back to page.thumbnail_base_url
-        shutil.copy2(gallery / name, stage / "gallery" / name)
+    shutil.copy2(gallery / MANIFEST, stage / "gallery" / MANIFEST)
+    for entry in read_manifest(gallery)["shards"]:
+        (stage / "gallery" / entry["file"]).parent.mkdir(exist_ok=True)
+        shutil.copy2(gallery / entry["file"], stage / "gallery" / entry["file"])
     (stage / "serving.json").write_text(dumps_json({
         "model_name": release.model_name, "version": release.version, "top_k": serve.top_k,
         "max_pixels": serve.max_pixels, "threads": serve.threads, "metrics": _headline_metrics(metrics)}))
@@ -66,11 +67,27 @@ def _headline_metrics(metrics: Path | None) -> dict:
             for setting in ("zero_shot", "generalised") if setting in report}
 
 
+def check_inputs(model: Path, gallery: Path) -> None:
+    """The model and a complete gallery built with that very model, or a one-line UserError."""
+    if not model.exists():
+        raise UserError(f"{model}: not found; run `dvc repro train`")
+    try:
+        manifest = read_manifest(gallery)
+    except GalleryError as exc:
+        raise UserError(str(exc)) from None
+    if manifest.get("model_sha256") != sha256_file(model):
+        raise UserError(f"{gallery / MANIFEST}: the gallery was built with another model than {model}; run "
+                        "`dvc repro gallery`")
+    for entry in manifest["shards"]:
+        path = gallery / entry["file"]
+        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+            why = "damaged (not the sha256" if path.is_file() else "missing (listed"
+            raise UserError(f"{path}: {why} in {MANIFEST}); run `dvc repro gallery`")
+
+
 def build_archive(model: Path, gallery: Path, out: Path, release: ReleaseSettings, serve: ServeSettings,
                   metrics: Path | None = None) -> Path:
-    for path, stage_name in ((model, "train"), (gallery / "embeddings.npy", "gallery")):
-        if not path.exists():
-            raise UserError(f"{path}: not found; run `dvc repro {stage_name}`")
+    check_inputs(model, gallery)
     archiver = Path(sys.executable).parent / "torch-model-archiver"
     if not archiver.exists():
         archiver = shutil.which("torch-model-archiver")

@@ -5,8 +5,12 @@ A content-hash cache (models/gallery-cache/, kept between runs) holds embeddings
 after classes are added only the new images are embedded; a new model invalidates the cache.
 
 It also makes the sketch page's result thumbnails: the first `gallery.thumbnail_max_items` images (index order) as
-small square WebP files, concatenated in thumbs.bin with their [offset, length] in thumbs.json; the archive carries
-them (the handler never reads them) and the page server serves them from there.
+small square WebP files; the archive carries them (the handler never reads them) and the page server serves them.
+
+Output: manifest.json and shards/<sha256>.npz (runtime/gallery_shards.py): every class goes to one of
+`gallery.shards` buckets by a hash of its name, and each non-empty bucket is one shard holding its items'
+embeddings, ids, classes and thumbnails, written with deterministic bytes. Adding classes (zero-shot: no
+retraining) changes only the shards they hash into and the manifest, so a deploy sends only those.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from .fsutil import atomic_dir, dumps_json, sha256_file
 from .params import setting
 from .runtime import imaging
 from .runtime.encoder import Encoder
+from .runtime.gallery_shards import EMBEDDING_DTYPE, MANIFEST, SHARD_DIR, bucket_of, pack_shard, sha256_bytes
 from .shards import load_json
 
 THUMB_FORMAT, THUMB_QUALITY = "webp", 70  # 64-px WebP at q70: ~400 bytes a demo photo (JPEG q80: ~880)
@@ -40,6 +45,7 @@ class GallerySettings:
     batch_size: int = setting(min=1)
     thumbnail_size: int = setting(min=16, max=256)
     thumbnail_max_items: int = setting(min=0)
+    shards: int = setting(min=1, max=4096)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,24 +89,40 @@ def build_gallery(model_path: Path, dataset: Path, index: dict, out: Path, cache
     todo = list(dict(todo).items())  # identical files are embedded once
     embed_into_cache(enc, todo, cache, settings.batch_size)
     cache.save()
-    embeddings = np.stack([cache.table[h] for h in hashes]).astype(np.float32)
-    entries = [{"id": f"{c}/{f}", "class": c} for c, f in items]
-    thumbs, thumbs_index = make_thumbnails(dataset, items[:settings.thumbnail_max_items], settings.thumbnail_size)
+    embeddings = np.stack([cache.table[h] for h in hashes]).astype(EMBEDDING_DTYPE)
+    thumbs = make_thumbnails(dataset, items[:settings.thumbnail_max_items], settings.thumbnail_size)
+    meta = {"model_sha256": model_sha, "items": len(items), "dim": int(embeddings.shape[1]),
+            "classes": len(index["classes"]), "size": enc.size, "buckets": settings.shards,
+            "dtype": np.dtype(EMBEDDING_DTYPE).name,
+            "thumbnails": {"format": THUMB_FORMAT, "size": settings.thumbnail_size, "items": len(thumbs)}}
+    write_sharded(out, meta, items, embeddings, thumbs)
+    return len(items), len(todo)
+
+
+def write_sharded(out: Path, meta: dict, items: list[tuple[str, str]], embeddings: np.ndarray,
+                  thumbs: list[bytes]) -> None:
+    """`out`/shards/<sha256>.npz, one per non-empty bucket (items in index order within it), and manifest.json:
+    `meta` plus the shards in bucket order."""
+    buckets: dict[int, list[int]] = {}
+    for i, (cls, _) in enumerate(items):
+        buckets.setdefault(bucket_of(cls, meta["buckets"]), []).append(i)
+    shards = []
     with atomic_dir(out) as scratch:
-        np.save(scratch / "embeddings.npy", embeddings)
-        (scratch / "index.json").write_text(dumps_json(entries), encoding="utf-8")
-        (scratch / "meta.json").write_text(dumps_json({
-            "model_sha256": model_sha, "items": len(entries), "dim": int(embeddings.shape[1]),
-            "classes": len(index["classes"]), "size": enc.size}), encoding="utf-8")
-        (scratch / "thumbs.bin").write_bytes(thumbs)
-        (scratch / "thumbs.json").write_text(dumps_json(thumbs_index), encoding="utf-8")
-    return len(entries), len(todo)
+        (scratch / SHARD_DIR).mkdir()
+        for bucket in sorted(buckets):
+            rows = buckets[bucket]
+            data = pack_shard(embeddings[rows], [f"{items[i][0]}/{items[i][1]}" for i in rows],
+                              [items[i][0] for i in rows], [thumbs[i] if i < len(thumbs) else None for i in rows])
+            digest = sha256_bytes(data)
+            (scratch / SHARD_DIR / f"{digest}.npz").write_bytes(data)
+            shards.append({"bucket": bucket, "file": f"{SHARD_DIR}/{digest}.npz", "sha256": digest,
+                           "bytes": len(data), "items": len(rows)})
+        (scratch / MANIFEST).write_text(dumps_json({**meta, "shards": shards}), encoding="utf-8")
 
 
-def make_thumbnails(dataset: Path, items: list[tuple[str, str]], size: int) -> tuple[bytes, dict]:
-    """Square `size`-px WebP thumbnails of `items` (the model's own fit-and-pad view of each photo), concatenated,
-    and their index: {"format", "size", "offsets": [[start, length], ...] in item order}."""
-    chunks, offsets, start = [], [], 0
+def make_thumbnails(dataset: Path, items: list[tuple[str, str]], size: int) -> list[bytes]:
+    """Square `size`-px WebP thumbnails of `items` (the model's own fit-and-pad view of each photo), in order."""
+    thumbs = []
     for cls, fname in tqdm(items, desc="gallery thumbnails", unit="img", mininterval=2):
         path = dataset / "images" / cls / fname
         try:
@@ -109,10 +131,8 @@ def make_thumbnails(dataset: Path, items: list[tuple[str, str]], size: int) -> t
             raise UserError(f"{path}: {exc}; fix the file and rerun `dvc repro extract`") from None
         buf = io.BytesIO()
         Image.fromarray(square).save(buf, format=THUMB_FORMAT, quality=THUMB_QUALITY, method=4)
-        chunks.append(buf.getvalue())
-        offsets.append([start, len(chunks[-1])])
-        start += len(chunks[-1])
-    return b"".join(chunks), {"format": THUMB_FORMAT, "size": size, "offsets": offsets}
+        thumbs.append(buf.getvalue())
+    return thumbs
 
 
 def embed_into_cache(enc: Encoder, todo: list[tuple[str, Path]], cache: EmbeddingCache, batch_size: int) -> None:
@@ -127,5 +147,5 @@ def embed_into_cache(enc: Encoder, todo: list[tuple[str, Path]], cache: Embeddin
             with torch.inference_mode():
                 vectors = enc.embed_images(torch.from_numpy(arrays)).numpy()
             for (digest, _), vector in zip(chunk, vectors):
-                cache.table[digest] = vector.astype(np.float32)
+                cache.table[digest] = vector.astype(np.float32)  # the cache keeps full precision
             bar.update(len(chunk))

@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import UserError
 from .params import setting
+from .runtime.gallery_shards import MANIFEST, GalleryError, sha256_bytes, unpack_shard
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
@@ -83,24 +84,29 @@ class Archive:
 
 
 def read_archive(path: Path) -> Archive:
-    """serving.json and the thumbnails of a sem-pcyc .mar, or a one-line UserError saying what to do."""
+    """serving.json and the thumbnails of a sem-pcyc .mar, or a one-line UserError saying what to do. A deployed
+    slim archive (no shard files: they are in its host's blob store) has no thumbnails here."""
     if not path.is_file():
         raise UserError(f"{path}: not found; build it with `dvc repro archive` or fetch a release with "
                         "`dvc artifacts get <repo> sem-pcyc --rev vX.Y.Z`")
+    thumbs: dict[str, bytes] = {}
     try:
         with zipfile.ZipFile(path) as zf:
             serving = json.loads(zf.read("serving.json"))
-            index = json.loads(zf.read("gallery/index.json"))
+            manifest = json.loads(zf.read(f"gallery/{MANIFEST}"))
             names = set(zf.namelist())
-            thumbs_index = json.loads(zf.read("gallery/thumbs.json")) if "gallery/thumbs.json" in names else None
-            blob = zf.read("gallery/thumbs.bin") if thumbs_index else b""
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as exc:
+            for entry in manifest["shards"]:
+                member = f"gallery/{entry['file']}"
+                if member in names:
+                    data = zf.read(member)
+                    if sha256_bytes(data) != entry["sha256"]:
+                        raise UserError(f"{path}: {member} is damaged (not the sha256 in its manifest); fetch or "
+                                        "build the archive again")
+                    thumbs.update(unpack_shard(data, f"{path}: {member}")["thumbs"])
+    except (zipfile.BadZipFile, KeyError, TypeError, json.JSONDecodeError, OSError, GalleryError) as exc:
         raise UserError(f"{path}: not a sem-pcyc archive ({exc}); rebuild it with `dvc repro archive`") from None
-    thumbs = {}
-    if thumbs_index:
-        for item, (start, length) in zip(index, thumbs_index["offsets"]):
-            thumbs[item["id"]] = blob[start:start + length]
-    return Archive(path, serving, thumbs, THUMB_TYPES.get((thumbs_index or {}).get("format"), "image/webp"))
+    thumb_format = (manifest.get("thumbnails") or {}).get("format")
+    return Archive(path, serving, thumbs, THUMB_TYPES.get(thumb_format, "image/webp"))
 
 
 # ------------------------------------------------------------------------------------------------- queries

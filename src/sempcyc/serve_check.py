@@ -23,6 +23,7 @@ from PIL import Image
 from . import params as params_mod
 from .errors import UserError
 from .fsutil import atomic_write_json
+from .runtime.gallery_shards import GalleryError
 from .runtime.search import SketchSearch
 from .serving import ReleaseSettings, ServeSettings, check_response, models_config, pick_queries, same_ranking
 from .torchserve import TorchServe
@@ -45,7 +46,10 @@ def run(args: argparse.Namespace) -> None:
     if not mar.exists():
         raise UserError(f"{mar}: not found; run `dvc repro archive`")
     queries = pick_queries(Path(args.dataset), Path(args.splits))
-    offline_search = SketchSearch.load(args.model, args.gallery, top_k=serve.top_k, max_pixels=serve.max_pixels)
+    try:
+        offline_search = SketchSearch.load(args.model, args.gallery, top_k=serve.top_k, max_pixels=serve.max_pixels)
+    except GalleryError as exc:
+        raise UserError(str(exc)) from None
     offline = [offline_search.search([body])[0] for _, body in queries]
     k = min(serve.top_k, len(offline_search.ids))
     report = serve_and_check(mar, release, serve, queries, offline, k)

@@ -3,8 +3,9 @@
 In the archive this file sits at the root beside `sem_pcyc_runtime/`, the archive's copy of this runtime package,
 and imports from it by that name (so it is only ever imported from an archive); it never imports the installed
 `sempcyc` package, so a serving host needs only TorchServe, torch, torchvision, numpy and pillow. The model and
-the gallery embeddings are loaded once in initialize(); each request is only preprocessing, one forward pass and a
-top-k.
+the gallery embeddings are loaded once in initialize(), from the archive or, for the large files a deployed slim
+archive leaves out, from the blob store its serving.json names (every file checked against its sha256; a missing
+or damaged one fails the load); each request is only preprocessing, one forward pass and a top-k.
 """
 import json
 import os
@@ -31,8 +32,10 @@ class SemPcycHandler:
         threads = int(os.environ.get("SEM_PCYC_THREADS", settings.get("threads", 0)) or 0)
         if threads > 0:
             torch.set_num_threads(threads)
+        # a deployed (slim) archive carries no model or shard files: serving.json names the host's blob store
         self.search = SketchSearch.load(model_dir / "sem_pcyc.pt", model_dir / "gallery",
-                                        top_k=int(settings["top_k"]), max_pixels=int(settings["max_pixels"]))
+                                        blob_store=settings.get("blob_store"), top_k=int(settings["top_k"]),
+                                        max_pixels=int(settings["max_pixels"]))
         self.version = settings.get("version")
         self.initialized = True
 

@@ -7,7 +7,6 @@ It uses the same preprocessing (imaging) and the same model path (encoder) as tr
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 
 from . import imaging
 from .encoder import Encoder
+from .gallery_shards import GalleryError, load_gallery, verified_path
 from .retrieval import top_k
 
 # Above this many gallery items an installed faiss index is used for the search (exact, flat L2).
@@ -46,11 +46,18 @@ class SketchSearch:
         self._blas = _blas_controller()
 
     @classmethod
-    def load(cls, model_path: str | Path, gallery_dir: str | Path, **kwargs) -> SketchSearch:
-        gallery_dir = Path(gallery_dir)
-        embeddings = np.load(gallery_dir / "embeddings.npy")
-        index = json.loads((gallery_dir / "index.json").read_text(encoding="utf-8"))
-        return cls(Encoder.load(model_path), embeddings, index, **kwargs)
+    def load(cls, model_path: str | Path, gallery_dir: str | Path, *, blob_store: str | Path | None = None,
+             **kwargs) -> SketchSearch:
+        """The model and the gallery (manifest.json + shards), each file verified against the manifest's sha256;
+        a file missing from `model_path` / `gallery_dir` is taken from `blob_store` by its sha256 (a deployed slim
+        archive). GalleryError names a missing or damaged file: nothing is served from a partial gallery."""
+        manifest, embeddings, index = load_gallery(gallery_dir, blob_store)
+        if not isinstance(manifest.get("model_sha256"), str):
+            raise GalleryError(f"{Path(gallery_dir) / 'manifest.json'}: no model_sha256; run `dvc repro gallery`")
+        model = verified_path(Path(model_path), manifest["model_sha256"], blob_store, "model sem_pcyc.pt",
+                              "Either the gallery was built with another model (rerun `dvc repro gallery`) or "
+                              "the file is damaged (deploy again, or rebuild the archive)")
+        return cls(Encoder.load(model), embeddings, index, **kwargs)
 
     def preprocess(self, data) -> np.ndarray:
         """Raw request body -> uint8 sketch array, or RequestError (4xx) saying what was wrong."""
