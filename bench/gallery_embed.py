@@ -4,8 +4,9 @@ one torch thread, on a project's gallery (default: this checkout's demo model an
 Every run is a fresh `sempcyc gallery` in a scratch folder with an empty cache (every image embedded); the figure
 is the stage's own "embedded N images in T s" line: decoding, network passes and the gather to rank 0, not the
 start-up, hashing, thumbnails or writing. Runs alternate 1 and N processes, with the 1-minute load average before
-each (other jobs on the cores change the figures: report it). It also checks that the galleries the 1- and
-N-process runs write are byte-identical.
+each (other jobs on the cores change the figures: report it), and the CPU seconds each whole command used (all
+its processes: what running in parallel costs beyond one process, whatever the load). It also checks that the
+galleries the 1- and N-process runs write are byte-identical.
 
 Usage: python bench/gallery_embed.py [--model M --dataset D --index I] [--synthetic 800] [--procs 2]
                                      [--repeats 3] [--limit 800]
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -72,9 +74,12 @@ def run_gallery(work: Path, procs: int, params: Path, model: Path, dataset: Path
     cmd = ([sys.executable, *argv] if procs == 1 else
            [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={procs}", *argv])
     load = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}")
     match = LINE.search(proc.stdout)
@@ -82,7 +87,7 @@ def run_gallery(work: Path, procs: int, params: Path, model: Path, dataset: Path
         raise SystemExit(f"no embed line for {procs} process(es) in:\n{proc.stdout}")
     shutil.rmtree(work / f"{out}-cache")
     return {"procs": procs, "images": int(match.group(1)), "seconds": float(match.group(2)), "wall": wall,
-            "load": load}
+            "cpu": cpu, "load": load}
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
@@ -120,7 +125,8 @@ def main() -> None:
                 r = runs[-1]
                 print(f"run {repeat + 1}, {procs} process(es): {r['images']} images in {r['seconds']:.2f} s "
                       f"({r['images'] / r['seconds']:.1f} images/s, {r['images'] / r['seconds'] / procs:.1f} per "
-                      f"process; whole command {r['wall']:.1f} s), load before {r['load']:.2f}", flush=True)
+                      f"process; whole command {r['wall']:.1f} s, {r['cpu']:.1f} CPU s), load before {r['load']:.2f}",
+                      flush=True)
         same = all(folder_bytes(work / f"g1-{i}") == folder_bytes(work / f"g{args.procs}-{i}")
                    for i in range(args.repeats))
         report(runs, args.procs, args.batch_size or params["gallery"]["batch_size"], same)
@@ -135,6 +141,9 @@ def report(runs: list[dict], procs: int, batch: int, same: bool) -> None:
     print(f"1 process:  median {one:.1f} images/s (runs: {', '.join(f'{v:.1f}' for v in rate[1])})")
     print(f"{procs} processes: median {many:.1f} images/s, {many / procs:.1f} per process "
           f"(runs: {', '.join(f'{v:.1f}' for v in rate[procs])})")
+    cpu = {p: statistics.median(r["cpu"] for r in runs if r["procs"] == p) for p in (1, procs)}
+    print(f"CPU seconds of the whole command (all its processes), median: {cpu[1]:.1f} for 1 process, "
+          f"{cpu[procs]:.1f} for {procs}")
     print(f"speed-up: {many / one:.2f}x (per run pair: "
           f"{', '.join(f'{b / a:.2f}x' for a, b in zip(rate[1], rate[procs]))})")
     print(f"1-process and {procs}-process galleries byte-identical: {'yes' if same else 'NO'}")
