@@ -35,7 +35,7 @@ class SketchSearch:
         """top_k and max_pixels: serve.top_k and serve.max_pixels (the archive's serving.json)."""
         if len(embeddings) != len(index):
             raise ValueError(f"gallery has {len(embeddings)} embeddings but {len(index)} index entries")
-        self.encoder = encoder
+        self.encoder = encoder.freeze_sketch_path()
         self.embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         self.sq_norms = np.einsum("gd,gd->g", self.embeddings, self.embeddings)
         self.ids = [item["id"] for item in index]
