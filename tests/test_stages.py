@@ -39,12 +39,13 @@ from helpers import (
 )
 from sempcyc import embedcache
 from sempcyc import evaluate as evaluate_mod
+from sempcyc import gallery as gallery_mod
 from sempcyc import train as train_mod
 from sempcyc.fsutil import sha256_file
-from sempcyc.runtime import imaging
+from sempcyc.runtime import ann, imaging
 from sempcyc.runtime.backbones import build_backbone
 from sempcyc.runtime.encoder import Encoder
-from sempcyc.runtime.gallery_shards import EMBEDDING_DTYPE, bucket_of, load_gallery, unpack_shard
+from sempcyc.runtime.gallery_shards import EMBEDDING_DTYPE, bucket_of, gallery_digest, load_gallery, unpack_shard
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LOSSES = {"ae", "gen", "gen_adv", "gen_cyc", "gen_cls", "gen_reg", "gen_code", "disc", "disc_se", "disc_sk", "disc_im"}
@@ -625,3 +626,100 @@ def test_gallery_thumbnails(trained: Path, tmp_path: Path):
             # the model's own fit-and-pad view of the photo, made small
             photo = imaging.image_to_array(imaging.load_file(trained / "data/dataset/images" / image_id), 40)
             assert np.abs(np.asarray(thumb.convert("RGB"), dtype=float) - photo).mean() < 12
+
+
+def gallery_args(trained: Path, out: str = "gallery", cache: str = "cache") -> list:
+    return ["gallery", "--model", trained / "models/sem_pcyc.pt", "--dataset", trained / "data/dataset",
+            "--index", trained / "data/dataset.json", "--out", out, "--cache", cache]
+
+
+def test_gallery_passes_never_depend_on_which_images_share_them(trained: Path):
+    """Every network pass takes exactly gallery.batch_size images (the last one padded), so an image's vector is the
+    same bytes alone, among others, or in another process's share."""
+    sizes = []
+
+    class BatchSizeDependent:  # a stand-in encoder whose result depends on the batch size
+        size = 32
+
+        def embed_images(self, x: torch.Tensor) -> torch.Tensor:
+            sizes.append(len(x))
+            return x.float().mean(dim=(1, 2)) * len(x)
+
+    index = json.loads((trained / "data/dataset.json").read_text())
+    todo = [(f"{c}/{f}", trained / "data/dataset/images" / c / f) for c, f in gallery_mod.gallery_items(index)][:11]
+    among = gallery_mod.embed(BatchSizeDependent(), todo, 4, "cpu", gallery_mod.Ranks())
+    alone = gallery_mod.embed(BatchSizeDependent(), todo[5:6], 4, "cpu", gallery_mod.Ranks())
+    assert among.shape == (11, 3) and among.dtype == np.float32
+    assert np.array_equal(alone[0], among[5]) and set(sizes) == {4}
+
+
+def test_gallery_torchrun_two_processes_write_the_one_process_bytes(trained: Path, tmp_path: Path):
+    """2 processes under real torchrun (gloo on CPU): each embeds half of the images the cache lacks, rank 0 writes
+    the gallery, byte for byte the one a single process writes; both exit 0; the counts are the whole job's."""
+    params = write_params(tmp_path, {"gallery": {"batch_size": 5, "ann_min_items": 10, "ann_nlist": 4}})
+    n = len(CLASSES) * PER_CLASS
+    assert gallery_counts(ok(tmp_path, *gallery_args(trained, "one", "cache1"))) == (n, 0)
+    env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1",
+               OPENBLAS_NUM_THREADS="1")
+    cmd = [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "sempcyc.cli",
+           "--params", str(params), *map(str, gallery_args(trained, "two", "cache2"))]
+    for embedded in (n, 0):  # the second run: everything from rank 0's cache
+        shutil.rmtree(tmp_path / "two", ignore_errors=True)
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert gallery_counts(proc.stdout) == (embedded, n - embedded)
+        assert proc.stdout.count("gallery: ") == 2 + bool(embedded), proc.stdout  # rank 0 alone reports
+        assert (f"embedded {n} images" in proc.stdout and "on 2 process(es)" in proc.stdout) == bool(embedded)
+        assert gallery_files(tmp_path / "two") == gallery_files(tmp_path / "one")
+    assert "ivf.npz" in gallery_files(tmp_path / "one")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no scratch folder left
+
+
+def test_gallery_ann_index_from_gallery_ann_min_items(trained: Path, tmp_path: Path):
+    """A gallery of at least gallery.ann_min_items items gets ivf.npz, an IVF index over its embeddings in manifest
+    order, named in the manifest with its sha256, nlist and the gallery digest the loader recomputes."""
+    n = len(CLASSES) * PER_CLASS
+    for min_items, nlist, want in ((n, 4, 4), (1, 0, ann.default_nlist(n))):
+        write_params(tmp_path, {"gallery": {"ann_min_items": min_items, "ann_nlist": nlist, "shards": 5}})
+        out = ok(tmp_path, *gallery_args(trained))
+        assert f"IVF index of {n} items in {want} lists" in out
+        manifest, emb, _, _ = read_gallery(tmp_path / "gallery")
+        entry = manifest["index"]
+        digest = gallery_digest(manifest["model_sha256"], [s["sha256"] for s in manifest["shards"]])
+        assert entry == {"file": "ivf.npz", "sha256": sha256_file(tmp_path / "gallery/ivf.npz"), "nlist": want,
+                         "gallery_digest": digest}
+        index = ann.IVFIndex.load(tmp_path / "gallery/ivf.npz", emb, digest)
+        assert index.nlist == want and index.items == n
+        ids, _ = index.search(emb[:3], k=1, nprobe=want)
+        assert ids[:, 0].tolist() == [0, 1, 2]  # manifest order: each item finds itself
+    with pytest.raises(ann.IndexMismatch):
+        ann.IVFIndex.load(tmp_path / "gallery/ivf.npz", emb, gallery_digest("other model", []))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"ann_min_items": 0}, {"ann_min_items": len(CLASSES) * PER_CLASS + 1}])
+def test_gallery_below_gallery_ann_min_items_has_no_index(trained: Path, tmp_path: Path, overrides: dict):
+    """The default threshold (200000) gives the demo-size gallery no index; 0 means never."""
+    write_params(tmp_path, {"gallery": overrides} if overrides else None)
+    out = ok(tmp_path, *gallery_args(trained))
+    assert "IVF" not in out
+    assert "index" not in json.loads((tmp_path / "gallery/manifest.json").read_text())
+    assert not (tmp_path / "gallery/ivf.npz").exists()
+
+
+@pytest.mark.parametrize("overrides, names", [
+    ({"gallery": {"ann_min_items": 1, "ann_nlist": 1000}}, "gallery.ann_nlist 1000"),
+    ({"gallery": {"ann_min_items": -1}}, "gallery.ann_min_items"),
+    ({"train": {"device": "gpu"}}, "train.device"),
+])
+def test_gallery_bad_params_give_one_line_errors(trained: Path, tmp_path: Path, overrides: dict, names: str):
+    write_params(tmp_path, overrides)
+    rc, _, err = call(tmp_path, *gallery_args(trained))
+    assert names in one_line_error(rc, err, "gallery")
+    assert not (tmp_path / "gallery").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_gallery_on_cuda_without_cuda_names_the_param(trained: Path, tmp_path: Path):
+    write_params(tmp_path, {"train": {"device": "cuda"}})
+    rc, _, err = call(tmp_path, *gallery_args(trained))
+    assert "train.device" in one_line_error(rc, err, "gallery")

@@ -2,7 +2,11 @@
 
 Images go through exactly the path the handler uses for a query (imaging.decode -> *_to_array -> Encoder).
 A content-hash cache (models/gallery-cache/, kept between runs) holds embeddings by (model, image bytes), so
-after classes are added only the new images are embedded; a new model invalidates the cache.
+after classes are added only the new images are embedded; a new model invalidates the cache. Every network pass
+takes exactly `gallery.batch_size` images (the last one padded): CPU kernels pick their algorithm by batch size,
+so an image's vector then depends on the image alone, never on which images share its pass, and a cached vector,
+a fresh one and one embedded by another process are the same bytes (the cache is keyed by the pass size and the
+device type too).
 
 It also makes the sketch page's result thumbnails: the first `gallery.thumbnail_max_items` images (index order) as
 small square WebP files; the archive carries them (the handler never reads them) and the page server serves them.
@@ -10,12 +14,26 @@ small square WebP files; the archive carries them (the handler never reads them)
 Output: manifest.json and shards/<sha256>.npz (runtime/gallery_shards.py): every class goes to one of
 `gallery.shards` buckets by a hash of its name, and each non-empty bucket is one shard holding its items'
 embeddings, ids, classes and thumbnails, written with deterministic bytes. Adding classes (zero-shot: no
-retraining) changes only the shards they hash into and the manifest, so a deploy sends only those.
+retraining) changes only the shards they hash into and the manifest, so a deploy sends only those. A gallery of at
+least `gallery.ann_min_items` items also gets an approximate index, ivf.npz (runtime/ann.py), over its embeddings
+in manifest order; the manifest names it under "index" with its sha256 and the gallery digest it was built for.
+
+One process (what `dvc repro gallery` runs):
+    sempcyc gallery --model models/sem_pcyc.pt --dataset data/dataset --index data/dataset.json --out models/gallery
+Data-parallel embedding, e.g. 2 processes on the CPUs of one machine (torchrun gives each one torch thread):
+    torchrun --standalone --nproc_per_node 2 -m sempcyc.cli gallery --model models/sem_pcyc.pt \
+        --dataset data/dataset --index data/dataset.json --out models/gallery
+or one process per GPU with train.device cuda (or auto): --nproc_per_node 4. Several machines: the same on each,
+with --nnodes N --node_rank i --rdzv_backend c10d --rdzv_endpoint HOST:PORT, and the model and dataset at the same
+paths on every machine. Each process hashes and embeds a fixed share (every world-th image the cache lacks); the
+vectors are gathered (gloo, on GPUs too: only results cross) to rank 0, which alone reads and writes the cache and
+writes the gallery and its index: the same bytes as one process writes. The others exit after a barrier.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +41,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
@@ -31,12 +50,22 @@ from .embedcache import EmbeddingCache, embedding_key
 from .errors import UserError
 from .fsutil import atomic_dir, dumps_json, sha256_file
 from .params import setting
-from .runtime import imaging
+from .recipe import TrainSettings, pick_device
+from .runtime import ann, imaging
 from .runtime.encoder import Encoder
-from .runtime.gallery_shards import EMBEDDING_DTYPE, MANIFEST, SHARD_DIR, bucket_of, pack_shard, sha256_bytes
+from .runtime.gallery_shards import (
+    EMBEDDING_DTYPE,
+    MANIFEST,
+    SHARD_DIR,
+    bucket_of,
+    gallery_digest,
+    pack_shard,
+    sha256_bytes,
+)
 from .shards import load_json
 
 THUMB_FORMAT, THUMB_QUALITY = "webp", 70  # 64-px WebP at q70: ~400 bytes a demo photo (JPEG q80: ~880)
+INDEX_FILE = "ivf.npz"
 
 
 @dataclass(frozen=True)
@@ -46,6 +75,18 @@ class GallerySettings:
     thumbnail_size: int = setting(min=16, max=256)
     thumbnail_max_items: int = setting(min=0)
     shards: int = setting(min=1, max=4096)
+    ann_min_items: int = setting(min=0)
+    ann_nlist: int = setting(min=0)
+    ann_seed: int = setting()
+    ann_iterations: int = setting(min=0)
+    ann_sample_per_list: int = setting(min=1)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a torchrun job (0 of 1 when started alone)."""
+    rank: int = 0
+    world: int = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,37 +98,78 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    (settings,) = params_mod.read(args.params, GallerySettings)
+    settings, train = params_mod.read(args.params, GallerySettings, TrainSettings)
     started = time.time()
     index = load_json(Path(args.index), "run `dvc repro extract`")
     model_path = Path(args.model)
     if not model_path.exists():
         raise UserError(f"{model_path}: not found; run `dvc repro train`")
-    n_items, n_embedded = build_gallery(model_path, Path(args.dataset), index, Path(args.out), Path(args.cache),
-                                        settings)
-    print(f"gallery: {n_items} images ({n_embedded} embedded, {n_items - n_embedded} from cache) and "
-          f"{min(n_items, settings.thumbnail_max_items)} thumbnails in {time.time() - started:.1f} s -> {args.out}")
+    check_ann_settings(settings, len(gallery_items(index)), args.params)
+    device = pick_device(train.device)
+    ranks = dist_setup()
+    if device == "cuda" and ranks.world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    counts = build_gallery(model_path, Path(args.dataset), index, Path(args.out), Path(args.cache), settings,
+                           device, ranks)
+    if ranks.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if counts is not None:
+        n_items, n_embedded = counts
+        print(f"gallery: {n_items} images ({n_embedded} embedded, {n_items - n_embedded} from cache) and "
+              f"{min(n_items, settings.thumbnail_max_items)} thumbnails in {time.time() - started:.1f} s "
+              f"-> {args.out}")
+
+
+def dist_setup() -> Ranks:
+    """Ranks from torchrun's environment, with torch.distributed initialised (gloo) when there are several."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return Ranks(dist.get_rank(), world)
+
+
+def check_ann_settings(settings: GallerySettings, items: int, source: str) -> None:
+    """Refuse, before anything is embedded, an index that cannot be built: more lists than items."""
+    if builds_index(settings, items) and settings.ann_nlist > items:
+        raise UserError(f"{source}: gallery.ann_nlist {settings.ann_nlist} is more than the gallery's {items} "
+                        "items; lower it, or set 0 to pick one from the size")
+
+
+def builds_index(settings: GallerySettings, items: int) -> bool:
+    return 0 < settings.ann_min_items <= items
+
+
+def gallery_items(index: dict) -> list[tuple[str, str]]:
+    """(class, file) of every gallery image, in index order."""
+    return [(c, f) for c in index["classes"] for f in index["files"]["images"].get(c, [])]
 
 
 def build_gallery(model_path: Path, dataset: Path, index: dict, out: Path, cache_dir: Path,
-                  settings: GallerySettings) -> tuple[int, int]:
-    """Embed the images the cache lacks and write `out`: (gallery items, images embedded now)."""
+                  settings: GallerySettings, device: str = "cpu", ranks: Ranks = Ranks()) -> tuple[int, int] | None:
+    """Embed the images the cache lacks (each rank its share) and, on rank 0, write `out`: (gallery items, images
+    embedded now) on rank 0, None on the others."""
+    items = gallery_items(index)
     model_sha = sha256_file(model_path)
-    enc = Encoder.load(model_path)
-    cache = EmbeddingCache(cache_dir, embedding_key(model_sha))
-    items = [(c, f) for c in index["classes"] for f in index["files"]["images"].get(c, [])]
-    hashes, todo = [], []
-    for cls, fname in items:
-        path = dataset / "images" / cls / fname
-        try:
-            digest = sha256_file(path)
-        except FileNotFoundError:
-            raise UserError(f"{path}: missing; rerun `dvc repro extract`") from None
-        hashes.append(digest)
-        if digest not in cache.table:
-            todo.append((digest, path))
-    todo = list(dict(todo).items())  # identical files are embedded once
-    embed_into_cache(enc, todo, cache, settings.batch_size)
+    cache = None
+    if ranks.rank == 0:
+        producer = f"gallery model {model_sha} pass {settings.batch_size} on {torch.device(device).type}"
+        cache = EmbeddingCache(cache_dir, embedding_key(producer))
+    hashes = file_hashes(dataset, items, ranks)
+    todo = from_rank0(missing(dataset, items, hashes, cache) if cache is not None else None, ranks)
+    enc = Encoder.load(model_path, device)
+    started = time.time()
+    parts = to_rank0(embed(enc, todo[ranks.rank::ranks.world], settings.batch_size, device, ranks), ranks)
+    if cache is None:
+        return None
+    for rank, part in enumerate(parts):
+        cache.table.update((digest, vector) for (digest, _), vector in zip(todo[rank::ranks.world], part))
+    if todo:
+        took = time.time() - started  # decoding, network passes and the gather to rank 0
+        print(f"gallery: embedded {len(todo)} images in {took:.2f} s on {ranks.world} process(es) on {device} "
+              f"({len(todo) / max(took, 1e-9):.1f} images/s)")
     cache.save()
     embeddings = np.stack([cache.table[h] for h in hashes]).astype(EMBEDDING_DTYPE)
     thumbs = make_thumbnails(dataset, items[:settings.thumbnail_max_items], settings.thumbnail_size)
@@ -95,14 +177,84 @@ def build_gallery(model_path: Path, dataset: Path, index: dict, out: Path, cache
             "classes": len(index["classes"]), "size": enc.size, "buckets": settings.shards,
             "dtype": np.dtype(EMBEDDING_DTYPE).name,
             "thumbnails": {"format": THUMB_FORMAT, "size": settings.thumbnail_size, "items": len(thumbs)}}
-    write_sharded(out, meta, items, embeddings, thumbs)
+    write_sharded(out, meta, items, embeddings, thumbs, settings)
     return len(items), len(todo)
 
 
+def file_hashes(dataset: Path, items: list[tuple[str, str]], ranks: Ranks) -> list[str]:
+    """The sha256 of every gallery image, in item order; each rank hashes every world-th one, all get all."""
+    mine = []
+    for cls, fname in items[ranks.rank::ranks.world]:
+        path = dataset / "images" / cls / fname
+        try:
+            mine.append(sha256_file(path))
+        except FileNotFoundError:
+            raise UserError(f"{path}: missing; rerun `dvc repro extract`") from None
+    if ranks.world == 1:
+        return mine
+    parts: list = [None] * ranks.world
+    dist.all_gather_object(parts, mine)
+    hashes = [""] * len(items)
+    for rank, part in enumerate(parts):
+        hashes[rank::ranks.world] = part
+    return hashes
+
+
+def missing(dataset: Path, items: list[tuple[str, str]], hashes: list[str],
+            cache: EmbeddingCache) -> list[tuple[str, Path]]:
+    """(sha256, path) of the images the cache lacks, in item order, each distinct file once."""
+    todo = {h: dataset / "images" / cls / fname for (cls, fname), h in zip(items, hashes) if h not in cache.table}
+    return list(todo.items())
+
+
+def from_rank0(obj, ranks: Ranks):
+    """Rank 0's `obj`, on every rank."""
+    if ranks.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def to_rank0(obj, ranks: Ranks) -> list | None:
+    """Every rank's `obj`, in rank order, on rank 0 (None on the others)."""
+    if ranks.world == 1:
+        return [obj]
+    parts = [None] * ranks.world if ranks.rank == 0 else None
+    dist.gather_object(obj, parts, dst=0)
+    return parts
+
+
+def embed(enc: Encoder, todo: list[tuple[str, Path]], pass_size: int, device: str, ranks: Ranks) -> np.ndarray:
+    """The float32 embeddings (n, dim) of (sha256, path) images through the handler's preprocessing, `pass_size`
+    images a network pass, the last pass padded with blank images."""
+    vectors = []
+    with tqdm(total=len(todo), desc=f"gallery embed (rank 0 of {ranks.world})" if ranks.world > 1 else
+              "gallery embed", unit="img", mininterval=2, disable=ranks.rank != 0) as bar:
+        for start in range(0, len(todo), pass_size):
+            chunk = todo[start:start + pass_size]
+            try:
+                arrays = np.stack([imaging.image_to_array(imaging.load_file(p), enc.size) for _, p in chunk])
+            except imaging.ImageDecodeError as exc:
+                raise UserError(f"{exc}; fix the file and rerun `dvc repro extract`") from None
+            vectors.append(embed_pass(enc, arrays, pass_size, device))
+            bar.update(len(chunk))
+    return np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
+
+
+def embed_pass(enc: Encoder, arrays: np.ndarray, pass_size: int, device: str) -> np.ndarray:
+    """One network pass of exactly `pass_size` images: `arrays` (n <= pass_size) padded with zeros; n vectors."""
+    n = len(arrays)
+    padded = np.concatenate([arrays, np.zeros((pass_size - n, *arrays.shape[1:]), arrays.dtype)])
+    with torch.inference_mode():
+        out = enc.embed_images(torch.from_numpy(padded).to(device))
+    return out[:n].float().cpu().numpy()  # the cache keeps full precision
+
+
 def write_sharded(out: Path, meta: dict, items: list[tuple[str, str]], embeddings: np.ndarray,
-                  thumbs: list[bytes]) -> None:
-    """`out`/shards/<sha256>.npz, one per non-empty bucket (items in index order within it), and manifest.json:
-    `meta` plus the shards in bucket order."""
+                  thumbs: list[bytes], settings: GallerySettings) -> None:
+    """`out`/shards/<sha256>.npz, one per non-empty bucket (items in index order within it), the approximate index
+    when the gallery is large enough, and manifest.json: `meta` plus the shards in bucket order (and the index)."""
     buckets: dict[int, list[int]] = {}
     for i, (cls, _) in enumerate(items):
         buckets.setdefault(bucket_of(cls, meta["buckets"]), []).append(i)
@@ -117,7 +269,24 @@ def write_sharded(out: Path, meta: dict, items: list[tuple[str, str]], embedding
             (scratch / SHARD_DIR / f"{digest}.npz").write_bytes(data)
             shards.append({"bucket": bucket, "file": f"{SHARD_DIR}/{digest}.npz", "sha256": digest,
                            "bytes": len(data), "items": len(rows)})
-        (scratch / MANIFEST).write_text(dumps_json({**meta, "shards": shards}), encoding="utf-8")
+        manifest = {**meta, "shards": shards}
+        if builds_index(settings, len(items)):
+            in_manifest_order = embeddings[[i for bucket in sorted(buckets) for i in buckets[bucket]]]
+            digest = gallery_digest(meta["model_sha256"], [entry["sha256"] for entry in shards])
+            manifest["index"] = write_index(scratch, in_manifest_order, digest, settings)
+        (scratch / MANIFEST).write_text(dumps_json(manifest), encoding="utf-8")
+
+
+def write_index(folder: Path, vectors: np.ndarray, digest: str, settings: GallerySettings) -> dict:
+    """An IVF index (runtime/ann.py) of `vectors` (the gallery's, in manifest order) saved as `folder`/ivf.npz; its
+    manifest entry."""
+    started = time.time()
+    nlist = settings.ann_nlist or ann.default_nlist(len(vectors))
+    index = ann.IVFIndex.build(vectors, nlist, digest, seed=settings.ann_seed, iterations=settings.ann_iterations,
+                               sample_per_list=settings.ann_sample_per_list)
+    index.save(folder / INDEX_FILE)
+    print(f"gallery: IVF index of {len(vectors)} items in {nlist} lists in {time.time() - started:.1f} s")
+    return {"file": INDEX_FILE, "sha256": sha256_file(folder / INDEX_FILE), "nlist": nlist, "gallery_digest": digest}
 
 
 def make_thumbnails(dataset: Path, items: list[tuple[str, str]], size: int) -> list[bytes]:
@@ -133,19 +302,3 @@ def make_thumbnails(dataset: Path, items: list[tuple[str, str]], size: int) -> l
         Image.fromarray(square).save(buf, format=THUMB_FORMAT, quality=THUMB_QUALITY, method=4)
         thumbs.append(buf.getvalue())
     return thumbs
-
-
-def embed_into_cache(enc: Encoder, todo: list[tuple[str, Path]], cache: EmbeddingCache, batch_size: int) -> None:
-    """Embed (sha256, path) images through the handler's preprocessing into the cache table."""
-    with tqdm(total=len(todo), desc="gallery embed", unit="img", mininterval=2) as bar:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            try:
-                arrays = np.stack([imaging.image_to_array(imaging.load_file(p), enc.size) for _, p in chunk])
-            except imaging.ImageDecodeError as exc:
-                raise UserError(f"{exc}; fix the file and rerun `dvc repro extract`") from None
-            with torch.inference_mode():
-                vectors = enc.embed_images(torch.from_numpy(arrays)).numpy()
-            for (digest, _), vector in zip(chunk, vectors):
-                cache.table[digest] = vector.astype(np.float32)  # the cache keeps full precision
-            bar.update(len(chunk))

@@ -9,6 +9,9 @@ serving part of it.
 
 A file is looked up in the gallery folder first (a full archive carries everything), then by its sha256 in a blob
 store (a deployed slim archive's serving.json names its host's).
+
+A large gallery also has an approximate index (runtime/ann.py's IVF file, manifest "index": file, sha256, nlist and
+gallery_digest), built for the vectors of exactly these shards in this order (`gallery_digest`).
 """
 from __future__ import annotations
 
@@ -39,6 +42,13 @@ def bucket_of(class_name: str, buckets: int) -> int:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def gallery_digest(model_sha256: str, shard_sha256s: list[str]) -> str:
+    """What identifies a gallery's vectors and their order: the model's sha256 and its shards' sha256s in manifest
+    order. The gallery stage builds its approximate index (manifest "index") for this digest; a loader recomputes it
+    from the manifest, `gallery_digest(manifest["model_sha256"], [s["sha256"] for s in manifest["shards"]])`."""
+    return sha256_bytes("\n".join(["sem-pcyc gallery", model_sha256, *shard_sha256s]).encode("utf-8"))
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
