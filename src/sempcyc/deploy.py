@@ -815,7 +815,8 @@ def smoke_reference(args: argparse.Namespace, serve: ServeSettings) -> dict:
     """The smoke query: one unseen-class sketch, the offline answer of the same model and gallery, and k."""
     name, sketch = pick_queries(Path(args.dataset), Path(args.splits), per_class=1)[0]
     try:
-        offline = SketchSearch.load(args.model, args.gallery, top_k=serve.top_k, max_pixels=serve.max_pixels)
+        offline = SketchSearch.load(args.model, args.gallery, top_k=serve.top_k, max_pixels=serve.max_pixels,
+                                    nprobe=serve.ann_nprobe)
     except GalleryError as exc:
         raise UserError(str(exc)) from None
     return {"name": name, "sketch": sketch, "expected": offline.search([sketch])[0],
