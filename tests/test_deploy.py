@@ -5,6 +5,8 @@ The host's TorchServe runs from its own config.properties with the documented st
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -27,17 +29,21 @@ from helpers import (
     VENV_BIN,
     class_files,
     merged,
+    new_unseen_class,
     ok,
     one_line_error,
+    repo_params,
     run_cli,
     write_params,
     write_tar,
 )
 from hosts import Host, start_sshd, target_dict
-from sempcyc import archive, deploy
+from sempcyc import archive, blobstore, deploy
+from sempcyc.errors import UserError
 from sempcyc.params import read_section
 from sempcyc.runtime.search import SketchSearch
-from sempcyc.serving import ReleaseSettings, ServeSettings
+from sempcyc.serving import ReleaseSettings, ServeSettings, same_ranking
+from sempcyc.targets import DeploySettings, parse_targets
 from sempcyc.torchserve import free_port
 
 pytestmark = pytest.mark.integration
@@ -47,23 +53,27 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> dict:
-    """A tiny trained model + gallery, archived as versions 0.1.0, 0.2.0 and 0.3.0, a broken 0.3.0, and the same
-    model under another name ("other")."""
+    """A tiny trained model + gallery, archived as versions 0.1.0, 0.2.0 and 0.3.0, a broken 0.3.0, the same model
+    under another name ("other"), and 0.4.0: the same model with a gallery of two more classes (a zero-shot
+    release). 8 gallery shards, so new classes also land in shards that hold old ones."""
     root = tmp_path_factory.mktemp("artifacts")
+    new = [new_unseen_class(CLASSES)]
+    new.append(new_unseen_class([*CLASSES, *new]))
     write_tar(root / "ds.tar", class_files({c: (PER_CLASS, PER_CLASS) for c in CLASSES}))
-    write_params(root)
+    write_tar(root / "ds2.tar", class_files({c: (PER_CLASS, PER_CLASS) for c in [*CLASSES, *new]}))
+    write_params(root, {"gallery": {"shards": 8}})
     ok(root, "extract", "--tar", "ds.tar")
-    ok(root, "semantic")
-    ok(root, "prepare")
-    ok(root, "features")
-    ok(root, "train")
-    ok(root, "gallery")
+    for name in ("semantic", "prepare", "features", "train", "gallery"):
+        ok(root, name)
+    ok(root, "extract", "--tar", "ds2.tar", "--out", "data/dataset2", "--index", "data/dataset2.json")
+    ok(root, "gallery", "--dataset", "data/dataset2", "--index", "data/dataset2.json", "--out", "models/gallery2")
     marts = {}
-    for version in ("0.1.0", "0.2.0", "0.3.0"):
+    for version, gallery in (("0.1.0", "gallery"), ("0.2.0", "gallery"), ("0.3.0", "gallery"),
+                             ("0.4.0", "gallery2")):
         params = merged(PARAMS, {"release": {"version": version, "model_name": "sem_pcyc"},
                                  "serve": {"top_k": 5, "threads": 1}})
         release, serve = read_section(params, ReleaseSettings), read_section(params, ServeSettings)
-        marts[version] = archive.build_archive(root / "models/sem_pcyc.pt", root / "models/gallery",
+        marts[version] = archive.build_archive(root / "models/sem_pcyc.pt", root / "models" / gallery,
                                                root / f"mars/sem_pcyc-{version}.mar", release, serve)
     broken = root / "mars/broken-0.3.0.mar"
     with zipfile.ZipFile(marts["0.2.0"]) as src, zipfile.ZipFile(broken, "w") as dst:
@@ -79,9 +89,10 @@ def artifacts(tmp_path_factory) -> dict:
     marts["broken"] = broken
     marts["other"] = renamed_model(marts["0.1.0"], root / "mars/other.mar", "other")
     sketch = next((root / "data/dataset/sketches").glob("*/*.png")).read_bytes()
-    search = SketchSearch.load(root / "models/sem_pcyc.pt", root / "models/gallery", top_k=5,
-                                max_pixels=16_000_000)
-    return {"root": root, "mars": marts, "sketch": sketch, "expected": search.search([sketch])[0], "k": 5}
+    expected = {g: SketchSearch.load(root / "models/sem_pcyc.pt", root / "models" / g, top_k=5,
+                                     max_pixels=16_000_000).search([sketch])[0] for g in ("gallery", "gallery2")}
+    return {"root": root, "mars": marts, "sketch": sketch, "expected": expected["gallery"],
+            "expected2": expected["gallery2"], "k": 5, "new_classes": new}
 
 
 def renamed_model(mar: Path, out: Path, name: str) -> Path:
@@ -106,8 +117,21 @@ def host(tmp_path_factory):
 
 def do_deploy(artifacts, target, mar) -> dict:
     mar = Path(mar)
-    return deploy.deploy_target(target, mar, deploy.mar_version(mar), deploy.sha256_file(mar),
-                                artifacts["sketch"], artifacts["expected"], artifacts["k"])
+    expected = artifacts["expected2" if mar == artifacts["mars"]["0.4.0"] else "expected"]
+    return deploy.deploy_target(target, deploy.release_of(mar), artifacts["sketch"], expected, artifacts["k"])
+
+
+def blob_sizes(mar: Path) -> dict[str, int]:
+    """sha256 -> bytes of the archive's large files: the model and every gallery shard."""
+    return {b.sha256: b.size for b in blobstore.archive_blobs(mar)}
+
+
+def blob_store(h: Host) -> Path:
+    return h.store / ".sem-pcyc-blobs"
+
+
+def stored_blobs(h: Host) -> set[str]:
+    return {p.name for p in blob_store(h).iterdir() if blobstore.BLOB_NAME.fullmatch(p.name)}
 
 
 # ------------------------------------------------------------------------------------------- the main story
@@ -118,11 +142,17 @@ def test_rollout_story(artifacts, sshd, host):
     mars = artifacts["mars"]
     first = do_deploy(artifacts, host.target(sshd), mars["0.1.0"])
     assert first["status"] == "deployed", json.dumps(first)
-    assert first["bytes_sent"] == mars["0.1.0"].stat().st_size
+    blobs = blob_sizes(mars["0.1.0"])  # the host gets every blob and the slim archive, nothing twice
+    assert first["bytes_sent"] == sum(blobs.values()) + first["slim_archive_bytes"], first
+    assert {b["sha256"] for b in first["blobs"]["sent"]} == set(blobs) and first["blobs"]["reused"] == 0
+    assert stored_blobs(host) == set(blobs)
+    assert (host.store / "sem_pcyc-0.1.0.mar").stat().st_size == first["slim_archive_bytes"]
     assert host.default() == "0.1.0" and host.predict(artifacts["sketch"]) == 200
 
-    second = do_deploy(artifacts, host.target(sshd), mars["0.2.0"])
+    second = do_deploy(artifacts, host.target(sshd), mars["0.2.0"])  # same model and gallery: the slim .mar only
     assert second["status"] == "deployed" and second["previous_default"] == "0.1.0", second
+    assert second["bytes_sent"] == second["slim_archive_bytes"] and second["blobs"]["sent"] == []
+    assert second["blobs"]["reused"] == len(blobs)
     assert host.default() == "0.2.0"
     assert host.predict(artifacts["sketch"], "0.1.0") == 200
 
@@ -152,20 +182,156 @@ def test_retention_unregisters_old_versions(artifacts, sshd, tmp_path):
         h.stop()
 
 
+# --------------------------------------------------------------------------- the blob store: only what changed
+
+def test_slim_archive_is_deterministic_and_leaves_the_blobs_out(artifacts, tmp_path):
+    mar = artifacts["mars"]["0.1.0"]
+    a = blobstore.write_slim_archive(mar, "/srv/blobs", tmp_path / "a.mar")
+    b = blobstore.write_slim_archive(mar, "/srv/blobs", tmp_path / "b.mar")
+    assert a.read_bytes() == b.read_bytes()
+    with zipfile.ZipFile(mar) as full, zipfile.ZipFile(a) as slim:
+        kept = [n for n in full.namelist() if n != "sem_pcyc.pt" and not n.startswith("gallery/shards/")]
+        assert sorted(slim.namelist()) == sorted(kept) and "gallery/manifest.json" in kept
+        assert json.loads(slim.read("serving.json")) == {**json.loads(full.read("serving.json")),
+                                                         "blob_store": "/srv/blobs"}
+        assert slim.read("MAR-INF/MANIFEST.json") == full.read("MAR-INF/MANIFEST.json")
+        assert {i.date_time for i in slim.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+    other = blobstore.write_slim_archive(mar, "/elsewhere", tmp_path / "c.mar")
+    assert other.read_bytes() != a.read_bytes()
+
+
+def test_a_release_with_new_classes_sends_only_the_shards_they_changed(artifacts, sshd, tmp_path):
+    """0.1.0 first (every blob), then 0.4.0: the same model and two more classes. Only the shards those classes
+    hash into travel, with the slim archive (which carries the manifest); retention with keep_versions 1 then
+    removes 0.1.0 and exactly the blobs only it used; the new version answers with the new classes' images."""
+    h = Host(tmp_path / "host").start()
+    mars = artifacts["mars"]
+    old, new = blob_sizes(mars["0.1.0"]), blob_sizes(mars["0.4.0"])
+    changed = set(new) - set(old)
+    assert 0 < len(changed) <= 2 and len(changed) < len(new) - 1, (old, new)  # the model and most shards stay
+    try:
+        first = do_deploy(artifacts, h.target(sshd, keep_versions=1), mars["0.1.0"])
+        assert first["status"] == "deployed" and stored_blobs(h) == set(old), first
+        (blob_store(h) / "notes.txt").write_text("not ours")
+        # the list of a deploy that failed before its archive got there, and another model's list: the first goes
+        # at retention with the blob only it names, the second stays with its blob
+        stale, foreign = "a" * 64, "b" * 64
+        for blob, refs in ((stale, "sem_pcyc-0.9.0.mar.blobs"), (foreign, "other-1.0.mar.blobs")):
+            (blob_store(h) / blob).write_text("x")
+            (blob_store(h) / refs).write_text(f"{blob}\n")
+        second = do_deploy(artifacts, h.target(sshd, keep_versions=1), mars["0.4.0"])
+        assert second["status"] == "deployed", json.dumps(second)
+        assert {b["sha256"] for b in second["blobs"]["sent"]} == changed
+        assert all(b["file"].startswith("gallery/shards/") and b["why"] == "missing" for b in second["blobs"]["sent"])
+        assert second["bytes_sent"] == sum(new[sha] for sha in changed) + second["slim_archive_bytes"], second
+        assert second["blobs"]["bytes_sent"] < first["blobs"]["bytes_sent"] / 5
+        assert second["blobs"]["reused"] == len(new) - len(changed)
+        # retention: 0.1.0 is gone with its blob list, and the shards only it used with it
+        assert h.versions() == ["0.4.0"] and sorted(second["blobs_removed"]) == sorted({*old, stale} - set(new))
+        assert stored_blobs(h) == {*new, foreign} and (blob_store(h) / "notes.txt").exists()
+        assert sorted(p.name for p in blob_store(h).glob("*.blobs")) == ["other-1.0.mar.blobs",
+                                                                        "sem_pcyc-0.4.0.mar.blobs"]
+        assert set((blob_store(h) / "sem_pcyc-0.4.0.mar.blobs").read_text().split()) == set(new)
+        url = f"{h.ts.inference_url}/predictions/sem_pcyc"
+        new_sketch = next((artifacts["root"] / "data/dataset2/sketches" / artifacts["new_classes"][0]).glob("*"))
+        status, body = h.ts.request("POST", url, new_sketch.read_bytes(), {"Content-Type": "image/png"}, timeout=60)
+        assert status == 200 and len(json.loads(body)) == 5
+        offline = SketchSearch.load(artifacts["root"] / "models/sem_pcyc.pt", artifacts["root"] / "models/gallery2",
+                                    top_k=5, max_pixels=16_000_000)
+        assert same_ranking(json.loads(body), offline.search([new_sketch.read_bytes()])[0])
+    finally:
+        h.stop()
+
+
+def test_a_damaged_or_deleted_blob_is_sent_again(artifacts, sshd, tmp_path):
+    """The host's copies are checked by sha256 at every deploy, also when the version is already live: a damaged
+    shard and a deleted model are sent again, the intact ones are not."""
+    h = Host(tmp_path / "host").start()
+    mar = artifacts["mars"]["0.1.0"]
+    blobs = {b.member: b for b in blobstore.archive_blobs(mar)}
+    shard = next(b for m, b in blobs.items() if m.startswith("gallery/shards/"))
+    try:
+        assert do_deploy(artifacts, h.target(sshd), mar)["status"] == "deployed"
+        damaged = blob_store(h) / shard.sha256
+        data = bytearray(damaged.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        damaged.write_bytes(bytes(data))
+        (blob_store(h) / blobs["sem_pcyc.pt"].sha256).unlink()
+        again = do_deploy(artifacts, h.target(sshd), mar)
+        assert again["status"] == "already live", json.dumps(again)
+        assert sorted((b["file"], b["why"]) for b in again["blobs"]["sent"]) == \
+            sorted([(shard.member, "damaged"), ("sem_pcyc.pt", "missing")])
+        assert again["bytes_sent"] == shard.size + blobs["sem_pcyc.pt"].size and "re-sent 2" in again["message"]
+        assert hashlib.sha256(damaged.read_bytes()).hexdigest() == shard.sha256
+        assert stored_blobs(h) == {b.sha256 for b in blobs.values()}
+        assert do_deploy(artifacts, h.target(sshd), mar)["bytes_sent"] == 0
+    finally:
+        h.stop()
+
+
+def answer_status(h: Host, sketch: bytes, timeout: float) -> int | None:
+    """The default version's status for `sketch`, or None when no answer comes within `timeout` seconds."""
+    try:
+        return h.ts.request("POST", f"{h.ts.inference_url}/predictions/sem_pcyc", sketch,
+                            {"Content-Type": "image/png"}, timeout=timeout)[0]
+    except TimeoutError:
+        return None
+
+
+def test_a_host_missing_a_shard_never_serves_a_partial_gallery(artifacts, sshd, tmp_path):
+    """A shard gone from the blob store: at the next TorchServe start the version's worker refuses to load (the
+    handler names the shard) instead of answering from the other shards, so queries get no answer. The next
+    deploy finds the version live but the shard missing, sends it, and checks with its smoke query that the
+    version answers again (TorchServe's next worker start finds every file)."""
+    h = Host(tmp_path / "host").start()
+    mar = artifacts["mars"]["0.1.0"]
+    shard = next(b for b in blobstore.archive_blobs(mar) if b.member.startswith("gallery/shards/"))
+    try:
+        assert do_deploy(artifacts, h.target(sshd), mar)["status"] == "deployed"
+        (blob_store(h) / shard.sha256).unlink()
+        h.restart()
+        assert answer_status(h, artifacts["sketch"], 5) is None
+        logs = "".join(p.read_text(errors="replace") for p in (h.root / "run").rglob("*.log"))
+        assert "GalleryError" in logs and shard.member.removeprefix("gallery/") in logs
+        healed = do_deploy(artifacts, h.target(sshd), mar)
+        assert healed["status"] == "already live" and "smoke_ok" in healed["timings"], json.dumps(healed)
+        assert [(b["file"], b["why"]) for b in healed["blobs"]["sent"]] == [(shard.member, "missing")]
+        assert answer_status(h, artifacts["sketch"], 60) == 200
+    finally:
+        h.stop()
+
+
+def test_blob_store_setting(artifacts, sshd, tmp_path):
+    """deploy.targets blob_store: any absolute folder (created if missing); a relative one is refused."""
+    h = Host(tmp_path / "host").start()
+    store = tmp_path / "elsewhere/blobs"
+    try:
+        receipt = do_deploy(artifacts, h.target(sshd, blob_store=str(store)), artifacts["mars"]["0.1.0"])
+        assert receipt["status"] == "deployed" and receipt["blobs"]["store"] == str(store), receipt
+        assert {p.name for p in store.iterdir()} >= set(blob_sizes(artifacts["mars"]["0.1.0"]))
+        assert not blob_store(h).exists()
+    finally:
+        h.stop()
+    settings = DeploySettings(defaults=repo_params()["deploy"]["defaults"],
+                              targets=[{"host": "h", "model_store": "/s", "blob_store": "blobs"}])
+    with pytest.raises(UserError, match=r"deploy.targets\[0\]: the blob store 'blobs' must be an absolute path"):
+        parse_targets(settings, "sem_pcyc")
+
+
 def test_truncated_upload_is_not_registered(artifacts, sshd, tmp_path, monkeypatch):
     h = Host(tmp_path / "host").start()
     try:
         real_upload = deploy.HostSession.upload
 
-        def truncated(self, local, remote):  # the transfer loses its tail
-            cut = tmp_path / "cut.mar"
-            cut.write_bytes(Path(local).read_bytes()[:-1000])
-            real_upload(self, cut, remote)
+        def truncated(self, source, remote, size):  # the transfer loses its tail
+            cut = source.read()[:-1000]
+            real_upload(self, io.BytesIO(cut), remote, len(cut))
         monkeypatch.setattr(deploy.HostSession, "upload", truncated)
         receipt = do_deploy(artifacts, h.target(sshd), artifacts["mars"]["0.1.0"])
-        assert receipt["status"] == "failed" and "checksum mismatch" in receipt["error"]
+        assert_failed_at(receipt, "verify", "checksum mismatch", "sem_pcyc.pt")
         assert h.versions() == []
-        assert not list(h.store.iterdir())  # neither the final name nor the partial upload remains
+        # neither a final name nor a partial upload remains: only the (empty) blob store
+        assert [p.relative_to(h.store).as_posix() for p in h.store.rglob("*")] == [".sem-pcyc-blobs"]
     finally:
         h.stop()
 

@@ -692,3 +692,17 @@ def test_bundle_stores_equal_extractors_once_and_loads_them_back(tmp_path, image
         via_image = enc.image_extractor(backbones.to_input(x, False))
         via_sketch = enc.sketch_extractor(backbones.to_input(x, False))
     assert torch.equal(via_image, via_sketch) is not image_differs
+
+
+def test_frozen_sketch_path_gives_the_eager_embeddings(tmp_path):
+    buf = io.BytesIO()
+    torch.save(_bundle(False), buf)
+    (tmp_path / "m.pt").write_bytes(buf.getvalue())
+    eager, frozen = Encoder.load(tmp_path / "m.pt"), Encoder.load(tmp_path / "m.pt").freeze_sketch_path()
+    assert isinstance(frozen.sketch_extractor, torch.jit.ScriptModule) and frozen.channels_last
+    sketches = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    with torch.inference_mode():
+        np.testing.assert_allclose(frozen.embed_sketches(sketches).numpy(), eager.embed_sketches(sketches).numpy(),
+                                   atol=1e-5)
+        images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+        assert torch.equal(frozen.embed_images(images), eager.embed_images(images))  # images stay eager

@@ -46,6 +46,7 @@ from helpers import (
 )
 from helpers import PARAMS as STAGE_PARAMS
 from sempcyc import serving, torchserve
+from sempcyc.blobstore import write_slim_archive
 from sempcyc.errors import UserError
 from sempcyc.page import (
     MAX_BODY_BYTES,
@@ -348,6 +349,9 @@ def test_read_archive(built: Built, tmp_path: Path):
     (tmp_path / "bad.mar").write_bytes(b"not a zip")
     with pytest.raises(UserError, match="not a sem-pcyc archive"):
         read_archive(tmp_path / "bad.mar")
+    # a deployed slim archive (its shards are in a host's blob store): the page works, without thumbnails
+    slim = read_archive(write_slim_archive(built.mars[V2], "/srv/blobs", tmp_path / "slim.mar"))
+    assert slim.version == V2 and slim.thumbs == {}
     # a damaged shard is refused, naming it
     with zipfile.ZipFile(built.mars[V2]) as src, zipfile.ZipFile(tmp_path / "damaged.mar", "w") as dst:
         shard = next(n for n in src.namelist() if n.startswith("gallery/shards/"))

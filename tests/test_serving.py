@@ -8,6 +8,7 @@ its own TMPDIR, logs, store and free 127.0.0.1 ports, and is stopped by the proc
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import os
@@ -45,6 +46,7 @@ from helpers import (
 from helpers import PARAMS as STAGE_PARAMS
 from sempcyc import serve_check, serving, torchserve
 from sempcyc.errors import UserError
+from sempcyc.runtime.ann import IVFIndex
 from sempcyc.runtime.gallery_shards import GalleryError, load_gallery, read_manifest
 from sempcyc.runtime.search import RequestError, SketchSearch
 
@@ -64,7 +66,7 @@ PARAMS = merged(STAGE_PARAMS, {
 
 ARCHIVE_FILES = {"handler.py", "sem_pcyc.pt", "gallery/manifest.json", "serving.json",
                  *(f"sem_pcyc_runtime/{m}.py" for m in ("search", "encoder", "imaging", "retrieval", "backbones",
-                                                        "model", "gallery_shards"))}
+                                                        "model", "gallery_shards", "ann"))}
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -841,6 +843,60 @@ def test_serve_check_missing_archive(built: Built, tmp_path: Path):
     assert proc.returncode == 1
     missing = tmp_path / "nope.mar"
     assert proc.stderr.strip() == f"sempcyc serve-check: error: {missing}: not found; run `dvc repro archive`"
+
+
+# --------------------------------------------------------------------- 7b. a gallery with an approximate index
+
+@pytest.fixture(scope="module")
+def ann_built(built: Built, tmp_path_factory) -> Built:
+    """The same model's gallery with an IVF index (4 lists: gallery.ann_min_items 1), and its archive."""
+    root = tmp_path_factory.mktemp("ann")
+    params = merged(PARAMS, {"gallery": {"ann_min_items": 1, "ann_nlist": 4}})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    code, out, err = call(root, "gallery", "--model", str(built.model), "--dataset", str(built.root / "data/dataset"),
+                          "--index", str(built.root / "data/dataset.json"), "--out", str(root / "gallery"),
+                          "--cache", str(root / "cache"))
+    assert code == 0 and "IVF index" in out, out + err
+    mar = build_tiny_archive(built.model, root / "gallery", root / "sem_pcyc.mar", params)
+    return Built(root, built.model, root / "gallery", mar, built.dataset, built.splits, built.extracted,
+                 built.broken_mar)
+
+
+def test_search_with_the_index_scanning_every_list_finds_the_exact_answers(ann_built: Built, offline: SketchSearch):
+    search = SketchSearch.load(ann_built.model, ann_built.gallery, top_k=30, max_pixels=16_000_000, nprobe=4)
+    assert search.ann is not None and search.embeddings is None  # the index holds the vectors (float16)
+    sketches = [png_bytes(seed=i) for i in range(4)]
+    for got, want in zip(search.search(sketches), offline.search(sketches)):
+        assert [r["image"] for r in got][:10] == [r["image"] for r in want][:10]
+        np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in want], atol=2e-3)
+
+
+def test_search_refuses_an_index_built_for_another_gallery(ann_built: Built, tmp_path: Path):
+    gallery = tmp_path / "gallery"
+    shutil.copytree(ann_built.gallery, gallery)
+    _, embeddings, _ = load_gallery(gallery)
+    # an intact index file (its sha256 in the manifest) built for other vectors: serving it would answer wrongly
+    IVFIndex.build(embeddings[::-1].copy(), 4, "another gallery", seed=0, iterations=2, sample_per_list=8) \
+        .save(gallery / "ivf.npz")
+    manifest = read_manifest(gallery)
+    manifest["index"]["sha256"] = hashlib.sha256((gallery / "ivf.npz").read_bytes()).hexdigest()
+    (gallery / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(GalleryError, match=r"gallery index ivf\.npz: .*another gallery.*dvc repro gallery"):
+        SketchSearch.load(ann_built.model, gallery, top_k=5, max_pixels=16_000_000, nprobe=4)
+
+
+@pytest.mark.integration
+def test_serve_check_reports_recall_and_fails_below_the_floor(ann_built: Built, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("rc")  # a short path: TorchServe's worker sockets live under it
+    proc, _ = run_serve_check(ann_built, tmp_path / "g", serve={"ann_nprobe": 4, "ann_min_recall": 0.95})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "g/report.json").read_text())
+    assert report["ann_recall_at_k"] >= 0.95 and report["ann_nprobe"] == 4 and report["passed"]
+    proc, _ = run_serve_check(ann_built, tmp_path / "b", serve={"ann_nprobe": 1, "ann_min_recall": 1.0})
+    assert proc.returncode == 1
+    report = json.loads((tmp_path / "b/report.json").read_text())
+    assert report["ann_recall_at_k"] < 1.0 and not report["passed"]
+    assert "recall: the approximate index finds" in proc.stderr and "serve.ann_nprobe" in proc.stderr, proc.stderr
 
 
 # ------------------------------------------------------------------------------------------ 8. sempcyc serve

@@ -50,12 +50,14 @@ def stage_files(stage: Path, model: Path, gallery: Path, release: ReleaseSetting
     shutil.copy2(model, stage / "sem_pcyc.pt")
     (stage / "gallery").mkdir()
     shutil.copy2(gallery / MANIFEST, stage / "gallery" / MANIFEST)
-    for entry in read_manifest(gallery)["shards"]:
+    manifest = read_manifest(gallery)
+    for entry in [*manifest["shards"], *([manifest["index"]] if manifest.get("index") else [])]:
         (stage / "gallery" / entry["file"]).parent.mkdir(exist_ok=True)
         shutil.copy2(gallery / entry["file"], stage / "gallery" / entry["file"])
     (stage / "serving.json").write_text(dumps_json({
         "model_name": release.model_name, "version": release.version, "top_k": serve.top_k,
-        "max_pixels": serve.max_pixels, "threads": serve.threads, "metrics": _headline_metrics(metrics)}))
+        "max_pixels": serve.max_pixels, "threads": serve.threads, "ann_nprobe": serve.ann_nprobe,
+        "metrics": _headline_metrics(metrics)}))
 
 
 def _headline_metrics(metrics: Path | None) -> dict:

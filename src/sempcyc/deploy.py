@@ -1,16 +1,26 @@
 """deploy stage: ship the .mar to TorchServe hosts over SSH, register it, smoke-test it, make it the default.
 
+A host gets a slim copy of the checked archive (blobstore.py: the same code, serving.json and gallery manifest,
+without the model and gallery shards, and naming the host's blob store) and the large files separately, stored by
+sha256 in its blob store, where every version's archive finds them: a release that keeps the model and most
+shards sends only the new shards and the slim archive.
+
 Per target, one at a time (rolling; the first failure stops the rollout):
   1. SSH with host-key checking against the target's known_hosts (unknown or changed key: refused);
-  2. already live? (same version is the default and the remote file has the same sha256) -> nothing is sent;
-  3. upload under a temporary name, verify its sha256 on the host, rename atomically into the model store;
-  4. register (management API, synchronous, initial workers), query that version directly with a known sketch
-     and compare with the offline answer, set it as default, unregister versions beyond `keep_versions`;
-  5. rewrite the host's TorchServe config (load_models / models) so a restart serves the same default;
-  6. on a failure in 4: unregister the new version; the previous default keeps serving; exit non-zero.
-An already-live host still gets 4's retention and 5's config check: an earlier run may have stopped between
-set-default and the config rewrite. Any SSH, SFTP, socket or HTTP error is a failure of that host's step, with
-the rollback of 6 and a receipt, never a traceback.
+  2. already live? (same version is the default and the remote slim archive has the same sha256);
+  3. blobs: the host's copies are checked (sha256 on the host); missing or damaged ones are uploaded under a
+     temporary name, verified and renamed into place; the list of the blobs this archive uses is written;
+  4. unless live: the slim archive the same way into the model store; register (management API, synchronous,
+     initial workers), query that version directly with a known sketch and compare with the offline answer, set
+     it as default;
+  5. retention: unregister versions beyond `keep_versions` and delete their archives and blob lists, then the
+     blobs no list names; rewrite the host's TorchServe config (load_models / models) so a restart serves the same
+     default;
+  6. on a failure in 4: unregister the new version and remove its archive; the previous default keeps serving;
+     exit non-zero.
+An already-live host still gets 3 (a blob may have gone missing since) and 5: an earlier run may have stopped
+between set-default and the config rewrite. Any SSH, SFTP, socket or HTTP error is a failure of that host's step,
+with the rollback of 6 and a receipt, never a traceback.
 Management and inference calls go through the SSH connection (a direct-tcpip channel) to the URLs as seen from
 the host, so TorchServe's APIs can stay bound to the host's 127.0.0.1. Secrets (key passphrase, API tokens) come
 from the environment or the ssh-agent only, and are never printed. The receipt is reports/deploy.json.
@@ -26,18 +36,32 @@ import posixpath
 import re
 import shlex
 import stat
+import tempfile
 import time
 import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import quote, urlsplit
 
 import paramiko
 
 from . import params as params_mod
+from .blobstore import (
+    PARTIAL,
+    REFS_SUFFIX,
+    Blob,
+    archive_blobs,
+    plan_uploads,
+    refs_name,
+    refs_text,
+    unused,
+    write_slim_archive,
+)
 from .errors import UserError
 from .fsutil import atomic_write_json, sha256_file
+from .runtime.gallery_shards import GalleryError
 from .runtime.search import SketchSearch
 from .serving import (
     SEMVER,
@@ -48,7 +72,7 @@ from .serving import (
     pick_queries,
     same_ranking,
 )
-from .targets import DeploySettings, Target, parse_targets
+from .targets import DeploySettings, Target, blob_store_of, parse_targets
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -175,10 +199,37 @@ class HostSession:
             return None
         return self.run(f"sha256sum {shlex.quote(path)}").split()[0]
 
-    def upload(self, local: Path, remote: str) -> None:
+    def upload(self, source: BinaryIO, remote: str, size: int) -> None:
+        """Send `size` bytes read from `source` to `remote`; bytes_sent counts every byte sent to this host."""
+        before = self.bytes_sent
+
         def count(done: int, _total: int) -> None:
-            self.bytes_sent = done
-        self.sftp.put(str(local), remote, callback=count, confirm=True)
+            self.bytes_sent = before + done
+        self.sftp.putfo(source, remote, file_size=size, callback=count, confirm=True)
+
+    def sha256_many(self, paths: list[str]) -> dict[str, str]:
+        """path -> sha256 of those of `paths` that exist on the host (one remote command per 200)."""
+        found = {}
+        for start in range(0, len(paths), 200):
+            quoted = " ".join(shlex.quote(p) for p in paths[start:start + 200])
+            for line in self.run(f"sha256sum -- {quoted} 2>/dev/null", check=False).splitlines():
+                digest, _, path = line.partition("  ")
+                found[path] = digest
+        return found
+
+    def listdir(self, folder: str) -> list[str]:
+        try:
+            return self.sftp.listdir(folder)
+        except FileNotFoundError:
+            return []
+
+    def makedirs(self, folder: str) -> None:
+        """Create `folder` and its missing parents over SFTP (a read-only SFTP server refuses it)."""
+        path = "/" if folder.startswith("/") else ""
+        for part in [p for p in folder.split("/") if p]:
+            path = posixpath.join(path, part) if path else part
+            if not self.exists(path):
+                self.sftp.mkdir(path)
 
     def read_text(self, path: str) -> str:
         with self.sftp.open(path, "r") as handle:
@@ -201,6 +252,17 @@ class HostSession:
             if not name.startswith(".") and (stat.S_ISDIR(attr.st_mode or 0) or name.endswith(LOADABLE)):
                 entries.append(name)
         return entries
+
+    def write_new(self, path: str, data: bytes) -> None:
+        """Replace `path` atomically by a new file of `data` (a file of deploy's own: mode and owner are the
+        SSH user's defaults)."""
+        tmp = f"{posixpath.dirname(path)}/.{posixpath.basename(path)}{PARTIAL}{uuid.uuid4().hex[:8]}"
+        try:
+            with self.sftp.open(tmp, "w") as handle:
+                handle.write(data)
+            self.sftp.posix_rename(tmp, path)
+        finally:
+            self.remove_quietly(tmp)
 
     def write_text_atomic(self, path: str, text: str) -> None:
         """Replace `path` by a new file with the old one's mode and owner. When the SSH user may not create a
@@ -410,10 +472,33 @@ def set_properties(text: str, new: dict, marker: str | None) -> str:
     return "\n".join(out) + "\n"
 
 
+@dataclass(frozen=True)
+class Release:
+    """The checked full archive deploy ships: its version, sha256 and large files (blobs)."""
+    mar: Path
+    version: str
+    digest: str
+    blobs: list[Blob]
+
+
+def release_of(mar: Path) -> Release:
+    return Release(mar, mar_version(mar), sha256_file(mar), archive_blobs(mar))
+
+
+@dataclass(frozen=True)
+class Shipment:
+    """What one host gets: the release's blobs for its blob store `store`, and the slim archive made for it."""
+    release: Release
+    store: str
+    slim: Path
+    digest: str      # the slim archive's sha256: what the host's model store holds
+
+
 @dataclass
 class HostState:
     """What a host serves before the deploy, as deploy_target found it."""
     final: str                    # the archive's path in the model store
+    refs: str                     # the list of the blobs it uses, in the blob store
     previous: str | None          # default version
     registered: list[str]
     remote_digest: str | None     # sha256 of `final` on the host, None when absent
@@ -432,10 +517,21 @@ class Progress:
         self.receipt["timings"][step] = round(time.perf_counter() - self.t0, 3)
 
 
-def deploy_target(target: Target, mar: Path, version: str, digest: str, smoke_sketch: bytes,
-                  smoke_expected: list[dict], k: int) -> dict:
-    """Deploy to one host (steps in the module docstring); the receipt says what happened, also on failure."""
-    receipt = {"target": target.name, "host": target.host, "version": version, "sha256": digest,
+def deploy_target(target: Target, release: Release, smoke_sketch: bytes, smoke_expected: list[dict],
+                  k: int) -> dict:
+    """Deploy `release` to one host as a slim archive + blobs (steps in the module docstring); the receipt says
+    what happened, also on failure."""
+    store = blob_store_of(target)
+    with tempfile.TemporaryDirectory(prefix="sem-pcyc-slim-") as tmp:
+        slim = write_slim_archive(release.mar, store, Path(tmp) / mar_file_name(target.model_name, release.version))
+        shipment = Shipment(release, store, slim, sha256_file(slim))
+        return ship(target, shipment, smoke_sketch, smoke_expected, k)
+
+
+def ship(target: Target, shipment: Shipment, smoke_sketch: bytes, smoke_expected: list[dict], k: int) -> dict:
+    version = shipment.release.version
+    receipt = {"target": target.name, "host": target.host, "version": version, "sha256": shipment.digest,
+               "archive_sha256": shipment.release.digest, "slim_archive_bytes": shipment.slim.stat().st_size,
                "bytes_sent": 0, "status": "failed", "previous_default": None, "timings": {}}
     progress = Progress(receipt)
     session = HostSession(target)
@@ -444,23 +540,32 @@ def deploy_target(target: Target, mar: Path, version: str, digest: str, smoke_sk
         progress.done("connected")
         progress.begin("inspect")
         ts = TorchServeHost(session)
-        state = inspect_host(session, ts, version, digest)
+        state = inspect_host(session, ts, version, shipment.digest)
         receipt["previous_default"] = state.previous
-        live = state.previous == version and state.remote_digest == digest
+        live = state.previous == version and state.remote_digest == shipment.digest
+        receipt["blobs"] = sync_blobs(session, shipment, state.refs, progress)
+        if live and receipt["blobs"]["sent"]:
+            # its workers may have failed to load without them (a restart since): the query waits for TorchServe's
+            # next worker start, which now finds every file
+            progress.begin("smoke")
+            smoke_query(session, ts, version, smoke_sketch, smoke_expected, k)
+            progress.done("smoke_ok")
         if not live:
-            if state.remote_digest != digest:
-                receipt["bytes_sent"] = upload_verified(session, mar, state.final, digest, progress)
+            if state.remote_digest != shipment.digest:
+                upload_verified(session, shipment.slim, state.final, shipment.digest, progress)
             promote(session, ts, version, state, smoke_sketch, smoke_expected, k, receipt, progress)
         finish_host(session, ts, version, receipt, progress)
         receipt["status"] = "already live" if live else "deployed"
         if live:
-            receipt["message"] = f"version {version} with this checksum is already the default; nothing sent"
+            receipt["message"] = (f"version {version} with this checksum is already the default; " + (
+                f"re-sent {len(receipt['blobs']['sent'])} missing or damaged blob(s)" if receipt["blobs"]["sent"]
+                else "nothing sent"))
         progress.done("done")
     except (DeployError, *TRANSPORT_ERRORS) as exc:
         receipt.update(error=failure_line(target, progress.step, exc), failed_step=progress.step)
-        receipt["bytes_sent"] = receipt["bytes_sent"] or session.bytes_sent
         progress.done("failed")
     finally:
+        receipt["bytes_sent"] = session.bytes_sent
         session.close()
     return receipt
 
@@ -471,7 +576,7 @@ def failure_line(target: Target, step: str, exc: BaseException) -> str:
         detail = str(exc).removeprefix(f"{target.name}: ")
     elif isinstance(exc, PermissionError):
         detail = (f"{exc}: the SSH user {target.user!r} may not do this on the host; check the permissions of "
-                  f"{target.model_store} and {target.ts_config or 'the TorchServe config'}")
+                  f"{target.model_store}, {blob_store_of(target)} and {target.ts_config or 'the TorchServe config'}")
     else:
         detail = (f"{type(exc).__name__}: {exc or 'connection closed'}; check the host and the network, then "
                   "rerun the deploy (it resumes: an already-live host only gets retention and the config check)")
@@ -488,33 +593,85 @@ def inspect_host(session: HostSession, ts: TorchServeHost, version: str, digest:
     if not is_dir:
         raise DeployError(f"{t.name}: model store {store} is not a folder on the host; fix deploy.targets "
                           "model_store (TorchServe's model_store)")
-    final = posixpath.join(store, mar_file_name(t.model_name, version))
-    state = HostState(final=final, previous=ts.default_version(), registered=ts.versions(),
-                      remote_digest=session.sha256(final))
+    name = mar_file_name(t.model_name, version)
+    final = posixpath.join(store, name)
+    state = HostState(final=final, refs=posixpath.join(blob_store_of(t), refs_name(name)),
+                      previous=ts.default_version(), registered=ts.versions(), remote_digest=session.sha256(final))
     if version in state.registered and state.remote_digest != digest:
         raise DeployError(f"{t.name}: version {version} is registered there with a different archive "
                           f"(sha256 {str(state.remote_digest)[:12]}…); bump release.version instead of reusing it")
     return state
 
 
-def upload_verified(session: HostSession, mar: Path, final: str, digest: str, progress: Progress) -> int:
-    """Upload under a temporary name, check its sha256 on the host, rename into place; bytes sent."""
-    t = session.t
-    tmp = posixpath.join(posixpath.dirname(final), f".{posixpath.basename(final)}.partial-{uuid.uuid4().hex[:8]}")
+def sync_blobs(session: HostSession, shipment: Shipment, refs: str, progress: Progress) -> dict:
+    """Check the host's copies of the release's blobs (sha256 on the host), send the missing and damaged ones,
+    and record which blobs this archive uses (before the archive is there, so retention never takes them)."""
+    progress.begin("blobs")
+    blobs, before, store = shipment.release.blobs, session.bytes_sent, shipment.store
+    on_host = session.sha256_many([posixpath.join(store, b.sha256) for b in blobs])
+    send, reused = plan_uploads(blobs, {posixpath.basename(p): d for p, d in on_host.items()})
+    progress.done("blobs_checked")
+    progress.begin("upload")
+    if send:
+        session.makedirs(store)
+        upload_blobs(session, shipment, [b for b, _ in send], progress)
+        progress.done("blobs_sent")
+    text = refs_text(blobs)
+    if not session.exists(refs) or session.read_text(refs) != text:
+        session.write_new(refs, text.encode("utf-8"))
+    return {"store": store, "bytes_sent": session.bytes_sent - before, "reused": len(reused),
+            "reused_bytes": sum(b.size for b in reused),
+            "sent": [{"file": b.member, "sha256": b.sha256, "bytes": b.size, "why": why} for b, why in send]}
+
+
+def upload_blobs(session: HostSession, shipment: Shipment, blobs: list[Blob], progress: Progress) -> None:
+    """Upload each blob under a temporary hidden name, check them all with one sha256 pass on the host, then
+    rename each into place (a blob's name is its content: present means whole and right)."""
+    tmps: dict[str, Blob] = {}
+    try:
+        with zipfile.ZipFile(shipment.release.mar) as zf:
+            for blob in blobs:
+                tmp = posixpath.join(shipment.store, f".{blob.sha256}{PARTIAL}{uuid.uuid4().hex[:8]}")
+                tmps[tmp] = blob
+                with zf.open(blob.member) as source:
+                    session.upload(source, tmp, blob.size)
+        progress.begin("verify")
+        got = session.sha256_many(list(tmps))
+        for tmp, blob in tmps.items():
+            if got.get(tmp) != blob.sha256:
+                raise DeployError(f"{session.t.name}: checksum mismatch after uploading {blob.member} (sent "
+                                  f"{blob.sha256[:12]}…, host has {str(got.get(tmp))[:12]}…); the transfer was "
+                                  "damaged, nothing was registered")
+        for tmp in list(tmps):
+            session.sftp.posix_rename(tmp, posixpath.join(shipment.store, tmps.pop(tmp).sha256))
+    finally:
+        for tmp in tmps:
+            session.remove_quietly(tmp)
+
+
+def upload_verified(session: HostSession, mar: Path, final: str, digest: str, progress: Progress) -> None:
+    """The slim archive into the model store: temporary name, sha256 checked on the host, renamed into place."""
+    with open(mar, "rb") as source:
+        upload_checked(session, source, mar.stat().st_size, final, digest, "the archive", progress)
+    progress.done("verified")
+
+
+def upload_checked(session: HostSession, source: BinaryIO, size: int, final: str, digest: str, what: str,
+                   progress: Progress) -> None:
+    """Upload under a temporary hidden name beside `final`, check its sha256 on the host, rename into place
+    (atomic: `final` is either absent, the old file or the whole new one)."""
+    tmp = posixpath.join(posixpath.dirname(final), f".{posixpath.basename(final)}{PARTIAL}{uuid.uuid4().hex[:8]}")
     try:
         progress.begin("upload")
-        session.upload(mar, tmp)
-        progress.done("uploaded")
+        session.upload(source, tmp, size)
         progress.begin("verify")
         got = session.sha256(tmp)
         if got != digest:
-            raise DeployError(f"{t.name}: checksum mismatch after upload (sent {digest[:12]}…, host "
-                              f"has {str(got)[:12]}…); the transfer was damaged, nothing was registered")
+            raise DeployError(f"{session.t.name}: checksum mismatch after uploading {what} (sent {digest[:12]}…, "
+                              f"host has {str(got)[:12]}…); the transfer was damaged, nothing was registered")
         session.sftp.posix_rename(tmp, final)
-        progress.done("verified")
     finally:
         session.remove_quietly(tmp)
-    return session.bytes_sent
 
 
 def promote(session: HostSession, ts: TorchServeHost, version: str, state: HostState, smoke_sketch: bytes,
@@ -529,27 +686,36 @@ def promote(session: HostSession, ts: TorchServeHost, version: str, state: HostS
             ts.register(posixpath.basename(state.final))
             progress.done("registered")
         progress.begin("smoke")
-        status, answer = ts.predict(version, smoke_sketch)
-        problem = check_response(status, answer, k)
-        if problem is None and not same_ranking(json.loads(answer)[:10], smoke_expected[:10]):
-            problem = "the top-10 differs from the offline answer of the same model"
-        if problem:
-            raise DeployError(f"{session.t.name}: smoke query of version {version} failed: {problem}")
+        smoke_query(session, ts, version, smoke_sketch, smoke_expected, k)
         progress.done("smoke_ok")
         progress.begin("set-default")
         ts.set_default(version)
         progress.done("default_set")
     except (DeployError, *TRANSPORT_ERRORS):
         if registered_here:
-            rollback(session, ts, version, state.final, receipt)
+            rollback(session, ts, version, state, receipt)
         raise
 
 
-def rollback(session: HostSession, ts: TorchServeHost, version: str, final: str, receipt: dict) -> None:
+def smoke_query(session: HostSession, ts: TorchServeHost, version: str, smoke_sketch: bytes,
+                smoke_expected: list[dict], k: int) -> None:
+    """Query that version with the known sketch: a valid answer whose top-10 is the offline one, or DeployError."""
+    status, answer = ts.predict(version, smoke_sketch)
+    problem = check_response(status, answer, k)
+    if problem is None and not same_ranking(json.loads(answer)[:10], smoke_expected[:10]):
+        problem = "the top-10 differs from the offline answer of the same model"
+    if problem:
+        raise DeployError(f"{session.t.name}: smoke query of version {version} failed: {problem}")
+
+
+def rollback(session: HostSession, ts: TorchServeHost, version: str, state: HostState, receipt: dict) -> None:
+    """Unregister the new version and remove its archive and blob list (its blobs go at the next retention,
+    unless the retry needs them)."""
     try:
         ts.unregister(version)
-        if session.exists(final):
-            session.sftp.remove(final)
+        for path in (state.final, state.refs):
+            if session.exists(path):
+                session.sftp.remove(path)
         receipt["rolled_back"] = True
     except (DeployError, *TRANSPORT_ERRORS) as exc:
         receipt["rollback_error"] = " ".join(f"{type(exc).__name__}: {exc}".split())
@@ -560,6 +726,7 @@ def finish_host(session: HostSession, ts: TorchServeHost, version: str, receipt:
     and before them, and a stale config would bring the old default back at the next TorchServe start."""
     progress.begin("retention")
     receipt["versions_kept"] = apply_retention(session, ts, version)
+    receipt["blobs_removed"] = remove_unused_blobs(session, blob_store_of(session.t))
     progress.done("retention")
     if session.t.ts_config:
         progress.begin("config")
@@ -568,17 +735,39 @@ def finish_host(session: HostSession, ts: TorchServeHost, version: str, receipt:
 
 
 def apply_retention(session: HostSession, ts: TorchServeHost, version: str) -> list[str]:
-    """Unregister (and delete the archives of) versions beyond keep_versions, newest kept; the kept versions."""
+    """Unregister versions beyond keep_versions, newest kept, and delete their archives and blob lists; the kept
+    versions."""
     t = session.t
     kept = sorted(set(ts.versions()) | {version}, key=version_key, reverse=True)
     keep = [version] + [v for v in kept if v != version][:max(t.keep_versions - 1, 0)]
     for old in kept:
         if old not in keep:
             ts.unregister(old)
-            old_file = posixpath.join(t.model_store.rstrip("/"), mar_file_name(t.model_name, old))
-            if session.exists(old_file):
-                session.sftp.remove(old_file)
+            name = mar_file_name(t.model_name, old)
+            for path in (posixpath.join(t.model_store.rstrip("/"), name),
+                         posixpath.join(blob_store_of(t), refs_name(name))):
+                if session.exists(path):
+                    session.sftp.remove(path)
     return sorted(keep, key=version_key)
+
+
+def remove_unused_blobs(session: HostSession, store: str) -> list[str]:
+    """Delete the blobs no archive's list names (and leftovers of interrupted uploads); their names. Lists of
+    this model's archives that are not in the model store (a deploy that failed before its archive got there)
+    are deleted first."""
+    t, refs = session.t, []
+    for name in session.listdir(store):
+        mar = name.removesuffix(REFS_SUFFIX)
+        if name == mar:
+            continue
+        if is_ours(mar, t.model_name) and not session.exists(posixpath.join(t.model_store.rstrip("/"), mar)):
+            session.sftp.remove(posixpath.join(store, name))
+        else:
+            refs.append(session.read_text(posixpath.join(store, name)))
+    doomed = unused(session.listdir(store), refs)
+    for name in doomed:
+        session.sftp.remove(posixpath.join(store, name))
+    return doomed
 
 
 def write_host_config(session: HostSession, default: str, versions: list[str]) -> bool:
@@ -625,30 +814,41 @@ def run(args: argparse.Namespace) -> None:
 def smoke_reference(args: argparse.Namespace, serve: ServeSettings) -> dict:
     """The smoke query: one unseen-class sketch, the offline answer of the same model and gallery, and k."""
     name, sketch = pick_queries(Path(args.dataset), Path(args.splits), per_class=1)[0]
-    offline = SketchSearch.load(args.model, args.gallery, top_k=serve.top_k, max_pixels=serve.max_pixels)
+    try:
+        offline = SketchSearch.load(args.model, args.gallery, top_k=serve.top_k, max_pixels=serve.max_pixels,
+                                    nprobe=serve.ann_nprobe)
+    except GalleryError as exc:
+        raise UserError(str(exc)) from None
     return {"name": name, "sketch": sketch, "expected": offline.search([sketch])[0],
             "k": min(serve.top_k, len(offline.ids))}
 
 
 def roll_out(targets: list[Target], mar: Path, smoke: dict) -> dict:
     """Deploy to each target in turn, stopping at the first failure; the receipt of the whole rollout."""
-    version, digest = mar_version(mar), sha256_file(mar)
+    release = release_of(mar)
     receipts, failed = [], None
     for target in targets:
         if failed is not None:
             receipts.append({"target": target.name, "host": target.host, "status": "not attempted",
                              "reason": f"stopped after the failure on {failed}"})
             continue
-        print(f"deploy: {target.name}: v{version} ...", flush=True)
-        receipt = deploy_target(target, mar, version, digest, smoke["sketch"], smoke["expected"], smoke["k"])
+        print(f"deploy: {target.name}: v{release.version} ...", flush=True)
+        receipt = deploy_target(target, release, smoke["sketch"], smoke["expected"], smoke["k"])
         receipts.append(receipt)
-        print(f"deploy: {target.name}: {receipt['status']}"
-              + (f" ({receipt['bytes_sent']:,} bytes sent)" if receipt["status"] == "deployed" else "")
+        print(f"deploy: {target.name}: {receipt['status']} ({sent_line(receipt)})"
               + (f": {receipt['error']}" if receipt.get("error") else ""), flush=True)
         if receipt["status"] == "failed":
             failed = target.name
-    summary = {"version": version, "sha256": digest, "archive": str(mar), "smoke_sketch": smoke["name"],
-               "targets": receipts, "hosts_with_new_version": [r["target"] for r in receipts
-                                                               if r["status"] in ("deployed", "already live")],
+    summary = {"version": release.version, "sha256": release.digest, "archive": str(mar),
+               "smoke_sketch": smoke["name"], "targets": receipts,
+               "hosts_with_new_version": [r["target"] for r in receipts if r["status"] in ("deployed", "already live")],
                "status": "failed" if failed else "ok"}
     return summary
+
+
+def sent_line(receipt: dict) -> str:
+    blobs = receipt.get("blobs") or {}
+    line = f"{receipt['bytes_sent']:,} bytes sent"
+    if blobs:
+        line += f"; blobs: {len(blobs['sent'])} sent, {blobs['reused']} already there"
+    return line

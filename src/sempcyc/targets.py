@@ -1,10 +1,12 @@
 """The `deploy` params section: the TorchServe hosts a release is deployed to, one `Target` each.
 
 Every target setting comes from `deploy.defaults`, overridden per target; `name` defaults to host:port and
-`model_name` to release.model_name. Secrets never go here: keys that look like one are refused.
+`model_name` to release.model_name, an empty `blob_store` is <model_store>/.sem-pcyc-blobs. Secrets never go here:
+keys that look like one are refused.
 """
 from __future__ import annotations
 
+import posixpath
 import re
 from dataclasses import dataclass
 from typing import ClassVar
@@ -13,6 +15,8 @@ from .errors import UserError
 from .params import read_mapping, setting
 
 SECRET_KEYS = re.compile(r"pass|secret|token(?!_env)|password|private", re.I)
+# Hidden: load_models=ALL skips hidden entries of the model store (TorchServe 0.12 ModelServer: File.isHidden()).
+DEFAULT_BLOB_DIR = ".sem-pcyc-blobs"
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ class Target:
     name: str = setting()
     host: str = setting()
     model_store: str = setting()
+    blob_store: str | None = setting()         # the host's folder for large files by sha256; None: the default
     port: int = setting(min=1, max=65535)
     user: str = setting()
     key_file: str | None = setting()           # private key file on this machine; empty -> ssh-agent
@@ -61,8 +66,17 @@ def parse_targets(settings: DeploySettings, model_name: str) -> list[Target]:
         values = {**settings.defaults, **item}
         values.setdefault("name", f"{values['host']}:{values.get('port')}")
         values.setdefault("model_name", model_name)
-        targets.append(read_mapping(values, Target, where))
+        target = read_mapping(values, Target, where)
+        if not blob_store_of(target).startswith("/"):
+            raise UserError(f"{where}: the blob store {blob_store_of(target)!r} must be an absolute path (the "
+                            "handler on the host reads it); give model_store or blob_store as /absolute/path")
+        targets.append(target)
     return targets
+
+
+def blob_store_of(target: Target) -> str:
+    """The host's blob store: `blob_store`, else a hidden folder inside the model store."""
+    return (target.blob_store or posixpath.join(target.model_store, DEFAULT_BLOB_DIR)).rstrip("/") or "/"
 
 
 def _refuse_secrets(item: dict, where: str) -> None:

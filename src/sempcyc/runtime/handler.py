@@ -35,7 +35,8 @@ class SemPcycHandler:
         # a deployed (slim) archive carries no model or shard files: serving.json names the host's blob store
         self.search = SketchSearch.load(model_dir / "sem_pcyc.pt", model_dir / "gallery",
                                         blob_store=settings.get("blob_store"), top_k=int(settings["top_k"]),
-                                        max_pixels=int(settings["max_pixels"]))
+                                        max_pixels=int(settings["max_pixels"]),
+                                        nprobe=int(settings["ann_nprobe"]))
         self.version = settings.get("version")
         self.initialized = True
 

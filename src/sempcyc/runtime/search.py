@@ -13,12 +13,10 @@ import numpy as np
 import torch
 
 from . import imaging
+from .ann import IndexMismatch, IVFIndex
 from .encoder import Encoder
-from .gallery_shards import GalleryError, load_gallery, verified_path
+from .gallery_shards import GalleryError, gallery_digest, load_gallery, verified_path
 from .retrieval import top_k
-
-# Above this many gallery items an installed faiss index is used for the search (exact, flat L2).
-FAISS_MIN_ITEMS = 200_000
 
 
 class RequestError(Exception):
@@ -30,19 +28,24 @@ class RequestError(Exception):
 
 
 class SketchSearch:
-    def __init__(self, encoder: Encoder, embeddings: np.ndarray, index: list[dict], *, top_k: int,
-                 max_pixels: int):
-        """top_k and max_pixels: serve.top_k and serve.max_pixels (the archive's serving.json)."""
-        if len(embeddings) != len(index):
-            raise ValueError(f"gallery has {len(embeddings)} embeddings but {len(index)} index entries")
-        self.encoder = encoder
-        self.embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-        self.sq_norms = np.einsum("gd,gd->g", self.embeddings, self.embeddings)
+    def __init__(self, encoder: Encoder, embeddings: np.ndarray | None, index: list[dict], *, top_k: int,
+                 max_pixels: int, ann: IVFIndex | None = None, nprobe: int = 0):
+        """top_k, max_pixels and nprobe: serve.top_k, serve.max_pixels and serve.ann_nprobe (the archive's
+        serving.json). With an approximate index `ann` (a large gallery) the search scans its `nprobe` nearest
+        lists, and the float32 embeddings are not kept (the index holds the vectors, in float16)."""
+        items = ann.items if ann is not None else len(embeddings)
+        if ann is not None and nprobe < 1:
+            raise ValueError("a gallery with an approximate index needs nprobe >= 1 (serve.ann_nprobe)")
+        if items != len(index):
+            raise ValueError(f"gallery has {items} embeddings but {len(index)} index entries")
+        self.encoder = encoder.freeze_sketch_path()
+        self.ann, self.nprobe = ann, nprobe
+        self.embeddings = None if ann is not None else np.ascontiguousarray(embeddings, dtype=np.float32)
+        self.sq_norms = None if ann is not None else np.einsum("gd,gd->g", self.embeddings, self.embeddings)
         self.ids = [item["id"] for item in index]
         self.classes = [item["class"] for item in index]
         self.top_k = top_k
         self.max_pixels = max_pixels
-        self.faiss_index = _faiss_index(self.embeddings) if len(self.embeddings) >= FAISS_MIN_ITEMS else None
         self._blas = _blas_controller()
 
     @classmethod
@@ -57,7 +60,8 @@ class SketchSearch:
         model = verified_path(Path(model_path), manifest["model_sha256"], blob_store, "model sem_pcyc.pt",
                               "Either the gallery was built with another model (rerun `dvc repro gallery`) or "
                               "the file is damaged (deploy again, or rebuild the archive)")
-        return cls(Encoder.load(model), embeddings, index, **kwargs)
+        ann = load_ann_index(Path(gallery_dir), manifest, embeddings, blob_store)
+        return cls(Encoder.load(model), embeddings, index, ann=ann, **kwargs)
 
     def preprocess(self, data) -> np.ndarray:
         """Raw request body -> uint8 sketch array, or RequestError (4xx) saying what was wrong."""
@@ -82,9 +86,9 @@ class SketchSearch:
 
     def rank(self, queries: np.ndarray, k: int | None = None) -> list[list[dict]]:
         k = min(k or self.top_k, len(self.ids))
-        if self.faiss_index is not None:
-            dist2, idx = self.faiss_index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-            scores = np.exp(-np.sqrt(np.maximum(dist2, 0)))
+        if self.ann is not None:
+            idx, dist2 = self.ann.search(np.ascontiguousarray(queries, dtype=np.float32), k, self.nprobe)
+            scores = np.exp(-np.sqrt(np.maximum(dist2, 0)))  # as top_k scores: exp(-distance)
         else:
             # one query is a matrix-vector product: NumPy's multi-threaded BLAS only adds overhead there (measured
             # 4x slower on 2 cores), and the worker's cores belong to torch anyway
@@ -121,11 +125,17 @@ def _nothing():
     return contextlib.nullcontext()
 
 
-def _faiss_index(embeddings: np.ndarray):
-    try:
-        import faiss  # optional
-    except ImportError:
+def load_ann_index(gallery_dir: Path, manifest: dict, embeddings: np.ndarray,
+                   blob_store: str | Path | None) -> IVFIndex | None:
+    """The gallery's approximate index when its manifest names one (a large gallery), checked against the
+    manifest's sha256 and built for exactly these shards; None for a gallery searched exactly."""
+    entry = manifest.get("index")
+    if not entry:
         return None
-    index = faiss.IndexFlatL2(embeddings.shape[1])
-    index.add(embeddings)
-    return index
+    label = f"gallery index {entry['file']}"
+    path = verified_path(gallery_dir / entry["file"], entry["sha256"], blob_store, label)
+    digest = gallery_digest(manifest["model_sha256"], [shard["sha256"] for shard in manifest["shards"]])
+    try:
+        return IVFIndex.load(path, embeddings, digest)
+    except IndexMismatch as exc:
+        raise GalleryError(f"{label}: {exc}") from None
