@@ -28,6 +28,7 @@ with --nnodes N --node_rank i --rdzv_backend c10d --rdzv_endpoint HOST:PORT, and
 paths on every machine. Each process hashes and embeds a fixed share (every world-th image the cache lacks); the
 vectors are gathered (gloo, on GPUs too: only results cross) to rank 0, which alone reads and writes the cache and
 writes the gallery and its index: the same bytes as one process writes. The others exit after a barrier.
+(Measured on CPUs only, bench/gallery_embed.py; the GPU path, images moved to cuda:LOCAL_RANK, has not been run.)
 """
 from __future__ import annotations
 
