@@ -660,10 +660,15 @@ def test_bad_target_params(tmp_path, target, message):
     assert "hunter2" not in proc.stderr and "abc" not in proc.stderr.replace("deploy.targets", "")
 
 
+# a target's workers and batching, as deploy.worker_settings writes them into the models JSON
+WORKERS1 = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 2, "maxBatchDelay": 1}
+WORKERS2 = {"minWorkers": 2, "maxWorkers": 2, "batchSize": 8, "maxBatchDelay": 5}
+
+
 def test_updated_ts_config_keeps_other_settings():
     text = "inference_address=http://127.0.0.1:1\nload_models=other.mar,sem_pcyc-0.0.1.mar\n" \
            'models={"other": {"1.0": {"marName": "other.mar", "defaultVersion": true}}}\n'
-    out = deploy.updated_ts_config(text, "sem_pcyc", ["0.1.0", "0.2.0"], "0.2.0", 2)
+    out = deploy.updated_ts_config(text, "sem_pcyc", ["0.1.0", "0.2.0"], "0.2.0", WORKERS2)
     props = dict(line.split("=", 1) for line in out.splitlines())
     assert props["inference_address"] == "http://127.0.0.1:1"
     # the default first: TorchServe makes the first version it loads the default, whatever the JSON says
@@ -672,25 +677,27 @@ def test_updated_ts_config_keeps_other_settings():
     assert models["other"]["1.0"]["marName"] == "other.mar"
     assert models["sem_pcyc"]["0.2.0"]["defaultVersion"] is True
     assert models["sem_pcyc"]["0.1.0"]["defaultVersion"] is False
+    assert all(models["sem_pcyc"][v].items() >= WORKERS2.items() for v in ("0.1.0", "0.2.0"))
 
 
 def test_updated_ts_config_all_other_models_and_extras():
     store = ["zeta.mar", "sem_pcyc-0.1.0.mar", "models-dir", "sem_pcyc-extra-1.0.mar"]
     text = ("# host\nload_models=ALL\nmodels={\"sem_pcyc\": {\"0.1.0\": {\"batchSize\": 4}}, "
             "\"zeta\": {\"2\": {}}}\n")
-    out = deploy.updated_ts_config(text, "sem_pcyc", ["0.1.0", "0.2.0"], "0.2.0", 1, store)
+    out = deploy.updated_ts_config(text, "sem_pcyc", ["0.1.0", "0.2.0"], "0.2.0", WORKERS1, store)
     props = config_props_text(out)
     assert props["load_models"] == "sem_pcyc-0.2.0.mar,sem_pcyc-0.1.0.mar,zeta.mar,models-dir,sem_pcyc-extra-1.0.mar"
     assert out.splitlines()[1] == deploy.ALL_MARKER and out.startswith("# host\n")
     models = json.loads(props["models"])
-    assert models["zeta"] == {"2": {}} and models["sem_pcyc"]["0.1.0"]["batchSize"] == 4
+    # the target's batching replaces what the host had for our versions; other models are left as they were
+    assert models["zeta"] == {"2": {}} and models["sem_pcyc"]["0.1.0"]["batchSize"] == 2
     # idempotent, and the marker keeps listing the store at the next deploy
-    assert deploy.updated_ts_config(out, "sem_pcyc", ["0.1.0", "0.2.0"], "0.2.0", 1, store) == out
-    later = deploy.updated_ts_config(out, "sem_pcyc", ["0.2.0", "0.3.0"], "0.3.0", 1, store + ["new.mar"])
+    assert deploy.updated_ts_config(out, "sem_pcyc", ["0.1.0", "0.2.0"], "0.2.0", WORKERS1, store) == out
+    later = deploy.updated_ts_config(out, "sem_pcyc", ["0.2.0", "0.3.0"], "0.3.0", WORKERS1, store + ["new.mar"])
     assert config_props_text(later)["load_models"].endswith(",new.mar") and later.count(deploy.ALL_MARKER) == 1
     # a plain list keeps other models' entries where and as they were (their first is their default)
     listed = "load_models=b-2.mar,sem_pcyc-0.1.0.mar,b-1.mar,sem_pcyc=x/sem_pcyc-0.0.9.mar,c=c.mar\n"
-    out = deploy.updated_ts_config(listed, "sem_pcyc", ["0.2.0"], "0.2.0", 1, store)
+    out = deploy.updated_ts_config(listed, "sem_pcyc", ["0.2.0"], "0.2.0", WORKERS1, store)
     assert config_props_text(out)["load_models"] == "sem_pcyc-0.2.0.mar,b-2.mar,b-1.mar,c=c.mar"
 
 

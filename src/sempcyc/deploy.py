@@ -378,7 +378,7 @@ class TorchServeHost:
 
     def register(self, mar_name: str) -> None:
         query = (f"url={quote(mar_name)}&model_name={quote(self.t.model_name)}&initial_workers={self.t.workers}"
-                 "&synchronous=true")
+                 f"&batch_size={self.t.batch_size}&max_batch_delay={self.t.max_batch_delay_ms}&synchronous=true")
         status, body = self.mgmt("POST", f"/models?{query}")
         if status == 405 or (status == 400 and "model api" in str(body).lower()):
             raise DeployError(f"{self.t.name}: TorchServe refuses registration (start it with "
@@ -418,7 +418,7 @@ def is_ours(entry: str, model_name: str) -> bool:
     return base.startswith(prefix) and base.endswith(".mar") and SEMVER.match(base[len(prefix):-4]) is not None
 
 
-def updated_ts_config(text: str, model_name: str, versions: list[str], default: str, workers: int,
+def updated_ts_config(text: str, model_name: str, versions: list[str], default: str, workers: dict,
                       store_entries: list[str] = ()) -> str:
     """The host's config.properties with this model's load_models/models entries set to `versions`, the
     default's archive first; everything else kept: other settings and comments, other models' entries in their
@@ -439,8 +439,9 @@ def updated_ts_config(text: str, model_name: str, versions: list[str], default: 
     return set_properties(text, new, ALL_MARKER if expand_all else None)
 
 
-def models_json(props: dict, model_name: str, versions: list[str], default: str, workers: int) -> dict:
-    """The `models` JSON with this model's entry set to `versions`; other models and keys of ours kept."""
+def models_json(props: dict, model_name: str, versions: list[str], default: str, workers: dict) -> dict:
+    """The `models` JSON with this model's entry set to `versions`; other models and keys of ours kept. `workers`:
+    minWorkers, maxWorkers, batchSize and maxBatchDelay of every version (worker_settings)."""
     try:
         models = json.loads(props.get("models", "{}") or "{}")
     except json.JSONDecodeError:
@@ -449,9 +450,15 @@ def models_json(props: dict, model_name: str, versions: list[str], default: str,
         raise DeployError("the host's TorchServe config has an unreadable models= line; fix it by hand")
     before = models.get(model_name) if isinstance(models.get(model_name), dict) else {}
     models[model_name] = {v: {"responseTimeout": 120, **(before.get(v) or {}), "defaultVersion": v == default,
-                              "marName": mar_file_name(model_name, v), "minWorkers": workers, "maxWorkers": workers}
+                              "marName": mar_file_name(model_name, v), **workers}
                           for v in versions}
     return models
+
+
+def worker_settings(t: Target) -> dict:
+    """A target's workers and batching as TorchServe's models JSON names them."""
+    return {"minWorkers": t.workers, "maxWorkers": t.workers, "batchSize": t.batch_size,
+            "maxBatchDelay": t.max_batch_delay_ms}
 
 
 def set_properties(text: str, new: dict, marker: str | None) -> str:
@@ -774,7 +781,7 @@ def write_host_config(session: HostSession, default: str, versions: list[str]) -
     """Bring the host's config up to date; True when it had to be rewritten."""
     t = session.t
     text = session.read_text(t.ts_config) if session.exists(t.ts_config) else ""
-    new = updated_ts_config(text, t.model_name, versions, default, t.workers,
+    new = updated_ts_config(text, t.model_name, versions, default, worker_settings(t),
                             session.store_entries(t.model_store.rstrip("/")))
     if new == text:
         return False

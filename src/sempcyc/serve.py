@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--management-port", type=int, default=8081, help="management port (default: %(default)s)")
     parser.add_argument("--page-port", type=int, default=0, help="port of the sketch page on 127.0.0.1 "
                                                                  "(default: a free one)")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (default: %(default)s)")
+    parser.add_argument("--workers", type=int, help="worker processes (default: serve.workers in params.yaml)")
 
 
 def pick_ports(inference: int, management: int) -> dict[str, int]:
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> None:
         store.mkdir()
         shutil.copy2(mar, store / mar.name)
         models = models_config(release.model_name, release.version, mar.name, serve.batch_size,
-                               serve.max_batch_delay_ms, workers=args.workers)
+                               serve.max_batch_delay_ms, workers=args.workers or serve.workers)
         ts = TorchServe(store, models, workdir=Path(tmp) / "ts", inference_port=ports["inference"],
                         management_port=ports["management"])
         previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

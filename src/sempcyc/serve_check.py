@@ -75,7 +75,7 @@ def serve_and_check(mar: Path, release: ReleaseSettings, serve: ServeSettings, q
         store.mkdir()
         shutil.copy2(mar, store / mar.name)
         models = models_config(release.model_name, release.version, mar.name, serve.batch_size,
-                               serve.max_batch_delay_ms)
+                               serve.max_batch_delay_ms, workers=serve.workers)
         with TorchServe(store, models, workdir=Path(tmp) / "ts") as ts:
             ready_s = ts.wait_ready(release.model_name, serve.ready_timeout_s)
             report = run_checks(ts, release.model_name, queries, offline, k, serve.check_requests)

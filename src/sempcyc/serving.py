@@ -36,6 +36,7 @@ class ReleaseSettings:
 class ServeSettings:
     SECTION: ClassVar[str] = "serve"
     top_k: int = setting(min=1, max=10_000)
+    workers: int = setting(min=1)
     max_pixels: int = setting(min=10_000)
     threads: int = setting(min=0)
     batch_size: int = setting(min=1, max=256)

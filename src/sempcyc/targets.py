@@ -42,6 +42,8 @@ class Target:
     tunnel: bool = setting()                   # reach the URLs through the SSH connection (as seen from the host)
     model_name: str = setting()
     workers: int = setting(min=1)
+    batch_size: int = setting(min=1, max=256)  # TorchServe batching of the version (registration and config)
+    max_batch_delay_ms: int = setting(min=0)
     keep_versions: int = setting(min=1)
     management_token_env: str = setting()
     inference_token_env: str = setting()
