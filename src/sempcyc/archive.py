@@ -22,11 +22,11 @@ from pathlib import Path
 from . import params as params_mod
 from .errors import UserError
 from .fsutil import dumps_json, sha256_file
+from .runtime import RUNTIME_DIR
 from .runtime.gallery_shards import MANIFEST, GalleryError, read_manifest
 from .serving import ReleaseSettings, ServeSettings
 
 RUNTIME_PACKAGE = "sem_pcyc_runtime"
-RUNTIME_DIR = Path(__file__).resolve().parent / "runtime"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

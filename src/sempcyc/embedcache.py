@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from .fsutil import atomic_write_bytes
+from .runtime import RUNTIME_DIR
 
-RUNTIME_DIR = Path(__file__).resolve().parent / "runtime"
 RUNTIME_CODE = ("imaging.py", "backbones.py", "model.py", "encoder.py")
 
 

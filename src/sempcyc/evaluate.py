@@ -40,6 +40,7 @@ from tqdm import tqdm
 from . import params as params_mod
 from .embedcache import EmbeddingCache, embedding_key
 from .errors import UserError
+from .evaluation import BASELINES
 from .fsutil import atomic_dir, dumps_json, sha256_file
 from .params import setting
 from .runtime.backbones import build_backbone, to_input
@@ -96,9 +97,6 @@ def score_method(query: np.ndarray, gallery: np.ndarray, q_labels: np.ndarray, g
 
 def random_distances(n_query: int, n_gallery: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).random((n_query, n_gallery))
-
-
-BASELINES = ("pretrained", "pretrained_centred", "random")
 
 
 def centre(raw: dict, seen_image: np.ndarray) -> dict:

@@ -34,6 +34,7 @@ import yaml
 
 from . import params as params_mod
 from .errors import UserError
+from .evaluation import BASELINES
 from .serving import ReleaseSettings
 from .targets import DeploySettings, parse_targets
 from .vcs import TAG_PREFIX, TAG_RE, dvc, parse_tags, release_tags, sh, tag_of, tags_at
@@ -93,7 +94,6 @@ def set_release_version(params_text: str, version: str) -> str:
 # What the quality gate checks, each against the strongest no-training baseline and against the last release.
 GATED = {"zero_shot": "zero-shot mAP@all", "generalised": "unseen-query generalised mAP@all",
          "seen_generalised": "seen-query generalised mAP@all", "harmonic": "H"}
-BASELINES = ("pretrained", "pretrained_centred", "random")
 
 
 def gate_figures(metrics: dict, method: str = "sem_pcyc") -> dict[str, float]:

@@ -1,0 +1,6 @@
+"""What an evaluate report (reports/eval/metrics.json) calls its methods: written by the evaluate stage, read by
+the release gate and `sempcyc report`, so the names live here once."""
+
+# The no-training baselines: ImageNet features matched directly, the same features with each domain's seen-class
+# mean removed (then L2), and a random ranking. The strongest per setting is the one to beat.
+BASELINES = ("pretrained", "pretrained_centred", "random")
