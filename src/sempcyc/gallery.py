@@ -51,7 +51,7 @@ from .embedcache import EmbeddingCache, embedding_key
 from .errors import UserError
 from .fsutil import atomic_dir, dumps_json, sha256_file
 from .params import setting
-from .recipe import TrainSettings, pick_device
+from .recipe import TrainSettings, pick_device, torchrun_ranks
 from .runtime import ann, imaging
 from .runtime.encoder import Encoder
 from .runtime.gallery_shards import (
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"{model_path}: not found; run `dvc repro train`")
     check_ann_settings(settings, len(gallery_items(index)), args.params)
     device = pick_device(train.device)
-    ranks = dist_setup()
+    ranks = Ranks(*torchrun_ranks("gloo"))  # gloo on GPUs too: only the finished vectors cross between ranks
     if device == "cuda" and ranks.world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     counts = build_gallery(model_path, Path(args.dataset), index, Path(args.out), Path(args.cache), settings,
@@ -120,16 +120,6 @@ def run(args: argparse.Namespace) -> None:
         print(f"gallery: {n_items} images ({n_embedded} embedded, {n_items - n_embedded} from cache) and "
               f"{min(n_items, settings.thumbnail_max_items)} thumbnails in {time.time() - started:.1f} s "
               f"-> {args.out}")
-
-
-def dist_setup() -> Ranks:
-    """Ranks from torchrun's environment, with torch.distributed initialised (gloo) when there are several."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Ranks()
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return Ranks(dist.get_rank(), world)
 
 
 def check_ann_settings(settings: GallerySettings, items: int, source: str) -> None:

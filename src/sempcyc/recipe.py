@@ -5,11 +5,13 @@ of runtime.model.Config on top (validated by the train stage, which builds the C
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 
 from .errors import UserError
 from .params import setting
@@ -69,3 +71,14 @@ def pick_device(name: str) -> str:
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
         raise UserError(f"train.device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     return name
+
+
+def torchrun_ranks(backend: str) -> tuple[int, int]:
+    """(rank, world) of this process: (0, 1) when started alone; under torchrun (WORLD_SIZE > 1) with
+    torch.distributed initialised on `backend` (gloo, or nccl between GPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return dist.get_rank(), world

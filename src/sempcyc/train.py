@@ -35,7 +35,7 @@ from dvclive import Live
 from . import params as params_mod
 from .errors import UserError
 from .fsutil import atomic_write_bytes
-from .recipe import PRESETS, ModelSettings, TrainSettings, pick_device
+from .recipe import PRESETS, ModelSettings, TrainSettings, pick_device, torchrun_ranks
 from .runtime.encoder import FeatureNorm, bundle_state
 from .runtime.model import Config, SemPcyc, TrainLosses, make_optimizers, train_step
 from .runtime.retrieval import average_precisions, squared_distances
@@ -137,16 +137,6 @@ def fingerprint(settings: dict, features_dir: Path, train_dir: Path) -> str:
                  train_dir / "semantic.npy", train_dir / "classes.json"]:
         h.update(path.read_bytes())
     return h.hexdigest()
-
-
-def _dist_setup(device: str):
-    """(rank, world) — initialises torch.distributed when started by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), world
 
 
 def load_training_data(features_dir: Path, train_dir: Path, s: TrainRun) -> dict:
@@ -322,7 +312,7 @@ def run(args: argparse.Namespace) -> None:
         # 100x faster on a busy one (OpenMP threads spin-waiting for a core; measured by bench/train_throughput.py)
         torch.set_num_threads(s.threads)
     device = pick_device(s.device)
-    rank, world = _dist_setup(device)
+    rank, world = torchrun_ranks("nccl" if device.startswith("cuda") else "gloo")
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     train_model(s, Path(args.features), Path(args.train), Path(args.out), device, rank, world,
