@@ -48,15 +48,15 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"{mar}: not found; run `dvc repro archive`")
     queries = pick_queries(Path(args.dataset), Path(args.splits))
     try:
-        offline_search = SketchSearch.load(args.model, args.gallery, top_k=serve.top_k, max_pixels=serve.max_pixels,
-                                           nprobe=serve.ann_nprobe)
+        gallery = load_gallery(args.gallery)
+        offline_search = SketchSearch.from_gallery(args.model, args.gallery, gallery, top_k=serve.top_k,
+                                                   max_pixels=serve.max_pixels, nprobe=serve.ann_nprobe)
     except GalleryError as exc:
         raise UserError(str(exc)) from None
     offline = [offline_search.search([body])[0] for _, body in queries]
     k = min(serve.top_k, len(offline_search.ids))
     report = serve_and_check(mar, release, serve, queries, offline, k)
-    report.update(check_recall(offline_search, Path(args.gallery), queries, k, serve.ann_min_recall,
-                               report["failures"]))
+    report.update(check_recall(offline_search, gallery[1], queries, k, serve.ann_min_recall, report["failures"]))
     report["passed"] = not report["failures"]
     atomic_write_json(args.out, report)
     print(f"serve-check: ready in {report['ready_seconds']:.1f} s; parity {report['parity_top10']:.2f}; "
@@ -84,21 +84,21 @@ def serve_and_check(mar: Path, release: ReleaseSettings, serve: ServeSettings, q
     return report
 
 
-def check_recall(search: SketchSearch, gallery: Path, queries: list[tuple[str, bytes]], k: int, floor: float,
-                 failures: list[str]) -> dict:
-    """With an approximate index: the share of each query's exact top-k that it finds (recall@k, averaged over
-    the query sketches) against serve.ann_min_recall. An exact gallery reports nothing."""
+def check_recall(search: SketchSearch, embeddings: np.ndarray, queries: list[tuple[str, bytes]], k: int,
+                 floor: float, failures: list[str]) -> dict:
+    """With an approximate index: the share of each query's exact top-k (over the gallery's float32 `embeddings`)
+    that it finds (recall@k, averaged over the query sketches) against serve.ann_min_recall. An exact gallery
+    reports nothing."""
     if search.ann is None:
         return {}
-    _, embeddings, _ = load_gallery(gallery)
     vectors = search.embed(np.stack([search.preprocess(body) for _, body in queries]))
     approximate, _ = search.ann.search(vectors, k, search.nprobe)
     exact, _ = top_k(vectors, embeddings, k)
     recall = float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approximate.tolist(), exact.tolist())]))
     if recall < floor:
         failures.append(f"recall: the approximate index finds {recall:.3f} of the exact top-{k} (serve.ann_min_recall "
-                        f"{floor}); raise serve.ann_nprobe or gallery.ann_nlist's lists' size, or search exactly "
-                        "(gallery.ann_min_items above the gallery's size)")
+                        f"{floor}); raise serve.ann_nprobe, or lower gallery.ann_nlist (larger lists), or search "
+                        "exactly (gallery.ann_min_items above the gallery's size)")
     return {"ann_recall_at_k": round(recall, 4), "ann_nprobe": search.nprobe}
 
 

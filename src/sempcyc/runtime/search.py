@@ -54,7 +54,15 @@ class SketchSearch:
         """The model and the gallery (manifest.json + shards), each file verified against the manifest's sha256;
         a file missing from `model_path` / `gallery_dir` is taken from `blob_store` by its sha256 (a deployed slim
         archive). GalleryError names a missing or damaged file: nothing is served from a partial gallery."""
-        manifest, embeddings, index = load_gallery(gallery_dir, blob_store)
+        return cls.from_gallery(model_path, gallery_dir, load_gallery(gallery_dir, blob_store), blob_store=blob_store,
+                                **kwargs)
+
+    @classmethod
+    def from_gallery(cls, model_path: str | Path, gallery_dir: str | Path, gallery: tuple, *,
+                     blob_store: str | Path | None = None, **kwargs) -> SketchSearch:
+        """`load` for a gallery already read with gallery_shards.load_gallery (serve-check keeps its float32
+        vectors to measure the approximate index's recall, rather than reading every shard twice)."""
+        manifest, embeddings, index = gallery
         if not isinstance(manifest.get("model_sha256"), str):
             raise GalleryError(f"{Path(gallery_dir) / 'manifest.json'}: no model_sha256; run `dvc repro gallery`")
         model = verified_path(Path(model_path), manifest["model_sha256"], blob_store, "model sem_pcyc.pt",
