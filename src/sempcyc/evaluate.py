@@ -43,7 +43,7 @@ from .errors import UserError
 from .evaluation import BASELINES
 from .fsutil import atomic_dir, dumps_json, sha256_file
 from .params import setting
-from .runtime.backbones import build_backbone, to_input
+from .runtime.backbones import build_backbone, padded_pass, to_input
 from .runtime.encoder import Encoder
 from .runtime.retrieval import (
     ITQ,
@@ -58,10 +58,8 @@ from .shards import load_test_shard
 KS = (10, 100, 200)
 # The test shard's parts: key in the embedding dicts, shard array, domain (which extractor reads it).
 PARTS = (("q", "sketches", "sketch"), ("s", "seen_sketches", "sketch"), ("g", "images", "image"))
-# Every network pass takes exactly this many items (the last pass padded): CPU kernels pick their algorithm by
-# batch size, so an item's vector then depends on the item alone, never on which items share its batch, and a
-# cached vector equals a fresh one byte for byte. 8 is also the fastest here (efficientnet_lite0, 128 px, 1 thread:
-# 9.5 ms an image, 20.7 ms at 64).
+# Every network pass takes exactly this many items (backbones.padded_pass: a cached vector equals a fresh one). 8 is
+# also the fastest here (efficientnet_lite0, 128 px, 1 thread: 9.5 ms an image, 20.7 ms at 64).
 EMBED_BATCH = 8
 
 
@@ -191,14 +189,11 @@ def fixed_batches(fn, rows: list, bar=None) -> list[np.ndarray]:
     """`fn` (tensor batch -> vectors) over `rows`, EMBED_BATCH rows a pass (the last pass padded with zeros), without
     gradients: one float32 vector a row."""
     out = []
-    with torch.inference_mode():
-        for start in range(0, len(rows), EMBED_BATCH):
-            chunk = np.stack([np.asarray(r) for r in rows[start:start + EMBED_BATCH]])
-            n = len(chunk)
-            chunk = np.concatenate([chunk, np.zeros((EMBED_BATCH - n, *chunk.shape[1:]), chunk.dtype)])
-            out += list(fn(torch.from_numpy(chunk)).float().numpy()[:n])
-            if bar is not None:
-                bar.update(n)
+    for start in range(0, len(rows), EMBED_BATCH):
+        chunk = np.stack([np.asarray(r) for r in rows[start:start + EMBED_BATCH]])
+        out += list(padded_pass(fn, chunk, EMBED_BATCH))
+        if bar is not None:
+            bar.update(len(chunk))
     return out
 
 

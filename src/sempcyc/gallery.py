@@ -53,6 +53,7 @@ from .fsutil import atomic_dir, dumps_json, sha256_file
 from .params import setting
 from .recipe import TrainSettings, pick_device, torchrun_ranks
 from .runtime import ann, imaging
+from .runtime.backbones import padded_pass
 from .runtime.encoder import Encoder
 from .runtime.gallery_shards import (
     EMBEDDING_DTYPE,
@@ -228,18 +229,9 @@ def embed(enc: Encoder, todo: list[tuple[str, Path]], pass_size: int, device: st
                 arrays = np.stack([imaging.image_to_array(imaging.load_file(p), enc.size) for _, p in chunk])
             except imaging.ImageDecodeError as exc:
                 raise UserError(f"{exc}; fix the file and rerun `dvc repro extract`") from None
-            vectors.append(embed_pass(enc, arrays, pass_size, device))
+            vectors.append(padded_pass(enc.embed_images, arrays, pass_size, device))  # the cache keeps float32
             bar.update(len(chunk))
     return np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
-
-
-def embed_pass(enc: Encoder, arrays: np.ndarray, pass_size: int, device: str) -> np.ndarray:
-    """One network pass of exactly `pass_size` images: `arrays` (n <= pass_size) padded with zeros; n vectors."""
-    n = len(arrays)
-    padded = np.concatenate([arrays, np.zeros((pass_size - n, *arrays.shape[1:]), arrays.dtype)])
-    with torch.inference_mode():
-        out = enc.embed_images(torch.from_numpy(padded).to(device))
-    return out[:n].float().cpu().numpy()  # the cache keeps full precision
 
 
 def write_sharded(out: Path, meta: dict, items: list[tuple[str, str]], embeddings: np.ndarray,
