@@ -13,17 +13,16 @@ import contextlib
 import math
 import os
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .gallery_shards import npz_bytes
+
 FORMAT = 1
 # Rows per block when computing distances to all centroids: 8192 x 4096 float32 scores is 128 MB, not N x nlist.
 CHUNK = 8192
-# The zip members' timestamp: a fixed one, so equal inputs give equal bytes (numpy.savez stamps the current time).
-ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
 class IndexMismatch(ValueError):
@@ -93,16 +92,14 @@ def train_centroids(vectors: np.ndarray, nlist: int, *, seed: int, iterations: i
     return centroids
 
 
-def _atomic_write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """An uncompressed .npz written to a temporary name beside `path`, then renamed over it: a crash never
-    leaves half an index behind. Fixed member timestamps make the bytes a function of the arrays alone."""
+def _atomic_write(path: Path, data: bytes) -> None:
+    """`data` written to a temporary name beside `path`, then renamed over it: a crash never leaves half an index
+    behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED) as archive:
-            for name, value in arrays.items():
-                with archive.open(zipfile.ZipInfo(f"{name}.npy", ZIP_TIME), "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; the index gets the usual permissions
@@ -218,10 +215,10 @@ class IVFIndex:
 
     def save(self, path: str | Path) -> None:
         """One .npz, written atomically: centroids, assignment and what identifies the gallery, never vectors."""
-        _atomic_write_npz(Path(path), {
+        _atomic_write(Path(path), npz_bytes({
             "format": np.int64(FORMAT), "gallery_digest": np.str_(self.gallery_digest),
             "nlist": np.int64(self.nlist), "dim": np.int64(self.dim), "items": np.int64(self.items),
-            "centroids": self.centroids, "assignment": self.assignment})
+            "centroids": self.centroids, "assignment": self.assignment}))
 
     @classmethod
     def load(cls, path: str | Path, vectors: np.ndarray, expected_digest: str) -> IVFIndex:
