@@ -41,6 +41,7 @@ import time
 import uuid
 import zipfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import quote, urlsplit
@@ -632,53 +633,43 @@ def sync_blobs(session: HostSession, shipment: Shipment, refs: str, progress: Pr
 
 
 def upload_blobs(session: HostSession, shipment: Shipment, blobs: list[Blob], progress: Progress) -> None:
-    """Upload each blob under a temporary hidden name, check them all with one sha256 pass on the host, then
-    rename each into place (a blob's name is its content: present means whole and right)."""
-    tmps: dict[str, Blob] = {}
-    try:
-        with zipfile.ZipFile(shipment.release.mar) as zf:
-            for blob in blobs:
-                tmp = posixpath.join(shipment.store, f".{blob.sha256}{PARTIAL}{uuid.uuid4().hex[:8]}")
-                tmps[tmp] = blob
-                with zf.open(blob.member) as source:
-                    session.upload(source, tmp, blob.size)
-        progress.begin("verify")
-        got = session.sha256_many(list(tmps))
-        for tmp, blob in tmps.items():
-            if got.get(tmp) != blob.sha256:
-                raise DeployError(f"{session.t.name}: checksum mismatch after uploading {blob.member} (sent "
-                                  f"{blob.sha256[:12]}…, host has {str(got.get(tmp))[:12]}…); the transfer was "
-                                  "damaged, nothing was registered")
-        for tmp in list(tmps):
-            session.sftp.posix_rename(tmp, posixpath.join(shipment.store, tmps.pop(tmp).sha256))
-    finally:
-        for tmp in tmps:
-            session.remove_quietly(tmp)
+    """The blobs, read from the full archive, into the host's blob store under their sha256 names."""
+    with zipfile.ZipFile(shipment.release.mar) as zf:
+        upload_checked(session, [(partial(zf.open, blob.member), blob.size, posixpath.join(shipment.store, blob.sha256),
+                                  blob.sha256, blob.member) for blob in blobs], progress)
 
 
 def upload_verified(session: HostSession, mar: Path, final: str, digest: str, progress: Progress) -> None:
-    """The slim archive into the model store: temporary name, sha256 checked on the host, renamed into place."""
-    with open(mar, "rb") as source:
-        upload_checked(session, source, mar.stat().st_size, final, digest, "the archive", progress)
+    """The slim archive into the model store."""
+    upload_checked(session, [(partial(open, mar, "rb"), mar.stat().st_size, final, digest, "the archive")], progress)
     progress.done("verified")
 
 
-def upload_checked(session: HostSession, source: BinaryIO, size: int, final: str, digest: str, what: str,
-                   progress: Progress) -> None:
-    """Upload under a temporary hidden name beside `final`, check its sha256 on the host, rename into place
-    (atomic: `final` is either absent, the old file or the whole new one)."""
-    tmp = posixpath.join(posixpath.dirname(final), f".{posixpath.basename(final)}{PARTIAL}{uuid.uuid4().hex[:8]}")
+def upload_checked(session: HostSession, files: list[tuple], progress: Progress) -> None:
+    """Upload each (opener, size, final path, sha256, what) under a temporary hidden name beside its final path,
+    check them all with one sha256 pass on the host (one command per 200 files, not one per file), then rename
+    each into place: a final path is absent, the old file or the whole new one, never part of one."""
+    tmps: dict[str, tuple[str, str, str]] = {}
     try:
         progress.begin("upload")
-        session.upload(source, tmp, size)
+        for opener, size, final, digest, what in files:
+            tmp = posixpath.join(posixpath.dirname(final),
+                                 f".{posixpath.basename(final)}{PARTIAL}{uuid.uuid4().hex[:8]}")
+            tmps[tmp] = (final, digest, what)
+            with opener() as source:
+                session.upload(source, tmp, size)
         progress.begin("verify")
-        got = session.sha256(tmp)
-        if got != digest:
-            raise DeployError(f"{session.t.name}: checksum mismatch after uploading {what} (sent {digest[:12]}…, "
-                              f"host has {str(got)[:12]}…); the transfer was damaged, nothing was registered")
-        session.sftp.posix_rename(tmp, final)
+        got = session.sha256_many(list(tmps))
+        for tmp, (_, digest, what) in tmps.items():
+            if got.get(tmp) != digest:
+                raise DeployError(f"{session.t.name}: checksum mismatch after uploading {what} (sent {digest[:12]}…, "
+                                  f"host has {str(got.get(tmp))[:12]}…); the transfer was damaged, nothing was "
+                                  "registered")
+        for tmp in list(tmps):
+            session.sftp.posix_rename(tmp, tmps.pop(tmp)[0])
     finally:
-        session.remove_quietly(tmp)
+        for tmp in tmps:
+            session.remove_quietly(tmp)
 
 
 def promote(session: HostSession, ts: TorchServeHost, version: str, state: HostState, smoke_sketch: bytes,
