@@ -32,21 +32,26 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from sempcyc import evaluate, features, params, train  # noqa: E402
 from sempcyc.recipe import ModelSettings  # noqa: E402
-from sempcyc.runtime.backbones import Extractor, batched, to_input  # noqa: E402
+from sempcyc.runtime.backbones import Extractor, batched, extract  # noqa: E402
 from sempcyc.shards import load_test_shard, load_train_shard  # noqa: E402
 from sempcyc.split import SplitSettings  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "quality"
 SEMANTIC = {"ae_linear": True, "unit_embeddings": True, "semantic_classifier": True, "lambda_code": 1.0}
-# name -> (TrainRun fields, model.Config overrides on top of the preset, shuffle the class vectors)
+# name -> (TrainRun fields, model.Config overrides on top of the preset, shuffle the class vectors,
+#          model.photo_edges: photos read as the mean of the photo's and its edge map's features)
 CENTRED = {"preset": "tuned", "feature_norm": "centre", "feature_dim": 512}
 VARIANTS = {
-    "original": ({"preset": "original", "feature_norm": "standardize", "feature_dim": 0}, {}, False),
-    "tuned": ({"preset": "tuned", "feature_norm": "standardize", "feature_dim": 0}, {}, False),
-    "original + centred": ({**CENTRED, "preset": "original"}, {}, False),
-    "tuned + centred": (CENTRED, {}, False),
-    "semantic": (CENTRED, SEMANTIC, False),
-    "semantic, vectors shuffled": (CENTRED, SEMANTIC, True),
+    "original": ({"preset": "original", "feature_norm": "standardize", "feature_dim": 0}, {}, False, False),
+    "tuned": ({"preset": "tuned", "feature_norm": "standardize", "feature_dim": 0}, {}, False, False),
+    "original + centred": ({**CENTRED, "preset": "original"}, {}, False, False),
+    "tuned + centred": (CENTRED, {}, False, False),
+    "semantic": (CENTRED, SEMANTIC, False, False),
+    "semantic, vectors shuffled": (CENTRED, SEMANTIC, True, False),
+    "tuned + centred, photo edges": (CENTRED, {}, False, True),
+    "tuned + centred, photo edges, vectors shuffled": (CENTRED, {}, True, True),
+    "semantic, photo edges": (CENTRED, SEMANTIC, False, True),
+    "semantic, photo edges, vectors shuffled": (CENTRED, SEMANTIC, True, True),
 }
 SKIPS = (0.0, 0.25, 0.5, 0.75)
 COLUMNS = ("val", "zs_map", "zs_p10", "gen_map", "gen_p10", "seen_map", "H", "hit")
@@ -61,23 +66,30 @@ def dataset_key(project: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def cache_features(project: Path, out: Path) -> None:
-    """The features stage with features.epochs 0 into out/features, and the same extractor's features of the
-    test shard (unseen queries q, seen queries s, gallery g) into out/test_*.npy."""
+def features_dir(out: Path, edges: bool) -> Path:
+    return out / ("features-photo-edges" if edges else "features")
+
+
+def cache_features(project: Path, out: Path, edges: bool) -> None:
+    """The features stage with features.epochs 0 and model.photo_edges `edges` into features_dir(), and the same
+    extractor's features of the test shard (unseen queries q, seen queries s, gallery g; with edges, the gallery
+    as the model reads it: ge) into out/test_*.npy. The baselines always read g, the photos alone."""
     model, split = params.read(project / "params.yaml", ModelSettings, SplitSettings)
-    if not (out / "features/extractors.pt").exists():
+    model = dataclasses.replace(model, photo_edges=edges)
+    if not (features_dir(out, edges) / "extractors.pt").exists():
         feat = features.FeaturesSettings(epochs=0, lr=1e-4, head_lr=1e-3, batch_size=32, proj_dim=512, seed=0)
-        features.compute_features(load_train_shard(project / "data/prepared/train"), out / "features", model, feat,
-                                  split, "cpu")
-    if (out / "test_g.npy").exists():
-        return
+        features.compute_features(load_train_shard(project / "data/prepared/train"), features_dir(out, edges),
+                                  model, feat, split, "cpu")
     shard = load_test_shard(project / "data/prepared/test")
     torch.manual_seed(0)
     net = Extractor(model.backbone, None, pretrained=True, weights_path=model.backbone_weights).eval()
-    for key, part, invert in (("q", "sketches", model.invert_sketch), ("s", "seen_sketches", model.invert_sketch),
-                              ("g", "images", False)):
-        print(f"quality: test features {part} ({len(shard[part])})", flush=True)
-        np.save(out / f"test_{key}.npy", batched(lambda x, inv=invert: net(to_input(x, inv)), shard[part], 64))
+    for key, part, with_edges in (("q", "sketches", False), ("s", "seen_sketches", False), ("g", "images", False),
+                                  ("ge", "images", True)):
+        if (out / f"test_{key}.npy").exists() or (with_edges and not edges):
+            continue
+        print(f"quality: test features {key} ({len(shard[part])})", flush=True)
+        np.save(out / f"test_{key}.npy", batched(lambda x, e=with_edges: extract(net, x, model.invert_sketch, e),
+                                                 shard[part], 64))
 
 
 def test_labels(project: Path) -> tuple[dict, np.ndarray]:
@@ -91,11 +103,11 @@ def test_labels(project: Path) -> tuple[dict, np.ndarray]:
 def run_variant(project: Path, out: Path, name: str, seed: int) -> dict:
     """Train one variant with one seed; score it at every SKIPS value (the embedding's share of input features,
     model.Config.embed_skip, an inference-time choice) on the validation classes and the test shard."""
-    fields, overrides, shuffle = VARIANTS[name]
+    fields, overrides, shuffle, edges = VARIANTS[name]
     base = train.read_settings(params.load(project / "params.yaml"))
     run = dataclasses.replace(base, **fields, seed=seed, threads=1, device="cpu")
     run = dataclasses.replace(run, config={**train.PRESETS[run.preset], **overrides})
-    data = train.load_training_data(out / "features", project / "data/prepared/train", run)
+    data = train.load_training_data(features_dir(out, edges), project / "data/prepared/train", run)
     if shuffle:
         data["fit_sem"] = data["fit_sem"][np.random.default_rng(seed).permutation(len(data["fit_sem"]))]
     started = time.time()
@@ -103,8 +115,9 @@ def run_variant(project: Path, out: Path, name: str, seed: int) -> dict:
     model = trainer.fit().eval()
     seconds = round(time.time() - started, 1)
     raw = {k: np.load(out / f"test_{k}.npy") for k in ("q", "s", "g")}
+    inputs = {**raw, "g": np.load(out / "test_ge.npy")} if edges else raw
     labels, unseen = test_labels(project)
-    normed = {k: data["norms"]["image" if k == "g" else "sketch"](torch.from_numpy(v)) for k, v in raw.items()}
+    normed = {k: data["norms"]["image" if k == "g" else "sketch"](torch.from_numpy(v)) for k, v in inputs.items()}
     scores = {}
     for skip in SKIPS:
         model.cfg.embed_skip = skip
@@ -114,16 +127,22 @@ def run_variant(project: Path, out: Path, name: str, seed: int) -> dict:
         val = train.validation_map(model.embed_sketch, model.embed_image, data["val_sk"], data["val_sk_y"],
                                    data["val_im"], data["val_im_y"])
         scores[str(skip)] = {"val": val, "metrics": evaluate.evaluate_all(emb, raw, labels, unseen, seed)[0]}
-    return {"epochs": trainer.state["epoch"], "seconds": seconds, "skips": scores}
+    found = {"epochs": trainer.state["epoch"], "seconds": seconds, "skips": scores}
+    if edges:  # the no-training baselines on the features the model reads (photos with their edge maps)
+        found["edge_baselines"] = evaluate.evaluate_all(emb, inputs, labels, unseen, seed)[0]
+    return found
 
 
 def validation_baselines(out: Path, project: Path) -> dict:
     """The baselines' zero-shot mAP@all on the validation classes (what `val` is for a trained variant)."""
     base = train.read_settings(params.load(project / "params.yaml"))
     found = {}
-    for name, norm in (("pretrained", "none"), ("pretrained_centred", "centre")):
+    for name, norm, edges in (("pretrained", "none", False), ("pretrained_centred", "centre", False),
+                              ("pretrained_centred, photo edges", "centre", True)):
+        if not (features_dir(out, edges) / "extractors.pt").exists():
+            continue
         run = dataclasses.replace(base, feature_norm=norm, feature_dim=0)
-        data = train.load_training_data(out / "features", project / "data/prepared/train", run)
+        data = train.load_training_data(features_dir(out, edges), project / "data/prepared/train", run)
         found[name] = train.validation_map(torch.nn.Identity(), torch.nn.Identity(), data["val_sk"],
                                            data["val_sk_y"], data["val_im"], data["val_im_y"])
     return found
@@ -138,10 +157,14 @@ def figures(metrics: dict, method: str) -> dict:
 
 def table(results: dict, val_baselines: dict) -> str:
     rows = ["| variant | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    first = next(iter(next(iter(results.values())).values()))["skips"]["0.0"]
-    for baseline in ("pretrained", "pretrained_centred"):
-        f = {"val": val_baselines[baseline], **figures(first["metrics"], baseline)}
-        rows.append(f"| no training: {baseline} | " + " | ".join(f"{f[c]:.3f}" for c in COLUMNS) + " |")
+    runs = [r for per_seed in results.values() for r in per_seed.values()]
+    baselines = [(b, runs[0]["skips"]["0.0"]["metrics"], b) for b in ("pretrained", "pretrained_centred")]
+    edge_runs = [r for r in runs if "edge_baselines" in r]
+    if edge_runs and "pretrained_centred, photo edges" in val_baselines:
+        baselines.append(("pretrained_centred, photo edges", edge_runs[0]["edge_baselines"], "pretrained_centred"))
+    for name, metrics, method in baselines:
+        f = {"val": val_baselines[name], **figures(metrics, method)}
+        rows.append(f"| no training: {name} | " + " | ".join(f"{f[c]:.3f}" for c in COLUMNS) + " |")
     for name, per_seed in results.items():
         for skip in SKIPS:
             vals = [{"val": r["skips"][str(skip)]["val"], **figures(r["skips"][str(skip)]["metrics"], "sem_pcyc")}
@@ -161,13 +184,14 @@ def main() -> None:
     torch.set_num_threads(1)
     out = OUT / dataset_key(args.project)
     out.mkdir(parents=True, exist_ok=True)
-    cache_features(args.project, out)
+    names = [n.strip() for n in args.only.split(";") if n.strip()] or list(VARIANTS)
+    for edges in sorted({VARIANTS[n][3] for n in names}):
+        cache_features(args.project, out, edges)
     # results are reused only for the same variant definitions, skips and training code
     digest = hashlib.sha256(repr((VARIANTS, SKIPS)).encode() + (ROOT / "src/sempcyc/runtime/model.py").read_bytes()
                             + (ROOT / "src/sempcyc/train.py").read_bytes()).hexdigest()[:12]
     results_file = out / f"results-{digest}.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    names = [n.strip() for n in args.only.split(";") if n.strip()] or list(VARIANTS)
     started = time.time()
     for seed in (int(s) for s in args.seeds.split(",")):
         for name in names:

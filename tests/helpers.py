@@ -34,7 +34,7 @@ TINY = {
     "data": {"tar": "ds.tar"},
     "split": {"test_fraction": TEST_FRACTION, "val_fraction": 0.15, "salt": SALT, "test_classes_file": ""},
     "prepare": {"size": 32},
-    "model": {"backbone": "tiny", "backbone_weights": "", "invert_sketch": True, "dim_out": 16,
+    "model": {"backbone": "tiny", "backbone_weights": "", "invert_sketch": True, "photo_edges": True, "dim_out": 16,
               "preset": "tuned", "overrides": {}},
     "features": {"epochs": 1, "lr": 0.0001, "head_lr": 0.001, "batch_size": 8, "proj_dim": 24, "seed": 0},
     "train": {"device": "cpu", "epochs": 2, "iters_per_epoch": 3, "batch_size": 8, "lr": 0.0001, "milestones": [],

@@ -629,6 +629,38 @@ def test_to_input_sketches_and_images():
     assert x.is_contiguous()
 
 
+def _square_photo(invert_colours: bool = False) -> torch.Tensor:
+    """(1, 3, 32, 32) in [0, 255]: a red 12 x 12 square on a flat pale background."""
+    x = torch.full((1, 3, 32, 32), 230.0)
+    x[0, :, 10:22, 10:22] = torch.tensor([200.0, 20.0, 20.0])[:, None, None]
+    return 255.0 - x if invert_colours else x
+
+
+def test_edge_map_draws_a_photo_like_a_sketch():
+    edges = backbones.edge_map(_square_photo(), invert=True)
+    assert edges.shape == (1, 3, 32, 32) and torch.equal(edges[:, 0], edges[:, 2])
+    assert float(edges.max()) == pytest.approx(255.0)                  # the strongest edge is full white
+    assert float(edges[0, 0, 0:6, :].max()) < 1e-3                     # flat background: black
+    assert float(edges[0, 0, 14:18, 14:18].max()) < 1e-3               # flat inside: black
+    assert float(edges[0, 0, 16, 9:12].max()) > 200                     # the square's border: white
+    # black on white for sketches fed as drawn; colours that swap leave the same edges
+    assert torch.allclose(backbones.edge_map(_square_photo(), invert=False), 255.0 - edges)
+    assert torch.allclose(backbones.edge_map(_square_photo(True), invert=True), edges, atol=1e-3)
+
+
+def test_extract_reads_photos_with_their_edge_maps_and_sketches_alone():
+    torch.manual_seed(0)
+    net = backbones.Extractor("tiny", None, pretrained=False).eval()
+    photos = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    sketches = torch.randint(0, 256, (2, 32, 32), dtype=torch.uint8)
+    with torch.inference_mode():
+        x = backbones.to_input(photos, False)
+        want = (net(x) + net(backbones.edge_map(x, True))) / 2
+        assert torch.allclose(backbones.extract(net, photos, True, True), want, atol=1e-5)
+        assert torch.equal(backbones.extract(net, photos, True, False), net(x))
+        assert torch.equal(backbones.extract(net, sketches, True, True), net(backbones.to_input(sketches, True)))
+
+
 # ------------------------------------------------------------------------------------------- feature norm
 
 def test_feature_norm_standardize_fits_and_inverts():
@@ -672,7 +704,8 @@ def _bundle(image_differs: bool) -> dict:
         first = next(iter(image_state))
         image_state[first] = image_state[first] + 1
     cfg = M.Config(feat_dim=64, sem_dim=SEM, dim_out=DIM, n_classes=N_CLS)
-    meta = {"backbone": "tiny", "feature_proj_dim": None, "feat_dim": 64, "invert_sketch": True, "size": 32}
+    meta = {"backbone": "tiny", "feature_proj_dim": None, "feat_dim": 64, "invert_sketch": True, "photo_edges": True,
+            "size": 32}
     norms = {"sketch": FeatureNorm("none", 64), "image": FeatureNorm("none", 64)}
     return bundle_state(meta, cfg, {"sketch_extractor": sketch_state, "image_extractor": image_state}, norms,
                         M.SemPcyc(cfg))

@@ -208,11 +208,13 @@ def load_networks(model_path: Path) -> tuple[Encoder, nn.Module]:
     return enc, net.eval()
 
 
-def runs_backbone(extractor: nn.Module, net: nn.Module, net_sha: str) -> bool:
-    """Whether a model extractor computes exactly `net`'s features: the same backbone class and weights and no
-    projection (features.epochs 0: the model's extractors are the frozen ImageNet backbone)."""
+def runs_backbone(enc: Encoder, domain: str, net: nn.Module, net_sha: str) -> bool:
+    """Whether the model's features of `domain` are exactly `net`'s: the same backbone class and weights, no
+    projection (features.epochs 0: the model's extractors are the frozen ImageNet backbone), and for photos no
+    edge map (model.photo_edges: the baselines read the photo alone)."""
+    extractor = enc.sketch_extractor if domain == "sketch" else enc.image_extractor
     return (isinstance(extractor.proj, nn.Identity) and type(extractor.backbone) is type(net)
-            and state_sha(extractor.backbone) == net_sha)
+            and state_sha(extractor.backbone) == net_sha and not (domain == "image" and enc.photo_edges))
 
 
 def open_caches(folder: Path, model_path: Path, enc: Encoder, net_sha: str) -> dict[str, EmbeddingCache]:
@@ -257,9 +259,9 @@ def embed_shard(model_path: Path, shard: dict, cache_dir: Path) -> tuple[dict, d
     keys = {k: [item_key(a, domain) for a in shard[name]] for k, name, domain in PARTS}
     counts = {"items": 0, "embedded": 0, "backbone": 0, "extractor": 0, "shared": []}
     with tqdm(desc="evaluate embed", unit="img", mininterval=2) as bar:
-        for domain, extractor in (("sketch", enc.sketch_extractor), ("image", enc.image_extractor)):
+        for domain in ("sketch", "image"):
             rows = domain_rows(shard, keys, domain)
-            shared = runs_backbone(extractor, net, net_sha)
+            shared = runs_backbone(enc, domain, net, net_sha)
             done = fill_domain(enc, net, domain, rows, caches, shared, bar) | {"items": len(rows)}
             counts = {k: counts[k] + done[k] for k in done} | {"shared": counts["shared"] + [domain] * shared}
     for cache in caches.values():

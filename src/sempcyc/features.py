@@ -22,7 +22,7 @@ from .errors import UserError
 from .fsutil import atomic_dir, dumps_json
 from .params import setting
 from .recipe import ModelSettings, TrainSettings, pick_device
-from .runtime.backbones import Extractor, batched, to_input
+from .runtime.backbones import Extractor, batched, extract
 from .shards import load_train_shard
 from .split import SplitSettings, validation_classes
 
@@ -62,17 +62,19 @@ def compute_features(shard: dict, out: Path, model: ModelSettings, feat: Feature
     fit_classes = [c for c in classes if c not in val]
     proj_dim = feat.proj_dim if feat.epochs > 0 else None
     states, report = {}, {}
-    for domain, key, invert in (("sketch", "sketches", model.invert_sketch), ("image", "images", False)):
+    for domain, key in (("sketch", "sketches"), ("image", "images")):
         extractor = _load_extractor(model, proj_dim, device)
         if feat.epochs > 0:
             report[f"{domain}_finetune_loss"] = _finetune_on_fit_classes(
-                extractor, shard, key, fit_classes, invert, feat, device, domain)
+                extractor, shard, key, fit_classes, model, feat, device, domain)
         extractor.eval()
         with tqdm(total=len(shard[key]), desc=f"features {key}", unit="img", mininterval=2) as bar:
-            feats = batched(lambda x, e=extractor, inv=invert: e(to_input(x, inv)), shard[key], 64, device, bar)
+            feats = batched(lambda x, e=extractor: extract(e, x, model.invert_sketch, model.photo_edges),
+                            shard[key], 64, device, bar)
         states[domain] = ({k: v.cpu() for k, v in extractor.state_dict().items()}, feats)
     meta = {"backbone": model.backbone, "backbone_weights": model.backbone_weights, "feature_proj_dim": proj_dim,
             "feat_dim": int(states["sketch"][1].shape[1]), "invert_sketch": model.invert_sketch,
+            "photo_edges": model.photo_edges,
             "size": int(shard["sketches"].shape[1]), "finetune_epochs": feat.epochs,
             "validation_classes": sorted(val), "fit_classes": fit_classes}
     with atomic_dir(out) as scratch:
@@ -95,7 +97,7 @@ def _load_extractor(model: ModelSettings, proj_dim: int | None, device: str) -> 
     return extractor.to(device)
 
 
-def _finetune_on_fit_classes(extractor: Extractor, shard: dict, key: str, fit_classes: list[str], invert: bool,
+def _finetune_on_fit_classes(extractor: Extractor, shard: dict, key: str, fit_classes: list[str], model: ModelSettings,
                              feat: FeaturesSettings, device: str, desc: str) -> list[float]:
     """Fine-tune on the shard's items of the fit classes (validation classes stay unseen by the extractor)."""
     classes, labels = shard["classes"], shard[f"{key}_labels"]
@@ -105,7 +107,7 @@ def _finetune_on_fit_classes(extractor: Extractor, shard: dict, key: str, fit_cl
         raise UserError(f"features.batch_size {feat.batch_size} is larger than the {int(keep.sum())} training "
                         f"{key}; lower it")
     mapped = np.array([fit_index[classes[lab]] for lab in labels[keep]])
-    return finetune(extractor, np.asarray(shard[key])[keep], mapped, len(fit_classes), invert, feat, device, desc)
+    return finetune(extractor, np.asarray(shard[key])[keep], mapped, len(fit_classes), model, feat, device, desc)
 
 
 def augment(x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +119,7 @@ def augment(x: torch.Tensor) -> torch.Tensor:
     return torch.roll(x, shifts=(dy, dx), dims=(1, 2))
 
 
-def finetune(extractor: Extractor, arrays: np.ndarray, labels: np.ndarray, n_classes: int, invert: bool,
+def finetune(extractor: Extractor, arrays: np.ndarray, labels: np.ndarray, n_classes: int, model: ModelSettings,
              feat: FeaturesSettings, device: str, desc: str) -> list[float]:
     """Train extractor + a linear classifier head on (arrays, labels); BN statistics stay frozen (small batches)."""
     head = nn.Linear(extractor.out_dim, n_classes).to(device)
@@ -140,7 +142,8 @@ def finetune(extractor: Extractor, arrays: np.ndarray, labels: np.ndarray, n_cla
                       mininterval=2):
             idx = np.sort(perm[i * feat.batch_size:(i + 1) * feat.batch_size])
             x = augment(torch.from_numpy(np.asarray(arrays[idx]))).to(device)
-            loss = nn.functional.cross_entropy(head(extractor(to_input(x, invert))), labels_t[idx].to(device))
+            feats = extract(extractor, x, model.invert_sketch, model.photo_edges)
+            loss = nn.functional.cross_entropy(head(feats), labels_t[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -36,6 +36,7 @@ class ModelSettings:
     backbone: str = setting(choices=BACKBONES)
     backbone_weights: str | None = setting()
     invert_sketch: bool = setting()
+    photo_edges: bool = setting()
     dim_out: int = setting(min=1)
     preset: str = setting(choices=tuple(PRESETS))
     overrides: dict = setting()

@@ -185,6 +185,40 @@ def to_input(batch_uint8: torch.Tensor, invert: bool) -> torch.Tensor:
     return x.contiguous()
 
 
+# 3x3 binomial blur, then Sobel derivatives: the edge map's filters (per colour channel)
+_BLUR = torch.tensor([1.0, 2.0, 1.0]).outer(torch.tensor([1.0, 2.0, 1.0])) / 16
+_SOBEL = torch.stack([torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]),
+                      torch.tensor([[-1.0, -2.0, -1.0], [0.0, 0.0, 0.0], [1.0, 2.0, 1.0]])])
+
+
+def edge_map(x_0_255: torch.Tensor, invert: bool) -> torch.Tensor:
+    """(B, 3, H, W) photos in [0, 255] -> their soft edge maps, drawn like the sketches the CNN reads: the
+    strongest colour channel's gradient magnitude (lightly blurred first), scaled so each photo's strongest edge
+    is 255, white on black when sketches are inverted (black on white otherwise), on all three channels.
+
+    Why: a sketch is the outline of a thing, a photo its filled colours, and an ImageNet CNN maps the two far
+    apart. On the cross-artist data, zero-shot mAP@all of centred frozen features on validation classes: photos
+    0.285, their edge maps 0.387, the mean of both 0.410 (README "Quality")."""
+    c = x_0_255.shape[1]
+    blur = _BLUR.to(x_0_255)[None, None].expand(c, 1, 3, 3)
+    sobel = _SOBEL.to(x_0_255)[:, None].repeat(c, 1, 1, 1)
+    smooth = F.conv2d(F.pad(x_0_255 / 255.0, (1, 1, 1, 1), mode="replicate"), blur, groups=c)
+    grads = F.conv2d(F.pad(smooth, (1, 1, 1, 1), mode="replicate"), sobel, groups=c)
+    magnitude = grads.unflatten(1, (c, 2)).pow(2).sum(2).sqrt().amax(1, keepdim=True)
+    edges = 255.0 * magnitude / magnitude.flatten(1).amax(1).clamp_min(1e-6)[:, None, None, None]
+    return (edges if invert else 255.0 - edges).expand(-1, 3, -1, -1).contiguous()
+
+
+def extract(extractor: nn.Module, batch_uint8: torch.Tensor, invert_sketch: bool, photo_edges: bool) -> torch.Tensor:
+    """An extractor's features of a uint8 batch of sketches (B, H, W) or photos (B, H, W, 3), as to_input reads
+    them; with `photo_edges`, a photo's features are the mean of the photo's and its edge map's (one pass)."""
+    x = to_input(batch_uint8, invert_sketch)
+    if not photo_edges or batch_uint8.dim() == 3:  # sketches are line drawings already
+        return extractor(x)
+    both = extractor(torch.cat([x, edge_map(x, invert_sketch)]))
+    return (both[:len(x)] + both[len(x):]) / 2
+
+
 class Extractor(nn.Module):
     """f_sk or f_im: a backbone's pooled features, optionally projected to `dim` (the fine-tuned head)."""
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import Extractor, to_input
+from .backbones import Extractor, extract, to_input
 from .model import Config, SemPcyc, fuse
 
 # models/sem_pcyc.pt's image_extractor entry when it equals the sketch extractor (stored once, 19 MB saved)
@@ -67,6 +67,7 @@ class Encoder(nn.Module):
         self.sketch_norm = FeatureNorm(kind, meta["feat_dim"], pca)
         self.image_norm = FeatureNorm(kind, meta["feat_dim"], pca)
         self.invert_sketch = bool(meta["invert_sketch"])
+        self.photo_edges = bool(meta["photo_edges"])
         self.size = int(meta["size"])
         self.channels_last = False
 
@@ -98,7 +99,8 @@ class Encoder(nn.Module):
         return self
 
     def embed_images(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        return self.embed_image_features(self.image_extractor(to_input(images_uint8, False)))
+        features = extract(self.image_extractor, images_uint8, self.invert_sketch, self.photo_edges)
+        return self.embed_image_features(features)
 
     def embed_sketch_features(self, features: torch.Tensor) -> torch.Tensor:
         """The embedding of sketch-extractor features: embed_sketches after its CNN (evaluate feeds it the
