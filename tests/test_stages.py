@@ -44,7 +44,7 @@ from sempcyc import train as train_mod
 from sempcyc.fsutil import sha256_file
 from sempcyc.runtime import ann, imaging
 from sempcyc.runtime.backbones import build_backbone
-from sempcyc.runtime.encoder import Encoder
+from sempcyc.runtime.encoder import SAME_EXTRACTOR, Encoder
 from sempcyc.runtime.gallery_shards import EMBEDDING_DTYPE, bucket_of, gallery_digest, load_gallery, unpack_shard
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -485,10 +485,18 @@ def test_evaluate_shares_the_backbone_pass_only_where_the_extractor_is_the_backb
     n, images = shard_items(test), len(np.load(test / "images.npy"))
     assert evaluate_in(tmp_path, tmp_path / "m0.pt", test, "shared", "cache1") == {
         "items": n, "embedded": n, "backbone": n, "extractor": images, "shared": "sketch"}
+    # the same model with the sketch backbone read for photos too: photos share their pass and add one over their
+    # edge maps (model.photo_edges)
+    bundle = torch.load(tmp_path / "m0.pt", weights_only=True)
+    torch.save({**bundle, "image_extractor": SAME_EXTRACTOR}, tmp_path / "m1.pt")
+    assert evaluate_in(tmp_path, tmp_path / "m1.pt", test, "shared1", "cache3") == {
+        "items": n, "embedded": n, "backbone": n, "extractor": images, "shared": "sketch, image"}
     monkeypatch.setattr(evaluate_mod, "runs_backbone", lambda *args: False)
     assert evaluate_in(tmp_path, tmp_path / "m0.pt", test, "separate", "cache2") == {
         "items": n, "embedded": n, "backbone": n, "extractor": n, "shared": "none"}
     assert folder_bytes(tmp_path / "shared") == folder_bytes(tmp_path / "separate")
+    evaluate_in(tmp_path, tmp_path / "m1.pt", test, "separate1", "cache4")
+    assert folder_bytes(tmp_path / "shared1") == folder_bytes(tmp_path / "separate1")
 
 
 # ------------------------------------------------------------------------------------------------- gallery

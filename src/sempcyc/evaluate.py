@@ -43,7 +43,7 @@ from .errors import UserError
 from .evaluation import BASELINES
 from .fsutil import atomic_dir, dumps_json, sha256_file
 from .params import setting
-from .runtime.backbones import build_backbone, padded_pass, to_input
+from .runtime.backbones import build_backbone, edge_map, padded_pass, to_input
 from .runtime.encoder import Encoder
 from .runtime.retrieval import (
     ITQ,
@@ -209,12 +209,11 @@ def load_networks(model_path: Path) -> tuple[Encoder, nn.Module]:
 
 
 def runs_backbone(enc: Encoder, domain: str, net: nn.Module, net_sha: str) -> bool:
-    """Whether the model's features of `domain` are exactly `net`'s: the same backbone class and weights, no
-    projection (features.epochs 0: the model's extractors are the frozen ImageNet backbone), and for photos no
-    edge map (model.photo_edges: the baselines read the photo alone)."""
+    """Whether the model's extractor of `domain` is exactly `net`: the same backbone class and weights and no
+    projection (features.epochs 0: the model's extractors are the frozen ImageNet backbone)."""
     extractor = enc.sketch_extractor if domain == "sketch" else enc.image_extractor
     return (isinstance(extractor.proj, nn.Identity) and type(extractor.backbone) is type(net)
-            and state_sha(extractor.backbone) == net_sha and not (domain == "image" and enc.photo_edges))
+            and state_sha(extractor.backbone) == net_sha)
 
 
 def open_caches(folder: Path, model_path: Path, enc: Encoder, net_sha: str) -> dict[str, EmbeddingCache]:
@@ -230,21 +229,28 @@ def open_caches(folder: Path, model_path: Path, enc: Encoder, net_sha: str) -> d
 def fill_domain(enc: Encoder, net: nn.Module, domain: str, rows: dict, caches: dict, shared: bool,
                 bar) -> dict[str, int]:
     """Compute the backbone features and model embeddings of `rows` (item key -> uint8 array) the caches lack;
-    with `shared`, the embeddings from those features rather than a second pass of the same CNN. Counts of
-    embeddings computed, and of items through the baselines' backbone and through the model's extractor."""
+    with `shared`, the embeddings from those features rather than a second pass of the same CNN (with
+    model.photo_edges, one pass over the photos' edge maps only). Counts of embeddings computed, and of items
+    through the baselines' backbone and through the model's extractor."""
     emb, raw = caches["emb"].table, caches["raw"].table
-    invert = enc.invert_sketch if domain == "sketch" else False
+    backbone = lambda x: net.forward_features(net.normalize(x))  # noqa: E731 - the baselines' features
     todo = [k for k in rows if k not in raw]
-    raw.update(zip(todo, fixed_batches(lambda x: net.forward_features(net.normalize(to_input(x, invert))),
-                                       [rows[k] for k in todo], bar)))
+    invert = enc.invert_sketch if domain == "sketch" else False
+    raw.update(zip(todo, fixed_batches(lambda x: backbone(to_input(x, invert)), [rows[k] for k in todo], bar)))
     todo_emb = [k for k in rows if k not in emb]
-    if shared:
-        head = enc.embed_sketch_features if domain == "sketch" else enc.embed_image_features
-        emb.update(zip(todo_emb, fixed_batches(head, [raw[k] for k in todo_emb])))
-    else:
+    if not shared:
         embed = enc.embed_sketches if domain == "sketch" else enc.embed_images
         emb.update(zip(todo_emb, fixed_batches(embed, [rows[k] for k in todo_emb], bar)))
-    return {"embedded": len(todo_emb), "backbone": len(todo), "extractor": 0 if shared else len(todo_emb)}
+        return {"embedded": len(todo_emb), "backbone": len(todo), "extractor": len(todo_emb)}
+    features = [raw[k] for k in todo_emb]
+    edges = domain == "image" and enc.photo_edges
+    if edges:  # the model reads the mean of a photo's features and its edge map's (backbones.extract)
+        drawn = fixed_batches(lambda x: backbone(edge_map(to_input(x, False), enc.invert_sketch)),
+                              [rows[k] for k in todo_emb], bar)
+        features = [(photo + edge) / 2 for photo, edge in zip(features, drawn)]
+    head = enc.embed_sketch_features if domain == "sketch" else enc.embed_image_features
+    emb.update(zip(todo_emb, fixed_batches(head, features)))
+    return {"embedded": len(todo_emb), "backbone": len(todo), "extractor": len(todo_emb) if edges else 0}
 
 
 def embed_shard(model_path: Path, shard: dict, cache_dir: Path) -> tuple[dict, dict, dict]:
