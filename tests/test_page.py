@@ -167,14 +167,20 @@ def gallery_without(gallery: Path, out: Path, dropped: list[str]) -> Path:
 
 
 def pick_drawable(search: SketchSearch) -> tuple[str, list[int]]:
-    """The first (class, sketch box) whose canvas-scale drawing has its own class first offline."""
+    """The (class, sketch box) whose canvas-scale drawing has its own class first offline by the widest score
+    margin over the best other class: Chromium draws the ellipse a little unlike PIL, and a narrow first place
+    may not survive that."""
+    margins = {}
     for cls in CLASSES:
         for i in range(PER_CLASS):
             box = sketch_box(sketch_seed(cls, i))
             answer = search.search([canvas_like(box)])[0]
             if answer[0]["class"] == cls:
-                return cls, box
-    raise AssertionError("no class sketch of the tiny model is found first when drawn at canvas scale")
+                other = next((r["score"] for r in answer if r["class"] != cls), 0.0)
+                margins[(cls, tuple(box))] = answer[0]["score"] - other
+    assert margins, "no class sketch of the tiny model is found first when drawn at canvas scale"
+    cls, box = max(margins, key=margins.get)
+    return cls, list(box)
 
 
 @pytest.fixture(scope="module")
