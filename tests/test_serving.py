@@ -915,8 +915,11 @@ def test_sempcyc_serve(built: Built, tmp_path: Path):
         with open(out_path, "wb") as out:
             cmd = [str(VENV_BIN / "sempcyc"), "serve", "--mar", str(built.mar), "--port", str(port),
                    "--management-port", str(torchserve.free_port())]
+            # Ctrl-C as in a terminal: a suite started in the background by a shell without job control inherits
+            # SIGINT ignored, and so would `sempcyc serve`
             proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + READY_S
             while "curl -T" not in out_path.read_text():
