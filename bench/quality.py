@@ -80,13 +80,15 @@ def cache_features(project: Path, out: Path, edges: bool) -> None:
         feat = features.FeaturesSettings(epochs=0, lr=1e-4, head_lr=1e-3, batch_size=32, proj_dim=512, seed=0)
         features.compute_features(load_train_shard(project / "data/prepared/train"), features_dir(out, edges),
                                   model, feat, split, "cpu")
+    wanted = [(key, part, with_edges) for key, part, with_edges in
+              (("q", "sketches", False), ("s", "seen_sketches", False), ("g", "images", False), ("ge", "images", True))
+              if (edges or not with_edges) and not (out / f"test_{key}.npy").exists()]
+    if not wanted:
+        return
     shard = load_test_shard(project / "data/prepared/test")
     torch.manual_seed(0)
     net = Extractor(model.backbone, None, pretrained=True, weights_path=model.backbone_weights).eval()
-    for key, part, with_edges in (("q", "sketches", False), ("s", "seen_sketches", False), ("g", "images", False),
-                                  ("ge", "images", True)):
-        if (out / f"test_{key}.npy").exists() or (with_edges and not edges):
-            continue
+    for key, part, with_edges in wanted:
         print(f"quality: test features {key} ({len(shard[part])})", flush=True)
         np.save(out / f"test_{key}.npy", batched(lambda x, e=with_edges: extract(net, x, model.invert_sketch, e),
                                                  shard[part], 64))

@@ -14,6 +14,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def offline_reference(args: argparse.Namespace, serve: ServeSettings, queries: l
 
 
 def serve_and_check(mar: Path, release: ReleaseSettings, serve: ServeSettings, queries: list[tuple[str, bytes]],
-                    reference) -> dict:
+                    reference: Callable[[], tuple[list[list[dict]], int, dict]]) -> dict:
     """Start `mar` in a private TorchServe, run the checks, stop it; the report (failures listed, not raised).
     `reference()` gives (offline answers, k, recall report); it runs while the workers load, which takes seconds
     of mostly waiting."""
