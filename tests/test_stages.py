@@ -440,6 +440,10 @@ def test_evaluate_cache_embeds_only_new_items_and_changes_no_byte(trained: Path,
     assert evaluate_in(tmp_path, model, test2, "eval-cold", "cold-cache")["embedded"] == n + new
     assert folder_bytes(tmp_path / "eval3") == folder_bytes(tmp_path / "eval-cold")
     assert folder_bytes(tmp_path / "eval3") != folder_bytes(tmp_path / "eval1")
+    # the release gate compares two reports only on the same test set: the class added changed the digest
+    digest = {name: json.loads((tmp_path / name / "metrics.json").read_text())["test_set"]
+              for name in ("eval1", "eval2", "eval3")}
+    assert digest["eval1"] == digest["eval2"] != digest["eval3"] and len(digest["eval3"]) == 64
 
 
 def test_evaluate_cache_new_model_and_damaged_files(trained: Path, tmp_path: Path):

@@ -19,7 +19,9 @@ Diagnostics: for unseen classes, how often a class's sketch centroid is nearest 
 A content-hash cache (models/evaluate-cache/, kept between runs) holds each test item's model embedding (keyed by
 the model's bytes) and baseline backbone features (keyed by the backbone's weights), both by the item's array bytes
 and the runtime code, so after classes are added only the new items go through the networks; the metrics are
-recomputed every time, and the reports are the same bytes with or without the cache. When the model's extractors
+recomputed every time, and the reports are the same bytes with or without the cache. The report's `test_set`
+digest names what the figures were measured on (classes, which are unseen, every item's class and bytes): the
+release gate compares two reports only when it is the same. When the model's extractors
 are the baselines' backbone (features.epochs 0), the backbone runs once per item and its features serve both.
 """
 from __future__ import annotations
@@ -253,16 +255,30 @@ def fill_domain(enc: Encoder, net: nn.Module, domain: str, rows: dict, caches: d
     return {"embedded": len(todo_emb), "backbone": len(todo), "extractor": len(todo_emb) if edges else 0}
 
 
-def embed_shard(model_path: Path, shard: dict, cache_dir: Path) -> tuple[dict, dict, dict]:
+def item_keys(shard: dict) -> dict[str, list[str]]:
+    """The item key of every row of each part ("q", "s", "g")."""
+    return {k: [item_key(a, domain) for a in shard[name]] for k, name, domain in PARTS}
+
+
+def test_set_digest(shard: dict, keys: dict[str, list[str]]) -> str:
+    """sha256 naming what the figures were measured on: the classes, which are unseen, and every item's class and
+    bytes. Two reports are comparable only when it is the same (adding classes changes it)."""
+    h = hashlib.sha256(dumps_json({"classes": shard["meta"]["classes"], "unseen": shard["meta"]["unseen"]}).encode())
+    for k, name, _ in PARTS:
+        h.update(dumps_json({"part": k, "labels": np.asarray(shard[f"{name}_labels"]).tolist(),
+                             "items": keys[k]}).encode())
+    return h.hexdigest()
+
+
+def embed_shard(model_path: Path, shard: dict, keys: dict, cache_dir: Path) -> tuple[dict, dict, dict]:
     """(SEM-PCYC embeddings, pretrained-backbone features, counts) of the unseen queries ("q"), the seen queries
-    ("s") and the gallery ("g"). Only items the caches in `cache_dir` lack go through the networks; counts: items
-    (distinct), embedded (model embeddings computed), backbone and extractor (items through the baselines' backbone
-    and the model's extractor CNN), shared (domains whose model extractor is the baselines' backbone, so that one
-    pass serves both)."""
+    ("s") and the gallery ("g"), whose item keys are `keys`. Only items the caches in `cache_dir` lack go through
+    the networks; counts: items (distinct), embedded (model embeddings computed), backbone and extractor (items
+    through the baselines' backbone and the model's extractor CNN), shared (domains whose model extractor is the
+    baselines' backbone, so that one pass serves both)."""
     enc, net = load_networks(model_path)
     net_sha = state_sha(net)
     caches = open_caches(cache_dir, model_path, enc, net_sha)
-    keys = {k: [item_key(a, domain) for a in shard[name]] for k, name, domain in PARTS}
     counts = {"items": 0, "embedded": 0, "backbone": 0, "extractor": 0, "shared": []}
     with tqdm(desc="evaluate embed", unit="img", mininterval=2) as bar:
         for domain in ("sketch", "image"):
@@ -321,7 +337,8 @@ def evaluate_model(model_path: Path, shard: dict, seed: int, where: str,
     q_labels, g_labels = shard["sketches_labels"], shard["images_labels"]
     if len(q_labels) == 0:
         raise UserError(f"{where}: no query sketches of unseen classes; check the split")
-    emb, raw, counts = embed_shard(model_path, shard, cache_dir)
+    keys = item_keys(shard)
+    emb, raw, counts = embed_shard(model_path, shard, keys, cache_dir)
     labels = {"q": q_labels, "s": shard["seen_sketches_labels"], "g": g_labels}
     metrics, kept = evaluate_all(emb, raw, labels, unseen, seed)
     per_class_images = np.bincount(g_labels[np.isin(g_labels, unseen)],
@@ -332,7 +349,7 @@ def evaluate_model(model_path: Path, shard: dict, seed: int, where: str,
                                     "seen_queries": int(len(labels["s"])),
                                     "gallery_zero_shot": int(np.isin(g_labels, unseen).sum()),
                                     "gallery_generalised": int(len(g_labels))},
-              "notes": notes}
+              "test_set": test_set_digest(shard, keys), "notes": notes}
     return report, kept, counts
 
 

@@ -23,6 +23,7 @@ import os
 import re
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,6 +274,41 @@ def remote_commits_missing(remote: str, branch: str) -> int:
     return int(sh("git", "rev-list", "--count", f"HEAD..{sha}").stdout.strip() or 0)
 
 
+def comparable_previous(r: Release, tag: str | None, metrics: dict) -> dict | None:
+    """The last release's evaluate report on the test set of `metrics`: its own when it was measured on the same
+    one; otherwise (classes added, data changed, or a report older than the digest) its model scored again on this
+    test set, so the gate never compares figures of different test sets. None: no earlier release, or (only with
+    --override-gate) its model could not be scored."""
+    previous = previous_metrics(tag)
+    if previous is None or previous.get("test_set") == metrics.get("test_set"):
+        return previous
+    step(f"the test set changed since {tag}: scoring {tag}'s model on this one for the quality gate")
+    since = time.perf_counter()
+    rescored, failure = rescore(tag, r.params_path)
+    r.time("rescore_last_release", since)
+    if rescored is None and not r.args.override_gate:
+        raise UserError(f"could not score {tag}'s model on this test set ({failure}); nothing deployed, pushed "
+                        "or tagged; rerun with --override-gate to release without comparing with it")
+    if rescored is None:
+        step(f"could not score {tag}'s model on this test set ({failure}); overridden: no comparison with it")
+    return rescored
+
+
+def rescore(tag: str, params_path: Path) -> tuple[dict | None, str]:
+    """`tag`'s model (from the DVC cache or remote) through `sempcyc evaluate` on the current test shard, with the
+    evaluate cache (items it scored before are not embedded again): (its report, or None and why)."""
+    with tempfile.TemporaryDirectory(prefix="sem-pcyc-gate-") as tmp:
+        model, out = Path(tmp) / "sem_pcyc.pt", Path(tmp) / "eval"
+        got = dvc("get", ".", "models/sem_pcyc.pt", "--rev", tag, "-o", str(model), check=False)
+        if got.returncode != 0:
+            return None, "dvc get of its models/sem_pcyc.pt failed: " + " ".join(got.stderr.split())[-300:]
+        scored = sh(str(Path(sys.executable).parent / "sempcyc"), "evaluate", "--params", str(params_path),
+                    "--model", str(model), "--out", str(out), check=False, capture=False)
+        if scored.returncode != 0:
+            return None, "its evaluate failed, see above"
+        return json.loads((out / "metrics.json").read_text(encoding="utf-8")), ""
+
+
 def previous_metrics(tag: str | None) -> dict | None:
     if not tag:
         return None
@@ -440,7 +476,8 @@ def build_and_gate(r: Release, last_tag: str | None) -> str:
     dvc("repro", "evaluate", "serve-check", capture=False)
     r.time("repro_through_serve_check", since)
     metrics = json.loads(Path("reports/eval/metrics.json").read_text(encoding="utf-8"))
-    passed, why = quality_gate(metrics, previous_metrics(last_tag), r.settings.gate_tolerance)
+    previous = comparable_previous(r, last_tag, metrics)
+    passed, why = quality_gate(metrics, previous, r.settings.gate_tolerance)
     if not passed and not r.args.override_gate:
         Path("reports").mkdir(exist_ok=True)
         Path("reports/gate.json").write_text(json.dumps({"passed": False, "reason": why}, indent=1))
