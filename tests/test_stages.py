@@ -41,6 +41,7 @@ from sempcyc import embedcache
 from sempcyc import evaluate as evaluate_mod
 from sempcyc import gallery as gallery_mod
 from sempcyc import train as train_mod
+from sempcyc.evaluation import BASELINES
 from sempcyc.fsutil import sha256_file
 from sempcyc.runtime import ann, imaging
 from sempcyc.runtime.backbones import build_backbone
@@ -366,15 +367,14 @@ def test_evaluate_reports(trained: Path, tmp_path: Path):
             m = report[setting][method]
             assert set(m) >= {"map_all", "p_at_10", "p_at_100", "p_at_200"}, (setting, method)
             assert all(0.0 <= m[k] <= 1.0 for k in ("map_all", "p_at_10", "p_at_100", "p_at_200"))
-    for method in ("sem_pcyc", "pretrained", "pretrained_centred", "random"):
+    for method in ("sem_pcyc", *BASELINES):
         seen = report["seen_generalised"][method]["map_all"]
         assert 0.0 <= seen <= 1.0 and 0.0 <= report["harmonic"][method] <= 1.0
         assert 0.0 <= report["diagnostics"]["unseen_centroid_hit_rate"][method if method != "random" else
                                                                         "pretrained"] <= 1.0
     for setting in ("zero_shot", "generalised", "seen_generalised"):
         best = report[setting]["best_baseline"]
-        assert report[setting][best]["map_all"] == max(report[setting][b]["map_all"]
-                                                       for b in ("pretrained", "pretrained_centred", "random"))
+        assert report[setting][best]["map_all"] == max(report[setting][b]["map_all"] for b in BASELINES)
     held_out = json.loads((trained / "data/prepared/test/seen_sketches_ids.json").read_text())
     assert report["counts"]["seen_queries"] == len(held_out) > 0
     unseen = json.loads((trained / "data/prepared/splits.json").read_text())["test"]
@@ -419,8 +419,9 @@ def test_evaluate_cache_embeds_only_new_items_and_changes_no_byte(trained: Path,
     items; and the reports are the bytes a run without a cache writes."""
     write_params(tmp_path)
     model, test = trained / "models/sem_pcyc.pt", trained / "data/prepared/test"
-    n = shard_items(test)
-    everything = {"items": n, "embedded": n, "backbone": n, "extractor": n, "shared": "none"}  # fine-tuned: no
+    n, images = shard_items(test), len(np.load(test / "images.npy"))
+    # fine-tuned extractors: nothing shared; the backbone reads every item, and each photo's edge map once more
+    everything = {"items": n, "embedded": n, "backbone": n + images, "extractor": n, "shared": "none"}
     assert evaluate_in(tmp_path, model, test, "eval1", "cache") == everything
     nothing = {**everything, "embedded": 0, "backbone": 0, "extractor": 0}
     assert evaluate_in(tmp_path, model, test, "eval2", "cache") == nothing
@@ -435,7 +436,7 @@ def test_evaluate_cache_embeds_only_new_items_and_changes_no_byte(trained: Path,
     assert extra in json.loads((test2 / "classes.json").read_text())["unseen"]
     new = 2 * PER_CLASS  # the new class's images (gallery) and sketches (unseen queries)
     assert shard_items(test2) == n + new
-    added = {"items": n + new, "embedded": new, "backbone": new, "extractor": new, "shared": "none"}
+    added = {"items": n + new, "embedded": new, "backbone": new + PER_CLASS, "extractor": new, "shared": "none"}
     assert evaluate_in(tmp_path, model, test2, "eval3", "cache") == added
     assert evaluate_in(tmp_path, model, test2, "eval-cold", "cold-cache")["embedded"] == n + new
     assert folder_bytes(tmp_path / "eval3") == folder_bytes(tmp_path / "eval-cold")
@@ -487,17 +488,18 @@ def test_evaluate_shares_the_backbone_pass_only_where_the_extractor_is_the_backb
        "--live-dir", "live", "--checkpoint", "ckpt.pt")
     test = trained / "data/prepared/test"
     n, images = shard_items(test), len(np.load(test / "images.npy"))
+    # the backbone reads every item, and each photo's edge map (the photo-edge baseline)
     assert evaluate_in(tmp_path, tmp_path / "m0.pt", test, "shared", "cache1") == {
-        "items": n, "embedded": n, "backbone": n, "extractor": images, "shared": "sketch"}
-    # the same model with the sketch backbone read for photos too: photos share their pass and add one over their
-    # edge maps (model.photo_edges)
+        "items": n, "embedded": n, "backbone": n + images, "extractor": images, "shared": "sketch"}
+    # the same model with the sketch backbone read for photos too: the model's photo features (model.photo_edges:
+    # photo and edge map) are the baselines' passes, the model's extractor runs on nothing
     bundle = torch.load(tmp_path / "m0.pt", weights_only=True)
     torch.save({**bundle, "image_extractor": SAME_EXTRACTOR}, tmp_path / "m1.pt")
     assert evaluate_in(tmp_path, tmp_path / "m1.pt", test, "shared1", "cache3") == {
-        "items": n, "embedded": n, "backbone": n, "extractor": images, "shared": "sketch, image"}
+        "items": n, "embedded": n, "backbone": n + images, "extractor": 0, "shared": "sketch, image"}
     monkeypatch.setattr(evaluate_mod, "runs_backbone", lambda *args: False)
     assert evaluate_in(tmp_path, tmp_path / "m0.pt", test, "separate", "cache2") == {
-        "items": n, "embedded": n, "backbone": n, "extractor": n, "shared": "none"}
+        "items": n, "embedded": n, "backbone": n + images, "extractor": n, "shared": "none"}
     assert folder_bytes(tmp_path / "shared") == folder_bytes(tmp_path / "separate")
     evaluate_in(tmp_path, tmp_path / "m1.pt", test, "separate1", "cache4")
     assert folder_bytes(tmp_path / "shared1") == folder_bytes(tmp_path / "separate1")

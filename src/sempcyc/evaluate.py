@@ -10,8 +10,9 @@ Settings:
 Methods: sem_pcyc (real-valued), sem_pcyc_itq64 (64-bit ITQ codes, Hamming ranking), and the baselines, which
 need no training: pretrained (the backbone's ImageNet features matched directly), pretrained_centred (the same
 features with each domain's mean over seen-class items removed, then L2-normalised: this takes away the
-sketch/photo offset that dominates raw distances), random (random ranking, seeded). `best_baseline` names the
-strongest per setting; the release gate compares with it.
+sketch/photo offset that dominates raw distances), pretrained_centred_edges (the same, each photo read as the mean
+of its features and its edge map's, as model.photo_edges reads it), random (random ranking, seeded).
+`best_baseline` names the strongest per setting; the release gate compares with it.
 Metrics: mAP@all, Precision@10/100/200 with their standard definitions (P@k counts the top k of the ranked
 gallery; when a class has fewer than k images even a perfect ranking scores below 1, as noted in the output).
 Diagnostics: for unseen classes, how often a class's sketch centroid is nearest to its own image centroid.
@@ -119,7 +120,7 @@ def score_setting(vectors: dict, queries: str, q_labels: np.ndarray, g_labels: n
     `mask` the gallery rows; (metrics, distances kept for plots)."""
     m, kept = {}, {}
     g = g_labels[mask]
-    for method in ("sem_pcyc", "pretrained", "pretrained_centred"):
+    for method in ("sem_pcyc", "pretrained", "pretrained_centred", "pretrained_centred_edges"):
         v = vectors[method]
         m[method], kept[method] = score_method(v[queries], v["g"][mask], q_labels, g)
     if itq:
@@ -134,9 +135,12 @@ def score_setting(vectors: dict, queries: str, q_labels: np.ndarray, g_labels: n
 
 def evaluate_all(emb: dict, raw: dict, labels: dict, unseen_labels: np.ndarray, seed: int = 0) -> tuple[dict, dict]:
     """Metrics for every setting and method, H, and the diagnostics; (metrics, distances kept for plots).
-    `emb`/`raw`: "q" unseen queries, "s" seen queries, "g" gallery; `labels` the same keys."""
+    `emb`/`raw`: "q" unseen queries, "s" seen queries, "g" gallery; `labels` the same keys; `raw` also "ge",
+    the backbone features of the gallery photos' edge maps."""
     zs = np.isin(labels["g"], unseen_labels)
-    vectors = {"sem_pcyc": emb, "pretrained": raw, "pretrained_centred": centre(raw, ~zs)}
+    with_edges = {**raw, "g": (raw["g"] + raw["ge"]) / 2}  # photos read as model.photo_edges reads them
+    vectors = {"sem_pcyc": emb, "pretrained": raw, "pretrained_centred": centre(raw, ~zs),
+               "pretrained_centred_edges": centre(with_edges, ~zs)}
     metrics, kept = {}, {}
     for name, queries, mask in (("zero_shot", "q", zs), ("generalised", "q", np.ones_like(zs)),
                                 ("seen_generalised", "s", np.ones_like(zs))):
@@ -219,40 +223,48 @@ def runs_backbone(enc: Encoder, domain: str, net: nn.Module, net_sha: str) -> bo
 
 
 def open_caches(folder: Path, model_path: Path, enc: Encoder, net_sha: str) -> dict[str, EmbeddingCache]:
-    """The model's embeddings ("emb": model bytes) and the baselines' backbone features ("raw": backbone name,
-    weights and sketch inversion), both also keyed by the runtime code and the batch size."""
+    """The model's embeddings ("emb": model bytes), the baselines' backbone features ("raw": backbone name,
+    weights and sketch inversion) and those of the photos' edge maps ("edge"), all also keyed by the runtime code
+    and the batch size."""
     model = f"evaluate model {sha256_file(model_path)} batch {EMBED_BATCH}"
     backbone = (f"evaluate backbone {enc.meta['backbone']} {net_sha} invert_sketch {enc.invert_sketch} "
                 f"batch {EMBED_BATCH}")
     return {"emb": EmbeddingCache(folder, embedding_key(model), "model-"),
-            "raw": EmbeddingCache(folder, embedding_key(backbone), "backbone-")}
+            "raw": EmbeddingCache(folder, embedding_key(backbone), "backbone-"),
+            "edge": EmbeddingCache(folder, embedding_key(f"{backbone} photo edge maps"), "edges-")}
 
 
 def fill_domain(enc: Encoder, net: nn.Module, domain: str, rows: dict, caches: dict, shared: bool,
                 bar) -> dict[str, int]:
-    """Compute the backbone features and model embeddings of `rows` (item key -> uint8 array) the caches lack;
-    with `shared`, the embeddings from those features rather than a second pass of the same CNN (with
-    model.photo_edges, one pass over the photos' edge maps only). Counts of embeddings computed, and of items
+    """Compute what the caches lack for `rows` (item key -> uint8 array): the backbone features, for photos also
+    those of their edge maps (the photo-edge baseline), and the model embeddings; with `shared`, the embeddings
+    from those features rather than another pass of the same CNN. Counts of embeddings computed, and of passes
     through the baselines' backbone and through the model's extractor."""
-    emb, raw = caches["emb"].table, caches["raw"].table
     backbone = lambda x: net.forward_features(net.normalize(x))  # noqa: E731 - the baselines' features
-    todo = [k for k in rows if k not in raw]
     invert = enc.invert_sketch if domain == "sketch" else False
-    raw.update(zip(todo, fixed_batches(lambda x: backbone(to_input(x, invert)), [rows[k] for k in todo], bar)))
-    todo_emb = [k for k in rows if k not in emb]
+    passes = fill(caches["raw"].table, rows, lambda x: backbone(to_input(x, invert)), bar)
+    if domain == "image":  # edge maps drawn like the model's sketches, as backbones.extract draws them
+        passes += fill(caches["edge"].table, rows,
+                       lambda x: backbone(edge_map(to_input(x, False), enc.invert_sketch)), bar)
+    emb = caches["emb"].table
+    todo = [k for k in rows if k not in emb]
     if not shared:
         embed = enc.embed_sketches if domain == "sketch" else enc.embed_images
-        emb.update(zip(todo_emb, fixed_batches(embed, [rows[k] for k in todo_emb], bar)))
-        return {"embedded": len(todo_emb), "backbone": len(todo), "extractor": len(todo_emb)}
-    features = [raw[k] for k in todo_emb]
-    edges = domain == "image" and enc.photo_edges
-    if edges:  # the model reads the mean of a photo's features and its edge map's (backbones.extract)
-        drawn = fixed_batches(lambda x: backbone(edge_map(to_input(x, False), enc.invert_sketch)),
-                              [rows[k] for k in todo_emb], bar)
-        features = [(photo + edge) / 2 for photo, edge in zip(features, drawn)]
+        emb.update(zip(todo, fixed_batches(embed, [rows[k] for k in todo], bar)))
+        return {"embedded": len(todo), "backbone": passes, "extractor": len(todo)}
+    features = [caches["raw"].table[k] for k in todo]
+    if domain == "image" and enc.photo_edges:  # the model reads the mean of a photo's and its edge map's features
+        features = [(photo + caches["edge"].table[k]) / 2 for photo, k in zip(features, todo)]
     head = enc.embed_sketch_features if domain == "sketch" else enc.embed_image_features
-    emb.update(zip(todo_emb, fixed_batches(head, features)))
-    return {"embedded": len(todo_emb), "backbone": len(todo), "extractor": len(todo_emb) if edges else 0}
+    emb.update(zip(todo, fixed_batches(head, features)))
+    return {"embedded": len(todo), "backbone": passes, "extractor": 0}
+
+
+def fill(table: dict[str, np.ndarray], rows: dict, fn, bar) -> int:
+    """Add `fn`'s vectors of the rows `table` lacks; how many."""
+    todo = [k for k in rows if k not in table]
+    table.update(zip(todo, fixed_batches(fn, [rows[k] for k in todo], bar)))
+    return len(todo)
 
 
 def item_keys(shard: dict) -> dict[str, list[str]]:
@@ -272,10 +284,10 @@ def test_set_digest(shard: dict, keys: dict[str, list[str]]) -> str:
 
 def embed_shard(model_path: Path, shard: dict, keys: dict, cache_dir: Path) -> tuple[dict, dict, dict]:
     """(SEM-PCYC embeddings, pretrained-backbone features, counts) of the unseen queries ("q"), the seen queries
-    ("s") and the gallery ("g"), whose item keys are `keys`. Only items the caches in `cache_dir` lack go through
-    the networks; counts: items (distinct), embedded (model embeddings computed), backbone and extractor (items
-    through the baselines' backbone and the model's extractor CNN), shared (domains whose model extractor is the
-    baselines' backbone, so that one pass serves both)."""
+    ("s") and the gallery ("g"; its edge maps' backbone features: "ge"), whose item keys are `keys`. Only items
+    the caches in `cache_dir` lack go through the networks; counts: items (distinct), embedded (model embeddings
+    computed), backbone and extractor (passes through the baselines' backbone and the model's extractor CNN),
+    shared (domains whose model extractor is the baselines' backbone, so that one pass serves both)."""
     enc, net = load_networks(model_path)
     net_sha = state_sha(net)
     caches = open_caches(cache_dir, model_path, enc, net_sha)
@@ -289,7 +301,7 @@ def embed_shard(model_path: Path, shard: dict, keys: dict, cache_dir: Path) -> t
     for cache in caches.values():
         cache.save()
     emb = {k: stacked(caches["emb"].table, keys[k]) for k in keys}
-    raw = {k: stacked(caches["raw"].table, keys[k]) for k in keys}
+    raw = {k: stacked(caches["raw"].table, keys[k]) for k in keys} | {"ge": stacked(caches["edge"].table, keys["g"])}
     return emb, raw, counts
 
 
@@ -366,7 +378,7 @@ def write_reports(out: Path, report: dict, kept: dict, shard: dict, settings: Ev
                      for c in unseen]
         (scratch / "per_class_ap.json").write_text(dumps_json(per_class))
         curve = []
-        for method in ("sem_pcyc", "pretrained", "pretrained_centred", "random"):
+        for method in ("sem_pcyc", *BASELINES):
             levels, prec = precision_recall_curve(kept[("zero_shot", method)], q_labels, zs_g)
             curve += [{"method": method, "recall": round(float(r), 2), "precision": round(float(p), 4)}
                       for r, p in zip(levels, prec)]

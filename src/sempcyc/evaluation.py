@@ -2,5 +2,6 @@
 the release gate and `sempcyc report`, so the names live here once."""
 
 # The no-training baselines: ImageNet features matched directly, the same features with each domain's seen-class
-# mean removed (then L2), and a random ranking. The strongest per setting is the one to beat.
-BASELINES = ("pretrained", "pretrained_centred", "random")
+# mean removed (then L2), the same with each photo read as the mean of its and its edge map's features, and a
+# random ranking. The strongest per setting is the one to beat.
+BASELINES = ("pretrained", "pretrained_centred", "pretrained_centred_edges", "random")

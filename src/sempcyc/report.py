@@ -12,6 +12,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 
 from .errors import UserError
+from .evaluation import BASELINES
 from .vcs import TAG_RE, dvc, parse_tags, release_tags, tag_of, tags_at
 
 matplotlib.use("Agg")
@@ -98,7 +99,7 @@ def quality_section(metrics: dict) -> list[str]:
              "| setting | method | mAP@all | P@10 | P@100 |", "|---|---|---|---|---|"]
     for setting in ("zero_shot", "generalised", "seen_generalised"):
         block = metrics.get(setting, {})
-        for method in ("sem_pcyc", "sem_pcyc_itq64", "pretrained", "pretrained_centred", "random"):
+        for method in ("sem_pcyc", "sem_pcyc_itq64", *BASELINES):
             if method in block:
                 m = block[method]
                 lines.append(f"| {setting} | {method} | {m['map_all']:.4f} | {m['p_at_10']:.4f} | "
