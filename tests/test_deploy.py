@@ -40,6 +40,7 @@ from helpers import (
 from hosts import Host, start_sshd, target_dict
 from sempcyc import archive, blobstore, deploy
 from sempcyc.errors import UserError
+from sempcyc.fsutil import sha256_file
 from sempcyc.params import read_section
 from sempcyc.runtime.search import SketchSearch
 from sempcyc.serving import ReleaseSettings, ServeSettings, same_ranking
@@ -88,11 +89,13 @@ def artifacts(tmp_path_factory) -> dict:
             dst.writestr(item, data)
     marts["broken"] = broken
     marts["other"] = renamed_model(marts["0.1.0"], root / "mars/other.mar", "other")
-    sketch = next((root / "data/dataset/sketches").glob("*/*.png")).read_bytes()
+    sketch_file = next((root / "data/dataset/sketches").glob("*/*.png"))
+    sketch = sketch_file.read_bytes()
     expected = {g: SketchSearch.load(root / "models/sem_pcyc.pt", root / "models" / g, top_k=5,
                                      max_pixels=16_000_000).search([sketch])[0] for g in ("gallery", "gallery2")}
     return {"root": root, "mars": marts, "sketch": sketch, "expected": expected["gallery"],
-            "expected2": expected["gallery2"], "k": 5, "new_classes": new}
+            "expected2": expected["gallery2"], "k": 5, "new_classes": new,
+            "sketch_name": sketch_file.relative_to(root / "data/dataset/sketches").as_posix()}
 
 
 def renamed_model(mar: Path, out: Path, name: str) -> Path:
@@ -597,11 +600,17 @@ def stage_project(artifacts, tmp_path: Path, targets: list[dict]) -> Path:
     for name in ("data", "models"):
         (proj / name).symlink_to(root / name)
     (proj / "reports").mkdir()
-    (proj / "reports/serve_check.json").write_text(json.dumps({"passed": True}))
+    (proj / "reports/serve_check.json").write_text(json.dumps(check_report(artifacts, artifacts["mars"]["0.2.0"])))
     write_params(proj, {"release": {"model_name": "sem_pcyc", "version": "0.2.0"},
                         "serve": {"top_k": 5}, "deploy": {"targets": targets}})
     shutil.copy(artifacts["mars"]["0.2.0"], proj / "release.mar")
     return proj
+
+
+def check_report(artifacts, mar: Path) -> dict:
+    """A passed serve-check report of `mar` with its smoke query, as the serve-check stage writes it."""
+    return {"passed": True, "smoke": {"archive_sha256": sha256_file(mar), "sketch": artifacts["sketch_name"],
+                                      "k": artifacts["k"], "top10": artifacts["expected"][:10]}}
 
 
 def test_two_targets_rolling_second_fails(artifacts, sshd, tmp_path):
@@ -635,6 +644,30 @@ def test_first_failure_stops_the_rollout(artifacts, sshd, tmp_path):
         receipt = json.loads((proj / "reports/deploy.json").read_text())
         assert [t["status"] for t in receipt["targets"]] == ["failed", "not attempted"]
         assert a.default() is None
+    finally:
+        a.stop()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("other archive", "made for another archive than release.mar"),
+    ("sketch gone", "not found (the smoke query's sketch)"),
+])
+def test_deploy_refuses_without_a_smoke_query_of_this_archive(artifacts, sshd, tmp_path, damage, message):
+    """The smoke query comes from serve-check's report of this very archive: a report of another archive, or its
+    sketch missing from the dataset, is one line naming the file, and nothing reaches the host."""
+    a = Host(tmp_path / "a").start()
+    try:
+        proj = stage_project(artifacts, tmp_path, [target_dict(a, sshd, name="a")])
+        report = proj / "reports/serve_check.json"
+        if damage == "other archive":
+            report.write_text(json.dumps(check_report(artifacts, artifacts["mars"]["0.1.0"])))
+        else:
+            (proj / "data").unlink()
+            (proj / "data/dataset/sketches").mkdir(parents=True)
+        proc = run_cli("deploy", "--mar", "release.mar", cwd=proj, check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert a.default() is None and not [p for p in a.store.iterdir() if p.suffix == ".mar"]
     finally:
         a.stop()
 

@@ -797,6 +797,17 @@ class TestServeCheck:
         assert "serve-check: ready in" in proc.stdout
         assert checked["left"] == [], "serve-check left processes behind"
 
+    def test_report_carries_the_smoke_query_deploy_sends(self, checked, built: Built):
+        """Each host's smoke query comes from here (deploy loads no model): this archive's sha256, the first
+        unseen-class query and the offline top-10 its served answer matched."""
+        smoke = json.loads((checked["folder"] / "report.json").read_text())["smoke"]
+        assert smoke["archive_sha256"] == hashlib.sha256(built.mar.read_bytes()).hexdigest()
+        name, sketch = serving.pick_queries(built.dataset, built.splits)[0]
+        assert smoke["sketch"] == name
+        offline = SketchSearch.load(built.model, built.gallery, top_k=smoke["k"], max_pixels=16_000_000)
+        assert len(smoke["top10"]) == min(10, smoke["k"])
+        assert serving.same_ranking(smoke["top10"], offline.search([sketch])[0][:10])
+
     def test_foreign_torchserve_is_untouched(self, checked):
         foreign: Foreign = checked["foreign"]
         assert (foreign.pid_file.read_text(), foreign.pid_file.stat().st_mtime_ns) == checked["before"]

@@ -11,8 +11,8 @@ Per target, one at a time (rolling; the first failure stops the rollout):
   3. blobs: the host's copies are checked (sha256 on the host); missing or damaged ones are uploaded under a
      temporary name, verified and renamed into place; the list of the blobs this archive uses is written;
   4. unless live: the slim archive the same way into the model store; register (management API, synchronous,
-     initial workers), query that version directly with a known sketch and compare with the offline answer, set
-     it as default;
+     initial workers), query that version directly with the smoke sketch and compare with the offline top-10
+     that serve-check recorded for this very archive (its report's "smoke"), set it as default;
   5. retention: unregister versions beyond `keep_versions` and delete their archives and blob lists, then the
      blobs no list names; rewrite the host's TorchServe config (load_models / models) so a restart serves the same
      default;
@@ -62,15 +62,11 @@ from .blobstore import (
 )
 from .errors import UserError
 from .fsutil import atomic_write_json, sha256_file
-from .runtime.gallery_shards import GalleryError
-from .runtime.search import SketchSearch
 from .serving import (
     SEMVER,
     ReleaseSettings,
-    ServeSettings,
     check_response,
     parse_properties,
-    pick_queries,
     same_ranking,
 )
 from .targets import DeploySettings, Target, blob_store_of, parse_targets
@@ -80,10 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mar", default="models/sem_pcyc.mar", help="archive (default: %(default)s)")
     parser.add_argument("--serve-check", default="reports/serve_check.json", help="serve-check report; deploy "
                         "refuses an archive that did not pass (default: %(default)s)")
-    parser.add_argument("--model", default="models/sem_pcyc.pt", help="model bundle for the smoke answer")
-    parser.add_argument("--gallery", default="models/gallery", help="gallery for the smoke answer")
-    parser.add_argument("--dataset", default="data/dataset", help="dataset (smoke-test sketch)")
-    parser.add_argument("--splits", default="data/prepared/splits.json", help="split (smoke-test sketch class)")
+    parser.add_argument("--dataset", default="data/dataset", help="dataset (the smoke query's sketch file)")
     parser.add_argument("--out", default="reports/deploy.json", help="receipt (default: %(default)s)")
 
 
@@ -784,7 +777,7 @@ def run(args: argparse.Namespace) -> None:
     # paramiko logs the failures reported here (from its transport thread, with tracebacks) and, with no handler
     # configured, logging's last resort prints them to stderr: the receipt and the one-line error say it instead
     logging.getLogger("paramiko").addHandler(logging.NullHandler())
-    release, serve, deploy = params_mod.read(args.params, ReleaseSettings, ServeSettings, DeploySettings)
+    release, deploy = params_mod.read(args.params, ReleaseSettings, DeploySettings)
     targets = parse_targets(deploy, release.model_name)
     out, mar = Path(args.out), Path(args.mar)
     if not targets:
@@ -800,7 +793,7 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"{args.serve_check}: not found; run `dvc repro serve-check` first") from None
     if not check.get("passed"):
         raise UserError(f"{args.serve_check}: the archive did not pass serve-check; not deploying")
-    smoke = smoke_reference(args, serve)
+    smoke = smoke_from_check(check, Path(args.serve_check), mar, Path(args.dataset))
     summary = roll_out(targets, mar, smoke)
     atomic_write_json(out, summary)
     if summary["status"] == "failed":
@@ -809,16 +802,19 @@ def run(args: argparse.Namespace) -> None:
                         f"done: {', '.join(summary['hosts_with_new_version']) or 'none'})")
 
 
-def smoke_reference(args: argparse.Namespace, serve: ServeSettings) -> dict:
-    """The smoke query: one unseen-class sketch, the offline answer of the same model and gallery, and k."""
-    name, sketch = pick_queries(Path(args.dataset), Path(args.splits), per_class=1)[0]
+def smoke_from_check(check: dict, report: Path, mar: Path, dataset: Path) -> dict:
+    """The smoke query serve-check recorded for this very archive: its sketch (read from the dataset), the offline
+    top-10 the served answer matched there, and k."""
+    smoke = check.get("smoke") or {}
+    if smoke.get("archive_sha256") != sha256_file(mar):
+        raise UserError(f"{report}: made for another archive than {mar} (or by an older serve-check); run "
+                        "`dvc repro serve-check` first")
+    path = dataset / "sketches" / smoke["sketch"]
     try:
-        offline = SketchSearch.load(args.model, args.gallery, top_k=serve.top_k, max_pixels=serve.max_pixels,
-                                    nprobe=serve.ann_nprobe)
-    except GalleryError as exc:
-        raise UserError(str(exc)) from None
-    return {"name": name, "sketch": sketch, "expected": offline.search([sketch])[0],
-            "k": min(serve.top_k, len(offline.ids))}
+        sketch = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found (the smoke query's sketch); run `dvc repro extract`") from None
+    return {"name": smoke["sketch"], "sketch": sketch, "expected": smoke["top10"], "k": smoke["k"]}
 
 
 def roll_out(targets: list[Target], mar: Path, smoke: dict) -> dict:

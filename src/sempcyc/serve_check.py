@@ -3,7 +3,9 @@
 Checks (any failure fails the stage, naming the check): unseen-class sketches answer 200 with the response
 schema and k items; parity: the served top-10 equals the offline top-10 of the same model and gallery; 8
 concurrent clients send a bounded number of requests with 0 errors; bad requests (empty body, not an image, a
-50-megapixel image, a JSON body) get a 4xx JSON error and the worker keeps serving. Reports p50/p95 latency.
+50-megapixel image, a JSON body) get a 4xx JSON error and the worker keeps serving. Reports p50/p95 latency, and
+under "smoke" the archive's sha256, the first query and its offline top-10: deploy's smoke query on each host, so
+deploy never loads the model itself.
 The instance is stopped whatever happens (also on failure or Ctrl-C); any other TorchServe is left alone.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from PIL import Image
 
 from . import params as params_mod
 from .errors import UserError
-from .fsutil import atomic_write_json
+from .fsutil import atomic_write_json, sha256_file
 from .runtime.gallery_shards import GalleryError, load_gallery
 from .runtime.retrieval import top_k
 from .runtime.search import SketchSearch
@@ -96,7 +98,9 @@ def serve_and_check(mar: Path, release: ReleaseSettings, serve: ServeSettings, q
             ready_s = time.perf_counter() - started
             report = run_checks(ts, release.model_name, queries, offline, k, serve.check_requests)
     failures = report["failures"] + recall.pop("failures", [])
-    report.update({**recall, "failures": failures, "ready_seconds": round(ready_s, 2),
+    # deploy's smoke query on each host: this archive's first query and the offline top-10 the served one matched
+    smoke = {"archive_sha256": sha256_file(mar), "sketch": queries[0][0], "k": k, "top10": offline[0][:PARITY_K]}
+    report.update({**recall, "failures": failures, "smoke": smoke, "ready_seconds": round(ready_s, 2),
                    "wall_seconds": round(time.perf_counter() - started, 2), "version": release.version,
                    "passed": not failures})
     return report
