@@ -93,8 +93,9 @@ def main() -> None:
         r = measure(cfg, mar, release, bodies, args.requests, serve.top_k)
         print(f"served ({serve.workers} workers, batch {serve.batch_size}, {serve.max_batch_delay_ms} ms delay, "
               f"{serve.threads} thread each, nprobe {serve.ann_nprobe}; {time.perf_counter() - started:.0f} s "
-              f"with start-up): 1 client p50 {r['p50_1']:.1f} ms, p95 {r['p95_1']:.1f} ms; 8 clients "
-              f"{r['rps8']:.1f} requests/s (p50 {r['p50_8']:.1f} ms); 32 clients {r['rps32']:.1f} requests/s")
+              f"for start-up, load and the three load levels): 1 client p50 {r['p50_1']:.1f} ms, "
+              f"p95 {r['p95_1']:.1f} ms; 8 clients {r['rps8']:.1f} requests/s (p50 {r['p50_8']:.1f} ms); "
+              f"32 clients {r['rps32']:.1f} requests/s")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
