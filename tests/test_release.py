@@ -14,6 +14,7 @@ core (versions, the quality gate, leftovers of an unfinished release) has its un
 """
 from __future__ import annotations
 
+import argparse
 import fcntl
 import hashlib
 import http.client
@@ -46,6 +47,7 @@ from helpers import (
     write_tar,
 )
 from hosts import Host, target_dict, wait_port
+from sempcyc import release as release_mod
 from sempcyc.errors import UserError
 from sempcyc.release import gate_note, next_version, quality_gate, real_changes, set_release_version
 from sempcyc.runtime.search import SketchSearch
@@ -745,6 +747,34 @@ def test_quality_gate_tolerance_edges():
     assert quality_gate(metrics(0.33, 0.2), metrics(0.35, 0.2), 0.021)[0] is True
     assert quality_gate(metrics(0.33, 0.2), metrics(0.35, 0.2), 0.019)[0] is False
     assert quality_gate(metrics(0.35, 0.2), metrics(0.35, 0.2), 0.0)[0] is True
+
+
+def gate_run(override: bool) -> release_mod.Release:
+    args = argparse.Namespace(override_gate=override)
+    return release_mod.Release(args, Path("params.yaml"), None, None)
+
+
+@pytest.mark.parametrize("override", [False, True])
+def test_gate_compares_with_the_last_release_on_the_same_test_set(monkeypatch, override):
+    """Same test set: the last release's own report, nothing re-scored. Another test set (classes added): the last
+    release's model scored on this one. When that fails: refused with one line naming --override-gate, or, with
+    the override, no comparison with it."""
+    last = {"test_set": "A", "zero_shot": {"sem_pcyc": {"map_all": 0.5}}}
+    rescored = {"test_set": "B", "zero_shot": {"sem_pcyc": {"map_all": 0.4}}}
+    calls = []
+    monkeypatch.setattr(release_mod, "previous_metrics", lambda tag: last if tag else None)
+    monkeypatch.setattr(release_mod, "rescore", lambda tag, params: calls.append(tag) or (rescored, ""))
+    run = gate_run(override)
+    assert release_mod.comparable_previous(run, None, {"test_set": "B"}) is None
+    assert release_mod.comparable_previous(run, "sem-pcyc@v0.1.0", {"test_set": "A"}) is last and calls == []
+    assert release_mod.comparable_previous(run, "sem-pcyc@v0.1.0", {"test_set": "B"}) is rescored
+    assert calls == ["sem-pcyc@v0.1.0"] and "rescore_last_release" in run.timings
+    monkeypatch.setattr(release_mod, "rescore", lambda tag, params: (None, "its evaluate failed, see above"))
+    if override:
+        assert release_mod.comparable_previous(run, "sem-pcyc@v0.1.0", {"test_set": "B"}) is None
+    else:
+        with pytest.raises(UserError, match="could not score sem-pcyc@v0.1.0's model on this test .*--override-gate"):
+            release_mod.comparable_previous(run, "sem-pcyc@v0.1.0", {"test_set": "B"})
 
 
 # A release stopped before its commit (quality gate, a failed stage or deploy) leaves release.version, dvc.lock,
