@@ -392,6 +392,21 @@ def test_archive_contents(built: Built):
     assert (built.extracted / "sem_pcyc.pt").read_bytes() == built.model.read_bytes()
 
 
+def test_archive_bytes_depend_only_on_the_inputs(built: Built, tmp_path: Path):
+    """Built again (another second, another folder), the archive is the same bytes: members in name order with
+    fixed timestamps and the manifest's build time fixed; another version is other bytes."""
+    again = build_tiny_archive(built.model, built.gallery, tmp_path / "again.mar", PARAMS)
+    assert again.read_bytes() == built.mar.read_bytes()
+    with zipfile.ZipFile(again) as zf:
+        infos = zf.infolist()
+        assert [i.filename for i in infos] == sorted(i.filename for i in infos)
+        assert {i.date_time for i in infos} == {(1980, 1, 1, 0, 0, 0)}
+        assert json.loads(zf.read("MAR-INF/MANIFEST.json"))["createdOn"] == "01/01/1980 00:00:00"
+    other = build_tiny_archive(built.model, built.gallery, tmp_path / "other.mar",
+                               merged(PARAMS, {"release": {"version": "9.9.9"}}))
+    assert other.read_bytes() != built.mar.read_bytes()
+
+
 # ------------------------------------------------------------------ 2. the gallery's files, verified (unit)
 
 def gallery_copy(built: Built, root: Path) -> tuple[Path, dict]:

@@ -6,7 +6,9 @@ bundle); gallery/ (manifest.json and the shards it lists: embeddings, ids, and t
 the handler never reads); serving.json (top-k, version, limits, evaluation metrics). The deploy stage ships a slim
 copy of it to each host and the large files (model, shards) separately, by sha256.
 torch-model-archiver stages files in $TMPDIR/<model-name>, so it runs with a private TMPDIR: two archivings at
-once never collide.
+once never collide. It lays the archive out as a folder (`--archive-format no-archive`, its MAR-INF/MANIFEST.json
+included) and the zip is written here: members in name order, stored, fixed timestamps and a fixed `createdOn`,
+so the same inputs give the same bytes on any machine (DVC and the hosts then see an unchanged archive as such).
 """
 from __future__ import annotations
 
@@ -17,16 +19,19 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 from . import params as params_mod
 from .errors import UserError
 from .fsutil import dumps_json, sha256_file
 from .runtime import RUNTIME_DIR
-from .runtime.gallery_shards import MANIFEST, GalleryError, read_manifest
+from .runtime.gallery_shards import MANIFEST, ZIP_TIME, GalleryError, read_manifest
 from .serving import ReleaseSettings, ServeSettings
 
 RUNTIME_PACKAGE = "sem_pcyc_runtime"
+MAR_MANIFEST = "MAR-INF/MANIFEST.json"
+MAR_CREATED_ON = "01/01/1980 00:00:00"  # the manifest's build time, fixed like every member's timestamp
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,14 +108,34 @@ def build_archive(model: Path, gallery: Path, out: Path, release: ReleaseSetting
         stage_files(stage, model, gallery, release, serve, metrics)
         cmd = [str(archiver), "--model-name", release.model_name, "--version", release.version,
                "--handler", str(RUNTIME_DIR / "handler.py"), "--extra-files", str(stage),
-               "--export-path", str(export), "--force"]
+               "--export-path", str(export), "--archive-format", "no-archive", "--force"]
         proc = subprocess.run(cmd, env=dict(os.environ, TMPDIR=str(private_tmp)), capture_output=True, text=True)
-        produced = export / f"{release.model_name}.mar"
-        if proc.returncode != 0 or not produced.exists():
+        produced = export / release.model_name
+        if proc.returncode != 0 or not (produced / MAR_MANIFEST).exists():
             raise UserError(f"torch-model-archiver failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = out.with_name(f".{out.name}.partial")
-        shutil.move(str(produced), partial)
-        os.replace(partial, out)
+        try:
+            write_mar(produced, partial)
+            os.replace(partial, out)
+        finally:
+            partial.unlink(missing_ok=True)
     return out
+
+
+def write_mar(folder: Path, out: Path) -> None:
+    """`folder` (an archive laid out by torch-model-archiver) zipped as a .mar with deterministic bytes. Stored,
+    not deflated: the large members (model, shards) are binary and barely shrink, and deploy sends them apart."""
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            name = path.relative_to(folder).as_posix()
+            info = zipfile.ZipInfo(name, date_time=ZIP_TIME)
+            info.create_system, info.external_attr = 3, 0o644 << 16
+            info.file_size = path.stat().st_size  # zip64 records only where a member needs them
+            if name == MAR_MANIFEST:  # the archiver writes the build time into it
+                manifest = json.loads(path.read_text(encoding="utf-8"))
+                zf.writestr(info, json.dumps({**manifest, "createdOn": MAR_CREATED_ON}, indent=2))
+                continue
+            with path.open("rb") as src, zf.open(info, "w") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
 
