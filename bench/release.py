@@ -63,7 +63,7 @@ def stage_seconds(lines: list[tuple[float, str]], end: float) -> dict[str, float
     (the line after its last 'Updating lock file')."""
     marks = [(t, m.group(1)) for t, line in lines if (m := re.match(r"Running stage '([^']+)'", line))]
     done = [t for t, line in lines if line.startswith("Updating lock file")]
-    stop = done[-1] if done else end
+    stop = done[-1] if done and marks and done[-1] > marks[-1][0] else end
     return {name: round((marks[i + 1][0] if i + 1 < len(marks) else stop) - t, 1)
             for i, (t, name) in enumerate(marks)}
 
