@@ -793,8 +793,9 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"{args.serve_check}: not found; run `dvc repro serve-check` first") from None
     if not check.get("passed"):
         raise UserError(f"{args.serve_check}: the archive did not pass serve-check; not deploying")
-    smoke = smoke_from_check(check, Path(args.serve_check), mar, Path(args.dataset))
-    summary = roll_out(targets, mar, smoke)
+    release_to_ship = release_of(mar)
+    smoke = smoke_from_check(check, Path(args.serve_check), release_to_ship, Path(args.dataset))
+    summary = roll_out(targets, release_to_ship, smoke)
     atomic_write_json(out, summary)
     if summary["status"] == "failed":
         failed = next(r for r in summary["targets"] if r["status"] == "failed")
@@ -802,12 +803,12 @@ def run(args: argparse.Namespace) -> None:
                         f"done: {', '.join(summary['hosts_with_new_version']) or 'none'})")
 
 
-def smoke_from_check(check: dict, report: Path, mar: Path, dataset: Path) -> dict:
+def smoke_from_check(check: dict, report: Path, release: Release, dataset: Path) -> dict:
     """The smoke query serve-check recorded for this very archive: its sketch (read from the dataset), the offline
     top-10 the served answer matched there, and k."""
     smoke = check.get("smoke") or {}
-    if smoke.get("archive_sha256") != sha256_file(mar):
-        raise UserError(f"{report}: made for another archive than {mar} (or by an older serve-check); run "
+    if smoke.get("archive_sha256") != release.digest:
+        raise UserError(f"{report}: made for another archive than {release.mar} (or by an older serve-check); run "
                         "`dvc repro serve-check` first")
     path = dataset / "sketches" / smoke["sketch"]
     try:
@@ -817,9 +818,8 @@ def smoke_from_check(check: dict, report: Path, mar: Path, dataset: Path) -> dic
     return {"name": smoke["sketch"], "sketch": sketch, "expected": smoke["top10"], "k": smoke["k"]}
 
 
-def roll_out(targets: list[Target], mar: Path, smoke: dict) -> dict:
+def roll_out(targets: list[Target], release: Release, smoke: dict) -> dict:
     """Deploy to each target in turn, stopping at the first failure; the receipt of the whole rollout."""
-    release = release_of(mar)
     receipts, failed = [], None
     for target in targets:
         if failed is not None:
@@ -833,7 +833,7 @@ def roll_out(targets: list[Target], mar: Path, smoke: dict) -> dict:
               + (f": {receipt['error']}" if receipt.get("error") else ""), flush=True)
         if receipt["status"] == "failed":
             failed = target.name
-    summary = {"version": release.version, "sha256": release.digest, "archive": str(mar),
+    summary = {"version": release.version, "sha256": release.digest, "archive": str(release.mar),
                "smoke_sketch": smoke["name"], "targets": receipts,
                "hosts_with_new_version": [r["target"] for r in receipts if r["status"] in ("deployed", "already live")],
                "status": "failed" if failed else "ok"}
