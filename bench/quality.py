@@ -11,6 +11,7 @@ changed; `shuffled` variants permute the class vectors among the training classe
 
 Usage (a project folder whose data/prepared/ was made by `dvc repro prepare`, e.g. on the cross-artist tar):
   python bench/quality.py --project DIR [--seeds 0,1,2] [--only default,original] [--budget-min 30]
+  python bench/quality.py --project DIR --posterior-grid     # the seen-class posterior's settings, on validation
 Writes bench/out/quality/<dataset>/results-<code>.json (runs are reused only for the same variants and training
 code) and prints a Markdown table.
 """
@@ -32,6 +33,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from sempcyc import evaluate, features, params, train  # noqa: E402
 from sempcyc.recipe import ModelSettings  # noqa: E402
+from sempcyc.runtime import model as model_mod  # noqa: E402
+from sempcyc.runtime import retrieval  # noqa: E402
 from sempcyc.runtime.backbones import Extractor, batched, extract  # noqa: E402
 from sempcyc.shards import load_test_shard, load_train_shard  # noqa: E402
 from sempcyc.split import SplitSettings  # noqa: E402
@@ -41,6 +44,7 @@ SEMANTIC = {"ae_linear": True, "unit_embeddings": True, "semantic_classifier": T
 # name -> (TrainRun fields, model.Config overrides on top of the preset, shuffle the class vectors,
 #          model.photo_edges: photos read as the mean of the photo's and its edge map's features)
 CENTRED = {"preset": "tuned", "feature_norm": "centre", "feature_dim": 512}
+POSTERIOR = {"posterior_weight": 8.0, "posterior_temperature": 2.0}
 VARIANTS = {
     "original": ({"preset": "original", "feature_norm": "standardize", "feature_dim": 0}, {}, False, False),
     "tuned": ({"preset": "tuned", "feature_norm": "standardize", "feature_dim": 0}, {}, False, False),
@@ -52,6 +56,8 @@ VARIANTS = {
     "tuned + centred, photo edges, vectors shuffled": (CENTRED, {}, True, True),
     "semantic, photo edges": (CENTRED, SEMANTIC, False, True),
     "semantic, photo edges, vectors shuffled": (CENTRED, SEMANTIC, True, True),
+    "tuned + centred, photo edges, posterior": (CENTRED, POSTERIOR, False, True),
+    "tuned + centred, photo edges, posterior, vectors shuffled": (CENTRED, POSTERIOR, True, True),
 }
 SKIPS = (0.0, 0.25, 0.5, 0.75)
 COLUMNS = ("val", "zs_map", "zs_p10", "gen_map", "gen_p10", "seen_map", "H", "hit")
@@ -115,6 +121,7 @@ def run_variant(project: Path, out: Path, name: str, seed: int) -> dict:
     started = time.time()
     trainer = train.Trainer(data, run)
     model = trainer.fit().eval()
+    train.fit_seen_posterior(model, data)
     seconds = round(time.time() - started, 1)
     raw = {k: np.load(out / f"test_{k}.npy") for k in ("q", "s", "g")}
     read = out / "test_ge.npy"  # the gallery photos read with their edge maps (the mean of the two features)
@@ -129,8 +136,10 @@ def run_variant(project: Path, out: Path, name: str, seed: int) -> dict:
         with torch.no_grad():
             emb = {k: (model.embed_image(v) if k == "g" else model.embed_sketch(v)).numpy()
                    for k, v in normed.items()}
+        posterior, model.posterior = model.posterior, None  # `val` without it: the posterior knows those classes
         val = train.validation_map(model.embed_sketch, model.embed_image, data["val_sk"], data["val_sk_y"],
                                    data["val_im"], data["val_im_y"])
+        model.posterior = posterior
         scores[str(skip)] = {"val": val, "metrics": evaluate.evaluate_all(emb, raw, labels, unseen, seed)[0]}
     return {"epochs": trainer.state["epoch"], "seconds": seconds, "skips": scores}
 
@@ -148,6 +157,39 @@ def validation_baselines(out: Path, project: Path) -> dict:
         found[name] = train.validation_map(torch.nn.Identity(), torch.nn.Identity(), data["val_sk"],
                                            data["val_sk_y"], data["val_im"], data["val_im_y"])
     return found
+
+
+def posterior_grid(out: Path, project: Path) -> str:
+    """Choose posterior_weight and posterior_temperature on validation classes: the centred photo-edge input
+    features of the training side (as the default model reads them), each followed by sqrt(w) x a seen-class
+    posterior fitted to the fit classes minus every fifth fit-class sketch. Those held-out sketches are the seen
+    queries, the validation classes' sketches the unseen ones, every training photo the gallery (validation-side
+    zero-shot, generalised, seen mAP@all and H, as evaluate defines them)."""
+    run = dataclasses.replace(train.read_settings(params.load(project / "params.yaml")), **CENTRED)
+    d = train.load_training_data(features_dir(out, True), project / "data/prepared/train", run)
+    held = np.arange(len(d["fit_sk"])) % 5 == 0
+    n_fit = len(d["fit_classes"])
+    head = model_mod.fit_posterior(torch.from_numpy(np.concatenate([d["fit_sk"][~held], d["fit_im"]])),
+                                   torch.from_numpy(np.concatenate([d["fit_sk_y"][~held], d["fit_im_y"]])).long(),
+                                   n_fit)
+    unit = {k: torch.nn.functional.normalize(torch.from_numpy(v), dim=1) for k, v in
+            (("q", d["val_sk"]), ("s", d["fit_sk"][held]), ("g", np.concatenate([d["fit_im"], d["val_im"]])))}
+    y = {"q": d["val_sk_y"] + n_fit, "s": d["fit_sk_y"][held],
+         "g": np.concatenate([d["fit_im_y"], d["val_im_y"] + n_fit])}
+    rows = ["| weight | temperature | val zero-shot | val generalised | val generalised P@10 | val seen | val H |",
+            "|---|---|---|---|---|---|---|"]
+    for weight, temp in [(0.0, 1.0)] + [(w, t) for t in (0.5, 1.0, 2.0, 3.0) for w in (0.5, 1.0, 2.0, 4.0, 8.0)]:
+        with torch.no_grad():
+            e = {k: torch.cat([v, weight ** 0.5 * head(v, temp)], 1).numpy() for k, v in unit.items()}
+        novel = y["g"] >= n_fit
+        zs = retrieval.average_precisions(retrieval.squared_distances(e["q"], e["g"][novel]), y["q"], y["g"][novel])
+        gen_d = retrieval.squared_distances(e["q"], e["g"])
+        gen = float(np.mean(retrieval.average_precisions(gen_d, y["q"], y["g"])))
+        p10 = float(np.mean(y["g"][np.argsort(gen_d, 1)[:, :10]] == y["q"][:, None]))
+        seen = float(np.mean(retrieval.average_precisions(retrieval.squared_distances(e["s"], e["g"]), y["s"], y["g"])))
+        rows.append(f"| {weight} | {temp} | {np.mean(zs):.3f} | {gen:.3f} | {p10:.3f} | {seen:.3f} | "
+                    f"{2 * gen * seen / (gen + seen):.3f} |")
+    return "\n".join(rows)
 
 
 def figures(metrics: dict, method: str) -> dict:
@@ -185,10 +227,16 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--only", default="", help="variant names separated by ; (default: all)")
     parser.add_argument("--budget-min", type=float, default=60, help="start no new run after this many minutes")
+    parser.add_argument("--posterior-grid", action="store_true",
+                        help="only choose the seen-class posterior's weight and temperature on validation classes")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = OUT / dataset_key(args.project)
     out.mkdir(parents=True, exist_ok=True)
+    if args.posterior_grid:
+        cache_features(args.project, out, True)
+        print(posterior_grid(out, args.project))
+        return
     names = [n.strip() for n in args.only.split(";") if n.strip()] or list(VARIANTS)
     for edges in sorted({VARIANTS[n][3] for n in names}):
         cache_features(args.project, out, edges)

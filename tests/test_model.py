@@ -210,6 +210,78 @@ def test_embed_skip_mixes_input_and_generator_distances():
     assert torch.equal(make_model(embed_skip=0.0).eval().embed_sketch(a), make_model().eval().gen_sk2se(a))
 
 
+CENTRES = F.normalize(torch.randn(N_CLS, FEAT, generator=torch.Generator().manual_seed(99)), dim=1)
+
+
+def _clustered(n_per: int, n_cls: int, seed: int, spread: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of n_cls well separated classes (random unit centres plus noise) and their labels."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n_cls).repeat_interleave(n_per)
+    return CENTRES[y] + spread * torch.randn(len(y), FEAT, generator=g), y
+
+
+def _novel(n: int) -> torch.Tensor:
+    """Unit features of novel classes: orthogonal to every training class's centre."""
+    x = torch.randn(n, FEAT, generator=torch.Generator().manual_seed(5))
+    q, _ = torch.linalg.qr(CENTRES.T)
+    return F.normalize(x - (x @ q) @ q.T, dim=1)
+
+
+def test_seen_posterior_is_peaked_on_training_classes_and_diffuse_on_novel_ones():
+    feats, y = _clustered(10, 4, seed=0)
+    head = M.fit_posterior(feats, y, 4)
+    seen, _ = _clustered(3, 4, seed=1)                 # new items of the training classes
+    novel = _novel(12)
+    p_seen, p_novel = head(seen, 1.0), head(novel, 1.0)
+    assert torch.equal(p_seen.argmax(1), torch.arange(4).repeat_interleave(3))
+    assert p_seen.max(1).values.min() > 0.9 and p_novel.max(1).values.mean() < 0.7
+    assert head(seen, 2.0).max(1).values.mean() < p_seen.max(1).values.mean()  # a higher temperature flattens
+    again = M.fit_posterior(feats, y, 4)                # full batch from zeros: the same weights every time
+    assert torch.equal(again.linear.weight, head.linear.weight)
+
+
+def test_posterior_part_of_the_embedding_separates_novel_items_from_training_class_items():
+    """Appended sqrt(w) P(x): squared distances grow by w |P(x) - P(x')|^2, nothing else changes."""
+    feats, y = _clustered(10, N_CLS, seed=0)
+    m = make_model(embed_skip=0.5, posterior_weight=2.0).eval().requires_grad_(False)
+    plain = m.embed_sketch(feats)
+    m.posterior = M.fit_posterior(feats, y, N_CLS)
+    e = m.embed_sketch(feats)
+    assert e.shape == (len(feats), FEAT + DIM + N_CLS) and torch.equal(e[:, :FEAT + DIM], plain)
+    p = m.posterior(feats, 1.0)
+    assert torch.allclose(e[:, FEAT + DIM:], 2.0 ** 0.5 * p)
+    k = FEAT + DIM
+    en, ef = m.embed_image(_novel(1)), m.embed_image(feats)
+    extra = ((en - ef) ** 2).sum(1) - ((en[:, :k] - ef[:, :k]) ** 2).sum(1)
+    assert torch.allclose(extra, 2.0 * ((m.posterior(_novel(1), 1.0) - p) ** 2).sum(1), atol=1e-5)
+    assert extra.mean() > 0.5                           # a novel photo is pushed away from the training items
+    m.cfg.posterior_weight = 0.0
+    assert torch.equal(m.embed_sketch(feats), plain)    # weight 0 (the `original` preset): the embedding alone
+
+
+def test_bundle_carries_the_posterior_and_older_bundles_load_without_one(tmp_path):
+    bundle = _bundle(False)
+    enc_old = _save_and_load(bundle, tmp_path / "old.pt")
+    assert enc_old.posterior is None
+    cfg = M.Config(feat_dim=64, sem_dim=SEM, dim_out=DIM, n_classes=N_CLS, posterior_weight=1.0)
+    model = M.SemPcyc(cfg)
+    model.posterior = M.fit_posterior(torch.randn(20, 64), torch.arange(20) % 7, 7)
+    bundle = {**bundle, "config": cfg.to_dict(), "posterior": model.posterior.state_dict()}
+    enc = _save_and_load(bundle, tmp_path / "new.pt")
+    sketches = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    with torch.inference_mode():
+        with_head, without = enc.embed_sketches(sketches), enc_old.embed_sketches(sketches)
+    assert with_head.shape[1] == without.shape[1] + 7
+    assert torch.allclose(with_head[:, -7:].sum(1), torch.ones(3))  # sqrt(1) x a distribution
+
+
+def _save_and_load(bundle: dict, path) -> Encoder:
+    buf = io.BytesIO()
+    torch.save(bundle, buf)
+    path.write_bytes(buf.getvalue())
+    return Encoder.load(path)
+
+
 def test_centre_feature_norm_removes_the_mean_then_projects_to_the_sphere():
     feats = np.random.default_rng(0).normal(3.0, 1.0, (50, FEAT)).astype(np.float32)
     norm = FeatureNorm("centre", FEAT).fit(feats)

@@ -243,6 +243,26 @@ def test_train_is_seedable(trained: Path, tmp_path: Path):
     assert bundle_equal(first, second)
 
 
+def test_train_fits_the_seen_class_posterior_on_every_training_class(trained: Path, tmp_path: Path):
+    """With posterior_weight > 0 the bundle carries a classifier over the fit and the validation classes, and
+    every embedding ends with sqrt(w) x its class probabilities."""
+    write_params(tmp_path, {"model": {"overrides": {"posterior_weight": 4.0}}})
+    ok(tmp_path, *train_args(trained, tmp_path))
+    bundle = torch.load(tmp_path / "model.pt", map_location="cpu", weights_only=True)
+    classes = json.loads((trained / "data/prepared/train/classes.json").read_text())
+    meta = bundle["meta"]
+    assert meta["posterior_classes"] == meta["trained_classes"] + meta["validation_classes"]
+    assert sorted(meta["posterior_classes"]) == sorted(classes) and meta["validation_classes"]
+    assert bundle["posterior"]["linear.weight"].shape[0] == len(classes)
+    enc = Encoder.load(tmp_path / "model.pt")
+    with torch.inference_mode():
+        sk = enc.embed_sketches(torch.full((2, 32, 32), 255, dtype=torch.uint8))
+    assert sk.shape == (2, PARAMS["model"]["dim_out"] + len(classes))
+    assert torch.allclose(sk[:, -len(classes):].sum(1), torch.full((2,), 2.0))  # sqrt(4) x probabilities
+    without = torch.load(trained / "models/sem_pcyc.pt", map_location="cpu", weights_only=True)
+    assert "posterior" not in without and without["meta"]["posterior_classes"] == []  # weight 0: no head
+
+
 @pytest.mark.parametrize("overrides, names", [
     ({"train": {"lr": 0}}, ["train.lr"]),
     ({"train": {"lr": -1}}, ["train.lr"]),

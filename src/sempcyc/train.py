@@ -37,7 +37,7 @@ from .errors import UserError
 from .fsutil import atomic_write_bytes
 from .recipe import PRESETS, ModelSettings, TrainSettings, pick_device, torchrun_ranks
 from .runtime.encoder import FeatureNorm, bundle_state
-from .runtime.model import Config, SemPcyc, TrainLosses, make_optimizers, train_step
+from .runtime.model import Config, SemPcyc, TrainLosses, fit_posterior, make_optimizers, train_step
 from .runtime.retrieval import average_precisions, squared_distances
 from .shards import load_train_shard
 
@@ -293,6 +293,20 @@ class Trainer:
         return self.model
 
 
+def fit_seen_posterior(model: SemPcyc, data: dict) -> list[str]:
+    """With posterior_weight > 0, give the trained model its seen-class posterior, fitted on every training class:
+    the fit classes and the validation classes (held out until now, for early stopping), sketches and photos
+    together. Returns the posterior's classes in row order (none without it)."""
+    if model.cfg.posterior_weight <= 0:
+        return []
+    n_fit = len(data["fit_classes"])
+    feats = np.concatenate([data["fit_sk"], data["fit_im"], data["val_sk"], data["val_im"]])
+    labels = np.concatenate([data["fit_sk_y"], data["fit_im_y"], data["val_sk_y"] + n_fit, data["val_im_y"] + n_fit])
+    classes = [*data["fit_classes"], *data["val_names"]]
+    model.posterior = fit_posterior(torch.from_numpy(feats), torch.from_numpy(labels).long(), len(classes))
+    return classes
+
+
 def open_live(live_dir: str, resume: bool):
     """A DVCLive logger. DVCLive looks up the git revision when it starts; in a repository with no commit yet
     that raises, so then it logs without its DVC integration (files only), which is all the stage needs."""
@@ -340,8 +354,9 @@ def train_model(s: TrainRun, features_dir: Path, train_dir: Path, out: Path, dev
     if rank != 0:
         return
     state = trainer.state
+    posterior_classes = fit_seen_posterior(model, data)
     bundle_meta = {**data["meta"], "feature_norm": s.feature_norm, "feature_pca_dim": s.feature_dim or None,
-                   "trained_classes": data["fit_classes"],
+                   "trained_classes": data["fit_classes"], "posterior_classes": posterior_classes,
                    "validation_classes": data["val_names"], "best_epoch": state["best_epoch"], "preset": s.preset}
     buf = io.BytesIO()
     torch.save(bundle_state(bundle_meta, trainer.cfg, data["extractors"], data["norms"], model.cpu()), buf)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .backbones import Extractor, extract, to_input
-from .model import Config, SemPcyc, fuse
+from .model import Config, SeenPosterior, SemPcyc, fuse, with_posterior
 
 # models/sem_pcyc.pt's image_extractor entry when it equals the sketch extractor (stored once, 19 MB saved)
 SAME_EXTRACTOR = "same as sketch_extractor"
@@ -62,7 +62,8 @@ class Encoder(nn.Module):
         self.image_extractor = Extractor(meta["backbone"], meta["feature_proj_dim"], pretrained=False)
         model = SemPcyc(cfg)
         self.gen_sk2se, self.gen_im2se = model.gen_sk2se, model.gen_im2se
-        self.skip = cfg.embed_skip
+        self.cfg = cfg
+        self.posterior: SeenPosterior | None = None
         kind, pca = meta.get("feature_norm", "none"), meta.get("feature_pca_dim")
         self.sketch_norm = FeatureNorm(kind, meta["feat_dim"], pca)
         self.image_norm = FeatureNorm(kind, meta["feat_dim"], pca)
@@ -106,12 +107,12 @@ class Encoder(nn.Module):
         """The embedding of sketch-extractor features: embed_sketches after its CNN (evaluate feeds it the
         baseline's backbone features when the extractor is that backbone, rather than running the CNN twice)."""
         a = self.sketch_norm(features)
-        return fuse(a, self.gen_sk2se(a), self.skip)
+        return with_posterior(fuse(a, self.gen_sk2se(a), self.cfg.embed_skip), a, self.posterior, self.cfg)
 
     def embed_image_features(self, features: torch.Tensor) -> torch.Tensor:
         """The embedding of image-extractor features: embed_images after its CNN."""
         b = self.image_norm(features)
-        return fuse(b, self.gen_im2se(b), self.skip)
+        return with_posterior(fuse(b, self.gen_im2se(b), self.cfg.embed_skip), b, self.posterior, self.cfg)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> Encoder:
@@ -126,6 +127,10 @@ class Encoder(nn.Module):
         enc.gen_im2se.load_state_dict(bundle["gen_im2se"])
         enc.sketch_norm.load_state_dict(bundle["sketch_norm"])
         enc.image_norm.load_state_dict(bundle["image_norm"])
+        if "posterior" in bundle:  # bundles from before the seen-class posterior have none
+            weight = bundle["posterior"]["linear.weight"]
+            enc.posterior = SeenPosterior(weight.shape[1], weight.shape[0])
+            enc.posterior.load_state_dict(bundle["posterior"])
         return enc.to(device).eval()
 
 
@@ -137,4 +142,5 @@ def bundle_state(meta: dict, cfg: Config, extractors: dict, norms: dict, model: 
     return {"format": "sem-pcyc-bundle/1", "meta": meta, "config": cfg.to_dict(),
             "sketch_extractor": sketch, "image_extractor": SAME_EXTRACTOR if same else image,
             "sketch_norm": norms["sketch"].state_dict(), "image_norm": norms["image"].state_dict(),
-            "gen_sk2se": model.gen_sk2se.state_dict(), "gen_im2se": model.gen_im2se.state_dict()}
+            "gen_sk2se": model.gen_sk2se.state_dict(), "gen_im2se": model.gen_im2se.state_dict(),
+            **({"posterior": model.posterior.state_dict()} if model.posterior is not None else {})}

@@ -42,6 +42,8 @@ class Config:
     classifier_temperature: float = 0.1  # cosine logits / temperature, with semantic_classifier
     lambda_code: float = 0.0         # weight of |p - s|^2 + |q - s|^2: each embedding near its class's code
     embed_skip: float = 0.0          # share of the retrieval distance taken from the input features themselves
+    posterior_weight: float = 0.0    # with > 0, each embedding ends with sqrt(w) x its seen-class posterior
+    posterior_temperature: float = 1.0  # the posterior's softmax temperature
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,6 +65,50 @@ def fuse(x: torch.Tensor, g: torch.Tensor, skip: float) -> torch.Tensor:
     if skip <= 0:
         return g
     return torch.cat([skip ** 0.5 * F.normalize(x, dim=-1), (1 - skip) ** 0.5 * F.normalize(g, dim=-1)], -1)
+
+
+def with_posterior(e: torch.Tensor, x: torch.Tensor, head: SeenPosterior | None, cfg: Config) -> torch.Tensor:
+    """The embedding e followed by sqrt(w) x the seen-class posterior of the input features x, when the model has
+    a posterior head and posterior_weight w > 0. Its squared distance adds w |P(x) - P(x')|^2: near zero between
+    two items of one training class (both peaked on it) or of two novel classes (both diffuse), near w between a
+    novel item and a training-class item, so an unseen class's sketch stops finding training-class photos first
+    and a training class's sketch finds its own (docs/model.md, the "seen-class posterior" row)."""
+    if head is None or cfg.posterior_weight <= 0:
+        return e
+    return torch.cat([e, cfg.posterior_weight ** 0.5 * head(x, cfg.posterior_temperature)], -1)
+
+
+class SeenPosterior(nn.Module):
+    """P(class | x) over every training class: softmax of a cosine classifier on the (centred) input features,
+    shared by both domains, so a sketch and a photo of one training class get the same peaked posterior."""
+
+    SCALE = 10.0  # unit inputs: logits of a few units from small weights; fit in a few hundred full-batch steps
+
+    def __init__(self, n_in: int, n_classes: int):
+        super().__init__()
+        self.linear = nn.Linear(n_in, n_classes)
+
+    def forward(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
+        return torch.softmax(self.logits(x) / temperature, -1)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.SCALE * self.linear(F.normalize(x, dim=-1))
+
+
+def fit_posterior(feats: torch.Tensor, labels: torch.Tensor, n_classes: int, steps: int = 300,
+                  lr: float = 0.01, weight_decay: float = 1e-4) -> SeenPosterior:
+    """A SeenPosterior fitted to (feats, labels) of every training class by full-batch Adam with an L2 penalty
+    (deterministic for a given seed: no sampling)."""
+    head = SeenPosterior(feats.shape[1], n_classes)
+    nn.init.zeros_(head.linear.weight)
+    nn.init.zeros_(head.linear.bias)
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(head.logits(feats), labels) + weight_decay * head.linear.weight.pow(2).sum()
+        loss.backward()
+        opt.step()
+    return head.eval().requires_grad_(False)
 
 
 class ToSphere(nn.Module):
@@ -124,13 +170,14 @@ class SemPcyc(nn.Module):
         self.cls_im = nn.Linear(F_, cfg.n_classes, bias=False)
         for clf in (self.cls_se, self.cls_sk, self.cls_im):
             clf.requires_grad_(cfg.train_classifiers)
+        self.posterior: SeenPosterior | None = None  # fitted after training (train.fit_seen_posterior)
 
     # --- inference: the only part the service needs
     def embed_sketch(self, a: torch.Tensor) -> torch.Tensor:
-        return fuse(a, self.gen_sk2se(a), self.cfg.embed_skip)
+        return with_posterior(fuse(a, self.gen_sk2se(a), self.cfg.embed_skip), a, self.posterior, self.cfg)
 
     def embed_image(self, b: torch.Tensor) -> torch.Tensor:
-        return fuse(b, self.gen_im2se(b), self.cfg.embed_skip)
+        return with_posterior(fuse(b, self.gen_im2se(b), self.cfg.embed_skip), b, self.posterior, self.cfg)
 
     # --- parameter groups, one optimiser each
     def generator_parameters(self) -> list[nn.Parameter]:
