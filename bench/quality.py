@@ -58,6 +58,9 @@ VARIANTS = {
     "semantic, photo edges, vectors shuffled": (CENTRED, SEMANTIC, True, True),
     "tuned + centred, photo edges, posterior": (CENTRED, POSTERIOR, False, True),
     "tuned + centred, photo edges, posterior, vectors shuffled": (CENTRED, POSTERIOR, True, True),
+    "tuned + centred, photo edges, posterior, expansion": (CENTRED, {**POSTERIOR, "query_expansion": 1}, False, True),
+    "tuned + centred, photo edges, posterior, expansion, vectors shuffled":
+        (CENTRED, {**POSTERIOR, "query_expansion": 1}, True, True),
 }
 SKIPS = (0.0, 0.25, 0.5, 0.75)
 COLUMNS = ("val", "zs_map", "zs_p10", "gen_map", "gen_p10", "seen_map", "H", "hit")
@@ -140,7 +143,8 @@ def run_variant(project: Path, out: Path, name: str, seed: int) -> dict:
         val = train.validation_map(model.embed_sketch, model.embed_image, data["val_sk"], data["val_sk_y"],
                                    data["val_im"], data["val_im_y"])
         model.posterior = posterior
-        scores[str(skip)] = {"val": val, "metrics": evaluate.evaluate_all(emb, raw, labels, unseen, seed)[0]}
+        metrics = evaluate.evaluate_all(emb, raw, labels, unseen, seed, model.cfg.query_expansion)[0]
+        scores[str(skip)] = {"val": val, "metrics": metrics}
     return {"epochs": trainer.state["epoch"], "seconds": seconds, "skips": scores}
 
 
@@ -160,11 +164,11 @@ def validation_baselines(out: Path, project: Path) -> dict:
 
 
 def posterior_grid(out: Path, project: Path) -> str:
-    """Choose posterior_weight and posterior_temperature on validation classes: the centred photo-edge input
-    features of the training side (as the default model reads them), each followed by sqrt(w) x a seen-class
-    posterior fitted to the fit classes minus every fifth fit-class sketch. Those held-out sketches are the seen
-    queries, the validation classes' sketches the unseen ones, every training photo the gallery (validation-side
-    zero-shot, generalised, seen mAP@all and H, as evaluate defines them)."""
+    """Choose posterior_weight, posterior_temperature and then query_expansion on validation classes: the centred
+    photo-edge input features of the training side (as the default model reads them), each followed by sqrt(w) x
+    a seen-class posterior fitted to the fit classes minus every fifth fit-class sketch. Those held-out sketches
+    are the seen queries, the validation classes' sketches the unseen ones, every training photo the gallery
+    (validation-side zero-shot, generalised, seen mAP@all and H, as evaluate defines them)."""
     run = dataclasses.replace(train.read_settings(params.load(project / "params.yaml")), **CENTRED)
     d = train.load_training_data(features_dir(out, True), project / "data/prepared/train", run)
     held = np.arange(len(d["fit_sk"])) % 5 == 0
@@ -176,20 +180,29 @@ def posterior_grid(out: Path, project: Path) -> str:
             (("q", d["val_sk"]), ("s", d["fit_sk"][held]), ("g", np.concatenate([d["fit_im"], d["val_im"]])))}
     y = {"q": d["val_sk_y"] + n_fit, "s": d["fit_sk_y"][held],
          "g": np.concatenate([d["fit_im_y"], d["val_im_y"] + n_fit])}
-    rows = ["| weight | temperature | val zero-shot | val generalised | val generalised P@10 | val seen | val H |",
-            "|---|---|---|---|---|---|---|"]
-    for weight, temp in [(0.0, 1.0)] + [(w, t) for t in (0.5, 1.0, 2.0, 3.0) for w in (0.5, 1.0, 2.0, 4.0, 8.0)]:
+    rows = ["| weight | temperature | expansion | val zero-shot | val generalised | val generalised P@10 | val seen "
+            "| val H |", "|---|---|---|---|---|---|---|---|"]
+    settings = [(0.0, 1.0, 0)] + [(w, t, 0) for t in (0.5, 1.0, 2.0, 3.0) for w in (0.5, 1.0, 2.0, 4.0, 8.0)]
+    settings += [(w, 2.0, k) for w in (0.0, 8.0) for k in (1, 2, 3, 5, 8)]
+    for weight, temp, expand in settings:
         with torch.no_grad():
             e = {k: torch.cat([v, weight ** 0.5 * head(v, temp)], 1).numpy() for k, v in unit.items()}
-        novel = y["g"] >= n_fit
-        zs = retrieval.average_precisions(retrieval.squared_distances(e["q"], e["g"][novel]), y["q"], y["g"][novel])
-        gen_d = retrieval.squared_distances(e["q"], e["g"])
-        gen = float(np.mean(retrieval.average_precisions(gen_d, y["q"], y["g"])))
-        p10 = float(np.mean(y["g"][np.argsort(gen_d, 1)[:, :10]] == y["q"][:, None]))
-        seen = float(np.mean(retrieval.average_precisions(retrieval.squared_distances(e["s"], e["g"]), y["s"], y["g"])))
-        rows.append(f"| {weight} | {temp} | {np.mean(zs):.3f} | {gen:.3f} | {p10:.3f} | {seen:.3f} | "
-                    f"{2 * gen * seen / (gen + seen):.3f} |")
+        rows.append(f"| {weight} | {temp} | {expand} | " + " | ".join(f"{v:.3f}" for v in
+                                                                     validation_figures(e, y, n_fit, expand)) + " |")
     return "\n".join(rows)
+
+
+def validation_figures(e: dict, y: dict, n_fit: int, expand: int) -> tuple[float, ...]:
+    """Validation-side zero-shot, generalised mAP@all and P@10, seen mAP@all, H (posterior_grid's protocol)."""
+    novel = y["g"] >= n_fit
+    zs = retrieval.average_precisions(retrieval.expanded_distances(e["q"], e["g"][novel], expand), y["q"],
+                                      y["g"][novel])
+    gen_d = retrieval.expanded_distances(e["q"], e["g"], expand)
+    gen = float(np.mean(retrieval.average_precisions(gen_d, y["q"], y["g"])))
+    p10 = float(np.mean(y["g"][np.argsort(gen_d, 1)[:, :10]] == y["q"][:, None]))
+    seen = float(np.mean(retrieval.average_precisions(retrieval.expanded_distances(e["s"], e["g"], expand),
+                                                      y["s"], y["g"])))
+    return float(np.mean(zs)), gen, p10, seen, 2 * gen * seen / (gen + seen)
 
 
 def figures(metrics: dict, method: str) -> dict:

@@ -9,7 +9,8 @@ import pytest
 
 from sempcyc.runtime import ann
 from sempcyc.runtime.ann import IndexMismatch, IVFIndex
-from sempcyc.runtime.retrieval import top_k
+from sempcyc.runtime.retrieval import expanded_distances, top_k
+from sempcyc.runtime.search import SketchSearch
 
 BUILD = {"seed": 0, "iterations": 5, "sample_per_list": 64}
 
@@ -155,3 +156,34 @@ def test_bad_queries_and_arguments_are_refused(small):
 @pytest.mark.parametrize("n, lists", [(1, 1), (10, 8), (1000, 128), (100_000, 1024), (1_000_000, 4096)])
 def test_default_nlist(n, lists):
     assert ann.default_nlist(n) == lists
+
+
+def test_vectors_at_gives_the_stored_vectors_of_gallery_items(small):
+    gallery, _, index = small
+    idx = np.array([[0, 2999], [17, 5]])
+    got = index.vectors_at(idx)
+    assert got.shape == (2, 2, 32) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, gallery[idx].astype(np.float16).astype(np.float32))
+
+
+class _Encoder:
+    """What SketchSearch.rank reads of an encoder: its config's query_expansion."""
+
+    def __init__(self, expand: int):
+        self.cfg = type("Cfg", (), {"query_expansion": expand})()
+
+    def freeze_sketch_path(self):
+        return self
+
+
+@pytest.mark.parametrize("expand", [0, 1, 3])
+def test_served_ranking_expands_queries_as_evaluate_does_exactly_or_through_the_index(small, expand):
+    gallery, queries, index = small
+    items = [{"id": f"img{i}", "class": str(i % 40)} for i in range(len(gallery))]
+    half = gallery.astype(np.float16).astype(np.float32)  # what the index stores
+    exact = SketchSearch(_Encoder(expand), half, items, top_k=10, max_pixels=1)
+    approx = SketchSearch(_Encoder(expand), None, items, top_k=10, max_pixels=1, ann=index, nprobe=index.nlist)
+    want = np.argsort(expanded_distances(queries, half, expand), axis=1, kind="stable")[:, :10]
+    for search in (exact, approx):
+        got = [[int(hit["image"][3:]) for hit in row] for row in search.rank(queries)]
+        assert got == want.tolist()

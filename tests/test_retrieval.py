@@ -425,3 +425,40 @@ def test_harmonic_mean_needs_both_sides():
         u, s = metrics["generalised"][method]["map_all"], metrics["seen_generalised"][method]["map_all"]
         assert h == pytest.approx(2 * u * s / (u + s))
     assert evaluate.harmonic(0.9, 0.0) == 0.0 and evaluate.harmonic(0.5, 0.5) == 0.5
+
+
+# -------------------------------------------------------------------------------------------- query expansion
+
+def test_expanded_query_is_the_mean_of_the_query_and_its_nearest_items():
+    q = np.array([[0.0, 0.0]], dtype=np.float32)
+    g = np.array([[1.0, 0.0], [5.0, 5.0], [0.0, 3.0]], dtype=np.float32)
+    idx, _ = retrieval.top_k(q, g, 2)
+    assert idx.tolist() == [[0, 2]]
+    np.testing.assert_allclose(retrieval.expand_queries(q, g[idx]), [[1 / 3, 1.0]])
+    np.testing.assert_allclose(retrieval.expanded_distances(q, g, 2), retrieval.squared_distances([[1 / 3, 1.0]], g),
+                               rtol=1e-6)
+    assert np.array_equal(retrieval.expanded_distances(q, g, 0), retrieval.squared_distances(q, g))  # 0: none
+    assert retrieval.expanded_distances(q, g, 10).shape == (1, 3)  # k above the gallery's size: all of it
+
+
+def test_query_expansion_pulls_up_the_neighbours_of_the_best_match():
+    """A query whose best match sits in a tight class cluster: after expansion, that cluster's other members
+    outrank an item of another class that was nearer the query at first."""
+    q = np.array([[0.0, 0.0]], dtype=np.float32)
+    g = np.array([[1.0, 0.0], [1.6, 0.0], [1.6, 0.1], [-1.2, 0.0]], dtype=np.float32)
+    labels = np.array([0, 0, 0, 1])
+    before = retrieval.average_precisions(retrieval.squared_distances(q, g), np.array([0]), labels)
+    after = retrieval.average_precisions(retrieval.expanded_distances(q, g, 1), np.array([0]), labels)
+    assert before[0] < 1.0 and after[0] == pytest.approx(1.0)
+
+
+def test_evaluate_expands_every_method_alike():
+    raw, labels = offset_domains()
+    plain, _ = evaluate.evaluate_all(raw, raw, labels, np.array([2, 3]), seed=0)
+    expanded, _ = evaluate.evaluate_all(raw, raw, labels, np.array([2, 3]), seed=0, expand=2)
+    for method in ("sem_pcyc", "pretrained"):
+        d = retrieval.expanded_distances(raw["q"], raw["g"], 2)
+        want = retrieval.retrieval_metrics(d, labels["q"], labels["g"], evaluate.KS)["map_all"]
+        assert expanded["generalised"][method]["map_all"] == pytest.approx(want)
+    assert expanded["generalised"]["pretrained"]["map_all"] != plain["generalised"]["pretrained"]["map_all"]
+    assert expanded["generalised"]["random"] == plain["generalised"]["random"]  # a random ranking is not expanded

@@ -414,6 +414,21 @@ def test_evaluate_reports(trained: Path, tmp_path: Path):
         assert grid.width > 0 and grid.height > 0
 
 
+def test_evaluate_ranks_with_the_models_query_expansion_for_every_method(trained: Path, tmp_path: Path):
+    write_params(tmp_path)
+    bundle = torch.load(trained / "models/sem_pcyc.pt", map_location="cpu", weights_only=True)
+    torch.save({**bundle, "config": {**bundle["config"], "query_expansion": 2}}, tmp_path / "expanding.pt")
+    reports = {}
+    for name, model in (("plain", trained / "models/sem_pcyc.pt"), ("expanding", tmp_path / "expanding.pt")):
+        ok(tmp_path, "evaluate", "--model", model, "--test", trained / "data/prepared/test", "--out", name)
+        reports[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert reports["plain"]["query_expansion"] == 0 and reports["expanding"]["query_expansion"] == 2
+    changed = [m for m in ("sem_pcyc", "pretrained", "pretrained_centred")
+               if reports["plain"]["generalised"][m] != reports["expanding"]["generalised"][m]]
+    assert "pretrained" in changed or "pretrained_centred" in changed  # the baselines are expanded too
+    assert reports["plain"]["generalised"]["random"] == reports["expanding"]["generalised"]["random"]
+
+
 def evaluate_in(folder: Path, model: Path, test: Path, out: str, cache: str) -> dict:
     return evaluate_counts(ok(folder, "evaluate", "--model", model, "--test", test, "--out", out, "--cache", cache))
 

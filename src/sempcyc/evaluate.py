@@ -51,6 +51,7 @@ from .runtime.encoder import Encoder
 from .runtime.retrieval import (
     ITQ,
     average_precisions,
+    expanded_distances,
     hamming_distances,
     precision_recall_curve,
     retrieval_metrics,
@@ -84,7 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------------- pure core
 
 def score_method(query: np.ndarray, gallery: np.ndarray, q_labels: np.ndarray, g_labels: np.ndarray,
-                 itq_bits: int = 0, seed: int = 0) -> dict:
+                 itq_bits: int = 0, seed: int = 0, expand: int = 0) -> dict:
+    """Metrics of one method in one setting: ranked by squared distance after `expand` query expansion (the
+    model's query_expansion, given to every method alike), or with itq_bits by Hamming distance (unexpanded)."""
     if itq_bits:
         itq = ITQ(bits=itq_bits, seed=seed).fit(gallery)
         dist = hamming_distances(itq.encode(query), itq.encode(gallery))
@@ -92,7 +95,7 @@ def score_method(query: np.ndarray, gallery: np.ndarray, q_labels: np.ndarray, g
         # which would flatter or punish depending on how the gallery happens to be sorted.
         dist = dist + np.random.default_rng(seed).random(dist.shape[1])[None, :] * 1e-3
     else:
-        dist = squared_distances(query, gallery)
+        dist = expanded_distances(query, gallery, expand)
     return retrieval_metrics(dist, q_labels, g_labels, KS), dist
 
 
@@ -115,14 +118,14 @@ def centre(raw: dict, seen_image: np.ndarray) -> dict:
 
 
 def score_setting(vectors: dict, queries: str, q_labels: np.ndarray, g_labels: np.ndarray, mask: np.ndarray,
-                  seed: int, itq: bool) -> tuple[dict, dict]:
+                  seed: int, itq: bool, expand: int) -> tuple[dict, dict]:
     """mAP and P@k of every method for one setting: `queries` names the query rows ("q" unseen, "s" seen),
     `mask` the gallery rows; (metrics, distances kept for plots)."""
     m, kept = {}, {}
     g = g_labels[mask]
     for method in ("sem_pcyc", "pretrained", "pretrained_centred", "pretrained_centred_edges"):
         v = vectors[method]
-        m[method], kept[method] = score_method(v[queries], v["g"][mask], q_labels, g)
+        m[method], kept[method] = score_method(v[queries], v["g"][mask], q_labels, g, expand=expand)
     if itq:
         v = vectors["sem_pcyc"]
         m["sem_pcyc_itq64"], _ = score_method(v[queries], v["g"][mask], q_labels, g, itq_bits=64, seed=seed)
@@ -133,10 +136,12 @@ def score_setting(vectors: dict, queries: str, q_labels: np.ndarray, g_labels: n
     return m, kept
 
 
-def evaluate_all(emb: dict, raw: dict, labels: dict, unseen_labels: np.ndarray, seed: int = 0) -> tuple[dict, dict]:
+def evaluate_all(emb: dict, raw: dict, labels: dict, unseen_labels: np.ndarray, seed: int = 0,
+                 expand: int = 0) -> tuple[dict, dict]:
     """Metrics for every setting and method, H, and the diagnostics; (metrics, distances kept for plots).
     `emb`/`raw`: "q" unseen queries, "s" seen queries, "g" gallery; `labels` the same keys; `raw` also "ge",
-    the backbone features of the gallery photos' edge maps."""
+    the backbone features of the gallery photos' edge maps. `expand`: the model's query_expansion, applied to
+    the baselines too, so the gate compares like with like."""
     zs = np.isin(labels["g"], unseen_labels)
     with_edges = {**raw, "g": (raw["g"] + raw["ge"]) / 2}  # photos read as model.photo_edges reads them
     vectors = {"sem_pcyc": emb, "pretrained": raw, "pretrained_centred": centre(raw, ~zs),
@@ -147,7 +152,7 @@ def evaluate_all(emb: dict, raw: dict, labels: dict, unseen_labels: np.ndarray, 
         if not len(labels[queries]):
             continue
         metrics[name], dists = score_setting(vectors, queries, labels[queries], labels["g"], mask, seed,
-                                             itq=name != "seen_generalised")
+                                             itq=name != "seen_generalised", expand=expand)
         kept |= {(name, method): d for method, d in dists.items()}
     if "seen_generalised" in metrics:
         metrics["harmonic"] = {m: harmonic(metrics["generalised"][m]["map_all"],
@@ -352,7 +357,8 @@ def evaluate_model(model_path: Path, shard: dict, seed: int, where: str,
     keys = item_keys(shard)
     emb, raw, counts = embed_shard(model_path, shard, keys, cache_dir)
     labels = {"q": q_labels, "s": shard["seen_sketches_labels"], "g": g_labels}
-    metrics, kept = evaluate_all(emb, raw, labels, unseen, seed)
+    expand = query_expansion(model_path)
+    metrics, kept = evaluate_all(emb, raw, labels, unseen, seed, expand)
     per_class_images = np.bincount(g_labels[np.isin(g_labels, unseen)],
                                    minlength=len(shard["meta"]["classes"]))[unseen]
     notes = [f"P@{k}: some unseen classes have fewer than {k} gallery images (min {int(per_class_images.min())}), "
@@ -361,8 +367,14 @@ def evaluate_model(model_path: Path, shard: dict, seed: int, where: str,
                                     "seen_queries": int(len(labels["s"])),
                                     "gallery_zero_shot": int(np.isin(g_labels, unseen).sum()),
                                     "gallery_generalised": int(len(g_labels))},
-              "test_set": test_set_digest(shard, keys), "notes": notes}
+              "test_set": test_set_digest(shard, keys), "query_expansion": expand, "notes": notes}
     return report, kept, counts
+
+
+def query_expansion(model_path: Path) -> int:
+    """The bundle's query_expansion (0 in bundles from before it)."""
+    return int(torch.load(model_path, map_location="cpu", weights_only=True, mmap=True)["config"]
+               .get("query_expansion", 0))
 
 
 def write_reports(out: Path, report: dict, kept: dict, shard: dict, settings: EvaluateSettings) -> None:

@@ -113,8 +113,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
 class IVFIndex:
     """The gallery, list by list, for approximate top-k search. `vectors` (N, d) in the gallery's order, any
     float dtype or a memmap; `centroids` (nlist, d); `assignment` (N,) each item's list. Searches return indices
-    into the original order. Holds N x d float16 vectors plus N float32 norms and N int32 ids (~266 MB at
-    1M x 128); the float32 input is read in blocks and may be dropped afterwards."""
+    into the original order. Holds N x d float16 vectors plus N float32 norms and N int32 ids both ways (~270 MB
+    at 1M x 128); the float32 input is read in blocks and may be dropped afterwards."""
 
     def __init__(self, vectors: np.ndarray, centroids: np.ndarray, assignment: np.ndarray,
                  gallery_digest: str = ""):
@@ -136,6 +136,8 @@ class IVFIndex:
             exact = block.astype(np.float32)  # norms of the stored (rounded) vectors, as the search sees them
             self.sq_norms[start:start + len(block)] = np.einsum("nd,nd->n", exact, exact)
         self._halves = torch.from_numpy(self.vectors)  # the same memory, for torch's faster float16 cast
+        self.rows = np.empty_like(self.ids)  # gallery index -> row of `vectors`, for vectors_at
+        self.rows[self.ids] = np.arange(len(self.ids), dtype=self.ids.dtype)
 
     @classmethod
     def build(cls, vectors: np.ndarray, nlist: int, gallery_digest: str, *, seed: int, iterations: int,
@@ -161,8 +163,12 @@ class IVFIndex:
     @property
     def nbytes(self) -> int:
         """Memory held by the index's arrays (the serving cost; `assignment` is kept for save)."""
-        return sum(a.nbytes for a in (self.vectors, self.sq_norms, self.ids, self.centroids, self.centroid_sq_norms,
-                                      self.offsets, self.sizes, self.assignment))
+        return sum(a.nbytes for a in (self.vectors, self.sq_norms, self.ids, self.rows, self.centroids,
+                                      self.centroid_sq_norms, self.offsets, self.sizes, self.assignment))
+
+    def vectors_at(self, idx: np.ndarray) -> np.ndarray:
+        """The stored vectors of gallery items `idx` (any shape), as float32."""
+        return self.vectors[self.rows[idx]].astype(np.float32)
 
     def search(self, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         """Indices (n, k) int64 into the gallery's order and squared L2 distances (n, k) float32, nearest first,

@@ -44,6 +44,7 @@ class Config:
     embed_skip: float = 0.0          # share of the retrieval distance taken from the input features themselves
     posterior_weight: float = 0.0    # with > 0, each embedding ends with sqrt(w) x its seen-class posterior
     posterior_temperature: float = 1.0  # the posterior's softmax temperature
+    query_expansion: int = 0         # k > 0: a query is averaged with its k nearest gallery items, then ranks again
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -54,6 +54,22 @@ def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, gallery_sq_norms: np
     return idx, np.exp(-dist)
 
 
+def expand_queries(queries: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """Average query expansion: each query (Q, d) replaced by the mean of itself and its nearest gallery items
+    `neighbours` (Q, k, d), found by a first search. A second search with these ranks the gallery again: images
+    close to the query's best matches move up, which within one class they mostly are (README "Quality")."""
+    queries = np.asarray(queries, dtype=np.float32)
+    return (queries + np.asarray(neighbours, dtype=np.float32).sum(axis=1)) / (1 + neighbours.shape[1])
+
+
+def expanded_distances(queries: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
+    """(Q, G) squared distances after expanding each query with its k nearest gallery items (k = 0: none)."""
+    if k > 0 and len(gallery):
+        idx, _ = top_k(queries, gallery, min(k, len(gallery)))
+        queries = expand_queries(queries, np.asarray(gallery, dtype=np.float32)[idx])
+    return squared_distances(queries, gallery)
+
+
 def rank_all(distances: np.ndarray) -> np.ndarray:
     """Full ranking (for metrics over the whole gallery), stable so ties keep gallery order."""
     return np.argsort(distances, axis=1, kind="stable")

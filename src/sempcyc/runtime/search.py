@@ -16,7 +16,7 @@ from . import imaging
 from .ann import IndexMismatch, IVFIndex
 from .encoder import Encoder
 from .gallery_shards import GalleryError, gallery_digest, load_gallery, verified_path
-from .retrieval import top_k
+from .retrieval import expand_queries, top_k
 
 
 class RequestError(Exception):
@@ -93,17 +93,30 @@ class SketchSearch:
             return self.encoder.embed_sketches(torch.from_numpy(sketches)).numpy()
 
     def rank(self, queries: np.ndarray, k: int | None = None) -> list[list[dict]]:
+        """The top-k gallery items of each query embedding; with the model's query_expansion e > 0, of the mean
+        of the query and its e nearest items (a first, e-item search), as evaluate ranks."""
         k = min(k or self.top_k, len(self.ids))
-        if self.ann is not None:
-            idx, dist2 = self.ann.search(np.ascontiguousarray(queries, dtype=np.float32), k, self.nprobe)
-            scores = np.exp(-np.sqrt(np.maximum(dist2, 0)))  # as top_k scores: exp(-distance)
-        else:
-            # one query is a matrix-vector product: NumPy's multi-threaded BLAS only adds overhead there (measured
-            # 4x slower on 2 cores), and the worker's cores belong to torch anyway
-            with self._blas.limit(limits=1, user_api="blas") if self._blas else _nothing():
-                idx, scores = top_k(queries, self.embeddings, k, self.sq_norms)
+        expand = min(self.encoder.cfg.query_expansion, len(self.ids))
+        if expand > 0:
+            queries = expand_queries(queries, self.vectors_at(self.nearest(queries, expand)[0]))
+        idx, scores = self.nearest(queries, k)
         return [[{"image": self.ids[i], "class": self.classes[i], "score": float(sc)}
                  for i, sc in zip(row_idx, row_sc)] for row_idx, row_sc in zip(idx, scores)]
+
+    def nearest(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Indices (Q, k) of the k nearest gallery items and their scores exp(-distance)."""
+        if self.ann is not None:
+            idx, dist2 = self.ann.search(np.ascontiguousarray(queries, dtype=np.float32), k, self.nprobe)
+            return idx, np.exp(-np.sqrt(np.maximum(dist2, 0)))
+        # one query is a matrix-vector product: NumPy's multi-threaded BLAS only adds overhead there (measured
+        # 4x slower on 2 cores), and the worker's cores belong to torch anyway
+        with self._blas.limit(limits=1, user_api="blas") if self._blas else _nothing():
+            return top_k(queries, self.embeddings, k, self.sq_norms)
+
+    def vectors_at(self, idx: np.ndarray) -> np.ndarray:
+        """The gallery embeddings of items `idx` (any shape), float32 (from the index's float16 copy when the
+        gallery has an approximate index)."""
+        return self.ann.vectors_at(idx) if self.ann is not None else self.embeddings[idx]
 
     def search(self, bodies: list, k: int | None = None) -> list:
         """One answer per body: a ranked list, or a RequestError for that body alone (the others still answer)."""
