@@ -270,7 +270,11 @@ def test_train_fits_the_seen_class_posterior_on_every_training_class(trained: Pa
     ({"train": {"batch_size": 1000}}, ["train.batch_size"]),
     ({"model": {"overrides": {"lambda_nope": 1.0}}}, ["model.overrides", "lambda_nope"]),
     ({"model": {"preset": "nope"}}, ["model.preset"]),
-], ids=["lr-zero", "lr-negative", "dim-out-zero", "batch-too-large", "unknown-override", "unknown-preset"])
+    ({"model": {"overrides": {"posterior_temperature": 0.0}}}, ["model.overrides.posterior_temperature"]),
+    ({"model": {"overrides": {"posterior_weight": -1.0}}}, ["model.overrides.posterior_weight"]),
+    ({"model": {"overrides": {"query_expansion": -2}}}, ["model.overrides.query_expansion"]),
+], ids=["lr-zero", "lr-negative", "dim-out-zero", "batch-too-large", "unknown-override", "unknown-preset",
+        "posterior-temperature-zero", "posterior-weight-negative", "query-expansion-negative"])
 def test_train_bad_params_give_one_line_errors(trained: Path, tmp_path: Path, overrides, names):
     write_params(tmp_path, overrides)
     rc, _, err = call(tmp_path, *train_args(trained, tmp_path))

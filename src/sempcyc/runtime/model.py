@@ -98,8 +98,8 @@ class SeenPosterior(nn.Module):
 
 def fit_posterior(feats: torch.Tensor, labels: torch.Tensor, n_classes: int, steps: int = 300,
                   lr: float = 0.01, weight_decay: float = 1e-4) -> SeenPosterior:
-    """A SeenPosterior fitted to (feats, labels) of every training class by full-batch Adam with an L2 penalty
-    (deterministic for a given seed: no sampling)."""
+    """A SeenPosterior fitted to (feats, labels) of every training class by full-batch Adam with an L2 penalty,
+    from zero weights: no randomness, so the same inputs give the same head."""
     head = SeenPosterior(feats.shape[1], n_classes)
     nn.init.zeros_(head.linear.weight)
     nn.init.zeros_(head.linear.bias)
