@@ -287,13 +287,14 @@ def test_set_digest(shard: dict, keys: dict[str, list[str]]) -> str:
     return h.hexdigest()
 
 
-def embed_shard(model_path: Path, shard: dict, keys: dict, cache_dir: Path) -> tuple[dict, dict, dict]:
+def embed_shard(enc: Encoder, net: nn.Module, model_path: Path, shard: dict, keys: dict,
+                cache_dir: Path) -> tuple[dict, dict, dict]:
     """(SEM-PCYC embeddings, pretrained-backbone features, counts) of the unseen queries ("q"), the seen queries
-    ("s") and the gallery ("g"; its edge maps' backbone features: "ge"), whose item keys are `keys`. Only items
-    the caches in `cache_dir` lack go through the networks; counts: items (distinct), embedded (model embeddings
-    computed), backbone and extractor (passes through the baselines' backbone and the model's extractor CNN),
-    shared (domains whose model extractor is the baselines' backbone, so that one pass serves both)."""
-    enc, net = load_networks(model_path)
+    ("s") and the gallery ("g"; its edge maps' backbone features: "ge"), whose item keys are `keys`, through the
+    networks load_networks gave for `model_path`. Only items the caches in `cache_dir` lack go through them;
+    counts: items (distinct), embedded (model embeddings computed), backbone and extractor (passes through the
+    baselines' backbone and the model's extractor CNN), shared (domains whose model extractor is the baselines'
+    backbone, so that one pass serves both)."""
     net_sha = state_sha(net)
     caches = open_caches(cache_dir, model_path, enc, net_sha)
     counts = {"items": 0, "embedded": 0, "backbone": 0, "extractor": 0, "shared": []}
@@ -355,9 +356,10 @@ def evaluate_model(model_path: Path, shard: dict, seed: int, where: str,
     if len(q_labels) == 0:
         raise UserError(f"{where}: no query sketches of unseen classes; check the split")
     keys = item_keys(shard)
-    emb, raw, counts = embed_shard(model_path, shard, keys, cache_dir)
+    enc, net = load_networks(model_path)
+    emb, raw, counts = embed_shard(enc, net, model_path, shard, keys, cache_dir)
     labels = {"q": q_labels, "s": shard["seen_sketches_labels"], "g": g_labels}
-    expand = query_expansion(model_path)
+    expand = enc.cfg.query_expansion
     metrics, kept = evaluate_all(emb, raw, labels, unseen, seed, expand)
     per_class_images = np.bincount(g_labels[np.isin(g_labels, unseen)],
                                    minlength=len(shard["meta"]["classes"]))[unseen]
@@ -370,11 +372,6 @@ def evaluate_model(model_path: Path, shard: dict, seed: int, where: str,
               "test_set": test_set_digest(shard, keys), "query_expansion": expand, "notes": notes}
     return report, kept, counts
 
-
-def query_expansion(model_path: Path) -> int:
-    """The bundle's query_expansion (0 in bundles from before it)."""
-    return int(torch.load(model_path, map_location="cpu", weights_only=True, mmap=True)["config"]
-               .get("query_expansion", 0))
 
 
 def write_reports(out: Path, report: dict, kept: dict, shard: dict, settings: EvaluateSettings) -> None:
