@@ -11,7 +11,7 @@ changed; `shuffled` variants permute the class vectors among the training classe
 
 Usage (a project folder whose data/prepared/ was made by `dvc repro prepare`, e.g. on the cross-artist tar):
   python bench/quality.py --project DIR [--seeds 0,1,2] [--only default,original] [--budget-min 30]
-  python bench/quality.py --project DIR --posterior-grid     # the seen-class posterior's settings, on validation
+  python bench/quality.py --project DIR --posterior-grid     # posterior and expansion settings, on validation
 Writes bench/out/quality/<dataset>/results-<code>.json (runs are reused only for the same variants and training
 code) and prints a Markdown table.
 """
@@ -199,10 +199,10 @@ def validation_figures(e: dict, y: dict, n_fit: int, expand: int) -> tuple[float
                                       y["g"][novel])
     gen_d = retrieval.expanded_distances(e["q"], e["g"], expand)
     gen = float(np.mean(retrieval.average_precisions(gen_d, y["q"], y["g"])))
-    p10 = float(np.mean(y["g"][np.argsort(gen_d, 1)[:, :10]] == y["q"][:, None]))
+    p10 = float(np.mean(retrieval.precision_at(gen_d, y["q"], y["g"], 10)))
     seen = float(np.mean(retrieval.average_precisions(retrieval.expanded_distances(e["s"], e["g"], expand),
                                                       y["s"], y["g"])))
-    return float(np.mean(zs)), gen, p10, seen, 2 * gen * seen / (gen + seen)
+    return float(np.mean(zs)), gen, p10, seen, evaluate.harmonic(gen, seen)
 
 
 def figures(metrics: dict, method: str) -> dict:
@@ -241,7 +241,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="variant names separated by ; (default: all)")
     parser.add_argument("--budget-min", type=float, default=60, help="start no new run after this many minutes")
     parser.add_argument("--posterior-grid", action="store_true",
-                        help="only choose the seen-class posterior's weight and temperature on validation classes")
+                        help="only choose the seen-class posterior's weight and temperature, then the query "
+                             "expansion, on validation classes")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = OUT / dataset_key(args.project)

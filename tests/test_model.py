@@ -787,10 +787,7 @@ def _bundle(image_differs: bool) -> dict:
 def test_bundle_stores_equal_extractors_once_and_loads_them_back(tmp_path, image_differs):
     bundle = _bundle(image_differs)
     assert (bundle["image_extractor"] == SAME_EXTRACTOR) is not image_differs
-    buf = io.BytesIO()
-    torch.save(bundle, buf)
-    (tmp_path / "m.pt").write_bytes(buf.getvalue())
-    enc = Encoder.load(tmp_path / "m.pt")
+    enc = _save_and_load(bundle, tmp_path / "m.pt")
     assert (enc.image_extractor is enc.sketch_extractor) is not image_differs
     x = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
     with torch.inference_mode():
@@ -800,10 +797,8 @@ def test_bundle_stores_equal_extractors_once_and_loads_them_back(tmp_path, image
 
 
 def test_frozen_sketch_path_gives_the_eager_embeddings(tmp_path):
-    buf = io.BytesIO()
-    torch.save(_bundle(False), buf)
-    (tmp_path / "m.pt").write_bytes(buf.getvalue())
-    eager, frozen = Encoder.load(tmp_path / "m.pt"), Encoder.load(tmp_path / "m.pt").freeze_sketch_path()
+    eager = _save_and_load(_bundle(False), tmp_path / "m.pt")
+    frozen = Encoder.load(tmp_path / "m.pt").freeze_sketch_path()
     assert isinstance(frozen.sketch_extractor, torch.jit.ScriptModule) and frozen.channels_last
     sketches = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
     with torch.inference_mode():
