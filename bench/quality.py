@@ -41,26 +41,40 @@ from sempcyc.split import SplitSettings  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "quality"
 SEMANTIC = {"ae_linear": True, "unit_embeddings": True, "semantic_classifier": True, "lambda_code": 1.0}
-# name -> (TrainRun fields, model.Config overrides on top of the preset, shuffle the class vectors,
-#          model.photo_edges: photos read as the mean of the photo's and its edge map's features)
+# How the frozen extractor reads the data (model settings): "plain" photos alone, "edges" photos with their edge
+# maps (model.photo_edges), "lines" (the default) also the head-less backbone and sketch and edge lines widened.
+FEATURES = {"plain": {"backbone": "efficientnet_lite0", "photo_edges": False, "thicken_lines": 1},
+            "edges": {"backbone": "efficientnet_lite0", "photo_edges": True, "thicken_lines": 1},
+            "lines": {"backbone": "efficientnet_lite0_headless", "photo_edges": True, "thicken_lines": 3}}
+# name -> (TrainRun fields, model.Config overrides on top of the preset, shuffle the class vectors, FEATURES key)
 CENTRED = {"preset": "tuned", "feature_norm": "centre", "feature_dim": 512}
+LINES = {**CENTRED, "feature_dim": 0}  # 320-wide features: no projection
+# the seen-class posterior and query expansion as posterior_grid chose them for each kind of features
 POSTERIOR = {"posterior_weight": 8.0, "posterior_temperature": 2.0}
+EXPANDED = {**POSTERIOR, "query_expansion": 1}
+LINES_EXPANDED = {"posterior_weight": 256.0, "posterior_temperature": 3.5, "query_expansion": 3}
+# posterior_grid's candidates
+WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
+TEMPERATURES = (0.5, 1.0, 2.0, 2.5, 3.0, 3.5, 4.0)
+EXPANSIONS = (1, 2, 3, 5, 8)
 VARIANTS = {
-    "original": ({"preset": "original", "feature_norm": "standardize", "feature_dim": 0}, {}, False, False),
-    "tuned": ({"preset": "tuned", "feature_norm": "standardize", "feature_dim": 0}, {}, False, False),
-    "original + centred": ({**CENTRED, "preset": "original"}, {}, False, False),
-    "tuned + centred": (CENTRED, {}, False, False),
-    "semantic": (CENTRED, SEMANTIC, False, False),
-    "semantic, vectors shuffled": (CENTRED, SEMANTIC, True, False),
-    "tuned + centred, photo edges": (CENTRED, {}, False, True),
-    "tuned + centred, photo edges, vectors shuffled": (CENTRED, {}, True, True),
-    "semantic, photo edges": (CENTRED, SEMANTIC, False, True),
-    "semantic, photo edges, vectors shuffled": (CENTRED, SEMANTIC, True, True),
-    "tuned + centred, photo edges, posterior": (CENTRED, POSTERIOR, False, True),
-    "tuned + centred, photo edges, posterior, vectors shuffled": (CENTRED, POSTERIOR, True, True),
-    "tuned + centred, photo edges, posterior, expansion": (CENTRED, {**POSTERIOR, "query_expansion": 1}, False, True),
-    "tuned + centred, photo edges, posterior, expansion, vectors shuffled":
-        (CENTRED, {**POSTERIOR, "query_expansion": 1}, True, True),
+    "original": ({"preset": "original", "feature_norm": "standardize", "feature_dim": 0}, {}, False, "plain"),
+    "tuned": ({"preset": "tuned", "feature_norm": "standardize", "feature_dim": 0}, {}, False, "plain"),
+    "original + centred": ({**CENTRED, "preset": "original"}, {}, False, "plain"),
+    "tuned + centred": (CENTRED, {}, False, "plain"),
+    "semantic": (CENTRED, SEMANTIC, False, "plain"),
+    "semantic, vectors shuffled": (CENTRED, SEMANTIC, True, "plain"),
+    "tuned + centred, photo edges": (CENTRED, {}, False, "edges"),
+    "tuned + centred, photo edges, vectors shuffled": (CENTRED, {}, True, "edges"),
+    "semantic, photo edges": (CENTRED, SEMANTIC, False, "edges"),
+    "semantic, photo edges, vectors shuffled": (CENTRED, SEMANTIC, True, "edges"),
+    "tuned + centred, photo edges, posterior": (CENTRED, POSTERIOR, False, "edges"),
+    "tuned + centred, photo edges, posterior, vectors shuffled": (CENTRED, POSTERIOR, True, "edges"),
+    "tuned + centred, photo edges, posterior, expansion": (CENTRED, EXPANDED, False, "edges"),
+    "tuned + centred, photo edges, posterior, expansion, vectors shuffled": (CENTRED, EXPANDED, True, "edges"),
+    "lines": (LINES, {}, False, "lines"),
+    "lines, posterior, expansion": (LINES, LINES_EXPANDED, False, "lines"),
+    "lines, posterior, expansion, vectors shuffled": (LINES, LINES_EXPANDED, True, "lines"),
 }
 SKIPS = (0.0, 0.25, 0.5, 0.75)
 COLUMNS = ("val", "zs_map", "zs_p10", "gen_map", "gen_p10", "seen_map", "H", "hit")
@@ -75,23 +89,24 @@ def dataset_key(project: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def features_dir(out: Path, edges: bool) -> Path:
-    return out / ("features-photo-edges" if edges else "features")
+def features_dir(out: Path, kind: str) -> Path:
+    return out / {"plain": "features", "edges": "features-photo-edges", "lines": "features-headless-lines"}[kind]
 
 
-def cache_features(project: Path, out: Path, edges: bool) -> None:
-    """The features stage with features.epochs 0 and model.photo_edges `edges` into features_dir(), and the same
-    extractor's features of the test shard (unseen queries q, seen queries s, gallery g; with edges, the gallery
-    as the model reads it: ge) into out/test_*.npy. The baselines always read g, the photos alone."""
+def cache_features(project: Path, out: Path, kind: str) -> None:
+    """The features stage with features.epochs 0 and the FEATURES[kind] model settings into features_dir(), and
+    the same extractor's features of the test shard (unseen queries q, seen queries s, gallery g; with photo edges,
+    the gallery as the model reads it: ge) into its test_*.npy. The baselines always read g, the photos alone."""
     model, split = params.read(project / "params.yaml", ModelSettings, SplitSettings)
-    model = dataclasses.replace(model, photo_edges=edges)
-    if not (features_dir(out, edges) / "extractors.pt").exists():
+    model = dataclasses.replace(model, **FEATURES[kind])
+    folder, edges = features_dir(out, kind), model.photo_edges
+    if not (folder / "extractors.pt").exists():
         feat = features.FeaturesSettings(epochs=0, lr=1e-4, head_lr=1e-3, batch_size=32, proj_dim=512, seed=0)
-        features.compute_features(load_train_shard(project / "data/prepared/train"), features_dir(out, edges),
-                                  model, feat, split, "cpu")
+        features.compute_features(load_train_shard(project / "data/prepared/train"), folder, model, feat, split,
+                                  "cpu")
     wanted = [(key, part, with_edges) for key, part, with_edges in
               (("q", "sketches", False), ("s", "seen_sketches", False), ("g", "images", False), ("ge", "images", True))
-              if (edges or not with_edges) and not (out / f"test_{key}.npy").exists()]
+              if (edges or not with_edges) and not (folder / f"test_{key}.npy").exists()]
     if not wanted:
         return
     shard = load_test_shard(project / "data/prepared/test")
@@ -99,8 +114,8 @@ def cache_features(project: Path, out: Path, edges: bool) -> None:
     net = Extractor(model.backbone, None, pretrained=True, weights_path=model.backbone_weights).eval()
     for key, part, with_edges in wanted:
         print(f"quality: test features {key} ({len(shard[part])})", flush=True)
-        np.save(out / f"test_{key}.npy", batched(lambda x, e=with_edges: extract(net, x, model.invert_sketch, e),
-                                                 shard[part], 64))
+        read = lambda x, e=with_edges: extract(net, x, model.invert_sketch, e, model.thicken_lines)  # noqa: E731
+        np.save(folder / f"test_{key}.npy", batched(read, shard[part], 64))
 
 
 def test_labels(project: Path) -> tuple[dict, np.ndarray]:
@@ -114,11 +129,12 @@ def test_labels(project: Path) -> tuple[dict, np.ndarray]:
 def run_variant(project: Path, out: Path, name: str, seed: int) -> dict:
     """Train one variant with one seed; score it at every SKIPS value (the embedding's share of input features,
     model.Config.embed_skip, an inference-time choice) on the validation classes and the test shard."""
-    fields, overrides, shuffle, edges = VARIANTS[name]
+    fields, overrides, shuffle, kind = VARIANTS[name]
+    folder, edges = features_dir(out, kind), FEATURES[kind]["photo_edges"]
     base = train.read_settings(params.load(project / "params.yaml"))
     run = dataclasses.replace(base, **fields, seed=seed, threads=1, device="cpu")
     run = dataclasses.replace(run, config={**train.PRESETS[run.preset], **overrides})
-    data = train.load_training_data(features_dir(out, edges), project / "data/prepared/train", run)
+    data = train.load_training_data(folder, project / "data/prepared/train", run)
     if shuffle:
         data["fit_sem"] = data["fit_sem"][np.random.default_rng(seed).permutation(len(data["fit_sem"]))]
     started = time.time()
@@ -126,8 +142,8 @@ def run_variant(project: Path, out: Path, name: str, seed: int) -> dict:
     model = trainer.fit().eval()
     train.fit_seen_posterior(model, data)
     seconds = round(time.time() - started, 1)
-    raw = {k: np.load(out / f"test_{k}.npy") for k in ("q", "s", "g")}
-    read = out / "test_ge.npy"  # the gallery photos read with their edge maps (the mean of the two features)
+    raw = {k: np.load(folder / f"test_{k}.npy") for k in ("q", "s", "g")}
+    read = folder / "test_ge.npy"  # the gallery photos read with their edge maps (the mean of the two features)
     photo_edges = np.load(read) if read.exists() else raw["g"]
     inputs = {**raw, "g": photo_edges} if edges else raw
     raw["ge"] = 2 * photo_edges - raw["g"]  # the edge maps' own features, for evaluate's photo-edge baseline
@@ -149,28 +165,32 @@ def run_variant(project: Path, out: Path, name: str, seed: int) -> dict:
 
 
 def validation_baselines(out: Path, project: Path) -> dict:
-    """The baselines' zero-shot mAP@all on the validation classes (what `val` is for a trained variant)."""
+    """The no-training features' zero-shot mAP@all on the validation classes (what `val` is for a trained
+    variant): (FEATURES key, evaluate's baseline name) -> mAP, for each kind of features cached."""
     base = train.read_settings(params.load(project / "params.yaml"))
     found = {}
-    for name, norm, edges in (("pretrained", "none", False), ("pretrained_centred", "centre", False),
-                              ("pretrained_centred, photo edges", "centre", True)):
-        if not (features_dir(out, edges) / "extractors.pt").exists():
+    for kind in FEATURES:
+        if not (features_dir(out, kind) / "extractors.pt").exists():
             continue
-        run = dataclasses.replace(base, feature_norm=norm, feature_dim=0)
-        data = train.load_training_data(features_dir(out, edges), project / "data/prepared/train", run)
-        found[name] = train.validation_map(torch.nn.Identity(), torch.nn.Identity(), data["val_sk"],
-                                           data["val_sk_y"], data["val_im"], data["val_im_y"])
+        centred = "pretrained_centred_edges" if FEATURES[kind]["photo_edges"] else "pretrained_centred"
+        for name, norm in (("pretrained", "none"), (centred, "centre")):
+            run = dataclasses.replace(base, feature_norm=norm, feature_dim=0)
+            data = train.load_training_data(features_dir(out, kind), project / "data/prepared/train", run)
+            found[kind, name] = train.validation_map(torch.nn.Identity(), torch.nn.Identity(), data["val_sk"],
+                                                     data["val_sk_y"], data["val_im"], data["val_im_y"])
     return found
 
 
 def posterior_grid(out: Path, project: Path) -> str:
     """Choose posterior_weight, posterior_temperature and then query_expansion on validation classes: the centred
-    photo-edge input features of the training side (as the default model reads them), each followed by sqrt(w) x
+    input features of the training side as the default model reads them ("lines"), each followed by sqrt(w) x
     a seen-class posterior fitted to the fit classes minus every fifth fit-class sketch. Those held-out sketches
     are the seen queries, the validation classes' sketches the unseen ones, every training photo the gallery
-    (validation-side zero-shot, generalised, seen mAP@all and H, as evaluate defines them)."""
-    run = dataclasses.replace(train.read_settings(params.load(project / "params.yaml")), **CENTRED)
-    d = train.load_training_data(features_dir(out, True), project / "data/prepared/train", run)
+    (validation-side zero-shot, generalised, seen mAP@all and H, as evaluate defines them). The rule: the
+    (w, T) with the highest H among those that keep zero-shot where it is without the posterior, then the k
+    with the highest H at them."""
+    run = dataclasses.replace(train.read_settings(params.load(project / "params.yaml")), **LINES)
+    d = train.load_training_data(features_dir(out, "lines"), project / "data/prepared/train", run)
     held = np.arange(len(d["fit_sk"])) % 5 == 0
     n_fit = len(d["fit_classes"])
     head = model_mod.fit_posterior(torch.from_numpy(np.concatenate([d["fit_sk"][~held], d["fit_im"]])),
@@ -180,16 +200,22 @@ def posterior_grid(out: Path, project: Path) -> str:
             (("q", d["val_sk"]), ("s", d["fit_sk"][held]), ("g", np.concatenate([d["fit_im"], d["val_im"]])))}
     y = {"q": d["val_sk_y"] + n_fit, "s": d["fit_sk_y"][held],
          "g": np.concatenate([d["fit_im_y"], d["val_im_y"] + n_fit])}
-    rows = ["| weight | temperature | expansion | val zero-shot | val generalised | val generalised P@10 | val seen "
-            "| val H |", "|---|---|---|---|---|---|---|---|"]
-    settings = [(0.0, 1.0, 0)] + [(w, t, 0) for t in (0.5, 1.0, 2.0, 3.0) for w in (0.5, 1.0, 2.0, 4.0, 8.0)]
-    settings += [(w, 2.0, k) for w in (0.0, 8.0) for k in (1, 2, 3, 5, 8)]
-    for weight, temp, expand in settings:
+    scored = {}
+    def score(weight: float, temp: float, expand: int) -> tuple[float, ...]:
         with torch.no_grad():
             e = {k: torch.cat([v, weight ** 0.5 * head(v, temp)], 1).numpy() for k, v in unit.items()}
-        rows.append(f"| {weight} | {temp} | {expand} | " + " | ".join(f"{v:.3f}" for v in
-                                                                     validation_figures(e, y, n_fit, expand)) + " |")
-    return "\n".join(rows)
+        scored[weight, temp, expand] = validation_figures(e, y, n_fit, expand)
+        return scored[weight, temp, expand]
+    floor = score(0.0, 1.0, 0)[0]  # zero-shot without the posterior: the release gate checks zero-shot too
+    grid = [(w, t) for t in TEMPERATURES for w in WEIGHTS]
+    weight, temp = max((wt for wt in grid if score(*wt, 0)[0] >= floor), key=lambda wt: scored[(*wt, 0)][4])
+    expand = max(EXPANSIONS, key=lambda k: (score(0.0, 1.0, k), score(weight, temp, k))[1][4])
+    rows = ["| weight | temperature | expansion | val zero-shot | val generalised | val generalised P@10 | val seen "
+            "| val H |", "|---|---|---|---|---|---|---|---|"]
+    rows += [f"| {w} | {t} | {k} | " + " | ".join(f"{v:.3f}" for v in figs) + " |" for (w, t, k), figs in
+             scored.items()]
+    return "\n".join(rows) + (f"\nchosen: posterior_weight {weight}, posterior_temperature {temp} (the highest H "
+                              f"keeping zero-shot >= {floor:.3f}), query_expansion {expand} (then the highest H)")
 
 
 def validation_figures(e: dict, y: dict, n_fit: int, expand: int) -> tuple[float, ...]:
@@ -213,18 +239,21 @@ def figures(metrics: dict, method: str) -> dict:
 
 
 def table(results: dict, val_baselines: dict) -> str:
+    """Each kind of features' no-training baselines (from the first run that read them: evaluate scores the
+    baselines on the run's own test features, expanded as that run's model expands), then every variant."""
     rows = ["| variant | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    runs = [r for per_seed in results.values() for r in per_seed.values()]
-    baselines = [(b, runs[0]["skips"]["0.0"]["metrics"], b) for b in ("pretrained", "pretrained_centred")]
-    # runs of earlier code kept the photo-edge baseline apart ("edge_baselines"); evaluate now reports it
-    edge = [(r["edge_baselines"], "pretrained_centred") for r in runs if "edge_baselines" in r] + [
-        (m, "pretrained_centred_edges") for r in runs
-        if "pretrained_centred_edges" in (m := r["skips"]["0.0"]["metrics"])["zero_shot"]]
-    if edge and "pretrained_centred, photo edges" in val_baselines:
-        baselines.append(("pretrained_centred, photo edges", *edge[0]))
-    for name, metrics, method in baselines:
-        f = {"val": val_baselines[name], **figures(metrics, method)}
-        rows.append(f"| no training: {name} | " + " | ".join(f"{f[c]:.3f}" for c in COLUMNS) + " |")
+    shown = set()
+    for name, per_seed in results.items():
+        kind, expand = VARIANTS[name][3], VARIANTS[name][1].get("query_expansion", 0)
+        if (kind, expand) in shown:
+            continue
+        shown.add((kind, expand))
+        metrics = next(iter(per_seed.values()))["skips"]["0.0"]["metrics"]
+        for method in ("pretrained", "pretrained_centred", "pretrained_centred_edges"):
+            if (kind, method) in val_baselines:
+                f = {"val": val_baselines[kind, method], **figures(metrics, method)}
+                rows.append(f"| no training ({kind} features, expansion {expand}): {method} | "
+                            + " | ".join(f"{f[c]:.3f}" for c in COLUMNS) + " |")
     for name, per_seed in results.items():
         for skip in SKIPS:
             vals = [{"val": r["skips"][str(skip)]["val"], **figures(r["skips"][str(skip)]["metrics"], "sem_pcyc")}
@@ -248,12 +277,12 @@ def main() -> None:
     out = OUT / dataset_key(args.project)
     out.mkdir(parents=True, exist_ok=True)
     if args.posterior_grid:
-        cache_features(args.project, out, True)
+        cache_features(args.project, out, "lines")
         print(posterior_grid(out, args.project))
         return
     names = [n.strip() for n in args.only.split(";") if n.strip()] or list(VARIANTS)
-    for edges in sorted({VARIANTS[n][3] for n in names}):
-        cache_features(args.project, out, edges)
+    for kind in sorted({VARIANTS[n][3] for n in names}):
+        cache_features(args.project, out, kind)
     # results are reused only for the same variant definitions, skips and training code
     digest = hashlib.sha256(repr((VARIANTS, SKIPS)).encode() + (ROOT / "src/sempcyc/runtime/model.py").read_bytes()
                             + (ROOT / "src/sempcyc/train.py").read_bytes()).hexdigest()[:12]

@@ -87,14 +87,15 @@ def recompute_step_fn(s: train.TrainRun, data: dict, batch_size: int):
     sketches, images = np.asarray(shard["sketches"]), np.asarray(shard["images"])  # in RAM: no disk in the timing
     extractors, norms = frozen_extractors(data), data["norms"]
     trainer = train.Trainer(data, s)
-    invert = bool(data["meta"]["invert_sketch"])
+    invert, thicken = bool(data["meta"]["invert_sketch"]), int(data["meta"].get("thicken_lines", 1))
 
     def recompute_step() -> tuple[float, float]:
         sk_i, im_i, y = trainer.sampler.batch(batch_size)
         t0 = time.perf_counter()
         with torch.no_grad():
-            a = norms["sketch"](extractors["sketch"](to_input(torch.from_numpy(sketches[sk_rows[sk_i]]), invert)))
-            b = norms["image"](extractors["image"](to_input(torch.from_numpy(images[im_rows[im_i]]), False)))
+            sk_in = to_input(torch.from_numpy(sketches[sk_rows[sk_i]]), invert, thicken)
+            a = norms["sketch"](extractors["sketch"](sk_in))
+            b = norms["image"](extractors["image"](to_input(torch.from_numpy(images[im_rows[im_i]]), False, thicken)))
         t1 = time.perf_counter()
         yt = torch.from_numpy(y).long()
         train_step(trainer.model, trainer.opts, a, b, trainer.fit_sem, yt, net=trainer.net)

@@ -166,6 +166,7 @@ def test_features_outputs_and_fine_tuned_dim(trained: Path):
     assert np.load(out / "train_images.npy").shape == (n, PARAMS["features"]["proj_dim"])
     assert meta["feat_dim"] == meta["feature_proj_dim"] == PARAMS["features"]["proj_dim"]
     assert meta["backbone"] == "tiny" and meta["size"] == 32 and meta["finetune_epochs"] == 1
+    assert meta["thicken_lines"] == PARAMS["model"]["thicken_lines"] == 3  # what the Encoder draws lines with
     # validation classes are held out of fine-tuning, and together with the fit classes make up the training side
     assert meta["validation_classes"], meta
     assert not set(meta["fit_classes"]) & set(meta["validation_classes"])
@@ -283,6 +284,14 @@ def test_train_bad_params_give_one_line_errors(trained: Path, tmp_path: Path, ov
         assert name in line
     assert not (tmp_path / "model.pt").exists()
     assert not (tmp_path / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("width", [2, 0, "3", 3.0])
+def test_features_refuses_a_line_width_it_cannot_draw(trained: Path, tmp_path: Path, width):
+    write_params(tmp_path, {"model": {"thicken_lines": width}})
+    rc, _, err = call(tmp_path, "features", "--train", trained / "data/prepared/train", "--out", "feat")
+    assert "model.thicken_lines" in one_line_error(rc, err, "features")
+    assert not (tmp_path / "feat").exists()
 
 
 @pytest.mark.parametrize("stage", ["features", "train"])

@@ -11,7 +11,9 @@ Methods: sem_pcyc (real-valued), sem_pcyc_itq64 (64-bit ITQ codes, Hamming ranki
 need no training: pretrained (the backbone's ImageNet features matched directly), pretrained_centred (the same
 features with each domain's mean over seen-class items removed, then L2-normalised: this takes away the
 sketch/photo offset that dominates raw distances), pretrained_centred_edges (the same, each photo read as the mean
-of its features and its edge map's, as model.photo_edges reads it), random (random ranking, seeded).
+of its features and its edge map's, as model.photo_edges reads it), random (random ranking, seeded). The
+baselines read the model's backbone as the model does (the same pooled layer, sketch inversion and line widening),
+so pretrained_centred_edges is exactly the model's input features without training.
 `best_baseline` names the strongest per setting; the release gate compares with it.
 Metrics: mAP@all, Precision@10/100/200 with their standard definitions (P@k counts the top k of the ranked
 gallery; when a class has fewer than k images even a perfect ranking scores below 1, as noted in the output).
@@ -229,11 +231,11 @@ def runs_backbone(enc: Encoder, domain: str, net: nn.Module, net_sha: str) -> bo
 
 def open_caches(folder: Path, model_path: Path, enc: Encoder, net_sha: str) -> dict[str, EmbeddingCache]:
     """The model's embeddings ("emb": model bytes), the baselines' backbone features ("raw": backbone name,
-    weights and sketch inversion) and those of the photos' edge maps ("edge"), all also keyed by the runtime code
-    and the batch size."""
+    weights, sketch inversion and line widening) and those of the photos' edge maps ("edge"), all also keyed by
+    the runtime code and the batch size."""
     model = f"evaluate model {sha256_file(model_path)} batch {EMBED_BATCH}"
     backbone = (f"evaluate backbone {enc.meta['backbone']} {net_sha} invert_sketch {enc.invert_sketch} "
-                f"batch {EMBED_BATCH}")
+                f"thicken_lines {enc.thicken} batch {EMBED_BATCH}")
     return {"emb": EmbeddingCache(folder, embedding_key(model), "model-"),
             "raw": EmbeddingCache(folder, embedding_key(backbone), "backbone-"),
             "edge": EmbeddingCache(folder, embedding_key(f"{backbone} photo edge maps"), "edges-")}
@@ -247,10 +249,10 @@ def fill_domain(enc: Encoder, net: nn.Module, domain: str, rows: dict, caches: d
     through the baselines' backbone and through the model's extractor."""
     backbone = lambda x: net.forward_features(net.normalize(x))  # noqa: E731 - the baselines' features
     invert = enc.invert_sketch if domain == "sketch" else False
-    passes = fill(caches["raw"].table, rows, lambda x: backbone(to_input(x, invert)), bar)
+    passes = fill(caches["raw"].table, rows, lambda x: backbone(to_input(x, invert, enc.thicken)), bar)
     if domain == "image":  # edge maps drawn like the model's sketches, as backbones.extract draws them
-        passes += fill(caches["edge"].table, rows,
-                       lambda x: backbone(edge_map(to_input(x, False), enc.invert_sketch)), bar)
+        draw = lambda x: edge_map(to_input(x, False, enc.thicken), enc.invert_sketch, enc.thicken)  # noqa: E731
+        passes += fill(caches["edge"].table, rows, lambda x: backbone(draw(x)), bar)
     emb = caches["emb"].table
     todo = [k for k in rows if k not in emb]
     if not shared:

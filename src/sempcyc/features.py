@@ -69,12 +69,13 @@ def compute_features(shard: dict, out: Path, model: ModelSettings, feat: Feature
                 extractor, shard, key, fit_classes, model, feat, device, domain)
         extractor.eval()
         with tqdm(total=len(shard[key]), desc=f"features {key}", unit="img", mininterval=2) as bar:
-            feats = batched(lambda x, e=extractor: extract(e, x, model.invert_sketch, model.photo_edges),
-                            shard[key], 64, device, bar)
+            read = lambda x, e=extractor: extract(e, x, model.invert_sketch, model.photo_edges,  # noqa: E731
+                                                  model.thicken_lines)
+            feats = batched(read, shard[key], 64, device, bar)
         states[domain] = ({k: v.cpu() for k, v in extractor.state_dict().items()}, feats)
     meta = {"backbone": model.backbone, "backbone_weights": model.backbone_weights, "feature_proj_dim": proj_dim,
             "feat_dim": int(states["sketch"][1].shape[1]), "invert_sketch": model.invert_sketch,
-            "photo_edges": model.photo_edges,
+            "photo_edges": model.photo_edges, "thicken_lines": model.thicken_lines,
             "size": int(shard["sketches"].shape[1]), "finetune_epochs": feat.epochs,
             "validation_classes": sorted(val), "fit_classes": fit_classes}
     with atomic_dir(out) as scratch:
@@ -142,7 +143,7 @@ def finetune(extractor: Extractor, arrays: np.ndarray, labels: np.ndarray, n_cla
                       mininterval=2):
             idx = np.sort(perm[i * feat.batch_size:(i + 1) * feat.batch_size])
             x = augment(torch.from_numpy(np.asarray(arrays[idx]))).to(device)
-            feats = extract(extractor, x, model.invert_sketch, model.photo_edges)
+            feats = extract(extractor, x, model.invert_sketch, model.photo_edges, model.thicken_lines)
             loss = nn.functional.cross_entropy(head(feats), labels_t[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()

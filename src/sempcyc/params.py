@@ -135,6 +135,9 @@ def _number(value: Any, hint: type, bounds: typing.Mapping, where: str) -> int |
         raise UserError(f"{where} must be {want}, got {value!r}")
     if (lo is not None and value < lo) or (hi is not None and value > hi) or (above is not None and value <= above):
         raise UserError(f"{where} must be {want}, got {value!r}")
+    choices = bounds.get("choices")
+    if choices is not None and value not in choices:
+        raise UserError(f"{where} must be one of {', '.join(map(str, choices))}, got {value!r}")
     return hint(value)
 
 

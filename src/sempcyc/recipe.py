@@ -27,7 +27,7 @@ PRESETS = {
     # new classes from finding training-class photos first; each query expanded with its nearest gallery item.
     # All chosen on validation classes of the cross-artist data (README "Quality").
     "transfer": {"lambda_se": 1.0, "lambda_im": 1.0, "lambda_sk": 1.0, "train_classifiers": True,
-                 "embed_skip": 0.75, "posterior_weight": 8.0, "posterior_temperature": 2.0, "query_expansion": 1},
+                 "embed_skip": 0.75, "posterior_weight": 256.0, "posterior_temperature": 3.5, "query_expansion": 3},
 }
 
 
@@ -38,6 +38,7 @@ class ModelSettings:
     backbone_weights: str | None = setting()
     invert_sketch: bool = setting()
     photo_edges: bool = setting()
+    thicken_lines: int = setting(choices=(1, 3, 5, 7))
     dim_out: int = setting(min=1)
     preset: str = setting(choices=tuple(PRESETS))
     overrides: dict = setting()

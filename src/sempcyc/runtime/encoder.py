@@ -69,11 +69,12 @@ class Encoder(nn.Module):
         self.image_norm = FeatureNorm(kind, meta["feat_dim"], pca)
         self.invert_sketch = bool(meta["invert_sketch"])
         self.photo_edges = bool(meta["photo_edges"])
+        self.thicken = int(meta.get("thicken_lines", 1))  # bundles from before it drew lines as they came
         self.size = int(meta["size"])
         self.channels_last = False
 
     def embed_sketches(self, sketches_uint8: torch.Tensor) -> torch.Tensor:
-        x = to_input(sketches_uint8, self.invert_sketch)
+        x = to_input(sketches_uint8, self.invert_sketch, self.thicken)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.embed_sketch_features(self.sketch_extractor(x))
@@ -100,7 +101,8 @@ class Encoder(nn.Module):
         return self
 
     def embed_images(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        features = extract(self.image_extractor, images_uint8, self.invert_sketch, self.photo_edges)
+        features = extract(self.image_extractor, images_uint8, self.invert_sketch, self.photo_edges,
+                           self.thicken)
         return self.embed_image_features(features)
 
     def embed_sketch_features(self, features: torch.Tensor) -> torch.Tensor:
