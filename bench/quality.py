@@ -11,6 +11,7 @@ changed; `shuffled` variants permute the class vectors among the training classe
 
 Usage (a project folder whose data/prepared/ was made by `dvc repro prepare`, e.g. on the cross-artist tar):
   python bench/quality.py --project DIR [--seeds 0,1,2] [--only default,original] [--budget-min 30]
+  python bench/quality.py --project DIR --features-grid      # how to read the data, on validation, no training
   python bench/quality.py --project DIR --posterior-grid     # posterior and expansion settings, on validation
 Writes bench/out/quality/<dataset>/results-<code>.json (runs are reused only for the same variants and training
 code) and prints a Markdown table.
@@ -42,10 +43,14 @@ from sempcyc.split import SplitSettings  # noqa: E402
 OUT = ROOT / "bench" / "out" / "quality"
 SEMANTIC = {"ae_linear": True, "unit_embeddings": True, "semantic_classifier": True, "lambda_code": 1.0}
 # How the frozen extractor reads the data (model settings): "plain" photos alone, "edges" photos with their edge
-# maps (model.photo_edges), "lines" (the default) also the head-less backbone and sketch and edge lines widened.
+# maps (model.photo_edges), "lines" (the default) also the head-less backbone and sketch and edge lines widened;
+# the others are steps between them, for --features-grid.
 FEATURES = {"plain": {"backbone": "efficientnet_lite0", "photo_edges": False, "thicken_lines": 1},
             "edges": {"backbone": "efficientnet_lite0", "photo_edges": True, "thicken_lines": 1},
-            "lines": {"backbone": "efficientnet_lite0_headless", "photo_edges": True, "thicken_lines": 3}}
+            "edges, lines widened": {"backbone": "efficientnet_lite0", "photo_edges": True, "thicken_lines": 3},
+            "edges, head-less": {"backbone": "efficientnet_lite0_headless", "photo_edges": True, "thicken_lines": 1},
+            "lines": {"backbone": "efficientnet_lite0_headless", "photo_edges": True, "thicken_lines": 3},
+            "lines, 5 px": {"backbone": "efficientnet_lite0_headless", "photo_edges": True, "thicken_lines": 5}}
 # name -> (TrainRun fields, model.Config overrides on top of the preset, shuffle the class vectors, FEATURES key)
 CENTRED = {"preset": "tuned", "feature_norm": "centre", "feature_dim": 512}
 LINES = {**CENTRED, "feature_dim": 0}  # 320-wide features: no projection
@@ -90,13 +95,15 @@ def dataset_key(project: Path) -> str:
 
 
 def features_dir(out: Path, kind: str) -> Path:
-    return out / {"plain": "features", "edges": "features-photo-edges", "lines": "features-headless-lines"}[kind]
+    named = {"plain": "features", "edges": "features-photo-edges", "lines": "features-headless-lines"}
+    return out / named.get(kind, "features-" + kind.replace(", ", "-").replace(" ", "-"))
 
 
-def cache_features(project: Path, out: Path, kind: str) -> None:
+def cache_features(project: Path, out: Path, kind: str, test: bool = True) -> None:
     """The features stage with features.epochs 0 and the FEATURES[kind] model settings into features_dir(), and
     the same extractor's features of the test shard (unseen queries q, seen queries s, gallery g; with photo edges,
-    the gallery as the model reads it: ge) into its test_*.npy. The baselines always read g, the photos alone."""
+    the gallery as the model reads it: ge) into its test_*.npy, unless not `test`. The baselines always read g,
+    the photos alone."""
     model, split = params.read(project / "params.yaml", ModelSettings, SplitSettings)
     model = dataclasses.replace(model, **FEATURES[kind])
     folder, edges = features_dir(out, kind), model.photo_edges
@@ -106,7 +113,7 @@ def cache_features(project: Path, out: Path, kind: str) -> None:
                                   "cpu")
     wanted = [(key, part, with_edges) for key, part, with_edges in
               (("q", "sketches", False), ("s", "seen_sketches", False), ("g", "images", False), ("ge", "images", True))
-              if (edges or not with_edges) and not (folder / f"test_{key}.npy").exists()]
+              if test and (edges or not with_edges) and not (folder / f"test_{key}.npy").exists()]
     if not wanted:
         return
     shard = load_test_shard(project / "data/prepared/test")
@@ -269,6 +276,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--only", default="", help="variant names separated by ; (default: all)")
     parser.add_argument("--budget-min", type=float, default=60, help="start no new run after this many minutes")
+    parser.add_argument("--features-grid", action="store_true",
+                        help="only the validation zero-shot mAP@all of each way of reading the data (FEATURES), "
+                             "with no training: how the default's input features were chosen")
     parser.add_argument("--posterior-grid", action="store_true",
                         help="only choose the seen-class posterior's weight and temperature, then the query "
                              "expansion, on validation classes")
@@ -276,6 +286,12 @@ def main() -> None:
     torch.set_num_threads(1)
     out = OUT / dataset_key(args.project)
     out.mkdir(parents=True, exist_ok=True)
+    if args.features_grid:
+        for kind in FEATURES:
+            cache_features(args.project, out, kind, test=False)
+        print("\n".join(f"| {kind} | {name} | {val:.3f} |" for (kind, name), val in
+                        validation_baselines(out, args.project).items()))
+        return
     if args.posterior_grid:
         cache_features(args.project, out, "lines")
         print(posterior_grid(out, args.project))
