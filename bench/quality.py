@@ -54,10 +54,13 @@ FEATURES = {"plain": {"backbone": "efficientnet_lite0", "photo_edges": False, "t
 # name -> (TrainRun fields, model.Config overrides on top of the preset, shuffle the class vectors, FEATURES key)
 CENTRED = {"preset": "tuned", "feature_norm": "centre", "feature_dim": 512}
 LINES = {**CENTRED, "feature_dim": 0}  # 320-wide features: no projection
+WHITENED = {**LINES, "feature_whiten": 0.25}
+WHITEN_GRID = (0.125, 0.25, 0.5, 1.0)  # --features-grid's train.feature_whiten candidates
 # the seen-class posterior and query expansion as posterior_grid chose them for each kind of features
 POSTERIOR = {"posterior_weight": 8.0, "posterior_temperature": 2.0}
 EXPANDED = {**POSTERIOR, "query_expansion": 1}
 LINES_EXPANDED = {"posterior_weight": 256.0, "posterior_temperature": 3.5, "query_expansion": 3}
+WHITENED_EXPANDED = {"posterior_weight": 256.0, "posterior_temperature": 3.5, "query_expansion": 1}
 # posterior_grid's candidates
 WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 TEMPERATURES = (0.5, 1.0, 2.0, 2.5, 3.0, 3.5, 4.0)
@@ -80,6 +83,9 @@ VARIANTS = {
     "lines": (LINES, {}, False, "lines"),
     "lines, posterior, expansion": (LINES, LINES_EXPANDED, False, "lines"),
     "lines, posterior, expansion, vectors shuffled": (LINES, LINES_EXPANDED, True, "lines"),
+    "lines, whitened": (WHITENED, {}, False, "lines"),
+    "lines, whitened, posterior, expansion": (WHITENED, WHITENED_EXPANDED, False, "lines"),
+    "lines, whitened, posterior, expansion, vectors shuffled": (WHITENED, WHITENED_EXPANDED, True, "lines"),
 }
 SKIPS = (0.0, 0.25, 0.5, 0.75)
 COLUMNS = ("val", "zs_map", "zs_p10", "gen_map", "gen_p10", "seen_map", "H", "hit")
@@ -139,7 +145,7 @@ def run_variant(project: Path, out: Path, name: str, seed: int) -> dict:
     fields, overrides, shuffle, kind = VARIANTS[name]
     folder, edges = features_dir(out, kind), FEATURES[kind]["photo_edges"]
     base = train.read_settings(params.load(project / "params.yaml"))
-    run = dataclasses.replace(base, **fields, seed=seed, threads=1, device="cpu")
+    run = dataclasses.replace(base, **{"feature_whiten": 0.0, **fields}, seed=seed, threads=1, device="cpu")
     run = dataclasses.replace(run, config={**train.PRESETS[run.preset], **overrides})
     data = train.load_training_data(folder, project / "data/prepared/train", run)
     if shuffle:
@@ -180,8 +186,9 @@ def validation_baselines(out: Path, project: Path) -> dict:
         if not (features_dir(out, kind) / "extractors.pt").exists():
             continue
         centred = "pretrained_centred_edges" if FEATURES[kind]["photo_edges"] else "pretrained_centred"
-        for name, norm in (("pretrained", "none"), (centred, "centre")):
-            run = dataclasses.replace(base, feature_norm=norm, feature_dim=0)
+        whitened = [(f"{centred}, whitened {a}", "centre", a) for a in WHITEN_GRID] if kind == "lines" else []
+        for name, norm, whiten in [("pretrained", "none", 0.0), (centred, "centre", 0.0)] + whitened:
+            run = dataclasses.replace(base, feature_norm=norm, feature_dim=0, feature_whiten=whiten)
             data = train.load_training_data(features_dir(out, kind), project / "data/prepared/train", run)
             found[kind, name] = train.validation_map(torch.nn.Identity(), torch.nn.Identity(), data["val_sk"],
                                                      data["val_sk_y"], data["val_im"], data["val_im_y"])
@@ -190,13 +197,13 @@ def validation_baselines(out: Path, project: Path) -> dict:
 
 def posterior_grid(out: Path, project: Path) -> str:
     """Choose posterior_weight, posterior_temperature and then query_expansion on validation classes: the centred
-    input features of the training side as the default model reads them ("lines"), each followed by sqrt(w) x
+    input features of the training side as the default model reads them ("lines", whitened), each followed by sqrt(w) x
     a seen-class posterior fitted to the fit classes minus every fifth fit-class sketch. Those held-out sketches
     are the seen queries, the validation classes' sketches the unseen ones, every training photo the gallery
     (validation-side zero-shot, generalised, seen mAP@all and H, as evaluate defines them). The rule: the
     (w, T) with the highest H among those that keep zero-shot where it is without the posterior, then the k
     with the highest H at them."""
-    run = dataclasses.replace(train.read_settings(params.load(project / "params.yaml")), **LINES)
+    run = dataclasses.replace(train.read_settings(params.load(project / "params.yaml")), **WHITENED)
     d = train.load_training_data(features_dir(out, "lines"), project / "data/prepared/train", run)
     held = np.arange(len(d["fit_sk"])) % 5 == 0
     n_fit = len(d["fit_classes"])

@@ -264,6 +264,37 @@ def test_train_fits_the_seen_class_posterior_on_every_training_class(trained: Pa
     assert "posterior" not in without and without["meta"]["posterior_classes"] == []  # weight 0: no head
 
 
+def test_partial_whitening_interpolates_between_the_features_and_their_whitening():
+    rng = np.random.default_rng(0)
+    feats = (rng.standard_normal((2000, 5)) @ np.diag([10.0, 3.0, 1.0, 0.5, 0.1]) @ np.linalg.qr(
+        rng.standard_normal((5, 5)))[0] + 7.0).astype(np.float32)
+    centred = feats - feats.mean(0)
+    assert np.allclose(train_mod.partial_whitening(feats, None, 0.0), np.eye(5), atol=1e-6)
+    full = centred @ train_mod.partial_whitening(feats, None, 1.0)
+    assert np.allclose(np.cov(full.T), np.eye(5), atol=1e-3)                 # alpha 1: whitened
+    half = np.linalg.eigvalsh(np.cov((centred @ train_mod.partial_whitening(feats, None, 0.5)).T))
+    assert np.allclose(half, np.sqrt(np.linalg.eigvalsh(np.cov(centred.T))), rtol=1e-3)  # the spread's square root
+    basis = np.linalg.qr(rng.standard_normal((5, 3)))[0].astype(np.float32)
+    assert np.allclose(train_mod.partial_whitening(feats, basis, 0.0), basis, atol=1e-6)
+    assert np.allclose(np.cov((centred @ train_mod.partial_whitening(feats, basis, 1.0)).T), np.eye(3), atol=1e-3)
+
+
+def test_whitened_features_are_served_as_they_were_trained(trained: Path, tmp_path: Path):
+    """train.feature_whiten: each domain gets its own whitening, stored in the bundle; the Encoder's embedding of
+    a training feature equals the model's embedding of what training normalised."""
+    write_params(tmp_path, {"train": {"feature_norm": "centre", "feature_whiten": 0.5}})
+    ok(tmp_path, *train_args(trained, tmp_path))
+    enc = Encoder.load(tmp_path / "model.pt")
+    assert enc.meta["feature_pca_dim"] == enc.meta["feat_dim"]
+    assert not torch.allclose(enc.sketch_norm.basis, enc.image_norm.basis)  # one whitening per domain
+    run = train_mod.read_settings(yaml.safe_load((tmp_path / "params.yaml").read_text()))
+    data = train_mod.load_training_data(trained / "models/features", trained / "data/prepared/train", run)
+    raw = torch.from_numpy(np.load(trained / "models/features/train_sketches.npy")[:4])
+    with torch.no_grad():
+        np.testing.assert_allclose(enc.sketch_norm(raw).numpy(), data["norms"]["sketch"](raw).numpy(), atol=1e-5)
+    assert np.allclose(np.linalg.norm(enc.sketch_norm(raw).numpy(), axis=1), enc.meta["feat_dim"] ** 0.5)
+
+
 @pytest.mark.parametrize("overrides, names", [
     ({"train": {"lr": 0}}, ["train.lr"]),
     ({"train": {"lr": -1}}, ["train.lr"]),
@@ -274,8 +305,11 @@ def test_train_fits_the_seen_class_posterior_on_every_training_class(trained: Pa
     ({"model": {"overrides": {"posterior_temperature": 0.0}}}, ["model.overrides.posterior_temperature"]),
     ({"model": {"overrides": {"posterior_weight": -1.0}}}, ["model.overrides.posterior_weight"]),
     ({"model": {"overrides": {"query_expansion": -2}}}, ["model.overrides.query_expansion"]),
+    ({"train": {"feature_whiten": 0.25}}, ["train.feature_whiten", "train.feature_norm: centre"]),
+    ({"train": {"feature_norm": "centre", "feature_whiten": 1.5}}, ["train.feature_whiten"]),
 ], ids=["lr-zero", "lr-negative", "dim-out-zero", "batch-too-large", "unknown-override", "unknown-preset",
-        "posterior-temperature-zero", "posterior-weight-negative", "query-expansion-negative"])
+        "posterior-temperature-zero", "posterior-weight-negative", "query-expansion-negative",
+        "whiten-without-centring", "whiten-above-one"])
 def test_train_bad_params_give_one_line_errors(trained: Path, tmp_path: Path, overrides, names):
     write_params(tmp_path, overrides)
     rc, _, err = call(tmp_path, *train_args(trained, tmp_path))

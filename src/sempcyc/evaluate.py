@@ -13,7 +13,7 @@ features with each domain's mean over seen-class items removed, then L2-normalis
 sketch/photo offset that dominates raw distances), pretrained_centred_edges (the same, each photo read as the mean
 of its features and its edge map's, as model.photo_edges reads it), random (random ranking, seeded). The
 baselines read the model's backbone as the model does (the same pooled layer, sketch inversion and line widening),
-so pretrained_centred_edges is exactly the model's input features without training.
+so pretrained_centred_edges is the model's input features without training (without train.feature_whiten).
 `best_baseline` names the strongest per setting; the release gate compares with it.
 Metrics: mAP@all, Precision@10/100/200 with their standard definitions (P@k counts the top k of the ranked
 gallery; when a class has fewer than k images even a perfect ranking scores below 1, as noted in the output).

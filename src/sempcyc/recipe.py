@@ -24,10 +24,10 @@ PRESETS = {
     "tuned": {"lambda_se": 1.0, "lambda_im": 1.0, "lambda_sk": 1.0, "train_classifiers": True},
     # tuned, and retrieval distances taken partly from the (centred, frozen) input features, which keep what the
     # backbone knows about classes training never saw, and from the seen-class posterior, which keeps sketches of
-    # new classes from finding training-class photos first; each query expanded with its 3 nearest gallery items.
+    # new classes from finding training-class photos first; each query expanded with its nearest gallery item.
     # All chosen on validation classes of the cross-artist data (README "Quality").
     "transfer": {"lambda_se": 1.0, "lambda_im": 1.0, "lambda_sk": 1.0, "train_classifiers": True,
-                 "embed_skip": 0.75, "posterior_weight": 256.0, "posterior_temperature": 3.5, "query_expansion": 3},
+                 "embed_skip": 0.75, "posterior_weight": 256.0, "posterior_temperature": 3.5, "query_expansion": 1},
 }
 
 
@@ -57,6 +57,7 @@ class TrainSettings:
     patience: int = setting(min=1)
     feature_norm: str = setting(choices=("none", "standardize", "l2", "centre"))
     feature_dim: int = setting(min=0)
+    feature_whiten: float = setting(min=0.0, max=1.0)
     feature_noise: float = setting(min=0.0)
     threads: int = setting(min=0)
     seed: int = setting()

@@ -70,6 +70,7 @@ class TrainRun:
     patience: int
     feature_norm: str
     feature_dim: int
+    feature_whiten: float
     feature_noise: float
     threads: int
     seed: int
@@ -81,6 +82,9 @@ def read_settings(params: dict, source: str = params_mod.PARAMS_FILE) -> TrainRu
     if train.feature_dim and train.feature_norm != "centre":
         raise UserError(f"{source}: train.feature_dim {train.feature_dim} projects centred features; set "
                         "train.feature_norm: centre, or train.feature_dim: 0")
+    if train.feature_whiten and train.feature_norm != "centre":
+        raise UserError(f"{source}: train.feature_whiten {train.feature_whiten} whitens centred features; set "
+                        "train.feature_norm: centre, or train.feature_whiten: 0")
     return TrainRun(preset=model.preset, config=loss_config(model), dim_out=model.dim_out,
                     **dataclasses.asdict(train))
 
@@ -168,8 +172,10 @@ def load_training_data(features_dir: Path, train_dir: Path, s: TrainRun) -> dict
         raise UserError(f"train.batch_size {s.batch_size} is larger than the {int(sk_fit.sum())} training "
                         "sketches; lower it")
     basis = shared_basis(sk_all[sk_fit], im_all[im_fit], s.feature_dim) if s.feature_dim else None
-    norms = {"sketch": FeatureNorm(s.feature_norm, sk_all.shape[1], s.feature_dim).fit(sk_all[sk_fit], basis),
-             "image": FeatureNorm(s.feature_norm, im_all.shape[1], s.feature_dim).fit(im_all[im_fit], basis)}
+    out_dim = normed_dim(s, sk_all.shape[1])
+    norms = {domain: FeatureNorm(s.feature_norm, feats.shape[1], out_dim).fit(
+        feats[fit], partial_whitening(feats[fit], basis, s.feature_whiten) if s.feature_whiten else basis)
+        for domain, feats, fit in (("sketch", sk_all, sk_fit), ("image", im_all, im_fit))}
     with torch.no_grad():
         sk_feats = norms["sketch"](torch.from_numpy(sk_all)).numpy()
         im_feats = norms["image"](torch.from_numpy(im_all)).numpy()
@@ -182,6 +188,24 @@ def load_training_data(features_dir: Path, train_dir: Path, s: TrainRun) -> dict
         "val_im": im_feats[~im_fit], "val_im_y": np.array([val_index[classes[lab]] for lab in im_labels[~im_fit]]),
         "fit_sem": np.stack([sem_by_name[c] for c in fit_classes]).astype(np.float32),
     }
+
+
+def normed_dim(s: TrainRun, feat_dim: int) -> int | None:
+    """The width FeatureNorm projects to: train.feature_dim, or with whitening alone the features' own width."""
+    return s.feature_dim or (feat_dim if s.feature_whiten else None)
+
+
+def partial_whitening(feats: np.ndarray, basis: np.ndarray | None, alpha: float) -> np.ndarray:
+    """basis (or the identity) times C^(-alpha/2), C the covariance of `feats` (one domain's fit-class features)
+    centred and projected on basis: 0 keeps the features, 1 whitens them fully. Eigenvalues are floored at 1e-6
+    of the largest, so directions the fit classes barely span are not blown up. Why: on the cross-artist
+    validation classes, alpha 0.25 per domain raised the centred features' zero-shot mAP@all from 0.472 to 0.490
+    (README "Quality"): each domain's few dominant directions (stroke width, colour) stop swamping the rest."""
+    proj = np.eye(feats.shape[1]) if basis is None else basis.astype(np.float64)
+    x = (feats - feats.mean(0)).astype(np.float64) @ proj
+    eigval, eigvec = np.linalg.eigh(x.T @ x / max(len(x) - 1, 1))
+    eigval = np.maximum(eigval, 1e-6 * max(eigval.max(), 1e-30))
+    return np.ascontiguousarray(proj @ (eigvec * eigval ** (-alpha / 2)) @ eigvec.T, dtype=np.float32)
 
 
 def shared_basis(sketches: np.ndarray, images: np.ndarray, k: int) -> np.ndarray:
@@ -357,7 +381,8 @@ def train_model(s: TrainRun, features_dir: Path, train_dir: Path, out: Path, dev
         return
     state = trainer.state
     posterior_classes = fit_seen_posterior(model, data)
-    bundle_meta = {**data["meta"], "feature_norm": s.feature_norm, "feature_pca_dim": s.feature_dim or None,
+    bundle_meta = {**data["meta"], "feature_norm": s.feature_norm,
+                   "feature_pca_dim": normed_dim(s, data["meta"]["feat_dim"]),
                    "trained_classes": data["fit_classes"], "posterior_classes": posterior_classes,
                    "validation_classes": data["val_names"], "best_epoch": state["best_epoch"], "preset": s.preset}
     buf = io.BytesIO()
