@@ -196,11 +196,11 @@ def validation_baselines(out: Path, project: Path) -> dict:
 
 
 def posterior_grid(out: Path, project: Path) -> str:
-    """Choose posterior_weight, posterior_temperature and then query_expansion on validation classes: the centred
-    input features of the training side as the default model reads them ("lines", whitened), each followed by sqrt(w) x
-    a seen-class posterior fitted to the fit classes minus every fifth fit-class sketch. Those held-out sketches
-    are the seen queries, the validation classes' sketches the unseen ones, every training photo the gallery
-    (validation-side zero-shot, generalised, seen mAP@all and H, as evaluate defines them). The rule: the
+    """Choose posterior_weight, posterior_temperature and then query_expansion on validation classes: the input
+    features of the training side as the default model reads them ("lines", centred and whitened), each followed
+    by sqrt(w) x a seen-class posterior fitted to the fit classes minus every fifth fit-class sketch. Those
+    held-out sketches are the seen queries, the validation classes' sketches the unseen ones, every training photo
+    the gallery (validation-side zero-shot, generalised, seen mAP@all and H, as evaluate defines them). The rule: the
     (w, T) with the highest H among those that keep zero-shot where it is without the posterior, then the k
     with the highest H at them."""
     run = dataclasses.replace(train.read_settings(params.load(project / "params.yaml")), **WHITENED)
@@ -221,9 +221,11 @@ def posterior_grid(out: Path, project: Path) -> str:
         scored[weight, temp, expand] = validation_figures(e, y, n_fit, expand)
         return scored[weight, temp, expand]
     floor = score(0.0, 1.0, 0)[0]  # zero-shot without the posterior: the release gate checks zero-shot too
-    grid = [(w, t) for t in TEMPERATURES for w in WEIGHTS]
-    weight, temp = max((wt for wt in grid if score(*wt, 0)[0] >= floor), key=lambda wt: scored[(*wt, 0)][4])
-    expand = max(EXPANSIONS, key=lambda k: (score(0.0, 1.0, k), score(weight, temp, k))[1][4])
+    kept = [(w, t) for t in TEMPERATURES for w in WEIGHTS if score(w, t, 0)[0] >= floor]
+    weight, temp = max(kept, key=lambda wt: scored[(*wt, 0)][4], default=(0.0, 1.0))
+    for k in EXPANSIONS:
+        score(0.0, 1.0, k)  # printed beside, for what expansion alone does
+    expand = max(EXPANSIONS, key=lambda k: score(weight, temp, k)[4])
     rows = ["| weight | temperature | expansion | val zero-shot | val generalised | val generalised P@10 | val seen "
             "| val H |", "|---|---|---|---|---|---|---|---|"]
     rows += [f"| {w} | {t} | {k} | " + " | ".join(f"{v:.3f}" for v in figs) + " |" for (w, t, k), figs in
