@@ -40,8 +40,7 @@ TINY = {
     "features": {"epochs": 1, "lr": 0.0001, "head_lr": 0.001, "batch_size": 8, "proj_dim": 24, "seed": 0},
     "train": {"device": "cpu", "epochs": 2, "iters_per_epoch": 3, "batch_size": 8, "lr": 0.0001, "milestones": [],
               "gamma": 0.1, "patience": 5, "feature_norm": "standardize", "feature_dim": 0, "feature_whiten": 0.0,
-              "feature_noise": 0.0,
-              "threads": 1, "seed": 0},
+              "feature_noise": 0.0, "threads": 1, "seed": 0},
     "evaluate": {"seed": 0, "grid_queries": 3},
     "gallery": {"batch_size": 16},
 }

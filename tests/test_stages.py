@@ -280,8 +280,8 @@ def test_partial_whitening_interpolates_between_the_features_and_their_whitening
 
 
 def test_whitened_features_are_served_as_they_were_trained(trained: Path, tmp_path: Path):
-    """train.feature_whiten: each domain gets its own whitening, stored in the bundle; the Encoder's embedding of
-    a training feature equals the model's embedding of what training normalised."""
+    """train.feature_whiten: each domain gets its own whitening, stored in the bundle; the Encoder normalises a
+    training feature exactly as training did."""
     write_params(tmp_path, {"train": {"feature_norm": "centre", "feature_whiten": 0.5}})
     ok(tmp_path, *train_args(trained, tmp_path))
     enc = Encoder.load(tmp_path / "model.pt")

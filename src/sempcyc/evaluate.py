@@ -375,7 +375,6 @@ def evaluate_model(model_path: Path, shard: dict, seed: int, where: str,
     return report, kept, counts
 
 
-
 def write_reports(out: Path, report: dict, kept: dict, shard: dict, settings: EvaluateSettings) -> None:
     """metrics.json, per-class AP, the precision-recall curve and the retrieval grid, as one folder."""
     classes, unseen = shard["meta"]["classes"], unseen_labels(shard)
