@@ -4,17 +4,19 @@ Defaults are chosen on validation classes only: every variant trains on the fit 
 (the features and train stages' split), `val` is its zero-shot mAP@all on the held-out validation classes, and
 the test figures (unseen classes; held-out sketches of seen classes) are reported beside it, never used to choose.
 
-The extractors are frozen ImageNet EfficientNet-Lite0 (features.epochs 0): their features of the training and
-test shards are computed once per dataset and cached under bench/out/quality/<dataset>/, so each run trains
-SEM-PCYC on cached features only. A variant is the project's params (model, train sections) with a few fields
-changed; `shuffled` variants permute the class vectors among the training classes (is semantics used at all?).
+The extractor is ImageNet EfficientNet-Lite0, frozen or with its last blocks tuned on the fit classes (the
+features stage with features.epochs 0 and FEATURES' settings): its features of the training and test shards are
+computed once per dataset and kind and cached under bench/out/quality/<dataset>/, so each run trains SEM-PCYC on
+cached features only; the baselines of a tuned kind read the untuned backbone, as evaluate's do. A variant is
+the project's params (model, train sections) with a few fields changed; `shuffled` variants permute the class
+vectors among the training classes (is semantics used at all?).
 
 Usage (a project folder whose data/prepared/ was made by `dvc repro prepare`, e.g. on the cross-artist tar):
   python bench/quality.py --project DIR [--seeds 0,1,2] [--only default,original] [--budget-min 30]
   python bench/quality.py --project DIR --features-grid      # how to read the data, on validation, no training
   python bench/quality.py --project DIR --posterior-grid     # posterior and expansion settings, on validation
-Writes bench/out/quality/<dataset>/results-<code>.json (runs are reused only for the same variants and training
-code) and prints a Markdown table.
+Writes bench/out/quality/<dataset>/results-<code>.json (runs are reused only for the same variants, training
+and scoring code) and prints a Markdown table.
 """
 from __future__ import annotations
 
@@ -42,15 +44,21 @@ from sempcyc.split import SplitSettings  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "quality"
 SEMANTIC = {"ae_linear": True, "unit_embeddings": True, "semantic_classifier": True, "lambda_code": 1.0}
-# How the frozen extractor reads the data (model settings): "plain" photos alone, "edges" photos with their edge
-# maps (model.photo_edges), "lines" (the default) also the head-less backbone and sketch and edge lines widened;
+# How the extractor reads the data (model settings, and features.tune_blocks: 0 unless given): "plain" photos
+# alone, "edges" photos with their edge maps (model.photo_edges), "lines" also the head-less backbone and sketch
+# and edge lines widened, "lines, tuned" (the default) also the backbone's last 4 blocks tuned on the fit classes;
 # the others are steps between them, for --features-grid.
 FEATURES = {"plain": {"backbone": "efficientnet_lite0", "photo_edges": False, "thicken_lines": 1},
             "edges": {"backbone": "efficientnet_lite0", "photo_edges": True, "thicken_lines": 1},
             "edges, lines widened": {"backbone": "efficientnet_lite0", "photo_edges": True, "thicken_lines": 3},
             "edges, head-less": {"backbone": "efficientnet_lite0_headless", "photo_edges": True, "thicken_lines": 1},
             "lines": {"backbone": "efficientnet_lite0_headless", "photo_edges": True, "thicken_lines": 3},
-            "lines, 5 px": {"backbone": "efficientnet_lite0_headless", "photo_edges": True, "thicken_lines": 5}}
+            "lines, 5 px": {"backbone": "efficientnet_lite0_headless", "photo_edges": True, "thicken_lines": 5},
+            **{f"lines, tuned{'' if n == 4 else f' {n}'}": {"backbone": "efficientnet_lite0_headless",
+                                                             "photo_edges": True, "thicken_lines": 3, "tune_blocks": n}
+               for n in (1, 2, 4)}}  # features.tune_blocks 4 is the default
+DEFAULT_KIND = "lines, tuned"
+UNTUNED = {kind: "lines" for kind in FEATURES if kind.startswith("lines, tuned")}  # baselines read the backbone
 # name -> (TrainRun fields, model.Config overrides on top of the preset, shuffle the class vectors, FEATURES key)
 CENTRED = {"preset": "tuned", "feature_norm": "centre", "feature_dim": 512}
 LINES = {**CENTRED, "feature_dim": 0}  # 320-wide features: no projection
@@ -61,6 +69,7 @@ POSTERIOR = {"posterior_weight": 8.0, "posterior_temperature": 2.0}
 EXPANDED = {**POSTERIOR, "query_expansion": 1}
 LINES_EXPANDED = {"posterior_weight": 256.0, "posterior_temperature": 3.5, "query_expansion": 3}
 WHITENED_EXPANDED = {"posterior_weight": 256.0, "posterior_temperature": 3.5, "query_expansion": 1}
+TUNED_EXPANDED = {"posterior_weight": 32.0, "posterior_temperature": 3.0, "query_expansion": 1}
 # posterior_grid's candidates
 WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 TEMPERATURES = (0.5, 1.0, 2.0, 2.5, 3.0, 3.5, 4.0)
@@ -86,6 +95,10 @@ VARIANTS = {
     "lines, whitened": (WHITENED, {}, False, "lines"),
     "lines, whitened, posterior, expansion": (WHITENED, WHITENED_EXPANDED, False, "lines"),
     "lines, whitened, posterior, expansion, vectors shuffled": (WHITENED, WHITENED_EXPANDED, True, "lines"),
+    "tuned blocks, whitened": (WHITENED, {}, False, "lines, tuned"),
+    "tuned blocks, whitened, posterior, expansion": (WHITENED, TUNED_EXPANDED, False, "lines, tuned"),
+    "tuned blocks, whitened, posterior, expansion, vectors shuffled": (WHITENED, TUNED_EXPANDED, True,
+                                                                       "lines, tuned"),
 }
 SKIPS = (0.0, 0.25, 0.5, 0.75)
 COLUMNS = ("val", "zs_map", "zs_p10", "gen_map", "gen_p10", "seen_map", "H", "hit")
@@ -110,11 +123,13 @@ def cache_features(project: Path, out: Path, kind: str, test: bool = True) -> No
     the same extractor's features of the test shard (unseen queries q, seen queries s, gallery g; with photo edges,
     the gallery as the model reads it: ge) into its test_*.npy, unless not `test`. The baselines always read g,
     the photos alone."""
-    model, split = params.read(project / "params.yaml", ModelSettings, SplitSettings)
-    model = dataclasses.replace(model, **FEATURES[kind])
+    model, feat, split = params.read(project / "params.yaml", ModelSettings, features.FeaturesSettings,
+                                     SplitSettings)
+    fields = dict(FEATURES[kind])
+    feat = dataclasses.replace(feat, epochs=0, tune_blocks=fields.pop("tune_blocks", 0))
+    model = dataclasses.replace(model, **fields)
     folder, edges = features_dir(out, kind), model.photo_edges
     if not (folder / "extractors.pt").exists():
-        feat = features.FeaturesSettings(epochs=0, lr=1e-4, head_lr=1e-3, batch_size=32, proj_dim=512, seed=0)
         features.compute_features(load_train_shard(project / "data/prepared/train"), folder, model, feat, split,
                                   "cpu")
     wanted = [(key, part, with_edges) for key, part, with_edges in
@@ -125,6 +140,7 @@ def cache_features(project: Path, out: Path, kind: str, test: bool = True) -> No
     shard = load_test_shard(project / "data/prepared/test")
     torch.manual_seed(0)
     net = Extractor(model.backbone, None, pretrained=True, weights_path=model.backbone_weights).eval()
+    net.load_state_dict(torch.load(folder / "extractors.pt", weights_only=True)["sketch_extractor"])  # tuned or not
     for key, part, with_edges in wanted:
         print(f"quality: test features {key} ({len(shard[part])})", flush=True)
         read = lambda x, e=with_edges: extract(net, x, model.invert_sketch, e, model.thicken_lines)  # noqa: E731
@@ -137,6 +153,19 @@ def test_labels(project: Path) -> tuple[dict, np.ndarray]:
     labels = {k: np.load(folder / f"{part}_labels.npy") for k, part in
               (("q", "sketches"), ("s", "seen_sketches"), ("g", "images"))}
     return labels, np.array([meta["classes"].index(c) for c in meta["unseen"]])
+
+
+def test_features(folder: Path, edges: bool) -> tuple[dict, dict]:
+    """A features folder's test features: (as evaluate's baselines read them: q, s, g and the photos' edge maps'
+    own ge; as the model reads them: q, s and g, photos with their edge maps when `edges`)."""
+    raw = {k: np.load(folder / f"test_{k}.npy") for k in ("q", "s", "g")}
+    read = folder / "test_ge.npy"  # the gallery photos read with their edge maps (the mean of the two features)
+    photo_edges = np.load(read) if read.exists() else raw["g"]
+    return {**raw, "ge": 2 * photo_edges - raw["g"]}, ({**raw, "g": photo_edges} if edges else dict(raw))
+
+
+def normalised(norms: dict, inputs: dict) -> dict:
+    return {k: norms["image" if k == "g" else "sketch"](torch.from_numpy(v)) for k, v in inputs.items()}
 
 
 def run_variant(project: Path, out: Path, name: str, seed: int) -> dict:
@@ -155,13 +184,13 @@ def run_variant(project: Path, out: Path, name: str, seed: int) -> dict:
     model = trainer.fit().eval()
     train.fit_seen_posterior(model, data)
     seconds = round(time.time() - started, 1)
-    raw = {k: np.load(folder / f"test_{k}.npy") for k in ("q", "s", "g")}
-    read = folder / "test_ge.npy"  # the gallery photos read with their edge maps (the mean of the two features)
-    photo_edges = np.load(read) if read.exists() else raw["g"]
-    inputs = {**raw, "g": photo_edges} if edges else raw
-    raw["ge"] = 2 * photo_edges - raw["g"]  # the edge maps' own features, for evaluate's photo-edge baseline
+    untuned = features_dir(out, UNTUNED.get(kind, kind))
+    raw, untuned_inputs = test_features(untuned, edges)
+    inputs = test_features(folder, edges)[1]
     labels, unseen = test_labels(project)
-    normed = {k: data["norms"]["image" if k == "g" else "sketch"](torch.from_numpy(v)) for k, v in inputs.items()}
+    normed = normalised(data["norms"], inputs)
+    model_input = normalised(train.load_training_data(untuned, project / "data/prepared/train", run)["norms"],
+                             untuned_inputs) if untuned != folder else normed
     scores = {}
     for skip in SKIPS:
         model.cfg.embed_skip = skip
@@ -172,9 +201,12 @@ def run_variant(project: Path, out: Path, name: str, seed: int) -> dict:
         val = train.validation_map(model.embed_sketch, model.embed_image, data["val_sk"], data["val_sk_y"],
                                    data["val_im"], data["val_im_y"])
         model.posterior = posterior
-        metrics = evaluate.evaluate_all(emb, raw, labels, unseen, seed, model.cfg.query_expansion)[0]
+        metrics = evaluate.evaluate_all(emb, raw, labels, unseen, seed, model.cfg.query_expansion,
+                                        {k: v.numpy() for k, v in model_input.items()})[0]
         scores[str(skip)] = {"val": val, "metrics": metrics}
-    return {"epochs": trainer.state["epoch"], "seconds": seconds, "skips": scores}
+    input_val = train.validation_map(torch.nn.Identity(), torch.nn.Identity(), data["val_sk"], data["val_sk_y"],
+                                     data["val_im"], data["val_im_y"])  # the model's input, untrained
+    return {"epochs": trainer.state["epoch"], "seconds": seconds, "input_val": input_val, "skips": scores}
 
 
 def validation_baselines(out: Path, project: Path) -> dict:
@@ -186,7 +218,8 @@ def validation_baselines(out: Path, project: Path) -> dict:
         if not (features_dir(out, kind) / "extractors.pt").exists():
             continue
         centred = "pretrained_centred_edges" if FEATURES[kind]["photo_edges"] else "pretrained_centred"
-        whitened = [(f"{centred}, whitened {a}", "centre", a) for a in WHITEN_GRID] if kind == "lines" else []
+        grid = WHITEN_GRID if kind in ("lines", DEFAULT_KIND) else (0.25,) if kind in UNTUNED else ()
+        whitened = [(f"{centred}, whitened {a}", "centre", a) for a in grid]
         for name, norm, whiten in [("pretrained", "none", 0.0), (centred, "centre", 0.0)] + whitened:
             run = dataclasses.replace(base, feature_norm=norm, feature_dim=0, feature_whiten=whiten)
             data = train.load_training_data(features_dir(out, kind), project / "data/prepared/train", run)
@@ -197,14 +230,14 @@ def validation_baselines(out: Path, project: Path) -> dict:
 
 def posterior_grid(out: Path, project: Path) -> str:
     """Choose posterior_weight, posterior_temperature and then query_expansion on validation classes: the input
-    features of the training side as the default model reads them ("lines", centred and whitened), each followed
+    features of the training side as the default model reads them (DEFAULT_KIND, centred and whitened), each followed
     by sqrt(w) x a seen-class posterior fitted to the fit classes minus every fifth fit-class sketch. Those
     held-out sketches are the seen queries, the validation classes' sketches the unseen ones, every training photo
     the gallery (validation-side zero-shot, generalised, seen mAP@all and H, as evaluate defines them). The rule: the
     (w, T) with the highest H among those that keep zero-shot where it is without the posterior, then the k
     with the highest H at them."""
     run = dataclasses.replace(train.read_settings(params.load(project / "params.yaml")), **WHITENED)
-    d = train.load_training_data(features_dir(out, "lines"), project / "data/prepared/train", run)
+    d = train.load_training_data(features_dir(out, DEFAULT_KIND), project / "data/prepared/train", run)
     held = np.arange(len(d["fit_sk"])) % 5 == 0
     n_fit = len(d["fit_classes"])
     head = model_mod.fit_posterior(torch.from_numpy(np.concatenate([d["fit_sk"][~held], d["fit_im"]])),
@@ -254,12 +287,28 @@ def figures(metrics: dict, method: str) -> dict:
             "hit": metrics["diagnostics"]["unseen_centroid_hit_rate"][method]}
 
 
+def model_input_row(name: str, per_seed: dict, shown: set) -> list[str]:
+    """evaluate's pretrained_model_input baseline of a variant (its own input normalisation, no training), once
+    per kind of features, normalisation and expansion."""
+    fields, overrides, _, kind = VARIANTS[name]
+    key = (kind, overrides.get("query_expansion", 0), fields["feature_norm"], fields.get("feature_dim"),
+           fields.get("feature_whiten", 0.0))
+    run = next(iter(per_seed.values()))
+    if key in shown or "input_val" not in run:
+        return []
+    shown.add(key)
+    f = {"val": run["input_val"], **figures(run["skips"]["0.0"]["metrics"], "pretrained_model_input")}
+    return [f"| no training ({name}: its input normalisation, expansion {key[1]}): pretrained_model_input | "
+            + " | ".join(f"{f[c]:.3f}" for c in COLUMNS) + " |"]
+
+
 def table(results: dict, val_baselines: dict) -> str:
     """Each kind of features' no-training baselines (from the first run that read them: evaluate scores the
     baselines on the run's own test features, expanded as that run's model expands), then every variant."""
     rows = ["| variant | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     shown = set()
     for name, per_seed in results.items():
+        rows += model_input_row(name, per_seed, shown)
         kind, expand = VARIANTS[name][3], VARIANTS[name][1].get("query_expansion", 0)
         if (kind, expand) in shown:
             continue
@@ -302,15 +351,16 @@ def main() -> None:
                         validation_baselines(out, args.project).items()))
         return
     if args.posterior_grid:
-        cache_features(args.project, out, "lines")
+        cache_features(args.project, out, DEFAULT_KIND, test=False)
         print(posterior_grid(out, args.project))
         return
     names = [n.strip() for n in args.only.split(";") if n.strip()] or list(VARIANTS)
-    for kind in sorted({VARIANTS[n][3] for n in names}):
+    kinds = {VARIANTS[n][3] for n in names}
+    for kind in sorted(kinds | {UNTUNED[k] for k in kinds if k in UNTUNED}):
         cache_features(args.project, out, kind)
-    # results are reused only for the same variant definitions, skips and training code
-    digest = hashlib.sha256(repr((VARIANTS, SKIPS)).encode() + (ROOT / "src/sempcyc/runtime/model.py").read_bytes()
-                            + (ROOT / "src/sempcyc/train.py").read_bytes()).hexdigest()[:12]
+    # results are reused only for the same variant definitions, skips, training and scoring code
+    code = b"".join((ROOT / "src/sempcyc" / f).read_bytes() for f in ("runtime/model.py", "train.py", "evaluate.py"))
+    digest = hashlib.sha256(repr((VARIANTS, SKIPS)).encode() + code).hexdigest()[:12]
     results_file = out / f"results-{digest}.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     started = time.time()

@@ -37,7 +37,8 @@ TINY = {
     "model": {"backbone": "tiny", "backbone_weights": "", "invert_sketch": True, "photo_edges": True,
               "thicken_lines": 3, "dim_out": 16,
               "preset": "tuned", "overrides": {}},
-    "features": {"epochs": 1, "lr": 0.0001, "head_lr": 0.001, "batch_size": 8, "proj_dim": 24, "seed": 0},
+    "features": {"tune_blocks": 0, "epochs": 1, "lr": 0.0001, "head_lr": 0.001, "batch_size": 8, "proj_dim": 24,
+                 "seed": 0},
     "train": {"device": "cpu", "epochs": 2, "iters_per_epoch": 3, "batch_size": 8, "lr": 0.0001, "milestones": [],
               "gamma": 0.1, "patience": 5, "feature_norm": "standardize", "feature_dim": 0, "feature_whiten": 0.0,
               "feature_noise": 0.0, "threads": 1, "seed": 0},
@@ -52,7 +53,7 @@ PIPELINE_OVERRIDES = {
     "split": {"test_fraction": TEST_FRACTION, "salt": SALT, "val_fraction": 0.15, "test_classes_file": ""},
     "prepare": {"size": 32},
     "model": {"backbone": "tiny", "dim_out": 16},
-    "features": {"epochs": 1, "batch_size": 8, "proj_dim": 24},
+    "features": {"tune_blocks": 2, "tune_epochs": 1, "batch_size": 8},  # the default way: shared tuned blocks
     "train": {"device": "cpu", "epochs": 2, "iters_per_epoch": 3, "batch_size": 8, "feature_dim": 8},
     "evaluate": {"grid_queries": 3},
     "gallery": {"batch_size": 16},

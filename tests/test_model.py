@@ -686,6 +686,22 @@ def test_headless_lite0_pools_the_last_block_with_the_same_weights(lite0):
     assert imagenet_top1(headless, render_emoji("1F34C")) == "banana"
 
 
+@pytest.mark.parametrize("name, tuned", [("efficientnet_lite0_headless", 1), ("efficientnet_lite0_headless", 4),
+                                         ("efficientnet_lite0", 2), ("tiny", 2), ("tiny", 3)])
+def test_frozen_activations_then_tuned_blocks_are_the_backbones_features(name, tuned):
+    """features.tune_blocks runs the frozen part once per item and only the last blocks per step: the two halves
+    must add up to forward_features exactly, whichever split."""
+    torch.manual_seed(0)
+    net = backbones.build_backbone(name).eval()
+    x = torch.rand(2, 3, 64, 64) * 255
+    with torch.no_grad():
+        whole = net.forward_features(net.normalize(x))
+        halves = backbones.tuned_features(net, backbones.frozen_activations(net, x, tuned), tuned)
+    assert torch.allclose(halves, whole, atol=1e-5)
+    assert backbones.tunable_blocks(name) == len(net._blocks)
+    assert backbones.tunable_blocks("vgg16") == 0
+
+
 def test_tiny_backbone_forward_shape():
     net = backbones.build_backbone("tiny")
     x = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)

@@ -418,6 +418,25 @@ def test_photo_edge_baseline_reads_each_photo_as_the_mean_of_it_and_its_edge_map
     assert zs["best_baseline"] == metrics["generalised"]["best_baseline"] == "pretrained_centred_edges"
 
 
+def test_model_input_baseline_scores_the_features_as_the_model_normalises_them():
+    """The model's own input normalisation (centring and whitening fitted on the training classes) is a
+    no-training baseline too: given, it is scored like the others and can be the one to beat; not given (the
+    model's extractors are fine-tuned), it repeats the photo-edge baseline."""
+    raw, labels = offset_domains()
+    raw["g"] = raw["g"] + np.random.default_rng(1).normal(0, 6, raw["g"].shape)  # every centred baseline fails
+    rng = np.random.default_rng(2)
+    model_input = {k: np.eye(4)[labels[k]] + rng.normal(0, 0.05, (len(labels[k]), 4)) for k in ("q", "s", "g")}
+    metrics, _ = evaluate.evaluate_all(raw, raw, labels, np.array([2, 3]), seed=0, model_input=model_input)
+    for setting in ("zero_shot", "generalised", "seen_generalised"):
+        assert metrics[setting]["pretrained_model_input"]["map_all"] == pytest.approx(1.0)
+        assert metrics[setting]["pretrained_centred_edges"]["map_all"] < 0.9
+        assert metrics[setting]["best_baseline"] == "pretrained_model_input"
+    assert metrics["harmonic"]["pretrained_model_input"] == pytest.approx(1.0)
+    fallback, _ = evaluate.evaluate_all(raw, raw, labels, np.array([2, 3]), seed=0)
+    for setting in ("zero_shot", "generalised", "seen_generalised"):
+        assert fallback[setting]["pretrained_model_input"] == fallback[setting]["pretrained_centred_edges"]
+
+
 def test_harmonic_mean_needs_both_sides():
     raw, labels = offset_domains()
     metrics, _ = evaluate.evaluate_all(raw, raw, labels, np.array([2, 3]), seed=0)

@@ -44,9 +44,10 @@ from sempcyc import train as train_mod
 from sempcyc.evaluation import BASELINES
 from sempcyc.fsutil import sha256_file
 from sempcyc.runtime import ann, imaging
-from sempcyc.runtime.backbones import build_backbone
+from sempcyc.runtime.backbones import Extractor, build_backbone, extract, to_input
 from sempcyc.runtime.encoder import SAME_EXTRACTOR, Encoder
 from sempcyc.runtime.gallery_shards import EMBEDDING_DTYPE, bucket_of, gallery_digest, load_gallery, unpack_shard
+from sempcyc.shards import load_train_shard
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LOSSES = {"ae", "gen", "gen_adv", "gen_cyc", "gen_cls", "gen_reg", "gen_code", "disc", "disc_se", "disc_sk", "disc_im"}
@@ -188,6 +189,48 @@ def test_features_without_fine_tuning_give_backbone_features(prepared: Path, tmp
     assert "sketch_finetune_loss" not in meta
 
 
+def test_features_tune_the_last_blocks_once_for_both_domains(prepared: Path, tmp_path: Path):
+    """features.tune_blocks: the last blocks change, the others keep the backbone's weights, sketches and photos
+    share the one extractor, and the saved features are that extractor's (within the float16 of the cached
+    frozen part); the untuned backbone's features are saved beside them for evaluate's baseline."""
+    write_params(tmp_path, {"features": {"epochs": 0, "tune_blocks": 2, "tune_epochs": 2}})
+    ok(tmp_path, "features", "--train", prepared / "data/prepared/train", "--out", "feat")
+    meta = json.loads((tmp_path / "feat/meta.json").read_text())
+    assert meta["tune_blocks"] == 2 and meta["feature_proj_dim"] is None and len(meta["tune_loss"]) == 2
+    saved = torch.load(tmp_path / "feat/extractors.pt", weights_only=True)
+    assert bundle_equal(saved["sketch_extractor"], saved["image_extractor"])
+    torch.manual_seed(0)  # compute_features seeds features.seed (0) before building the tiny backbone
+    untuned = Extractor("tiny", None, pretrained=True).eval()
+    before = untuned.state_dict()
+    changed = {k.split(".")[2] for k in before if not torch.equal(before[k], saved["sketch_extractor"][k])}
+    assert changed == {"1", "2"}  # backbone._blocks.<i>: the last two of three
+    tuned = Extractor("tiny", None, pretrained=False).eval()
+    tuned.load_state_dict(saved["sketch_extractor"])
+    shard = load_train_shard(prepared / "data/prepared/train")
+    with torch.no_grad():
+        for extractor, name in ((tuned, "train"), (untuned, "backbone")):
+            sketches = extractor(to_input(torch.from_numpy(np.array(shard["sketches"])), True, 3)).numpy()
+            images = extract(extractor, torch.from_numpy(np.array(shard["images"])), True, True, 3).numpy()
+            np.testing.assert_allclose(np.load(tmp_path / f"feat/{name}_sketches.npy"), sketches, atol=2e-3)
+            np.testing.assert_allclose(np.load(tmp_path / f"feat/{name}_images.npy"), images, atol=2e-3)
+
+
+@pytest.mark.parametrize("overrides, names", [
+    ({"features": {"tune_blocks": 2, "epochs": 1}}, ["features.tune_blocks", "features.epochs"]),
+    ({"features": {"tune_blocks": 4, "epochs": 0}}, ["features.tune_blocks 4", "tiny", "3"]),
+    ({"features": {"tune_blocks": -1}}, ["features.tune_blocks"]),
+    ({"features": {"tune_blocks": 2, "epochs": 0, "tune_lr": 0}}, ["features.tune_lr"]),
+    ({"features": {"tune_blocks": 2, "epochs": 0, "tune_epochs": 0}}, ["features.tune_epochs"]),
+    ({"features": {"tune_blocks": 2, "epochs": 0, "tune_temperature": 0}}, ["features.tune_temperature"]),
+], ids=["both-ways", "more-blocks-than-the-backbone", "negative", "lr-zero", "no-epochs", "temperature-zero"])
+def test_features_refuse_bad_tuning_settings(prepared: Path, tmp_path: Path, overrides: dict, names: list[str]):
+    write_params(tmp_path, overrides)
+    rc, _, err = call(tmp_path, "features", "--train", prepared / "data/prepared/train", "--out", "feat")
+    line = one_line_error(rc, err, "features")
+    assert all(n in line for n in names), line
+    assert not (tmp_path / "feat").exists()
+
+
 def test_features_batch_size_larger_than_the_data(prepared: Path, tmp_path: Path):
     write_params(tmp_path, {"features": {"batch_size": 1000}})
     rc, _, err = call(tmp_path, "features", "--train", prepared / "data/prepared/train", "--out", "feat")
@@ -293,6 +336,42 @@ def test_whitened_features_are_served_as_they_were_trained(trained: Path, tmp_pa
     with torch.no_grad():
         np.testing.assert_allclose(enc.sketch_norm(raw).numpy(), data["norms"]["sketch"](raw).numpy(), atol=1e-5)
     assert np.allclose(np.linalg.norm(enc.sketch_norm(raw).numpy(), axis=1), enc.meta["feat_dim"] ** 0.5)
+    # evaluate's model-input baseline reads the backbone's features through these very normalisations
+    rng = np.random.default_rng(0)
+    feats = {k: rng.normal(size=(n, enc.meta["feat_dim"])).astype(np.float32) for k, n in
+             (("q", 3), ("s", 0), ("g", 4), ("ge", 4))}
+    assert evaluate_mod.input_norms(tmp_path / "model.pt", enc) is None  # fine-tuned extractors: no such baseline
+    model_input = evaluate_mod.model_inputs({"sketch": enc.sketch_norm, "image": enc.image_norm}, enc.photo_edges,
+                                            feats)
+    with torch.no_grad():
+        photos = torch.from_numpy((feats["g"] + feats["ge"]) / 2 if enc.photo_edges else feats["g"])
+        np.testing.assert_allclose(model_input["g"], enc.image_norm(photos).numpy(), atol=1e-6)
+        np.testing.assert_allclose(model_input["q"], enc.sketch_norm(torch.from_numpy(feats["q"])).numpy(), atol=1e-6)
+    assert model_input["s"].shape[0] == 0
+
+
+def test_tuned_blocks_make_one_served_extractor_and_keep_the_untuned_baseline(trained: Path, tmp_path: Path):
+    """The bundle stores the tuned extractor once for both domains; evaluate's model-input baseline reads the
+    untuned backbone through the normalisation fitted on its own training features, not the model's."""
+    write_params(tmp_path, {"features": {"epochs": 0, "tune_blocks": 2, "tune_epochs": 1},
+                            "train": {"feature_norm": "centre", "feature_whiten": 0.25}})
+    train_dir = trained / "data/prepared/train"
+    ok(tmp_path, "features", "--train", train_dir, "--out", "feat")
+    ok(tmp_path, "train", "--features", "feat", "--train", train_dir, "--out", "m.pt", "--live-dir", "live",
+       "--checkpoint", "ckpt.pt")
+    assert torch.load(tmp_path / "m.pt", weights_only=True)["image_extractor"] == SAME_EXTRACTOR
+    enc = Encoder.load(tmp_path / "m.pt")
+    norms = evaluate_mod.input_norms(tmp_path / "m.pt", enc)
+    data = train_mod.load_training_data(tmp_path / "feat", train_dir, train_mod.read_settings(
+        yaml.safe_load((tmp_path / "params.yaml").read_text())))
+    raw = torch.from_numpy(np.load(tmp_path / "feat/backbone_sketches.npy")[:4])
+    with torch.no_grad():
+        np.testing.assert_allclose(norms["sketch"](raw), data["baseline_norms"]["sketch"](raw), atol=1e-5)
+        assert not torch.allclose(norms["sketch"](raw), enc.sketch_norm(raw), atol=1e-3)
+    counts = evaluate_in(tmp_path, tmp_path / "m.pt", trained / "data/prepared/test", "eval", "cache")
+    assert counts["shared"] == "none"  # the tuned extractor is not the baselines' backbone
+    report = json.loads((tmp_path / "eval/metrics.json").read_text())
+    assert report["zero_shot"]["pretrained_model_input"] != report["zero_shot"]["pretrained_centred_edges"]
 
 
 @pytest.mark.parametrize("overrides, names", [
@@ -442,6 +521,8 @@ def test_evaluate_reports(trained: Path, tmp_path: Path):
     for setting in ("zero_shot", "generalised", "seen_generalised"):
         best = report[setting]["best_baseline"]
         assert report[setting][best]["map_all"] == max(report[setting][b]["map_all"] for b in BASELINES)
+        # fine-tuned extractors: the model's input is not the backbone's features, so that baseline falls back
+        assert report[setting]["pretrained_model_input"] == report[setting]["pretrained_centred_edges"]
     held_out = json.loads((trained / "data/prepared/test/seen_sketches_ids.json").read_text())
     assert report["counts"]["seen_queries"] == len(held_out) > 0
     unseen = json.loads((trained / "data/prepared/splits.json").read_text())["test"]
@@ -583,6 +664,10 @@ def test_evaluate_shares_the_backbone_pass_only_where_the_extractor_is_the_backb
     assert evaluate_in(tmp_path, tmp_path / "m0.pt", test, "separate", "cache2") == {
         "items": n, "embedded": n, "backbone": n + images, "extractor": n, "shared": "none"}
     assert folder_bytes(tmp_path / "shared") == folder_bytes(tmp_path / "separate")
+    # frozen extractors: the model-input baseline is the backbone's features as the model normalises them (its
+    # own training-class statistics), no longer the photo-edge baseline (test-shard seen-class means)
+    report = json.loads((tmp_path / "shared/metrics.json").read_text())
+    assert report["zero_shot"]["pretrained_model_input"] != report["zero_shot"]["pretrained_centred_edges"]
     evaluate_in(tmp_path, tmp_path / "m1.pt", test, "separate1", "cache4")
     assert folder_bytes(tmp_path / "shared1") == folder_bytes(tmp_path / "separate1")
 

@@ -11,10 +11,14 @@ Methods: sem_pcyc (real-valued), sem_pcyc_itq64 (64-bit ITQ codes, Hamming ranki
 need no training: pretrained (the backbone's ImageNet features matched directly), pretrained_centred (the same
 features with each domain's mean over seen-class items removed, then L2-normalised: this takes away the
 sketch/photo offset that dominates raw distances), pretrained_centred_edges (the same, each photo read as the mean
-of its features and its edge map's, as model.photo_edges reads it), random (random ranking, seeded). The
-baselines read the model's backbone as the model does (the same pooled layer, sketch inversion and line widening),
-so pretrained_centred_edges is the model's input features without training (without train.feature_whiten).
-`best_baseline` names the strongest per setting; the release gate compares with it.
+of its features and its edge map's, as model.photo_edges reads it), pretrained_model_input (the same features
+normalised exactly as the model normalises its input: train.feature_norm, feature_dim and feature_whiten, fitted
+on the training classes' untuned backbone features and stored in the bundle; this is what SEM-PCYC would start
+from without any training, the tuned blocks included, so what training adds is the margin over it; for
+extractors fine-tuned with a projection (features.epochs) it falls back to pretrained_centred_edges), random
+(random ranking, seeded). The baselines read the ImageNet backbone as the model does (the same pooled layer,
+sketch inversion and line widening), never its tuned blocks. `best_baseline` names the strongest per setting;
+the release gate compares with it.
 Metrics: mAP@all, Precision@10/100/200 with their standard definitions (P@k counts the top k of the ranked
 gallery; when a class has fewer than k images even a perfect ranking scores below 1, as noted in the output).
 Diagnostics: for unseen classes, how often a class's sketch centroid is nearest to its own image centroid.
@@ -49,7 +53,7 @@ from .evaluation import BASELINES
 from .fsutil import atomic_dir, dumps_json, sha256_file
 from .params import setting
 from .runtime.backbones import build_backbone, edge_map, padded_pass, to_input
-from .runtime.encoder import Encoder
+from .runtime.encoder import Encoder, FeatureNorm
 from .runtime.retrieval import (
     ITQ,
     average_precisions,
@@ -125,7 +129,7 @@ def score_setting(vectors: dict, queries: str, q_labels: np.ndarray, g_labels: n
     `mask` the gallery rows; (metrics, distances kept for plots)."""
     m, kept = {}, {}
     g = g_labels[mask]
-    for method in ("sem_pcyc", "pretrained", "pretrained_centred", "pretrained_centred_edges"):
+    for method in ("sem_pcyc", *BASELINES[:-1]):  # random is ranked below, without vectors
         v = vectors[method]
         m[method], kept[method] = score_method(v[queries], v["g"][mask], q_labels, g, expand=expand)
     if itq:
@@ -139,15 +143,17 @@ def score_setting(vectors: dict, queries: str, q_labels: np.ndarray, g_labels: n
 
 
 def evaluate_all(emb: dict, raw: dict, labels: dict, unseen_labels: np.ndarray, seed: int = 0,
-                 expand: int = 0) -> tuple[dict, dict]:
+                 expand: int = 0, model_input: dict | None = None) -> tuple[dict, dict]:
     """Metrics for every setting and method, H, and the diagnostics; (metrics, distances kept for plots).
-    `emb`/`raw`: "q" unseen queries, "s" seen queries, "g" gallery; `labels` the same keys; `raw` also "ge",
-    the backbone features of the gallery photos' edge maps. `expand`: the model's query_expansion, applied to
-    the baselines too, so the gate compares like with like."""
+    `emb`/`raw`/`model_input`: "q" unseen queries, "s" seen queries, "g" gallery; `labels` the same keys; `raw`
+    also "ge", the backbone features of the gallery photos' edge maps; `model_input` the backbone features as the
+    model would read them untrained (model_inputs; None for extractors fine-tuned with a projection). `expand`:
+    the model's query_expansion, applied to the baselines too, so the gate compares like with like."""
     zs = np.isin(labels["g"], unseen_labels)
     with_edges = {**raw, "g": (raw["g"] + raw["ge"]) / 2}  # photos read as model.photo_edges reads them
     vectors = {"sem_pcyc": emb, "pretrained": raw, "pretrained_centred": centre(raw, ~zs),
                "pretrained_centred_edges": centre(with_edges, ~zs)}
+    vectors["pretrained_model_input"] = model_input if model_input is not None else vectors["pretrained_centred_edges"]
     metrics, kept = {}, {}
     for name, queries, mask in (("zero_shot", "q", zs), ("generalised", "q", np.ones_like(zs)),
                                 ("seen_generalised", "s", np.ones_like(zs))):
@@ -163,6 +169,31 @@ def evaluate_all(emb: dict, raw: dict, labels: dict, unseen_labels: np.ndarray, 
     metrics["diagnostics"] = {"unseen_centroid_hit_rate": {
         m: centroid_hit_rate(v["q"], labels["q"], v["g"][zs], labels["g"][zs]) for m, v in vectors.items()}}
     return metrics, kept
+
+
+def input_norms(model_path: Path, enc: Encoder) -> dict[str, nn.Module] | None:
+    """The sketch and image normalisation that makes the backbone's features what the model would read without
+    any training: the bundle's baseline_norms (tuned blocks: fitted on the untuned backbone's features), the
+    model's own (frozen backbone), or None (extractors fine-tuned with a projection: no such baseline)."""
+    bundle = torch.load(model_path, map_location="cpu", weights_only=True)
+    if "baseline_norms" in bundle:
+        norms = {d: FeatureNorm(enc.meta["feature_norm"], enc.meta["feat_dim"], enc.meta.get("feature_pca_dim"))
+                 for d in ("sketch", "image")}
+        for domain, norm in norms.items():
+            norm.load_state_dict(bundle["baseline_norms"][domain])
+        return norms
+    frozen = enc.meta.get("feature_proj_dim") is None and not enc.meta.get("tune_blocks")
+    return {"sketch": enc.sketch_norm, "image": enc.image_norm} if frozen else None
+
+
+def model_inputs(norms: dict[str, nn.Module], photo_edges: bool, raw: dict) -> dict:
+    """The backbone features of the test items ("q", "s", "g"; `raw` as embed_shard gives it) through `norms`
+    (input_norms), photos read as the model reads them: what SEM-PCYC would start from without training."""
+    photos = (raw["g"] + raw["ge"]) / 2 if photo_edges else raw["g"]
+    with torch.no_grad():
+        def normed(domain: str, x: np.ndarray) -> np.ndarray:
+            return norms[domain](torch.from_numpy(x)).numpy() if len(x) else x
+        return {"q": normed("sketch", raw["q"]), "s": normed("sketch", raw["s"]), "g": normed("image", photos)}
 
 
 def harmonic(a: float, b: float) -> float:
@@ -362,7 +393,9 @@ def evaluate_model(model_path: Path, shard: dict, seed: int, where: str,
     emb, raw, counts = embed_shard(enc, net, model_path, shard, keys, cache_dir)
     labels = {"q": q_labels, "s": shard["seen_sketches_labels"], "g": g_labels}
     expand = enc.cfg.query_expansion
-    metrics, kept = evaluate_all(emb, raw, labels, unseen, seed, expand)
+    norms = input_norms(model_path, enc)
+    model_input = model_inputs(norms, enc.photo_edges, raw) if norms is not None else None
+    metrics, kept = evaluate_all(emb, raw, labels, unseen, seed, expand, model_input)
     per_class_images = np.bincount(g_labels[np.isin(g_labels, unseen)],
                                    minlength=len(shard["meta"]["classes"]))[unseen]
     notes = [f"P@{k}: some unseen classes have fewer than {k} gallery images (min {int(per_class_images.min())}), "

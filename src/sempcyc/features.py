@@ -1,8 +1,18 @@
-"""features stage: fine-tune the sketch and image extractors on the seen classes (optional), freeze them, and
-compute their features for the training shard once, so SEM-PCYC training never runs the CNN per epoch.
+"""features stage: tune the extractors on the seen classes (optional), freeze them, and compute their features
+for the training shard once, so SEM-PCYC training never runs the CNN per epoch.
+
+Two ways to tune, both on the fit classes only (validation classes stay unseen):
+  features.tune_blocks N  the backbone's last N blocks, one copy for both domains (sketches and photos keep
+                          sharing coordinates): a cosine classifier over the fit classes reads each domain's
+                          features, centred within the batch, so it must name the class of a sketch and of a photo
+                          from the same coordinates. The blocks before are frozen and run once per item.
+  features.epochs E       each extractor (backbone and a projection to features.proj_dim) fine-tuned on its own
+                          domain, as the paper did; on unseen classes the two domains then stop lining up.
 
 Reads data/prepared/train/ only (plus params), so adding an unseen class never reruns it.
-Writes models/features/: extractors.pt (both extractors' state dicts + meta) and the features (.npy).
+Writes models/features/: extractors.pt (both extractors' state dicts + meta) and the features (.npy); with
+tune_blocks, also the untuned backbone's features (backbone_*.npy), from which the train stage fits the
+normalisation of evaluate's model-input baseline.
 """
 from __future__ import annotations
 
@@ -22,7 +32,16 @@ from .errors import UserError
 from .fsutil import atomic_dir, dumps_json
 from .params import setting
 from .recipe import ModelSettings, TrainSettings, pick_device
-from .runtime.backbones import Extractor, batched, extract
+from .runtime.backbones import (
+    Extractor,
+    batched,
+    edge_map,
+    extract,
+    frozen_activations,
+    to_input,
+    tunable_blocks,
+    tuned_features,
+)
 from .shards import load_train_shard
 from .split import SplitSettings, validation_classes
 
@@ -31,6 +50,10 @@ from .split import SplitSettings, validation_classes
 class FeaturesSettings:
     SECTION: ClassVar[str] = "features"
     epochs: int = setting(min=0)
+    tune_blocks: int = setting(min=0)
+    tune_epochs: int = setting(min=1)
+    tune_lr: float = setting(above=0.0)
+    tune_temperature: float = setting(above=0.0)
     lr: float = setting(above=0.0)
     head_lr: float = setting(above=0.0)
     batch_size: int = setting(min=2)
@@ -55,12 +78,45 @@ def run(args: argparse.Namespace) -> None:
 
 def compute_features(shard: dict, out: Path, model: ModelSettings, feat: FeaturesSettings, split: SplitSettings,
                      device: str) -> dict:
-    """Fine-tune (when features.epochs > 0) and run both extractors over the shard; write `out`; return meta."""
+    """Tune the extractors (features.tune_blocks or features.epochs) and run them over the shard; write `out`;
+    return meta."""
     torch.manual_seed(feat.seed)
     classes = shard["classes"]
     val = set(validation_classes(classes, split.val_fraction, split.salt))
     fit_classes = [c for c in classes if c not in val]
+    check_tuning(feat, model)
     proj_dim = feat.proj_dim if feat.epochs > 0 else None
+    untuned = None
+    if feat.tune_blocks:
+        extractor = _load_extractor(model, None, device)
+        tuned, untuned, losses = tune_shared_blocks(extractor, shard, fit_classes, model, feat, device)
+        state = {k: v.cpu() for k, v in extractor.state_dict().items()}
+        states, report = {domain: (state, tuned[domain]) for domain in tuned}, {"tune_loss": losses}
+    else:
+        states, report = per_domain_features(shard, fit_classes, model, feat, proj_dim, device)
+    meta = {"backbone": model.backbone, "backbone_weights": model.backbone_weights, "feature_proj_dim": proj_dim,
+            "feat_dim": int(states["sketch"][1].shape[1]), "invert_sketch": model.invert_sketch,
+            "photo_edges": model.photo_edges, "thicken_lines": model.thicken_lines,
+            "size": int(shard["sketches"].shape[1]), "finetune_epochs": feat.epochs, "tune_blocks": feat.tune_blocks,
+            "validation_classes": sorted(val), "fit_classes": fit_classes}
+    with atomic_dir(out) as scratch:
+        torch.save({"meta": meta, "sketch_extractor": states["sketch"][0], "image_extractor": states["image"][0]},
+                   scratch / "extractors.pt")
+        np.save(scratch / "train_sketches.npy", states["sketch"][1])
+        np.save(scratch / "train_images.npy", states["image"][1])
+        if untuned is not None:
+            np.save(scratch / "backbone_sketches.npy", untuned["sketch"])
+            np.save(scratch / "backbone_images.npy", untuned["image"])
+        # no timing in the output: equal inputs give equal bytes, so a fresh clone reproduces dvc.lock and
+        # skips train (the run's duration is printed by run())
+        (scratch / "meta.json").write_text(dumps_json({**meta, **report}))
+    return meta
+
+
+def per_domain_features(shard: dict, fit_classes: list[str], model: ModelSettings, feat: FeaturesSettings,
+                        proj_dim: int | None, device: str) -> tuple[dict, dict]:
+    """Each domain's extractor (fine-tuned on its own domain when features.epochs > 0) and its features of the
+    shard: ({domain: (state dict, features)}, {domain_finetune_loss: per epoch})."""
     states, report = {}, {}
     for domain, key in (("sketch", "sketches"), ("image", "images")):
         extractor = _load_extractor(model, proj_dim, device)
@@ -73,20 +129,17 @@ def compute_features(shard: dict, out: Path, model: ModelSettings, feat: Feature
                                                   model.thicken_lines)
             feats = batched(read, shard[key], 64, device, bar)
         states[domain] = ({k: v.cpu() for k, v in extractor.state_dict().items()}, feats)
-    meta = {"backbone": model.backbone, "backbone_weights": model.backbone_weights, "feature_proj_dim": proj_dim,
-            "feat_dim": int(states["sketch"][1].shape[1]), "invert_sketch": model.invert_sketch,
-            "photo_edges": model.photo_edges, "thicken_lines": model.thicken_lines,
-            "size": int(shard["sketches"].shape[1]), "finetune_epochs": feat.epochs,
-            "validation_classes": sorted(val), "fit_classes": fit_classes}
-    with atomic_dir(out) as scratch:
-        torch.save({"meta": meta, "sketch_extractor": states["sketch"][0], "image_extractor": states["image"][0]},
-                   scratch / "extractors.pt")
-        np.save(scratch / "train_sketches.npy", states["sketch"][1])
-        np.save(scratch / "train_images.npy", states["image"][1])
-        # no timing in the output: equal inputs give equal bytes, so a fresh clone reproduces dvc.lock and
-        # skips train (the run's duration is printed by run())
-        (scratch / "meta.json").write_text(dumps_json({**meta, **report}))
-    return meta
+    return states, report
+
+
+def check_tuning(feat: FeaturesSettings, model: ModelSettings) -> None:
+    """One way of tuning at a time, and tune_blocks only on a backbone made of blocks, no more than it has."""
+    if feat.tune_blocks and feat.epochs:
+        raise UserError("features.tune_blocks and features.epochs are two ways of tuning the extractors; set one "
+                        "of them to 0")
+    if feat.tune_blocks > tunable_blocks(model.backbone):
+        raise UserError(f"features.tune_blocks {feat.tune_blocks}: model.backbone {model.backbone} has "
+                        f"{tunable_blocks(model.backbone)} tunable blocks; lower it (0 = frozen)")
 
 
 def _load_extractor(model: ModelSettings, proj_dim: int | None, device: str) -> Extractor:
@@ -109,6 +162,96 @@ def _finetune_on_fit_classes(extractor: Extractor, shard: dict, key: str, fit_cl
                         f"{key}; lower it")
     mapped = np.array([fit_index[classes[lab]] for lab in labels[keep]])
     return finetune(extractor, np.asarray(shard[key])[keep], mapped, len(fit_classes), model, feat, device, desc)
+
+
+def tune_shared_blocks(extractor: Extractor, shard: dict, fit_classes: list[str], model: ModelSettings,
+                       feat: FeaturesSettings, device: str) -> tuple[dict, dict, list[float]]:
+    """Tune the backbone's last feat.tune_blocks blocks in place (module docstring); (tuned features, untuned
+    features, loss per epoch), the features per domain as the model reads them (photos with their edge maps)."""
+    backbone, n = extractor.backbone.eval(), feat.tune_blocks
+    acts = frozen_inputs(backbone, shard, model, n, device)
+    untuned = pooled_features(backbone, acts, n, device)
+    fit_index = {c: i for i, c in enumerate(fit_classes)}
+    labels = {key: np.array([fit_index.get(shard["classes"][lab], -1) for lab in shard[f"{key}_labels"]])
+              for key in ("sketches", "images")}
+    losses = train_tuned_blocks(backbone, acts, labels, len(fit_classes), feat, device)
+    return pooled_features(backbone.eval(), acts, n, device), untuned, losses
+
+
+def frozen_inputs(backbone: nn.Module, shard: dict, model: ModelSettings, n: int, device: str) -> dict:
+    """The tuned blocks' inputs (float16, kept in memory) for sketches, photos and, with model.photo_edges, the
+    photos' edge maps: each item through the frozen part once."""
+    def read(draw):
+        return lambda x: frozen_activations(backbone, draw(x), n).half()
+    draws = {"sketches": lambda x: to_input(x, model.invert_sketch, model.thicken_lines),
+             "images": lambda x: to_input(x, model.invert_sketch, model.thicken_lines)}
+    if model.photo_edges:
+        draws["edges"] = lambda x: edge_map(to_input(x, model.invert_sketch, model.thicken_lines),
+                                            model.invert_sketch, model.thicken_lines)
+    acts = {}
+    for name, draw in draws.items():
+        part = shard["sketches" if name == "sketches" else "images"]
+        with tqdm(total=len(part), desc=f"features frozen part ({name})", unit="img", mininterval=2) as bar:
+            acts[name] = torch.from_numpy(batched(read(draw), part, 64, device, bar)).half()
+    return acts
+
+
+def pooled_features(backbone: nn.Module, acts: dict, n: int, device: str) -> dict[str, np.ndarray]:
+    """Per domain, the features through the last n blocks; a photo's is the mean of its own and its edge map's."""
+    def run(x: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return torch.cat([tuned_features(backbone, x[i:i + 256].float().to(device), n).cpu()
+                              for i in range(0, len(x), 256)]).numpy()
+    images = run(acts["images"])
+    return {"sketch": run(acts["sketches"]), "image": (images + run(acts["edges"])) / 2 if "edges" in acts else images}
+
+
+def train_tuned_blocks(backbone: nn.Module, acts: dict, labels: dict, n_classes: int, feat: FeaturesSettings,
+                       device: str) -> list[float]:
+    """feat.tune_epochs passes over the fit-class photos, each batch with as many fit-class sketches (cycled);
+    loss: cross-entropy of the cosine classifier on each domain's batch-centred features. BatchNorm statistics
+    stay ImageNet's (eval mode), as in `finetune`."""
+    tuned = backbone._blocks[len(backbone._blocks) - feat.tune_blocks:]
+    start = torch.randn(n_classes, backbone.num_features, generator=torch.Generator().manual_seed(feat.seed))
+    classifier = nn.Parameter((start * 0.01).to(device))
+    opt = torch.optim.Adam([{"params": tuned.parameters(), "lr": feat.tune_lr},
+                            {"params": [classifier], "lr": feat.head_lr}])
+    rng = np.random.default_rng(feat.seed)
+    sketches, photos = np.flatnonzero(labels["sketches"] >= 0), np.flatnonzero(labels["images"] >= 0)
+    steps = max(len(photos) // feat.batch_size, 1)
+    losses = []
+    for epoch in range(feat.tune_epochs):
+        order_sk = np.resize(rng.permutation(sketches), steps * feat.batch_size)
+        order_im = np.resize(rng.permutation(photos), steps * feat.batch_size)
+        total = 0.0
+        for i in tqdm(range(steps), desc=f"features tuning epoch {epoch + 1}/{feat.tune_epochs}", unit="batch",
+                      leave=False, mininterval=2):
+            sk, im = (np.sort(o[i * feat.batch_size:(i + 1) * feat.batch_size]) for o in (order_sk, order_im))
+            loss = tuning_loss(backbone, acts, sk, im, labels, classifier, feat, device)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        losses.append(total / steps)
+        print(f"features: tuning epoch {epoch + 1}: loss {losses[-1]:.3f}")
+    return losses
+
+
+def tuning_loss(backbone: nn.Module, acts: dict, sk: np.ndarray, im: np.ndarray, labels: dict,
+                classifier: torch.Tensor, feat: FeaturesSettings, device: str) -> torch.Tensor:
+    """Cross-entropy of one batch of sketches `sk` and photos `im` (row indices) under the cosine classifier.
+    Centring each domain within the batch keeps the sketch/photo offset out of what the classifier can use."""
+    def features(name: str, rows: np.ndarray) -> torch.Tensor:
+        return tuned_features(backbone, acts[name][rows].float().to(device), feat.tune_blocks)
+    photo = features("images", im)
+    if "edges" in acts:
+        photo = (photo + features("edges", im)) / 2
+    weights = nn.functional.normalize(classifier, dim=1)
+    loss = 0.0
+    for f, rows, key in ((features("sketches", sk), sk, "sketches"), (photo, im, "images")):
+        logits = nn.functional.normalize(f - f.mean(0), dim=1) @ weights.T / feat.tune_temperature
+        loss = loss + nn.functional.cross_entropy(logits, torch.from_numpy(labels[key][rows]).to(device))
+    return loss
 
 
 def augment(x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ PRESETS = {
     # new classes from finding training-class photos first; each query expanded with its nearest gallery item.
     # All chosen on validation classes of the cross-artist data (README "Quality").
     "transfer": {"lambda_se": 1.0, "lambda_im": 1.0, "lambda_sk": 1.0, "train_classifiers": True,
-                 "embed_skip": 0.75, "posterior_weight": 256.0, "posterior_temperature": 3.5, "query_expansion": 1},
+                 "embed_skip": 0.75, "posterior_weight": 32.0, "posterior_temperature": 3.0, "query_expansion": 1},
 }
 
 

