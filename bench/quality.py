@@ -287,9 +287,19 @@ def figures(metrics: dict, method: str) -> dict:
             "hit": metrics["diagnostics"]["unseen_centroid_hit_rate"][method]}
 
 
-def model_input_row(name: str, per_seed: dict, shown: set) -> list[str]:
-    """evaluate's pretrained_model_input baseline of a variant (its own input normalisation, no training), once
-    per kind of features, normalisation and expansion."""
+def model_input_val(kind: str, fields: dict, val_baselines: dict, run: dict) -> float:
+    """The model-input baseline's validation mAP: the untuned features' (--features-grid's figure) for a tuned
+    kind, whose runs measured the tuned ones; otherwise the run's own."""
+    if kind not in UNTUNED:
+        return run["input_val"]
+    centred = "pretrained_centred_edges" if FEATURES[kind]["photo_edges"] else "pretrained_centred"
+    whiten = fields.get("feature_whiten", 0.0)
+    return val_baselines.get((UNTUNED[kind], f"{centred}, whitened {whiten}" if whiten else centred), float("nan"))
+
+
+def model_input_row(name: str, per_seed: dict, shown: set, val_baselines: dict) -> list[str]:
+    """evaluate's pretrained_model_input baseline of a variant (the untuned features through its own input
+    normalisation, no training), once per kind of features, normalisation and expansion."""
     fields, overrides, _, kind = VARIANTS[name]
     key = (kind, overrides.get("query_expansion", 0), fields["feature_norm"], fields.get("feature_dim"),
            fields.get("feature_whiten", 0.0))
@@ -297,7 +307,8 @@ def model_input_row(name: str, per_seed: dict, shown: set) -> list[str]:
     if key in shown or "input_val" not in run:
         return []
     shown.add(key)
-    f = {"val": run["input_val"], **figures(run["skips"]["0.0"]["metrics"], "pretrained_model_input")}
+    f = {"val": model_input_val(kind, fields, val_baselines, run),
+         **figures(run["skips"]["0.0"]["metrics"], "pretrained_model_input")}
     return [f"| no training ({name}: its input normalisation, expansion {key[1]}): pretrained_model_input | "
             + " | ".join(f"{f[c]:.3f}" for c in COLUMNS) + " |"]
 
@@ -308,16 +319,17 @@ def table(results: dict, val_baselines: dict) -> str:
     rows = ["| variant | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     shown = set()
     for name, per_seed in results.items():
-        rows += model_input_row(name, per_seed, shown)
+        rows += model_input_row(name, per_seed, shown, val_baselines)
         kind, expand = VARIANTS[name][3], VARIANTS[name][1].get("query_expansion", 0)
         if (kind, expand) in shown:
             continue
         shown.add((kind, expand))
         metrics = next(iter(per_seed.values()))["skips"]["0.0"]["metrics"]
         for method in ("pretrained", "pretrained_centred", "pretrained_centred_edges"):
-            if (kind, method) in val_baselines:
-                f = {"val": val_baselines[kind, method], **figures(metrics, method)}
-                rows.append(f"| no training ({kind} features, expansion {expand}): {method} | "
+            read = UNTUNED.get(kind, kind)  # a tuned kind's baselines read the untuned backbone
+            if (read, method) in val_baselines:
+                f = {"val": val_baselines[read, method], **figures(metrics, method)}
+                rows.append(f"| no training ({read} features, expansion {expand}): {method} | "
                             + " | ".join(f"{f[c]:.3f}" for c in COLUMNS) + " |")
     for name, per_seed in results.items():
         for skip in SKIPS:
