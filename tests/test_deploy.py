@@ -439,7 +439,9 @@ def test_unreachable_inference_api_after_registration_rolls_back(artifacts, sshd
     sockets = []
     try:
         port = free_port() if inference == "closed" else silent_port(sockets)
-        target = host.target(sshd, inference_url=f"http://127.0.0.1:{port}", request_timeout=3)
+        # the timeout also bounds registration, which waits for a worker to import torch and load the model (5 s
+        # on a slow day here): long enough for that, short enough that the hung smoke query fails fast
+        target = host.target(sshd, inference_url=f"http://127.0.0.1:{port}", request_timeout=15)
         receipt = do_deploy(artifacts, target, artifacts["mars"]["0.3.0"])
     finally:
         for sock in sockets:
