@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -175,14 +176,14 @@ def tune_shared_blocks(extractor: Extractor, shard: dict, fit_classes: list[str]
     labels = {key: np.array([fit_index.get(shard["classes"][lab], -1) for lab in shard[f"{key}_labels"]])
               for key in ("sketches", "images")}
     losses = train_tuned_blocks(backbone, acts, labels, len(fit_classes), feat, device)
-    return pooled_features(backbone.eval(), acts, n, device), untuned, losses
+    return pooled_features(backbone, acts, n, device), untuned, losses
 
 
 def frozen_inputs(backbone: nn.Module, shard: dict, model: ModelSettings, n: int, device: str) -> dict:
     """The tuned blocks' inputs (float16, kept in memory) for sketches, photos and, with model.photo_edges, the
     photos' edge maps: each item through the frozen part once."""
     def read(draw):
-        return lambda x: frozen_activations(backbone, draw(x), n).half()
+        return lambda x: frozen_activations(backbone, draw(x), n)
     draws = {"sketches": lambda x: to_input(x, model.invert_sketch, model.thicken_lines),
              "images": lambda x: to_input(x, model.invert_sketch, model.thicken_lines)}
     if model.photo_edges:
@@ -221,20 +222,25 @@ def train_tuned_blocks(backbone: nn.Module, acts: dict, labels: dict, n_classes:
     steps = max(len(photos) // feat.batch_size, 1)
     losses = []
     for epoch in range(feat.tune_epochs):
-        order_sk = np.resize(rng.permutation(sketches), steps * feat.batch_size)
-        order_im = np.resize(rng.permutation(photos), steps * feat.batch_size)
-        total = 0.0
-        for i in tqdm(range(steps), desc=f"features tuning epoch {epoch + 1}/{feat.tune_epochs}", unit="batch",
-                      leave=False, mininterval=2):
-            sk, im = (np.sort(o[i * feat.batch_size:(i + 1) * feat.batch_size]) for o in (order_sk, order_im))
-            loss = tuning_loss(backbone, acts, sk, im, labels, classifier, feat, device)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item()
-        losses.append(total / steps)
+        order_sk, order_im = (np.resize(rng.permutation(rows), steps * feat.batch_size) for rows in (sketches, photos))
+        batches = ((np.sort(order_sk[i * feat.batch_size:(i + 1) * feat.batch_size]),
+                    np.sort(order_im[i * feat.batch_size:(i + 1) * feat.batch_size])) for i in range(steps))
+        batch_losses = (tuning_loss(backbone, acts, sk, im, labels, classifier, feat, device) for sk, im in batches)
+        losses.append(optimise_epoch(opt, batch_losses, steps, f"features tuning epoch {epoch + 1}/{feat.tune_epochs}"))
         print(f"features: tuning epoch {epoch + 1}: loss {losses[-1]:.3f}")
     return losses
+
+
+def optimise_epoch(opt: torch.optim.Optimizer, batch_losses: Iterator[torch.Tensor], steps: int, desc: str) -> float:
+    """One optimiser step on each of the `steps` losses (computed lazily, each after the previous step), with a
+    progress bar; the mean loss."""
+    total = 0.0
+    for loss in tqdm(batch_losses, total=steps, desc=desc, unit="batch", leave=False, mininterval=2):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.item()
+    return total / steps
 
 
 def tuning_loss(backbone: nn.Module, acts: dict, sk: np.ndarray, im: np.ndarray, labels: dict,
@@ -273,6 +279,11 @@ def finetune(extractor: Extractor, arrays: np.ndarray, labels: np.ndarray, n_cla
     ])
     gen = torch.Generator().manual_seed(feat.seed)
     labels_t = torch.from_numpy(labels.astype(np.int64))
+
+    def batch_loss(idx: np.ndarray) -> torch.Tensor:
+        x = augment(torch.from_numpy(np.asarray(arrays[idx]))).to(device)
+        feats = extract(extractor, x, model.invert_sketch, model.photo_edges, model.thicken_lines)
+        return nn.functional.cross_entropy(head(feats), labels_t[idx].to(device))
     losses = []
     steps = -(-len(arrays) // feat.batch_size)
     for epoch in range(feat.epochs):
@@ -281,18 +292,9 @@ def finetune(extractor: Extractor, arrays: np.ndarray, labels: np.ndarray, n_cla
             if isinstance(m, nn.BatchNorm2d):
                 m.eval()
         perm = torch.randperm(len(arrays), generator=gen).numpy()
-        total = 0.0
-        for i in tqdm(range(steps), desc=f"{desc} epoch {epoch + 1}/{feat.epochs}", unit="batch", leave=False,
-                      mininterval=2):
-            idx = np.sort(perm[i * feat.batch_size:(i + 1) * feat.batch_size])
-            x = augment(torch.from_numpy(np.asarray(arrays[idx]))).to(device)
-            feats = extract(extractor, x, model.invert_sketch, model.photo_edges, model.thicken_lines)
-            loss = nn.functional.cross_entropy(head(feats), labels_t[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item()
-        losses.append(total / steps)
+        batches = (np.sort(perm[i * feat.batch_size:(i + 1) * feat.batch_size]) for i in range(steps))
+        losses.append(optimise_epoch(opt, (batch_loss(idx) for idx in batches), steps,
+                                     f"{desc} epoch {epoch + 1}/{feat.epochs}"))
         print(f"features: {desc} epoch {epoch + 1}: loss {losses[-1]:.3f}")
     extractor.eval()
     return losses
