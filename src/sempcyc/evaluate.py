@@ -34,6 +34,7 @@ are the baselines' backbone (features.epochs 0), the backbone runs once per item
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import time
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ from .evaluation import BASELINES
 from .fsutil import atomic_dir, dumps_json, sha256_file
 from .params import setting
 from .runtime.backbones import build_backbone, edge_map, padded_pass, to_input
-from .runtime.encoder import Encoder, FeatureNorm
+from .runtime.encoder import Encoder
 from .runtime.retrieval import (
     ITQ,
     average_precisions,
@@ -176,9 +177,8 @@ def input_norms(model_path: Path, enc: Encoder) -> dict[str, nn.Module] | None:
     any training: the bundle's baseline_norms (tuned blocks: fitted on the untuned backbone's features), the
     model's own (frozen backbone), or None (extractors fine-tuned with a projection: no such baseline)."""
     bundle = torch.load(model_path, map_location="cpu", weights_only=True)
-    if "baseline_norms" in bundle:
-        norms = {d: FeatureNorm(enc.meta["feature_norm"], enc.meta["feat_dim"], enc.meta.get("feature_pca_dim"))
-                 for d in ("sketch", "image")}
+    if "baseline_norms" in bundle:  # shaped like the model's own norms, with other statistics
+        norms = {"sketch": copy.deepcopy(enc.sketch_norm), "image": copy.deepcopy(enc.image_norm)}
         for domain, norm in norms.items():
             norm.load_state_dict(bundle["baseline_norms"][domain])
         return norms
