@@ -210,6 +210,14 @@ def test_embed_skip_mixes_input_and_generator_distances():
     assert torch.equal(make_model(embed_skip=0.0).eval().embed_sketch(a), make_model().eval().gen_sk2se(a))
 
 
+def test_embed_skip_one_is_the_unit_input_features_alone():
+    """With skip 1 the generators have no share of the distance, so the vector carries no half of zeros."""
+    a, b, _, _ = make_batch()
+    m = make_model(embed_skip=1.0).eval()
+    assert torch.allclose(m.embed_sketch(a), F.normalize(a, dim=1))
+    assert torch.allclose(m.embed_image(b), F.normalize(b, dim=1))
+
+
 CENTRES = F.normalize(torch.randn(N_CLS, FEAT, generator=torch.Generator().manual_seed(99)), dim=1)
 
 

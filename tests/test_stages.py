@@ -382,12 +382,13 @@ def test_tuned_blocks_make_one_served_extractor_and_keep_the_untuned_baseline(tr
     ({"model": {"overrides": {"lambda_nope": 1.0}}}, ["model.overrides", "lambda_nope"]),
     ({"model": {"preset": "nope"}}, ["model.preset"]),
     ({"model": {"overrides": {"posterior_temperature": 0.0}}}, ["model.overrides.posterior_temperature"]),
+    ({"model": {"overrides": {"embed_skip": 1.5}}}, ["model.overrides.embed_skip", "between 0 and 1"]),
     ({"model": {"overrides": {"posterior_weight": -1.0}}}, ["model.overrides.posterior_weight"]),
     ({"model": {"overrides": {"query_expansion": -2}}}, ["model.overrides.query_expansion"]),
     ({"train": {"feature_whiten": 0.25}}, ["train.feature_whiten", "train.feature_norm: centre"]),
     ({"train": {"feature_norm": "centre", "feature_whiten": 1.5}}, ["train.feature_whiten"]),
 ], ids=["lr-zero", "lr-negative", "dim-out-zero", "batch-too-large", "unknown-override", "unknown-preset",
-        "posterior-temperature-zero", "posterior-weight-negative", "query-expansion-negative",
+        "posterior-temperature-zero", "embed-skip-above-one", "posterior-weight-negative", "query-expansion-negative",
         "whiten-without-centring", "whiten-above-one"])
 def test_train_bad_params_give_one_line_errors(trained: Path, tmp_path: Path, overrides, names):
     write_params(tmp_path, overrides)

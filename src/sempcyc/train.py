@@ -109,6 +109,8 @@ def loss_config(model: ModelSettings) -> dict:
             raise UserError(f"params.yaml: model.overrides.{key} must be >= 0, got {value!r}")
         if key == "posterior_temperature" and value <= 0:
             raise UserError(f"params.yaml: model.overrides.{key} must be > 0, got {value!r}")
+        if key == "embed_skip" and not 0 <= value <= 1:
+            raise UserError(f"params.yaml: model.overrides.{key} must be between 0 and 1, got {value!r}")
     return cfg
 
 

@@ -62,9 +62,12 @@ def fuse(x: torch.Tensor, g: torch.Tensor, skip: float) -> torch.Tensor:
     """The retrieval embedding: the generator's output g, or with skip > 0 the input features x and g, each on the
     unit sphere, weighted so a squared distance is skip * |dx|^2 + (1 - skip) * |dg|^2. The input side keeps what
     the (frozen, centred) features know about classes the generators never saw. Unit length overall, so the
-    served score exp(-distance) stays between exp(-2) and 1."""
+    served score exp(-distance) stays between exp(-2) and 1. With skip 1, x alone: no zero-weighted half in every
+    gallery vector."""
     if skip <= 0:
         return g
+    if skip >= 1:
+        return F.normalize(x, dim=-1)
     return torch.cat([skip ** 0.5 * F.normalize(x, dim=-1), (1 - skip) ** 0.5 * F.normalize(g, dim=-1)], -1)
 
 
