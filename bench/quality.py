@@ -6,10 +6,11 @@ the test figures (unseen classes; held-out sketches of seen classes) are reporte
 
 The extractor is ImageNet EfficientNet-Lite0, frozen or with its last blocks tuned on the fit classes (the
 features stage with features.epochs 0 and FEATURES' settings): its features of the training and test shards are
-computed once per dataset and kind and cached under bench/out/quality/<dataset>/, so each run trains SEM-PCYC on
-cached features only; the baselines of a tuned kind read the untuned backbone, as evaluate's do. A variant is
-the project's params (model, train sections) with a few fields changed; `shuffled` variants permute the class
-vectors among the training classes (is semantics used at all?).
+computed once per dataset and kind (a tuned kind's once per seed: each seed tunes the blocks again) and cached
+under bench/out/quality/<dataset>/, so each run trains SEM-PCYC on cached features only; the baselines of a
+tuned kind read the untuned backbone, as evaluate's do. A variant is the project's params (model, train sections)
+with a few fields changed; `shuffled` variants permute the class vectors among the training classes (is
+semantics used at all?).
 
 Usage (a project folder whose data/prepared/ was made by `dvc repro prepare`, e.g. on the cross-artist tar):
   python bench/quality.py --project DIR [--seeds 0,1,2] [--only default,original] [--budget-min 30]
@@ -100,7 +101,8 @@ VARIANTS = {
     "tuned blocks, whitened, posterior, expansion, vectors shuffled": (WHITENED, TUNED_EXPANDED, True,
                                                                        "lines, tuned"),
 }
-SKIPS = (0.0, 0.25, 0.5, 0.75)
+SKIPS = (0.0, 0.5, 0.75, 0.875, 1.0)
+RESULTS_VERSION = 2  # 2: each seed tunes a tuned kind's blocks again (before, seed 0's blocks served every seed)
 COLUMNS = ("val", "zs_map", "zs_p10", "gen_map", "gen_p10", "seen_map", "H", "hit")
 
 
@@ -113,22 +115,25 @@ def dataset_key(project: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def features_dir(out: Path, kind: str) -> Path:
+def features_dir(out: Path, kind: str, seed: int = 0) -> Path:
+    """Where a kind's features are cached; a tuned kind's blocks are tuned once per seed (features.seed), so its
+    seeds other than 0 have folders of their own."""
     named = {"plain": "features", "edges": "features-photo-edges", "lines": "features-headless-lines"}
-    return out / named.get(kind, "features-" + kind.replace(", ", "-").replace(" ", "-"))
+    folder = out / named.get(kind, "features-" + kind.replace(", ", "-").replace(" ", "-"))
+    return folder.with_name(f"{folder.name}-seed-{seed}") if seed and "tune_blocks" in FEATURES[kind] else folder
 
 
-def cache_features(project: Path, out: Path, kind: str, test: bool = True) -> None:
-    """The features stage with features.epochs 0 and the FEATURES[kind] model settings into features_dir(), and
-    the same extractor's features of the test shard (unseen queries q, seen queries s, gallery g; with photo edges,
-    the gallery as the model reads it: ge) into its test_*.npy, unless not `test`. The baselines always read g,
-    the photos alone."""
+def cache_features(project: Path, out: Path, kind: str, test: bool = True, seed: int = 0) -> None:
+    """The features stage with features.epochs 0, features.seed `seed` and the FEATURES[kind] model settings into
+    features_dir(), and the same extractor's features of the test shard (unseen queries q, seen queries s, gallery
+    g; with photo edges, the gallery as the model reads it: ge) into its test_*.npy, unless not `test`. The
+    baselines always read g, the photos alone."""
     model, feat, split = params.read(project / "params.yaml", ModelSettings, features.FeaturesSettings,
                                      SplitSettings)
     fields = dict(FEATURES[kind])
-    feat = dataclasses.replace(feat, epochs=0, tune_blocks=fields.pop("tune_blocks", 0))
+    feat = dataclasses.replace(feat, epochs=0, tune_blocks=fields.pop("tune_blocks", 0), seed=seed)
     model = dataclasses.replace(model, **fields)
-    folder, edges = features_dir(out, kind), model.photo_edges
+    folder, edges = features_dir(out, kind, seed), model.photo_edges
     if not (folder / "extractors.pt").exists():
         features.compute_features(load_train_shard(project / "data/prepared/train"), folder, model, feat, split,
                                   "cpu")
@@ -169,10 +174,11 @@ def normalised(norms: dict, inputs: dict) -> dict:
 
 
 def run_variant(project: Path, out: Path, name: str, seed: int) -> dict:
-    """Train one variant with one seed; score it at every SKIPS value (the embedding's share of input features,
-    model.Config.embed_skip, an inference-time choice) on the validation classes and the test shard."""
+    """Train one variant with one seed (on a tuned kind, on blocks tuned with that seed); score it at every SKIPS
+    value (the embedding's share of input features, model.Config.embed_skip, an inference-time choice) on the
+    validation classes and the test shard."""
     fields, overrides, shuffle, kind = VARIANTS[name]
-    folder, edges = features_dir(out, kind), FEATURES[kind]["photo_edges"]
+    folder, edges = features_dir(out, kind, seed), FEATURES[kind]["photo_edges"]
     base = train.read_settings(params.load(project / "params.yaml"))
     run = dataclasses.replace(base, **{"feature_whiten": 0.0, **fields}, seed=seed, threads=1, device="cpu")
     run = dataclasses.replace(run, config={**train.PRESETS[run.preset], **overrides})
@@ -368,15 +374,17 @@ def main() -> None:
         return
     names = [n.strip() for n in args.only.split(";") if n.strip()] or list(VARIANTS)
     kinds = {VARIANTS[n][3] for n in names}
+    seeds = [int(s) for s in args.seeds.split(",")]
     for kind in sorted(kinds | {UNTUNED[k] for k in kinds if k in UNTUNED}):
-        cache_features(args.project, out, kind)
+        for seed in seeds:
+            cache_features(args.project, out, kind, seed=seed)
     # results are reused only for the same variant definitions, skips, training and scoring code
     code = b"".join((ROOT / "src/sempcyc" / f).read_bytes() for f in ("runtime/model.py", "train.py", "evaluate.py"))
-    digest = hashlib.sha256(repr((VARIANTS, SKIPS)).encode() + code).hexdigest()[:12]
+    digest = hashlib.sha256(repr((VARIANTS, SKIPS, RESULTS_VERSION)).encode() + code).hexdigest()[:12]
     results_file = out / f"results-{digest}.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     started = time.time()
-    for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in seeds:
         for name in names:
             if str(seed) in results.get(name, {}) or time.time() - started > args.budget_min * 60:
                 continue
