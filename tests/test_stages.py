@@ -340,7 +340,8 @@ def test_whitened_features_are_served_as_they_were_trained(trained: Path, tmp_pa
     rng = np.random.default_rng(0)
     feats = {k: rng.normal(size=(n, enc.meta["feat_dim"])).astype(np.float32) for k, n in
              (("q", 3), ("s", 0), ("g", 4), ("ge", 4))}
-    assert evaluate_mod.input_norms(tmp_path / "model.pt", enc) is None  # fine-tuned extractors: no such baseline
+    bundle = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert evaluate_mod.input_norms(bundle, enc) is None  # fine-tuned extractors: no such baseline
     model_input = evaluate_mod.model_inputs({"sketch": enc.sketch_norm, "image": enc.image_norm}, enc.photo_edges,
                                             feats)
     with torch.no_grad():
@@ -361,7 +362,7 @@ def test_tuned_blocks_make_one_served_extractor_and_keep_the_untuned_baseline(tr
        "--checkpoint", "ckpt.pt")
     assert torch.load(tmp_path / "m.pt", weights_only=True)["image_extractor"] == SAME_EXTRACTOR
     enc = Encoder.load(tmp_path / "m.pt")
-    norms = evaluate_mod.input_norms(tmp_path / "m.pt", enc)
+    norms = evaluate_mod.input_norms(torch.load(tmp_path / "m.pt", weights_only=True), enc)
     data = train_mod.load_training_data(tmp_path / "feat", train_dir, train_mod.read_settings(
         yaml.safe_load((tmp_path / "params.yaml").read_text())))
     raw = torch.from_numpy(np.load(tmp_path / "feat/backbone_sketches.npy")[:4])

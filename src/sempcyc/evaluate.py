@@ -172,11 +172,11 @@ def evaluate_all(emb: dict, raw: dict, labels: dict, unseen_labels: np.ndarray, 
     return metrics, kept
 
 
-def input_norms(model_path: Path, enc: Encoder) -> dict[str, nn.Module] | None:
+def input_norms(bundle: dict, enc: Encoder) -> dict[str, nn.Module] | None:
     """The sketch and image normalisation that makes the backbone's features what the model would read without
     any training: the bundle's baseline_norms (tuned blocks: fitted on the untuned backbone's features), the
-    model's own (frozen backbone), or None (extractors fine-tuned with a projection: no such baseline)."""
-    bundle = torch.load(model_path, map_location="cpu", weights_only=True)
+    model's own (frozen backbone), or None (extractors fine-tuned with a projection: no such baseline). `bundle`
+    is the model file as load_networks read it, `enc` its Encoder."""
     if "baseline_norms" in bundle:  # shaped like the model's own norms, with other statistics
         norms = {"sketch": copy.deepcopy(enc.sketch_norm), "image": copy.deepcopy(enc.image_norm)}
         for domain, norm in norms.items():
@@ -241,15 +241,17 @@ def fixed_batches(fn, rows: list, bar=None) -> list[np.ndarray]:
     return out
 
 
-def load_networks(model_path: Path) -> tuple[Encoder, nn.Module]:
-    """The model's Encoder and the baselines' backbone (ImageNet weights, as the model bundle names them)."""
+def load_networks(model_path: Path) -> tuple[Encoder, nn.Module, dict]:
+    """The model's Encoder, the baselines' backbone (ImageNet weights, as the model bundle names them) and the
+    bundle itself (read once; input_norms reads more of it)."""
     try:
-        enc = Encoder.load(model_path)
+        bundle = torch.load(model_path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{model_path}: not found; run `dvc repro train`") from None
+    enc = Encoder.from_bundle(bundle)
     torch.manual_seed(0)  # only the test-only `tiny` backbone has random weights: keep its baseline fixed
     net = build_backbone(enc.meta["backbone"], pretrained=True, weights_path=enc.meta.get("backbone_weights"))
-    return enc, net.eval()
+    return enc, net.eval(), bundle
 
 
 def runs_backbone(enc: Encoder, domain: str, net: nn.Module, net_sha: str) -> bool:
@@ -389,11 +391,11 @@ def evaluate_model(model_path: Path, shard: dict, seed: int, where: str,
     if len(q_labels) == 0:
         raise UserError(f"{where}: no query sketches of unseen classes; check the split")
     keys = item_keys(shard)
-    enc, net = load_networks(model_path)
+    enc, net, bundle = load_networks(model_path)
     emb, raw, counts = embed_shard(enc, net, model_path, shard, keys, cache_dir)
     labels = {"q": q_labels, "s": shard["seen_sketches_labels"], "g": g_labels}
     expand = enc.cfg.query_expansion
-    norms = input_norms(model_path, enc)
+    norms = input_norms(bundle, enc)
     model_input = model_inputs(norms, enc.photo_edges, raw) if norms is not None else None
     metrics, kept = evaluate_all(emb, raw, labels, unseen, seed, expand, model_input)
     per_class_images = np.bincount(g_labels[np.isin(g_labels, unseen)],

@@ -184,11 +184,12 @@ def frozen_inputs(backbone: nn.Module, shard: dict, model: ModelSettings, n: int
     photos' edge maps: each item through the frozen part once."""
     def read(draw):
         return lambda x: frozen_activations(backbone, draw(x), n)
-    draws = {"sketches": lambda x: to_input(x, model.invert_sketch, model.thicken_lines),
-             "images": lambda x: to_input(x, model.invert_sketch, model.thicken_lines)}
+
+    def drawn(x: torch.Tensor) -> torch.Tensor:
+        return to_input(x, model.invert_sketch, model.thicken_lines)
+    draws = {"sketches": drawn, "images": drawn}
     if model.photo_edges:
-        draws["edges"] = lambda x: edge_map(to_input(x, model.invert_sketch, model.thicken_lines),
-                                            model.invert_sketch, model.thicken_lines)
+        draws["edges"] = lambda x: edge_map(drawn(x), model.invert_sketch, model.thicken_lines)
     acts = {}
     for name, draw in draws.items():
         part = shard["sketches" if name == "sketches" else "images"]

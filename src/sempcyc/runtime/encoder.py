@@ -118,7 +118,11 @@ class Encoder(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> Encoder:
-        bundle = torch.load(path, map_location=device, weights_only=True)
+        return cls.from_bundle(torch.load(path, map_location=device, weights_only=True), device)
+
+    @classmethod
+    def from_bundle(cls, bundle: dict, device: str = "cpu") -> Encoder:
+        """The Encoder of a loaded models/sem_pcyc.pt (bundle_state's dict), for callers that read more of it."""
         enc = cls(bundle["meta"], Config(**bundle["config"]))
         enc.sketch_extractor.load_state_dict(bundle["sketch_extractor"])
         if bundle["image_extractor"] == SAME_EXTRACTOR:
