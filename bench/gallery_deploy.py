@@ -18,6 +18,7 @@ matter). Usage: python bench/gallery_deploy.py [--model PATH] [--shards N] [--pl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import sys
 import tempfile
@@ -50,9 +51,10 @@ def class_names(rng: np.random.Generator, n: int) -> list[str]:
     return ["".join(rng.choice(letters, 8)) for _ in range(n)]
 
 
-def write_gallery(out: Path, model: Path, dim: int, size: int, classes: list[str], shards: int) -> None:
-    """A synthetic gallery of `classes` (each PER_CLASS images), as the gallery stage writes it. An image's
-    embedding and thumbnail depend on its id only, so both releases agree on the images they share."""
+def write_gallery(out: Path, model: Path, enc: Encoder, dim: int, classes: list[str], shards: int) -> None:
+    """A synthetic gallery of `classes` (each PER_CLASS images), as the gallery stage writes it (with the model's
+    gallery_expansion: the neighbours file). An image's embedding and thumbnail depend on its id only, so both
+    releases agree on the images they share."""
     classes = sorted(classes)
     items = [(c, f"{c}_{i:03d}.jpg") for c in classes for i in range(PER_CLASS)]
     embeddings = np.empty((len(items), dim), np.float32)
@@ -63,9 +65,10 @@ def write_gallery(out: Path, model: Path, dim: int, size: int, classes: list[str
         if row < THUMB_ITEMS:
             thumbs.append(rng.bytes(THUMB_BYTES))
     meta = {"model_sha256": sha256_file(model), "items": len(items), "dim": dim, "classes": len(classes),
-            "size": size, "buckets": shards, "dtype": "float32",
+            "size": enc.size, "buckets": shards, "dtype": "float32",
             "thumbnails": {"format": THUMB_FORMAT, "size": 64, "items": len(thumbs)}}
-    write_sharded(out, meta, items, embeddings, thumbs)
+    settings = dataclasses.replace(params_mod.read(REPO / "params.yaml", GallerySettings)[0], shards=shards)
+    write_sharded(out, meta, items, embeddings, thumbs, settings, enc.cfg.gallery_expansion)
 
 
 def build_releases(tmp: Path, model: Path, shards: int) -> dict[str, Path]:
@@ -77,7 +80,7 @@ def build_releases(tmp: Path, model: Path, shards: int) -> dict[str, Path]:
     mars = {}
     for version, classes in (("0.1.0", names[:CLASSES]), ("0.2.0", names)):
         t0 = time.perf_counter()
-        write_gallery(tmp / f"gallery-{version}", model, dim, enc.size, classes, shards)
+        write_gallery(tmp / f"gallery-{version}", model, enc, dim, classes, shards)
         release = ReleaseSettings(model_name="sem_pcyc", version=version, gate_tolerance=0.02)
         mars[version] = archive.build_archive(model, tmp / f"gallery-{version}", tmp / f"sem_pcyc-{version}.mar",
                                               release, SERVE)

@@ -71,10 +71,12 @@ EXPANDED = {**POSTERIOR, "query_expansion": 1}
 LINES_EXPANDED = {"posterior_weight": 256.0, "posterior_temperature": 3.5, "query_expansion": 3}
 WHITENED_EXPANDED = {"posterior_weight": 256.0, "posterior_temperature": 3.5, "query_expansion": 1}
 TUNED_EXPANDED = {"posterior_weight": 32.0, "posterior_temperature": 3.0, "query_expansion": 1}
+GALLERY_EXPANDED = {**TUNED_EXPANDED, "gallery_expansion": 5}  # the transfer preset's
 # posterior_grid's candidates
 WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 TEMPERATURES = (0.5, 1.0, 2.0, 2.5, 3.0, 3.5, 4.0)
 EXPANSIONS = (1, 2, 3, 5, 8)
+GALLERY_EXPANSIONS = (1, 2, 3, 5, 8)
 VARIANTS = {
     "original": ({"preset": "original", "feature_norm": "standardize", "feature_dim": 0}, {}, False, "plain"),
     "tuned": ({"preset": "tuned", "feature_norm": "standardize", "feature_dim": 0}, {}, False, "plain"),
@@ -100,6 +102,9 @@ VARIANTS = {
     "tuned blocks, whitened, posterior, expansion": (WHITENED, TUNED_EXPANDED, False, "lines, tuned"),
     "tuned blocks, whitened, posterior, expansion, vectors shuffled": (WHITENED, TUNED_EXPANDED, True,
                                                                        "lines, tuned"),
+    "tuned blocks, whitened, posterior, both expansions": (WHITENED, GALLERY_EXPANDED, False, "lines, tuned"),
+    "tuned blocks, whitened, posterior, both expansions, vectors shuffled": (WHITENED, GALLERY_EXPANDED, True,
+                                                                             "lines, tuned"),
 }
 SKIPS = (0.0, 0.5, 0.75, 0.875, 1.0)
 RESULTS_VERSION = 2  # 2: each seed tunes a tuned kind's blocks again (before, seed 0's blocks served every seed)
@@ -208,7 +213,8 @@ def run_variant(project: Path, out: Path, name: str, seed: int) -> dict:
                                    data["val_im"], data["val_im_y"])
         model.posterior = posterior
         metrics = evaluate.evaluate_all(emb, raw, labels, unseen, seed, model.cfg.query_expansion,
-                                        {k: v.numpy() for k, v in model_input.items()})[0]
+                                        {k: v.numpy() for k, v in model_input.items()},
+                                        model.cfg.gallery_expansion)[0]
         scores[str(skip)] = {"val": val, "metrics": metrics}
     input_val = train.validation_map(torch.nn.Identity(), torch.nn.Identity(), data["val_sk"], data["val_sk_y"],
                                      data["val_im"], data["val_im_y"])  # the model's input, untrained
@@ -235,13 +241,14 @@ def validation_baselines(out: Path, project: Path) -> dict:
 
 
 def posterior_grid(out: Path, project: Path) -> str:
-    """Choose posterior_weight, posterior_temperature and then query_expansion on validation classes: the input
-    features of the training side as the default model reads them (DEFAULT_KIND, centred and whitened), each followed
-    by sqrt(w) x a seen-class posterior fitted to the fit classes minus every fifth fit-class sketch. Those
-    held-out sketches are the seen queries, the validation classes' sketches the unseen ones, every training photo
-    the gallery (validation-side zero-shot, generalised, seen mAP@all and H, as evaluate defines them). The rule: the
-    (w, T) with the highest H among those that keep zero-shot where it is without the posterior, then the k
-    with the highest H at them."""
+    """Choose posterior_weight, posterior_temperature, then query_expansion, then gallery_expansion on validation
+    classes: the input features of the training side as the default model reads them (DEFAULT_KIND, centred and
+    whitened), each followed by sqrt(w) x a seen-class posterior fitted to the fit classes minus every fifth
+    fit-class sketch. Those held-out sketches are the seen queries, the validation classes' sketches the unseen ones,
+    every training photo the gallery (validation-side zero-shot, generalised, seen mAP@all and H, as evaluate
+    defines them). The rule: the (w, T) with the highest H among those that keep zero-shot where it is without the
+    posterior, then the query expansion k with the highest H at them, then the gallery expansion k (each training
+    photo averaged with its k nearest training photos, retrieval.expand_gallery) with the highest H at those."""
     run = dataclasses.replace(train.read_settings(params.load(project / "params.yaml")), **WHITENED)
     d = train.load_training_data(features_dir(out, DEFAULT_KIND), project / "data/prepared/train", run)
     held = np.arange(len(d["fit_sk"])) % 5 == 0
@@ -254,23 +261,27 @@ def posterior_grid(out: Path, project: Path) -> str:
     y = {"q": d["val_sk_y"] + n_fit, "s": d["fit_sk_y"][held],
          "g": np.concatenate([d["fit_im_y"], d["val_im_y"] + n_fit])}
     scored = {}
-    def score(weight: float, temp: float, expand: int) -> tuple[float, ...]:
+    def score(weight: float, temp: float, expand: int, gallery: int = 0) -> tuple[float, ...]:
         with torch.no_grad():
             e = {k: torch.cat([v, weight ** 0.5 * head(v, temp)], 1).numpy() for k, v in unit.items()}
-        scored[weight, temp, expand] = validation_figures(e, y, n_fit, expand)
-        return scored[weight, temp, expand]
+        if gallery:
+            e["g"] = retrieval.expand_gallery(e["g"], retrieval.gallery_neighbours(e["g"], gallery))
+        scored[weight, temp, expand, gallery] = validation_figures(e, y, n_fit, expand)
+        return scored[weight, temp, expand, gallery]
     floor = score(0.0, 1.0, 0)[0]  # zero-shot without the posterior: the release gate checks zero-shot too
     kept = [(w, t) for t in TEMPERATURES for w in WEIGHTS if score(w, t, 0)[0] >= floor]
-    weight, temp = max(kept, key=lambda wt: scored[(*wt, 0)][4], default=(0.0, 1.0))
+    weight, temp = max(kept, key=lambda wt: scored[(*wt, 0, 0)][4], default=(0.0, 1.0))
     for k in EXPANSIONS:
         score(0.0, 1.0, k)  # printed beside, for what expansion alone does
     expand = max(EXPANSIONS, key=lambda k: score(weight, temp, k)[4])
-    rows = ["| weight | temperature | expansion | val zero-shot | val generalised | val generalised P@10 | val seen "
-            "| val H |", "|---|---|---|---|---|---|---|---|"]
-    rows += [f"| {w} | {t} | {k} | " + " | ".join(f"{v:.3f}" for v in figs) + " |" for (w, t, k), figs in
+    gallery = max((0, *GALLERY_EXPANSIONS), key=lambda k: score(weight, temp, expand, k)[4])
+    rows = ["| weight | temperature | expansion | gallery expansion | val zero-shot | val generalised "
+            "| val generalised P@10 | val seen | val H |", "|---|---|---|---|---|---|---|---|---|"]
+    rows += [f"| {w} | {t} | {k} | {g} | " + " | ".join(f"{v:.3f}" for v in figs) + " |" for (w, t, k, g), figs in
              scored.items()]
     return "\n".join(rows) + (f"\nchosen: posterior_weight {weight}, posterior_temperature {temp} (the highest H "
-                              f"keeping zero-shot >= {floor:.3f}), query_expansion {expand} (then the highest H)")
+                              f"keeping zero-shot >= {floor:.3f}), query_expansion {expand}, gallery_expansion "
+                              f"{gallery} (each then the highest H)")
 
 
 def validation_figures(e: dict, y: dict, n_fit: int, expand: int) -> tuple[float, ...]:
@@ -307,7 +318,7 @@ def model_input_row(name: str, per_seed: dict, shown: set, val_baselines: dict) 
     """evaluate's pretrained_model_input baseline of a variant (the untuned features through its own input
     normalisation, no training), once per kind of features, normalisation and expansion."""
     fields, overrides, _, kind = VARIANTS[name]
-    key = (kind, overrides.get("query_expansion", 0), fields["feature_norm"], fields.get("feature_dim"),
+    key = (kind, expansions(overrides), fields["feature_norm"], fields.get("feature_dim"),
            fields.get("feature_whiten", 0.0))
     run = next(iter(per_seed.values()))
     if key in shown or "input_val" not in run:
@@ -315,8 +326,14 @@ def model_input_row(name: str, per_seed: dict, shown: set, val_baselines: dict) 
     shown.add(key)
     f = {"val": model_input_val(kind, fields, val_baselines, run),
          **figures(run["skips"]["0.0"]["metrics"], "pretrained_model_input")}
-    return [f"| no training ({name}: its input normalisation, expansion {key[1]}): pretrained_model_input | "
+    return [f"| no training ({name}: its input normalisation, {key[1]}): pretrained_model_input | "
             + " | ".join(f"{f[c]:.3f}" for c in COLUMNS) + " |"]
+
+
+def expansions(overrides: dict) -> str:
+    """How a variant's model (and so evaluate, for its baselines too) expands queries and the gallery."""
+    return (f"expansion {overrides.get('query_expansion', 0)}"
+            + (f", gallery expansion {overrides['gallery_expansion']}" if overrides.get("gallery_expansion") else ""))
 
 
 def table(results: dict, val_baselines: dict) -> str:
@@ -326,7 +343,7 @@ def table(results: dict, val_baselines: dict) -> str:
     shown = set()
     for name, per_seed in results.items():
         rows += model_input_row(name, per_seed, shown, val_baselines)
-        kind, expand = VARIANTS[name][3], VARIANTS[name][1].get("query_expansion", 0)
+        kind, expand = VARIANTS[name][3], expansions(VARIANTS[name][1])
         if (kind, expand) in shown:
             continue
         shown.add((kind, expand))
@@ -335,7 +352,7 @@ def table(results: dict, val_baselines: dict) -> str:
             read = UNTUNED.get(kind, kind)  # a tuned kind's baselines read the untuned backbone
             if (read, method) in val_baselines:
                 f = {"val": val_baselines[read, method], **figures(metrics, method)}
-                rows.append(f"| no training ({read} features, expansion {expand}): {method} | "
+                rows.append(f"| no training ({read} features, {expand}): {method} | "
                             + " | ".join(f"{f[c]:.3f}" for c in COLUMNS) + " |")
     for name, per_seed in results.items():
         for skip in SKIPS:
@@ -357,7 +374,7 @@ def main() -> None:
                              "with no training: how the default's input features were chosen")
     parser.add_argument("--posterior-grid", action="store_true",
                         help="only choose the seen-class posterior's weight and temperature, then the query "
-                             "expansion, on validation classes")
+                             "expansion, then the gallery expansion, on validation classes")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = OUT / dataset_key(args.project)
@@ -379,7 +396,8 @@ def main() -> None:
         for seed in seeds:
             cache_features(args.project, out, kind, seed=seed)
     # results are reused only for the same variant definitions, skips, training and scoring code
-    code = b"".join((ROOT / "src/sempcyc" / f).read_bytes() for f in ("runtime/model.py", "train.py", "evaluate.py"))
+    code = b"".join((ROOT / "src/sempcyc" / f).read_bytes() for f in ("runtime/model.py", "train.py", "evaluate.py",
+                                                                          "runtime/retrieval.py"))
     digest = hashlib.sha256(repr((VARIANTS, SKIPS, RESULTS_VERSION)).encode() + code).hexdigest()[:12]
     results_file = out / f"results-{digest}.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}

@@ -56,13 +56,14 @@ pytestmark = pytest.mark.integration
 def artifacts(tmp_path_factory) -> dict:
     """A tiny trained model + gallery, archived as versions 0.1.0, 0.2.0 and 0.3.0, a broken 0.3.0, the same model
     under another name ("other"), and 0.4.0: the same model with a gallery of two more classes (a zero-shot
-    release). 8 gallery shards, so new classes also land in shards that hold old ones."""
+    release). 8 gallery shards, so new classes also land in shards that hold old ones; gallery expansion on, so a
+    slim archive carries the neighbours file and the host's blob store the shards it expands."""
     root = tmp_path_factory.mktemp("artifacts")
     new = [new_unseen_class(CLASSES)]
     new.append(new_unseen_class([*CLASSES, *new]))
     write_tar(root / "ds.tar", class_files({c: (PER_CLASS, PER_CLASS) for c in CLASSES}))
     write_tar(root / "ds2.tar", class_files({c: (PER_CLASS, PER_CLASS) for c in [*CLASSES, *new]}))
-    write_params(root, {"gallery": {"shards": 8}})
+    write_params(root, {"gallery": {"shards": 8}, "model": {"overrides": {"gallery_expansion": 2}}})
     ok(root, "extract", "--tar", "ds.tar")
     for name in ("semantic", "prepare", "features", "train", "gallery"):
         ok(root, name)
@@ -194,7 +195,8 @@ def test_slim_archive_is_deterministic_and_leaves_the_blobs_out(artifacts, tmp_p
     assert a.read_bytes() == b.read_bytes()
     with zipfile.ZipFile(mar) as full, zipfile.ZipFile(a) as slim:
         kept = [n for n in full.namelist() if n != "sem_pcyc.pt" and not n.startswith("gallery/shards/")]
-        assert sorted(slim.namelist()) == sorted(kept) and "gallery/manifest.json" in kept
+        assert sorted(slim.namelist()) == sorted(kept)
+        assert {"gallery/manifest.json", "gallery/neighbours.npy"} <= set(kept)
         assert json.loads(slim.read("serving.json")) == {**json.loads(full.read("serving.json")),
                                                          "blob_store": "/srv/blobs"}
         assert slim.read("MAR-INF/MANIFEST.json") == full.read("MAR-INF/MANIFEST.json")

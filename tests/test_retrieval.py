@@ -481,3 +481,46 @@ def test_evaluate_expands_every_method_alike():
         assert expanded["generalised"][method]["map_all"] == pytest.approx(want)
     assert expanded["generalised"]["pretrained"]["map_all"] != plain["generalised"]["pretrained"]["map_all"]
     assert expanded["generalised"]["random"] == plain["generalised"]["random"]  # a random ranking is not expanded
+
+
+# ------------------------------------------------------------------------------------------ gallery expansion
+
+def test_gallery_neighbours_leave_each_item_itself_out_but_keep_its_duplicates():
+    g = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [0.0, 0.0]], dtype=np.float32)
+    assert retrieval.gallery_neighbours(g, 2).tolist() == [[3, 1], [0, 3], [0, 3], [0, 1]]
+    assert retrieval.gallery_neighbours(g, 9).shape == (4, 3)  # k above the others' count: all of them
+    assert retrieval.gallery_neighbours(g, 1, chunk=1).tolist() == retrieval.gallery_neighbours(g, 1).tolist()
+    assert retrieval.gallery_neighbours(g, 2).dtype == np.int32
+    assert retrieval.gallery_neighbours(g[:1], 2).shape == (1, 0) and retrieval.gallery_neighbours(g, 0).shape == (4, 0)
+
+
+def test_an_expanded_item_is_a_rank_weighted_mean_of_itself_and_its_neighbours():
+    g = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [0.0, 0.0]], dtype=np.float32)
+    neighbours = retrieval.gallery_neighbours(g, 2)
+    expanded = retrieval.expand_gallery(g, neighbours)
+    np.testing.assert_allclose(expanded[1], (3 * g[1] + 2 * g[0] + 1 * g[3]) / 6)
+    np.testing.assert_allclose(expanded[2], (3 * g[2] + 2 * g[0] + 1 * g[3]) / 6)
+    assert np.array_equal(retrieval.expand_gallery(g, np.zeros((4, 0), np.int32)), g)  # k 0: as it is
+
+
+def test_gallery_expansion_lets_a_sketch_that_finds_one_photo_of_a_class_find_the_rest():
+    """The query's class has photos 0-2, spread out; a photo of another class (3) lies nearer the query than two
+    of them. Expanded, each photo moves towards its own class's others: the query's class ranks first."""
+    q = np.array([[0.0, 0.0]], dtype=np.float32)
+    g = np.array([[0.5, 0.0], [2.0, 0.0], [2.0, 0.5], [-1.5, 0.0], [-2.5, 0.0], [-2.5, 0.5]], dtype=np.float32)
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    before = retrieval.average_precisions(retrieval.squared_distances(q, g), np.array([0]), labels)
+    expanded = retrieval.expand_gallery(g, retrieval.gallery_neighbours(g, 2))
+    after = retrieval.average_precisions(retrieval.squared_distances(q, expanded), np.array([0]), labels)
+    assert before[0] < 1.0 and after[0] == pytest.approx(1.0)
+
+
+def test_evaluate_expands_every_methods_gallery_alike_before_keeping_its_unseen_part():
+    raw, labels = offset_domains()
+    expanded, _ = evaluate.evaluate_all(raw, raw, labels, np.array([2, 3]), seed=0, gallery_expand=2)
+    g = retrieval.expand_gallery(raw["g"], retrieval.gallery_neighbours(raw["g"], 2))
+    unseen = np.isin(labels["g"], [2, 3])
+    for method in ("sem_pcyc", "pretrained"):
+        want = retrieval.retrieval_metrics(retrieval.squared_distances(raw["q"], g[unseen]), labels["q"],
+                                           labels["g"][unseen], evaluate.KS)["map_all"]
+        assert expanded["zero_shot"][method]["map_all"] == pytest.approx(want)

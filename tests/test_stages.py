@@ -46,7 +46,15 @@ from sempcyc.fsutil import sha256_file
 from sempcyc.runtime import ann, imaging
 from sempcyc.runtime.backbones import Extractor, build_backbone, extract, to_input
 from sempcyc.runtime.encoder import SAME_EXTRACTOR, Encoder
-from sempcyc.runtime.gallery_shards import EMBEDDING_DTYPE, bucket_of, gallery_digest, load_gallery, unpack_shard
+from sempcyc.runtime.gallery_shards import (
+    EMBEDDING_DTYPE,
+    GalleryError,
+    bucket_of,
+    gallery_digest,
+    load_gallery,
+    unpack_shard,
+)
+from sempcyc.runtime.retrieval import expand_gallery, gallery_neighbours
 from sempcyc.shards import load_train_shard
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -386,11 +394,13 @@ def test_tuned_blocks_make_one_served_extractor_and_keep_the_untuned_baseline(tr
     ({"model": {"overrides": {"embed_skip": 1.5}}}, ["model.overrides.embed_skip", "between 0 and 1"]),
     ({"model": {"overrides": {"posterior_weight": -1.0}}}, ["model.overrides.posterior_weight"]),
     ({"model": {"overrides": {"query_expansion": -2}}}, ["model.overrides.query_expansion"]),
+    ({"model": {"overrides": {"gallery_expansion": -1}}}, ["model.overrides.gallery_expansion"]),
+    ({"model": {"overrides": {"gallery_expansion": 2.5}}}, ["model.overrides.gallery_expansion", "must be int"]),
     ({"train": {"feature_whiten": 0.25}}, ["train.feature_whiten", "train.feature_norm: centre"]),
     ({"train": {"feature_norm": "centre", "feature_whiten": 1.5}}, ["train.feature_whiten"]),
 ], ids=["lr-zero", "lr-negative", "dim-out-zero", "batch-too-large", "unknown-override", "unknown-preset",
         "posterior-temperature-zero", "embed-skip-above-one", "posterior-weight-negative", "query-expansion-negative",
-        "whiten-without-centring", "whiten-above-one"])
+        "gallery-expansion-negative", "gallery-expansion-not-int", "whiten-without-centring", "whiten-above-one"])
 def test_train_bad_params_give_one_line_errors(trained: Path, tmp_path: Path, overrides, names):
     write_params(tmp_path, overrides)
     rc, _, err = call(tmp_path, *train_args(trained, tmp_path))
@@ -556,6 +566,21 @@ def test_evaluate_ranks_with_the_models_query_expansion_for_every_method(trained
     changed = [m for m in ("sem_pcyc", "pretrained", "pretrained_centred")
                if reports["plain"]["generalised"][m] != reports["expanding"]["generalised"][m]]
     assert "pretrained" in changed or "pretrained_centred" in changed  # the baselines are expanded too
+    assert reports["plain"]["generalised"]["random"] == reports["expanding"]["generalised"]["random"]
+
+
+def test_evaluate_expands_the_gallery_of_every_method_by_the_models_gallery_expansion(trained: Path,
+                                                                                       tmp_path: Path):
+    write_params(tmp_path)
+    bundle = torch.load(trained / "models/sem_pcyc.pt", map_location="cpu", weights_only=True)
+    torch.save({**bundle, "config": {**bundle["config"], "gallery_expansion": 2}}, tmp_path / "expanding.pt")
+    reports = {}
+    for name, model in (("plain", trained / "models/sem_pcyc.pt"), ("expanding", tmp_path / "expanding.pt")):
+        ok(tmp_path, "evaluate", "--model", model, "--test", trained / "data/prepared/test", "--out", name)
+        reports[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert reports["plain"]["gallery_expansion"] == 0 and reports["expanding"]["gallery_expansion"] == 2
+    for method in ("sem_pcyc", "pretrained", "pretrained_centred"):  # the baselines are expanded too
+        assert reports["plain"]["generalised"][method] != reports["expanding"]["generalised"][method]
     assert reports["plain"]["generalised"]["random"] == reports["expanding"]["generalised"]["random"]
 
 
@@ -772,6 +797,61 @@ def test_gallery_cache_embeds_only_new_images(trained: Path, tmp_path: Path):
     assert gallery(tmp_path / "other.pt", tmp_path / "ds2", tmp_path / "ds2.json") == (n + PER_CLASS, 0)
     assert not np.allclose(read_gallery(tmp_path / "gallery")[1], emb)
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+
+
+def test_gallery_expansion_ships_each_items_neighbours_beside_unchanged_shards(trained: Path, tmp_path: Path):
+    """With the model's gallery_expansion k, the shards still hold each image's own embedding (the same bytes as
+    without it), neighbours.npy each item's k nearest, and the loader serves expand_gallery of the two; a new
+    class changes its own shard and the neighbours file, no other shard."""
+    write_params(tmp_path, {"gallery": {"shards": 64}})
+    bundle = torch.load(trained / "models/sem_pcyc.pt", map_location="cpu", weights_only=True)
+    torch.save({**bundle, "config": {**bundle["config"], "gallery_expansion": 2}}, tmp_path / "expanding.pt")
+
+    def gallery(model: Path, out: str, dataset: Path = trained / "data/dataset",
+                index: Path = trained / "data/dataset.json") -> dict[str, bytes]:
+        ok(tmp_path, "gallery", "--model", model, "--dataset", dataset, "--index", index, "--out", out,
+           "--cache", f"cache-{model.stem}")
+        return gallery_files(tmp_path / out)
+
+    plain, expanded = gallery(trained / "models/sem_pcyc.pt", "plain"), gallery(tmp_path / "expanding.pt", "exp")
+    manifest = json.loads(expanded["manifest.json"])
+    assert manifest["neighbours"] == {"file": "neighbours.npy", "k": 2,
+                                      "sha256": hashlib.sha256(expanded["neighbours.npy"]).hexdigest()}
+    assert "neighbours" not in json.loads(plain["manifest.json"])
+    assert {f: b for f, b in expanded.items() if f.startswith("shards/")} == \
+        {f: b for f, b in plain.items() if f.startswith("shards/")}
+    raw = load_gallery(tmp_path / "plain")[1]
+    neighbours = np.load(tmp_path / "exp/neighbours.npy")
+    np.testing.assert_array_equal(neighbours, gallery_neighbours(raw, 2))
+    np.testing.assert_allclose(load_gallery(tmp_path / "exp")[1], expand_gallery(raw, neighbours), rtol=1e-6)
+
+    extra = new_unseen_class(CLASSES)
+    write_tar(tmp_path / "ds2.tar", class_files({c: (PER_CLASS, PER_CLASS) for c in [*CLASSES, extra]}))
+    ok(tmp_path, "extract", "--tar", "ds2.tar", "--out", "ds2", "--index", "ds2.json")
+    grown = gallery(tmp_path / "expanding.pt", "exp2", tmp_path / "ds2", tmp_path / "ds2.json")
+    assert set(expanded) - set(grown) == {f for f in expanded if f.startswith("shards/")} - set(grown)
+    assert len({f for f in grown if f.startswith("shards/")} - set(expanded)) == 1  # the new class's bucket
+    assert grown["neighbours.npy"] != expanded["neighbours.npy"]
+
+
+@pytest.mark.parametrize("damage", ["bytes", "k", "missing"])
+def test_a_damaged_neighbours_file_refuses_the_gallery(trained: Path, tmp_path: Path, damage: str):
+    write_params(tmp_path)
+    bundle = torch.load(trained / "models/sem_pcyc.pt", map_location="cpu", weights_only=True)
+    torch.save({**bundle, "config": {**bundle["config"], "gallery_expansion": 2}}, tmp_path / "expanding.pt")
+    ok(tmp_path, "gallery", "--model", tmp_path / "expanding.pt", "--dataset", trained / "data/dataset",
+       "--index", trained / "data/dataset.json", "--out", "gallery", "--cache", "cache")
+    path, manifest_path = tmp_path / "gallery/neighbours.npy", tmp_path / "gallery/manifest.json"
+    if damage == "bytes":
+        path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0")
+    elif damage == "k":  # a manifest that names the file's sha256 but another k
+        manifest = json.loads(manifest_path.read_text())
+        manifest["neighbours"]["k"] = 3
+        manifest_path.write_text(json.dumps(manifest))
+    else:
+        path.unlink()
+    with pytest.raises(GalleryError, match="gallery neighbours neighbours.npy"):
+        load_gallery(tmp_path / "gallery")
 
 
 def test_gallery_cache_is_not_reused_when_the_embedding_code_changes(trained: Path, tmp_path: Path,

@@ -26,7 +26,7 @@ from . import params as params_mod
 from .errors import UserError
 from .fsutil import dumps_json, sha256_file
 from .runtime import RUNTIME_DIR
-from .runtime.gallery_shards import MANIFEST, ZIP_TIME, GalleryError, read_manifest
+from .runtime.gallery_shards import MANIFEST, ZIP_TIME, GalleryError, read_manifest, side_files
 from .serving import ReleaseSettings, ServeSettings
 
 RUNTIME_PACKAGE = "sem_pcyc_runtime"
@@ -56,7 +56,7 @@ def stage_files(stage: Path, model: Path, gallery: Path, release: ReleaseSetting
     (stage / "gallery").mkdir()
     shutil.copy2(gallery / MANIFEST, stage / "gallery" / MANIFEST)
     manifest = read_manifest(gallery)
-    for entry in [*manifest["shards"], *([manifest["index"]] if manifest.get("index") else [])]:
+    for entry in [*manifest["shards"], *side_files(manifest)]:
         (stage / "gallery" / entry["file"]).parent.mkdir(exist_ok=True)
         shutil.copy2(gallery / entry["file"], stage / "gallery" / entry["file"])
     (stage / "serving.json").write_text(dumps_json({

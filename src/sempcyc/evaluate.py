@@ -58,7 +58,9 @@ from .runtime.encoder import Encoder
 from .runtime.retrieval import (
     ITQ,
     average_precisions,
+    expand_gallery,
     expanded_distances,
+    gallery_neighbours,
     hamming_distances,
     precision_recall_curve,
     retrieval_metrics,
@@ -144,17 +146,22 @@ def score_setting(vectors: dict, queries: str, q_labels: np.ndarray, g_labels: n
 
 
 def evaluate_all(emb: dict, raw: dict, labels: dict, unseen_labels: np.ndarray, seed: int = 0,
-                 expand: int = 0, model_input: dict | None = None) -> tuple[dict, dict]:
+                 expand: int = 0, model_input: dict | None = None, gallery_expand: int = 0) -> tuple[dict, dict]:
     """Metrics for every setting and method, H, and the diagnostics; (metrics, distances kept for plots).
     `emb`/`raw`/`model_input`: "q" unseen queries, "s" seen queries, "g" gallery; `labels` the same keys; `raw`
     also "ge", the backbone features of the gallery photos' edge maps; `model_input` the backbone features as the
-    model would read them untrained (model_inputs; None for extractors fine-tuned with a projection). `expand`:
-    the model's query_expansion, applied to the baselines too, so the gate compares like with like."""
+    model would read them untrained (model_inputs; None for extractors fine-tuned with a projection). `expand` and
+    `gallery_expand`: the model's query_expansion and gallery_expansion, applied to the baselines too, so the gate
+    compares like with like; the gallery is expanded whole, as served, before the zero-shot setting keeps its
+    unseen part."""
     zs = np.isin(labels["g"], unseen_labels)
     with_edges = {**raw, "g": (raw["g"] + raw["ge"]) / 2}  # photos read as model.photo_edges reads them
     vectors = {"sem_pcyc": emb, "pretrained": raw, "pretrained_centred": centre(raw, ~zs),
                "pretrained_centred_edges": centre(with_edges, ~zs)}
     vectors["pretrained_model_input"] = model_input if model_input is not None else vectors["pretrained_centred_edges"]
+    if gallery_expand > 0:
+        vectors = {m: {**v, "g": expand_gallery(v["g"], gallery_neighbours(v["g"], gallery_expand))}
+                   for m, v in vectors.items()}
     metrics, kept = {}, {}
     for name, queries, mask in (("zero_shot", "q", zs), ("generalised", "q", np.ones_like(zs)),
                                 ("seen_generalised", "s", np.ones_like(zs))):
@@ -394,10 +401,10 @@ def evaluate_model(model_path: Path, shard: dict, seed: int, where: str,
     enc, net, bundle = load_networks(model_path)
     emb, raw, counts = embed_shard(enc, net, model_path, shard, keys, cache_dir)
     labels = {"q": q_labels, "s": shard["seen_sketches_labels"], "g": g_labels}
-    expand = enc.cfg.query_expansion
+    expand, gallery_expand = enc.cfg.query_expansion, enc.cfg.gallery_expansion
     norms = input_norms(bundle, enc)
     model_input = model_inputs(norms, enc.photo_edges, raw) if norms is not None else None
-    metrics, kept = evaluate_all(emb, raw, labels, unseen, seed, expand, model_input)
+    metrics, kept = evaluate_all(emb, raw, labels, unseen, seed, expand, model_input, gallery_expand)
     per_class_images = np.bincount(g_labels[np.isin(g_labels, unseen)],
                                    minlength=len(shard["meta"]["classes"]))[unseen]
     notes = [f"P@{k}: some unseen classes have fewer than {k} gallery images (min {int(per_class_images.min())}), "
@@ -406,7 +413,8 @@ def evaluate_model(model_path: Path, shard: dict, seed: int, where: str,
                                     "seen_queries": int(len(labels["s"])),
                                     "gallery_zero_shot": int(np.isin(g_labels, unseen).sum()),
                                     "gallery_generalised": int(len(g_labels))},
-              "test_set": test_set_digest(shard, keys), "query_expansion": expand, "notes": notes}
+              "test_set": test_set_digest(shard, keys), "query_expansion": expand,
+              "gallery_expansion": gallery_expand, "notes": notes}
     return report, kept, counts
 
 

@@ -14,9 +14,12 @@ small square WebP files; the archive carries them (the handler never reads them)
 Output: manifest.json and shards/<sha256>.npz (runtime/gallery_shards.py): every class goes to one of
 `gallery.shards` buckets by a hash of its name, and each non-empty bucket is one shard holding its items'
 embeddings, ids, classes and thumbnails, written with deterministic bytes. Adding classes (zero-shot: no
-retraining) changes only the shards they hash into and the manifest, so a deploy sends only those. A gallery of at
-least `gallery.ann_min_items` items also gets an approximate index, ivf.npz (runtime/ann.py), over its embeddings
-in manifest order; the manifest names it under "index" with its sha256 and the gallery digest it was built for.
+retraining) changes only the shards they hash into and the manifest, so a deploy sends only those. With the
+model's gallery_expansion k > 0, neighbours.npy holds each item's k nearest items (found exactly: every item
+against every other, about N^2 x dim operations), with which the loader averages each embedding; it is one file
+beside the shards, because new classes change some old items' neighbours. A gallery of at least
+`gallery.ann_min_items` items also gets an approximate index, ivf.npz (runtime/ann.py), over its vectors as
+served, in manifest order; the manifest names it under "index" with its sha256 and the digest it was built for.
 
 One process (what `dvc repro gallery` runs):
     sempcyc gallery --model models/sem_pcyc.pt --dataset data/dataset --index data/dataset.json --out models/gallery
@@ -60,14 +63,16 @@ from .runtime.gallery_shards import (
     MANIFEST,
     SHARD_DIR,
     bucket_of,
-    gallery_digest,
     pack_shard,
     sha256_bytes,
+    vectors_digest,
 )
+from .runtime.retrieval import expand_gallery, gallery_neighbours
 from .shards import load_json
 
 THUMB_FORMAT, THUMB_QUALITY = "webp", 70  # 64-px WebP at q70: ~400 bytes a demo photo (JPEG q80: ~880)
 INDEX_FILE = "ivf.npz"
+NEIGHBOURS_FILE = "neighbours.npy"
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,7 @@ def build_gallery(model_path: Path, dataset: Path, index: dict, out: Path, cache
             "classes": len(index["classes"]), "size": enc.size, "buckets": settings.shards,
             "dtype": np.dtype(EMBEDDING_DTYPE).name,
             "thumbnails": {"format": THUMB_FORMAT, "size": settings.thumbnail_size, "items": len(thumbs)}}
-    write_sharded(out, meta, items, embeddings, thumbs, settings)
+    write_sharded(out, meta, items, embeddings, thumbs, settings, enc.cfg.gallery_expansion)
     return len(items), len(todo)
 
 
@@ -235,9 +240,10 @@ def embed(enc: Encoder, todo: list[tuple[str, Path]], pass_size: int, device: st
 
 
 def write_sharded(out: Path, meta: dict, items: list[tuple[str, str]], embeddings: np.ndarray,
-                  thumbs: list[bytes], settings: GallerySettings) -> None:
-    """`out`/shards/<sha256>.npz, one per non-empty bucket (items in index order within it), the approximate index
-    when the gallery is large enough, and manifest.json: `meta` plus the shards in bucket order (and the index)."""
+                  thumbs: list[bytes], settings: GallerySettings, expansion: int) -> None:
+    """`out`/shards/<sha256>.npz, one per non-empty bucket (items in index order within it), with `expansion`
+    (the model's gallery_expansion) k > 0 each item's k nearest items (neighbours.npy), the approximate index when
+    the gallery is large enough, and manifest.json: `meta` plus the shards in bucket order (and those files)."""
     buckets: dict[int, list[int]] = {}
     for i, (cls, _) in enumerate(items):
         buckets.setdefault(bucket_of(cls, meta["buckets"]), []).append(i)
@@ -253,16 +259,31 @@ def write_sharded(out: Path, meta: dict, items: list[tuple[str, str]], embedding
             shards.append({"bucket": bucket, "file": f"{SHARD_DIR}/{digest}.npz", "sha256": digest,
                            "bytes": len(data), "items": len(rows)})
         manifest = {**meta, "shards": shards}
+        vectors = embeddings[[i for bucket in sorted(buckets) for i in buckets[bucket]]]  # manifest order
+        if expansion > 0 and len(vectors) > 1:
+            manifest["neighbours"], neighbours = write_neighbours(scratch, vectors, expansion)
+            vectors = expand_gallery(vectors, neighbours)
         if builds_index(settings, len(items)):
-            in_manifest_order = embeddings[[i for bucket in sorted(buckets) for i in buckets[bucket]]]
-            digest = gallery_digest(meta["model_sha256"], [entry["sha256"] for entry in shards])
-            manifest["index"] = write_index(scratch, in_manifest_order, digest, settings)
+            manifest["index"] = write_index(scratch, vectors, vectors_digest(manifest), settings)
         (scratch / MANIFEST).write_text(dumps_json(manifest), encoding="utf-8")
 
 
+def write_neighbours(folder: Path, vectors: np.ndarray, k: int) -> tuple[dict, np.ndarray]:
+    """Each item's k nearest items (positions in `vectors`, the gallery in manifest order) saved as
+    `folder`/neighbours.npy; (its manifest entry, the neighbours)."""
+    started = time.time()
+    neighbours = gallery_neighbours(vectors, k)
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, neighbours, allow_pickle=False)
+    (folder / NEIGHBOURS_FILE).write_bytes(buf.getvalue())
+    print(f"gallery: the {neighbours.shape[1]} nearest items of each of {len(vectors)} in "
+          f"{time.time() - started:.1f} s (model.gallery_expansion)")
+    return {"file": NEIGHBOURS_FILE, "sha256": sha256_bytes(buf.getvalue()), "k": int(neighbours.shape[1])}, neighbours
+
+
 def write_index(folder: Path, vectors: np.ndarray, digest: str, settings: GallerySettings) -> dict:
-    """An IVF index (runtime/ann.py) of `vectors` (the gallery's, in manifest order) saved as `folder`/ivf.npz; its
-    manifest entry."""
+    """An IVF index (runtime/ann.py) of `vectors` (the gallery's as served, in manifest order) saved as
+    `folder`/ivf.npz; its manifest entry."""
     started = time.time()
     nlist = settings.ann_nlist or ann.default_nlist(len(vectors))
     index = ann.IVFIndex.build(vectors, nlist, digest, seed=settings.ann_seed, iterations=settings.ann_iterations,

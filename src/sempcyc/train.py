@@ -105,7 +105,8 @@ def loss_config(model: ModelSettings) -> dict:
             cfg[key] = float(value)
         elif not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise UserError(f"params.yaml: model.overrides.{key} must be {want.__name__}, got {value!r}")
-        if (key.startswith("lambda") or key in ("posterior_weight", "query_expansion")) and value < 0:
+        if (key.startswith("lambda") or key in ("posterior_weight", "query_expansion", "gallery_expansion")) \
+                and value < 0:
             raise UserError(f"params.yaml: model.overrides.{key} must be >= 0, got {value!r}")
         if key == "posterior_temperature" and value <= 0:
             raise UserError(f"params.yaml: model.overrides.{key} must be > 0, got {value!r}")

@@ -10,8 +10,15 @@ serving part of it.
 A file is looked up in the gallery folder first (a full archive carries everything), then by its sha256 in a blob
 store (a deployed slim archive's serving.json names its host's).
 
+The shards hold each image's own embedding. With the model's gallery_expansion k > 0 the manifest also names
+"neighbours" (file, sha256, k): each item's k nearest items, by position in manifest order, with which the loader
+replaces every embedding by retrieval.expand_gallery's weighted mean. Kept apart from the shards, because new
+classes change some old items' neighbours: a release sends this one small file again (4 bytes a neighbour), not
+every shard such an item is in.
+
 A large gallery also has an approximate index (runtime/ann.py's IVF file, manifest "index": file, sha256, nlist and
-gallery_digest), built for the vectors of exactly these shards in this order (`gallery_digest`).
+gallery_digest), built for the expanded vectors of exactly these shards and neighbours in this order
+(`vectors_digest`).
 """
 from __future__ import annotations
 
@@ -22,6 +29,8 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from .retrieval import expand_gallery
 
 # The one place that says how embeddings are stored; the search computes in float32 whatever this is.
 EMBEDDING_DTYPE = np.float32
@@ -45,10 +54,22 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def gallery_digest(model_sha256: str, shard_sha256s: list[str]) -> str:
-    """What identifies a gallery's vectors and their order: the model's sha256 and its shards' sha256s in manifest
-    order. The gallery stage builds its approximate index (manifest "index") for this digest; a loader recomputes it
-    from the manifest, `gallery_digest(manifest["model_sha256"], [s["sha256"] for s in manifest["shards"]])`."""
+    """What identifies a gallery's vectors and their order: the model's sha256 and its files' sha256s in manifest
+    order (vectors_digest: the shards, then the neighbours)."""
     return sha256_bytes("\n".join(["sem-pcyc gallery", model_sha256, *shard_sha256s]).encode("utf-8"))
+
+
+def vectors_digest(manifest: dict) -> str:
+    """gallery_digest of a manifest's model, shards and (when it has them) neighbours: what its served vectors
+    are made of. The gallery stage builds its approximate index (manifest "index") for this digest."""
+    parts = [shard["sha256"] for shard in manifest["shards"]]
+    return gallery_digest(manifest["model_sha256"], parts + [manifest["neighbours"]["sha256"]]
+                          if manifest.get("neighbours") else parts)
+
+
+def side_files(manifest: dict) -> list[dict]:
+    """The manifest's entries for files beside the shards: the neighbours and the approximate index, if any."""
+    return [manifest[key] for key in ("neighbours", "index") if manifest.get(key)]
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -172,4 +193,24 @@ def load_gallery(gallery_dir: str | Path, blob_store: str | Path | None = None) 
                            f"{len(index)}; rebuild the gallery (`dvc repro gallery`)")
     dim = int(manifest.get("dim", 0))
     embeddings = np.concatenate(parts) if parts else np.zeros((0, dim), dtype=EMBEDDING_DTYPE)
+    if manifest.get("neighbours"):
+        embeddings = expand_gallery(embeddings, load_neighbours(gallery_dir, manifest, blob_store))
     return manifest, embeddings, index
+
+
+def load_neighbours(gallery_dir: Path, manifest: dict, blob_store: str | Path | None) -> np.ndarray:
+    """The manifest's neighbours file, verified: integer positions in [0, items), one row of k per item."""
+    entry = manifest["neighbours"]
+    label = f"gallery neighbours {entry['file']}"
+    data = read_verified(gallery_dir / entry["file"], entry["sha256"], blob_store, label)
+    try:
+        neighbours = np.load(io.BytesIO(data), allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise GalleryError(f"{label}: not a .npy array ({exc}); rebuild the gallery (`dvc repro gallery`)") \
+            from None
+    items = manifest["items"]
+    if (neighbours.dtype.kind not in "iu" or neighbours.shape != (items, entry.get("k"))
+            or (neighbours.size and not 0 <= neighbours.min() <= neighbours.max() < items)):
+        raise GalleryError(f"{label}: not {items} rows of {entry.get('k')} item positions; rebuild the gallery "
+                           "(`dvc repro gallery`)")
+    return neighbours

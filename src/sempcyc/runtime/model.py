@@ -45,6 +45,7 @@ class Config:
     posterior_weight: float = 0.0    # with > 0, each embedding ends with sqrt(w) x its seen-class posterior
     posterior_temperature: float = 1.0  # the posterior's softmax temperature
     query_expansion: int = 0         # k > 0: a query is averaged with its k nearest gallery items, then ranks again
+    gallery_expansion: int = 0       # k > 0: each gallery item averaged with its k nearest (expand_gallery)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -70,6 +70,38 @@ def expanded_distances(queries: np.ndarray, gallery: np.ndarray, k: int) -> np.n
     return squared_distances(queries, gallery)
 
 
+def gallery_neighbours(gallery: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
+    """(G, k) int32: each gallery item's k nearest other items, nearest first (top_k's order and ties), found
+    exactly, `chunk` items at a time. An item's own row is left out by index, so a duplicate of it still counts."""
+    gallery = np.asarray(gallery, dtype=np.float32)
+    k = max(min(k, len(gallery) - 1), 0)
+    if k == 0:
+        return np.zeros((len(gallery), 0), np.int32)
+    sq_norms = np.einsum("gd,gd->g", gallery, gallery)
+    rows = []
+    for start in range(0, len(gallery), chunk):
+        idx = top_k(gallery[start:start + chunk], gallery, k + 1, sq_norms)[0]
+        own = idx == np.arange(start, start + len(idx))[:, None]
+        own[~own.any(axis=1), -1] = True  # the item is not among its k + 1 nearest (ties): drop the farthest
+        rows.append(idx[~own].reshape(len(idx), k))
+    return np.concatenate(rows).astype(np.int32)
+
+
+def expand_gallery(gallery: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """Gallery-side expansion: each item replaced by a weighted mean of itself and its k nearest items
+    `neighbours` (gallery_neighbours), weights k + 1 for itself down to 1 for the k-th. A class's photos lie close
+    together, so each moves towards its class's centre and a sketch that finds some of them finds the rest
+    (README "Quality"). The counterpart of expand_queries on the gallery side; k = 0 leaves it as it is."""
+    gallery = np.asarray(gallery, dtype=np.float32)
+    k = neighbours.shape[1] if neighbours.ndim == 2 else 0
+    if k == 0 or not len(gallery):
+        return gallery
+    total = gallery * np.float32(k + 1)
+    for rank in range(k):  # one (G, D) gather at a time, not a (G, k, D) array
+        total += np.float32(k - rank) * gallery[neighbours[:, rank]]
+    return total / np.float32((k + 1) * (k + 2) / 2)
+
+
 def rank_all(distances: np.ndarray) -> np.ndarray:
     """Full ranking (for metrics over the whole gallery), stable so ties keep gallery order."""
     return np.argsort(distances, axis=1, kind="stable")

@@ -15,7 +15,7 @@ import torch
 from . import imaging
 from .ann import IndexMismatch, IVFIndex
 from .encoder import Encoder
-from .gallery_shards import GalleryError, gallery_digest, load_gallery, verified_path
+from .gallery_shards import GalleryError, load_gallery, vectors_digest, verified_path
 from .retrieval import expand_queries, top_k
 
 
@@ -149,14 +149,13 @@ def _nothing():
 def load_ann_index(gallery_dir: Path, manifest: dict, embeddings: np.ndarray,
                    blob_store: str | Path | None) -> IVFIndex | None:
     """The gallery's approximate index when its manifest names one (a large gallery), checked against the
-    manifest's sha256 and built for exactly these shards; None for a gallery searched exactly."""
+    manifest's sha256 and built for exactly these shards and neighbours; None for a gallery searched exactly."""
     entry = manifest.get("index")
     if not entry:
         return None
     label = f"gallery index {entry['file']}"
     path = verified_path(gallery_dir / entry["file"], entry["sha256"], blob_store, label)
-    digest = gallery_digest(manifest["model_sha256"], [shard["sha256"] for shard in manifest["shards"]])
     try:
-        return IVFIndex.load(path, embeddings, digest)
+        return IVFIndex.load(path, embeddings, vectors_digest(manifest))
     except IndexMismatch as exc:
         raise GalleryError(f"{label}: {exc}") from None
