@@ -42,8 +42,7 @@ from sempcyc.runtime.search import SketchSearch  # noqa: E402
 from sempcyc.serving import ReleaseSettings, ServeSettings  # noqa: E402
 
 CLASSES, PER_CLASS, NEW_CLASSES, THUMB_BYTES, THUMB_ITEMS = 1000, 100, 10, 345, 20_000
-SERVE = ServeSettings(top_k=30, max_pixels=16_000_000, threads=1, batch_size=1, max_batch_delay_ms=2,
-                      check_requests=8, ready_timeout_s=120)
+SERVE = dataclasses.replace(params_mod.read(REPO / "params.yaml", ServeSettings)[0], batch_size=1, check_requests=8)
 
 
 def class_names(rng: np.random.Generator, n: int) -> list[str]:

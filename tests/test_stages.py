@@ -53,6 +53,7 @@ from sempcyc.runtime.gallery_shards import (
     gallery_digest,
     load_gallery,
     unpack_shard,
+    vectors_digest,
 )
 from sempcyc.runtime.retrieval import expand_gallery, gallery_neighbours
 from sempcyc.shards import load_train_shard
@@ -957,6 +958,35 @@ def test_gallery_ann_index_from_gallery_ann_min_items(trained: Path, tmp_path: P
         assert ids[:, 0].tolist() == [0, 1, 2]  # manifest order: each item finds itself
     with pytest.raises(ann.IndexMismatch):
         ann.IVFIndex.load(tmp_path / "gallery/ivf.npz", emb, gallery_digest("other model", []))
+
+
+def test_a_gallery_with_an_index_finds_the_expansions_neighbours_through_one(trained: Path, tmp_path: Path):
+    """From gallery.ann_min_items items on, the gallery expansion's neighbours come from an IVF index scanning
+    gallery.ann_neighbour_nprobe lists (all 4 here: the exact ones, but for float16 rounding; 1: fewer found), and
+    the served index is built for the expanded vectors: its digest covers the neighbours file."""
+    bundle = torch.load(trained / "models/sem_pcyc.pt", map_location="cpu", weights_only=True)
+    torch.save({**bundle, "config": {**bundle["config"], "gallery_expansion": 2}}, tmp_path / "expanding.pt")
+    argv = ["gallery", "--model", tmp_path / "expanding.pt", "--dataset", trained / "data/dataset",
+            "--index", trained / "data/dataset.json", "--cache", "cache"]
+    write_params(tmp_path, {"gallery": {"ann_min_items": 0}})
+    ok(tmp_path, *argv, "--out", "exact")
+    manifest = json.loads((tmp_path / "exact/manifest.json").read_text())
+    raw = np.concatenate([unpack_shard((tmp_path / "exact" / e["file"]).read_bytes(), e["file"])["embeddings"]
+                          for e in manifest["shards"]])  # each image's own embedding, in manifest order
+    exact = np.load(tmp_path / "exact/neighbours.npy")
+    np.testing.assert_array_equal(exact, gallery_neighbours(raw, 2))
+    for nprobe, least in ((4, 0.9), (1, 0.3)):
+        write_params(tmp_path, {"gallery": {"ann_min_items": 1, "ann_nlist": 4, "ann_neighbour_nprobe": nprobe}})
+        ok(tmp_path, *argv, "--out", f"ivf{nprobe}")
+        manifest, served, _ = load_gallery(tmp_path / f"ivf{nprobe}")
+        found = np.load(tmp_path / f"ivf{nprobe}/neighbours.npy")
+        assert found.shape == exact.shape and (found != np.arange(len(found))[:, None]).all()
+        shared = np.mean([len(set(a) & set(b)) / 2 for a, b in zip(found.tolist(), exact.tolist())])
+        assert shared >= least, shared
+        np.testing.assert_allclose(served, expand_gallery(raw, found), rtol=1e-6)
+        assert manifest["index"]["gallery_digest"] == vectors_digest(manifest) != gallery_digest(
+            manifest["model_sha256"], [e["sha256"] for e in manifest["shards"]])
+        ann.IVFIndex.load(tmp_path / f"ivf{nprobe}/ivf.npz", served, vectors_digest(manifest))
 
 
 @pytest.mark.parametrize("overrides", [{}, {"ann_min_items": 0}, {"ann_min_items": len(CLASSES) * PER_CLASS + 1}])

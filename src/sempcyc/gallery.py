@@ -15,11 +15,11 @@ Output: manifest.json and shards/<sha256>.npz (runtime/gallery_shards.py): every
 `gallery.shards` buckets by a hash of its name, and each non-empty bucket is one shard holding its items'
 embeddings, ids, classes and thumbnails, written with deterministic bytes. Adding classes (zero-shot: no
 retraining) changes only the shards they hash into and the manifest, so a deploy sends only those. With the
-model's gallery_expansion k > 0, neighbours.npy holds each item's k nearest items (found exactly: every item
-against every other, about N^2 x dim operations), with which the loader averages each embedding; it is one file
-beside the shards, because new classes change some old items' neighbours. A gallery of at least
-`gallery.ann_min_items` items also gets an approximate index, ivf.npz (runtime/ann.py), over its vectors as
-served, in manifest order; the manifest names it under "index" with its sha256 and the digest it was built for.
+model's gallery_expansion k > 0, neighbours.npy holds each item's k nearest items (found exactly below
+`gallery.ann_min_items` items, through an IVF index from there on), with which the loader averages each
+embedding; it is one file beside the shards, because new classes change some old items' neighbours. Such a large
+gallery also gets an approximate index, ivf.npz (runtime/ann.py), over its vectors as served, in manifest order;
+the manifest names it under "index" with its sha256 and the digest it was built for.
 
 One process (what `dvc repro gallery` runs):
     sempcyc gallery --model models/sem_pcyc.pt --dataset data/dataset --index data/dataset.json --out models/gallery
@@ -67,7 +67,7 @@ from .runtime.gallery_shards import (
     sha256_bytes,
     vectors_digest,
 )
-from .runtime.retrieval import expand_gallery, gallery_neighbours
+from .runtime.retrieval import expand_gallery, gallery_neighbours, others
 from .shards import load_json
 
 THUMB_FORMAT, THUMB_QUALITY = "webp", 70  # 64-px WebP at q70: ~400 bytes a demo photo (JPEG q80: ~880)
@@ -87,6 +87,7 @@ class GallerySettings:
     ann_seed: int = setting()
     ann_iterations: int = setting(min=0)
     ann_sample_per_list: int = setting(min=1)
+    ann_neighbour_nprobe: int = setting(min=1)
 
 
 @dataclass(frozen=True)
@@ -261,24 +262,40 @@ def write_sharded(out: Path, meta: dict, items: list[tuple[str, str]], embedding
         manifest = {**meta, "shards": shards}
         vectors = embeddings[[i for bucket in sorted(buckets) for i in buckets[bucket]]]  # manifest order
         if expansion > 0 and len(vectors) > 1:
-            manifest["neighbours"], neighbours = write_neighbours(scratch, vectors, expansion)
+            manifest["neighbours"], neighbours = write_neighbours(scratch, vectors, expansion, settings)
             vectors = expand_gallery(vectors, neighbours)
         if builds_index(settings, len(items)):
             manifest["index"] = write_index(scratch, vectors, vectors_digest(manifest), settings)
         (scratch / MANIFEST).write_text(dumps_json(manifest), encoding="utf-8")
 
 
-def write_neighbours(folder: Path, vectors: np.ndarray, k: int) -> tuple[dict, np.ndarray]:
+def write_neighbours(folder: Path, vectors: np.ndarray, k: int, settings: GallerySettings) -> tuple[dict, np.ndarray]:
     """Each item's k nearest items (positions in `vectors`, the gallery in manifest order) saved as
-    `folder`/neighbours.npy; (its manifest entry, the neighbours)."""
+    `folder`/neighbours.npy; (its manifest entry, the neighbours). Exact below gallery.ann_min_items items; from
+    there on through an IVF index of the vectors, scanning gallery.ann_neighbour_nprobe lists an item (exact
+    search grows with the square of the gallery: 75 s at 100 000 items, about 2 hours at 1 000 000)."""
     started = time.time()
-    neighbours = gallery_neighbours(vectors, k)
+    neighbours = approximate_neighbours(vectors, k, settings) if builds_index(settings, len(vectors)) \
+        else gallery_neighbours(vectors, k)
     buf = io.BytesIO()
     np.lib.format.write_array(buf, neighbours, allow_pickle=False)
     (folder / NEIGHBOURS_FILE).write_bytes(buf.getvalue())
     print(f"gallery: the {neighbours.shape[1]} nearest items of each of {len(vectors)} in "
           f"{time.time() - started:.1f} s (model.gallery_expansion)")
     return {"file": NEIGHBOURS_FILE, "sha256": sha256_bytes(buf.getvalue()), "k": int(neighbours.shape[1])}, neighbours
+
+
+def approximate_neighbours(vectors: np.ndarray, k: int, settings: GallerySettings) -> np.ndarray:
+    """gallery_neighbours through an IVF index of `vectors` built with the gallery's ann settings."""
+    k = min(k, len(vectors) - 1)
+    index = ann.IVFIndex.build(vectors, settings.ann_nlist or ann.default_nlist(len(vectors)), "",
+                               seed=settings.ann_seed, iterations=settings.ann_iterations,
+                               sample_per_list=settings.ann_sample_per_list)
+    rows = []
+    for start in tqdm(range(0, len(vectors), 4096), desc="gallery neighbours", unit="block", mininterval=2):
+        nearest, _ = index.search(vectors[start:start + 4096], k + 1, settings.ann_neighbour_nprobe)
+        rows.append(others(nearest, start))
+    return np.concatenate(rows).astype(np.int32)
 
 
 def write_index(folder: Path, vectors: np.ndarray, digest: str, settings: GallerySettings) -> dict:

@@ -78,13 +78,17 @@ def gallery_neighbours(gallery: np.ndarray, k: int, chunk: int = 2048) -> np.nda
     if k == 0:
         return np.zeros((len(gallery), 0), np.int32)
     sq_norms = np.einsum("gd,gd->g", gallery, gallery)
-    rows = []
-    for start in range(0, len(gallery), chunk):
-        idx = top_k(gallery[start:start + chunk], gallery, k + 1, sq_norms)[0]
-        own = idx == np.arange(start, start + len(idx))[:, None]
-        own[~own.any(axis=1), -1] = True  # the item is not among its k + 1 nearest (ties): drop the farthest
-        rows.append(idx[~own].reshape(len(idx), k))
+    rows = [others(top_k(gallery[start:start + chunk], gallery, k + 1, sq_norms)[0], start)
+            for start in range(0, len(gallery), chunk)]
     return np.concatenate(rows).astype(np.int32)
+
+
+def others(nearest: np.ndarray, start: int) -> np.ndarray:
+    """Rows start, start + 1, ... of the gallery's k + 1 nearest items (`nearest`, nearest first) without each
+    row's own item: (n, k). Where the item is not among them (tied duplicates), the farthest is dropped instead."""
+    own = nearest == np.arange(start, start + len(nearest))[:, None]
+    own[~own.any(axis=1), -1] = True
+    return nearest[~own].reshape(len(nearest), nearest.shape[1] - 1)
 
 
 def expand_gallery(gallery: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
