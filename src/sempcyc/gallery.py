@@ -273,7 +273,8 @@ def write_neighbours(folder: Path, vectors: np.ndarray, k: int, settings: Galler
     """Each item's k nearest items (positions in `vectors`, the gallery in manifest order) saved as
     `folder`/neighbours.npy; (its manifest entry, the neighbours). Exact below gallery.ann_min_items items; from
     there on through an IVF index of the vectors, scanning gallery.ann_neighbour_nprobe lists an item (exact
-    search grows with the square of the gallery: 75 s at 100 000 items, about 2 hours at 1 000 000)."""
+    search grows with the square of the gallery: 86 s at 100 000 items on 1 thread, about 2.4 hours at 1 000 000;
+    the index 15 min there, bench/gallery_neighbours.py)."""
     started = time.time()
     neighbours = approximate_neighbours(vectors, k, settings) if builds_index(settings, len(vectors)) \
         else gallery_neighbours(vectors, k)
