@@ -870,6 +870,21 @@ def test_gallery_cache_is_not_reused_when_the_embedding_code_changes(trained: Pa
     assert gallery_counts(ok(tmp_path, *argv)) == (n, 0)
 
 
+def test_gallery_cache_is_not_reused_with_another_torch_thread_count(trained: Path, tmp_path: Path):
+    """The last bits of a vector follow torch's thread count, so a cache filled with one count is not mixed into
+    a gallery embedded with another; the same count reuses it."""
+    write_params(tmp_path)
+    argv = ["gallery", "--model", trained / "models/sem_pcyc.pt", "--dataset", trained / "data/dataset",
+            "--index", trained / "data/dataset.json", "--out", "gallery", "--cache", "cache"]
+    n, threads = len(CLASSES) * PER_CLASS, torch.get_num_threads()
+    try:
+        for count, embedded in ((1, n), (2, n), (2, 0)):
+            torch.set_num_threads(count)
+            assert gallery_counts(ok(tmp_path, *argv))[1] == n - embedded
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_gallery_thumbnails(trained: Path, tmp_path: Path):
     """The page's thumbnails: one square WebP for each of the first gallery.thumbnail_max_items images in index
     order, kept in the shard of the image's class."""

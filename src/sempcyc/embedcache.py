@@ -1,9 +1,10 @@
 """Content-hash caches of network outputs, shared by the gallery and evaluate stages.
 
 A cache file holds the vectors one producer (a model, a backbone) computed, by the sha256 of each input item; the
-file's name carries the producer's key (`embedding_key`: the producer's identity and the runtime code that runs
-it), so a new model or changed runtime code never reuses old vectors, and saving drops the files of older
-producers. A damaged file is only a cache: it is ignored and its vectors are computed again.
+file's name carries the producer's key (`embedding_key`: the producer's identity, the runtime code that runs
+it and torch's thread count), so a new model, changed runtime code or another thread count never reuses old
+vectors, and saving drops the files of older producers. A damaged file is only a cache: it is ignored and its
+vectors are computed again.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .fsutil import atomic_write_bytes
 from .runtime import RUNTIME_DIR
@@ -21,9 +23,11 @@ RUNTIME_CODE = ("imaging.py", "backbones.py", "model.py", "encoder.py")
 
 
 def embedding_key(producer: str) -> str:
-    """What a cached vector depends on besides its item: `producer` (e.g. the model's sha256) and the runtime code
-    that computes it (a code change with the same model, e.g. a new embedding layout, must not reuse old vectors)."""
-    h = hashlib.sha256(producer.encode())
+    """What a cached vector depends on besides its item: `producer` (e.g. the model's sha256), the runtime code
+    that computes it (a code change with the same model, e.g. a new embedding layout, must not reuse old vectors)
+    and torch's thread count: CPU kernels split the work by it, and a vector's last bits follow (measured on the
+    demo model: up to 2e-7 between 1 and 2 threads), so a gallery never mixes vectors of two thread counts."""
+    h = hashlib.sha256(f"{producer} torch threads {torch.get_num_threads()}".encode())
     for name in RUNTIME_CODE:
         h.update((RUNTIME_DIR / name).read_bytes())
     return h.hexdigest()

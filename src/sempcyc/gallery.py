@@ -5,8 +5,9 @@ A content-hash cache (models/gallery-cache/, kept between runs) holds embeddings
 after classes are added only the new images are embedded; a new model invalidates the cache. Every network pass
 takes exactly `gallery.batch_size` images (the last one padded): CPU kernels pick their algorithm by batch size,
 so an image's vector then depends on the image alone, never on which images share its pass, and a cached vector,
-a fresh one and one embedded by another process are the same bytes (the cache is keyed by the pass size and the
-device type too).
+a fresh one and one embedded by another process are the same bytes (the cache is keyed by the pass size, the
+device type and torch's thread count too: the last bits also follow the threads, so torchrun's processes, one
+thread each, write what one process with one thread writes, OMP_NUM_THREADS=1).
 
 It also makes the sketch page's result thumbnails: the first `gallery.thumbnail_max_items` images (index order) as
 small square WebP files; the archive carries them (the handler never reads them) and the page server serves them.
