@@ -555,14 +555,26 @@ def test_evaluate_reports(trained: Path, tmp_path: Path):
         assert grid.width > 0 and grid.height > 0
 
 
-def test_evaluate_ranks_with_the_models_query_expansion_for_every_method(trained: Path, tmp_path: Path):
+def configured(model: Path, out: Path, **config) -> Path:
+    """A copy of the model bundle `model` at `out` with `config` fields (model.Config) changed."""
+    bundle = torch.load(model, map_location="cpu", weights_only=True)
+    torch.save({**bundle, "config": {**bundle["config"], **config}}, out)
+    return out
+
+
+def plain_and_configured_reports(trained: Path, tmp_path: Path, **config) -> dict[str, dict]:
+    """evaluate's metrics.json of the trained model ("plain") and of its copy with `config` changed ("expanding")."""
     write_params(tmp_path)
-    bundle = torch.load(trained / "models/sem_pcyc.pt", map_location="cpu", weights_only=True)
-    torch.save({**bundle, "config": {**bundle["config"], "query_expansion": 2}}, tmp_path / "expanding.pt")
+    changed = configured(trained / "models/sem_pcyc.pt", tmp_path / "expanding.pt", **config)
     reports = {}
-    for name, model in (("plain", trained / "models/sem_pcyc.pt"), ("expanding", tmp_path / "expanding.pt")):
+    for name, model in (("plain", trained / "models/sem_pcyc.pt"), ("expanding", changed)):
         ok(tmp_path, "evaluate", "--model", model, "--test", trained / "data/prepared/test", "--out", name)
         reports[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    return reports
+
+
+def test_evaluate_ranks_with_the_models_query_expansion_for_every_method(trained: Path, tmp_path: Path):
+    reports = plain_and_configured_reports(trained, tmp_path, query_expansion=2)
     assert reports["plain"]["query_expansion"] == 0 and reports["expanding"]["query_expansion"] == 2
     changed = [m for m in ("sem_pcyc", "pretrained", "pretrained_centred")
                if reports["plain"]["generalised"][m] != reports["expanding"]["generalised"][m]]
@@ -572,13 +584,7 @@ def test_evaluate_ranks_with_the_models_query_expansion_for_every_method(trained
 
 def test_evaluate_expands_the_gallery_of_every_method_by_the_models_gallery_expansion(trained: Path,
                                                                                        tmp_path: Path):
-    write_params(tmp_path)
-    bundle = torch.load(trained / "models/sem_pcyc.pt", map_location="cpu", weights_only=True)
-    torch.save({**bundle, "config": {**bundle["config"], "gallery_expansion": 2}}, tmp_path / "expanding.pt")
-    reports = {}
-    for name, model in (("plain", trained / "models/sem_pcyc.pt"), ("expanding", tmp_path / "expanding.pt")):
-        ok(tmp_path, "evaluate", "--model", model, "--test", trained / "data/prepared/test", "--out", name)
-        reports[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    reports = plain_and_configured_reports(trained, tmp_path, gallery_expansion=2)
     assert reports["plain"]["gallery_expansion"] == 0 and reports["expanding"]["gallery_expansion"] == 2
     for method in ("sem_pcyc", "pretrained", "pretrained_centred"):  # the baselines are expanded too
         assert reports["plain"]["generalised"][method] != reports["expanding"]["generalised"][method]
@@ -805,8 +811,7 @@ def test_gallery_expansion_ships_each_items_neighbours_beside_unchanged_shards(t
     without it), neighbours.npy each item's k nearest, and the loader serves expand_gallery of the two; a new
     class changes its own shard and the neighbours file, no other shard."""
     write_params(tmp_path, {"gallery": {"shards": 64}})
-    bundle = torch.load(trained / "models/sem_pcyc.pt", map_location="cpu", weights_only=True)
-    torch.save({**bundle, "config": {**bundle["config"], "gallery_expansion": 2}}, tmp_path / "expanding.pt")
+    configured(trained / "models/sem_pcyc.pt", tmp_path / "expanding.pt", gallery_expansion=2)
 
     def gallery(model: Path, out: str, dataset: Path = trained / "data/dataset",
                 index: Path = trained / "data/dataset.json") -> dict[str, bytes]:
@@ -838,8 +843,7 @@ def test_gallery_expansion_ships_each_items_neighbours_beside_unchanged_shards(t
 @pytest.mark.parametrize("damage", ["bytes", "k", "missing"])
 def test_a_damaged_neighbours_file_refuses_the_gallery(trained: Path, tmp_path: Path, damage: str):
     write_params(tmp_path)
-    bundle = torch.load(trained / "models/sem_pcyc.pt", map_location="cpu", weights_only=True)
-    torch.save({**bundle, "config": {**bundle["config"], "gallery_expansion": 2}}, tmp_path / "expanding.pt")
+    configured(trained / "models/sem_pcyc.pt", tmp_path / "expanding.pt", gallery_expansion=2)
     ok(tmp_path, "gallery", "--model", tmp_path / "expanding.pt", "--dataset", trained / "data/dataset",
        "--index", trained / "data/dataset.json", "--out", "gallery", "--cache", "cache")
     path, manifest_path = tmp_path / "gallery/neighbours.npy", tmp_path / "gallery/manifest.json"
@@ -979,8 +983,7 @@ def test_a_gallery_with_an_index_finds_the_expansions_neighbours_through_one(tra
     """From gallery.ann_min_items items on, the gallery expansion's neighbours come from an IVF index scanning
     gallery.ann_neighbour_nprobe lists (all 4 here: the exact ones, but for float16 rounding; 1: fewer found), and
     the served index is built for the expanded vectors: its digest covers the neighbours file."""
-    bundle = torch.load(trained / "models/sem_pcyc.pt", map_location="cpu", weights_only=True)
-    torch.save({**bundle, "config": {**bundle["config"], "gallery_expansion": 2}}, tmp_path / "expanding.pt")
+    configured(trained / "models/sem_pcyc.pt", tmp_path / "expanding.pt", gallery_expansion=2)
     argv = ["gallery", "--model", tmp_path / "expanding.pt", "--dataset", trained / "data/dataset",
             "--index", trained / "data/dataset.json", "--cache", "cache"]
     write_params(tmp_path, {"gallery": {"ann_min_items": 0}})

@@ -293,9 +293,9 @@ def approximate_neighbours(vectors: np.ndarray, k: int, settings: GallerySetting
     index = ann.IVFIndex.build(vectors, settings.ann_nlist or ann.default_nlist(len(vectors)), "",
                                seed=settings.ann_seed, iterations=settings.ann_iterations,
                                sample_per_list=settings.ann_sample_per_list)
-    rows = []
-    for start in tqdm(range(0, len(vectors), 4096), desc="gallery neighbours", unit="block", mininterval=2):
-        nearest, _ = index.search(vectors[start:start + 4096], k + 1, settings.ann_neighbour_nprobe)
+    rows, block = [], 4096
+    for start in tqdm(range(0, len(vectors), block), desc="gallery neighbours", unit="block", mininterval=2):
+        nearest, _ = index.search(vectors[start:start + block], k + 1, settings.ann_neighbour_nprobe)
         rows.append(others(nearest, start))
     return np.concatenate(rows).astype(np.int32)
 

@@ -97,7 +97,7 @@ def expand_gallery(gallery: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
     together, so each moves towards its class's centre and a sketch that finds some of them finds the rest
     (README "Quality"). The counterpart of expand_queries on the gallery side; k = 0 leaves it as it is."""
     gallery = np.asarray(gallery, dtype=np.float32)
-    k = neighbours.shape[1] if neighbours.ndim == 2 else 0
+    k = neighbours.shape[1]
     if k == 0 or not len(gallery):
         return gallery
     total = gallery * np.float32(k + 1)
