@@ -158,10 +158,12 @@ def evaluate_all(emb: dict, raw: dict, labels: dict, unseen_labels: np.ndarray, 
     with_edges = {**raw, "g": (raw["g"] + raw["ge"]) / 2}  # photos read as model.photo_edges reads them
     vectors = {"sem_pcyc": emb, "pretrained": raw, "pretrained_centred": centre(raw, ~zs),
                "pretrained_centred_edges": centre(with_edges, ~zs)}
-    vectors["pretrained_model_input"] = model_input if model_input is not None else vectors["pretrained_centred_edges"]
+    if model_input is not None:
+        vectors["pretrained_model_input"] = model_input
     if gallery_expand > 0:
         vectors = {m: {**v, "g": expand_gallery(v["g"], gallery_neighbours(v["g"], gallery_expand))}
                    for m, v in vectors.items()}
+    vectors.setdefault("pretrained_model_input", vectors["pretrained_centred_edges"])  # expanded once, not twice
     metrics, kept = {}, {}
     for name, queries, mask in (("zero_shot", "q", zs), ("generalised", "q", np.ones_like(zs)),
                                 ("seen_generalised", "s", np.ones_like(zs))):

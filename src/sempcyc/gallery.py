@@ -261,13 +261,21 @@ def write_sharded(out: Path, meta: dict, items: list[tuple[str, str]], embedding
             shards.append({"bucket": bucket, "file": f"{SHARD_DIR}/{digest}.npz", "sha256": digest,
                            "bytes": len(data), "items": len(rows)})
         manifest = {**meta, "shards": shards}
-        vectors = embeddings[[i for bucket in sorted(buckets) for i in buckets[bucket]]]  # manifest order
-        if expansion > 0 and len(vectors) > 1:
-            manifest["neighbours"], neighbours = write_neighbours(scratch, vectors, expansion, settings)
-            vectors = expand_gallery(vectors, neighbours)
-        if builds_index(settings, len(items)):
-            manifest["index"] = write_index(scratch, vectors, vectors_digest(manifest), settings)
+        order = [i for bucket in sorted(buckets) for i in buckets[bucket]]  # manifest order
+        if (expansion > 0 and len(order) > 1) or builds_index(settings, len(order)):  # else no copy of the vectors
+            write_served_files(scratch, manifest, embeddings[order], settings, expansion)
         (scratch / MANIFEST).write_text(dumps_json(manifest), encoding="utf-8")
+
+
+def write_served_files(folder: Path, manifest: dict, vectors: np.ndarray, settings: GallerySettings,
+                       expansion: int) -> None:
+    """The neighbours file (`expansion` k > 0) and the approximate index (a large enough gallery) of `vectors`,
+    the gallery in manifest order, into `folder`, each named in `manifest`."""
+    if expansion > 0 and len(vectors) > 1:
+        manifest["neighbours"], neighbours = write_neighbours(folder, vectors, expansion, settings)
+        vectors = expand_gallery(vectors, neighbours)
+    if builds_index(settings, len(vectors)):
+        manifest["index"] = write_index(folder, vectors, vectors_digest(manifest), settings)
 
 
 def write_neighbours(folder: Path, vectors: np.ndarray, k: int, settings: GallerySettings) -> tuple[dict, np.ndarray]:
