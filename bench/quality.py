@@ -47,8 +47,8 @@ OUT = ROOT / "bench" / "out" / "quality"
 SEMANTIC = {"ae_linear": True, "unit_embeddings": True, "semantic_classifier": True, "lambda_code": 1.0}
 # How the extractor reads the data (model settings, and features.tune_blocks: 0 unless given): "plain" photos
 # alone, "edges" photos with their edge maps (model.photo_edges), "lines" also the head-less backbone and sketch
-# and edge lines widened, "lines, tuned" (the default) also the backbone's last 4 blocks tuned on the fit classes;
-# the others are steps between them, for --features-grid.
+# and edge lines widened, "lines, tuned N" also the backbone's last N blocks tuned on the fit classes ("lines,
+# tuned" 4 of them; "lines, tuned 5" is the default); the others are steps between them, for --features-grid.
 FEATURES = {"plain": {"backbone": "efficientnet_lite0", "photo_edges": False, "thicken_lines": 1},
             "edges": {"backbone": "efficientnet_lite0", "photo_edges": True, "thicken_lines": 1},
             "edges, lines widened": {"backbone": "efficientnet_lite0", "photo_edges": True, "thicken_lines": 3},
@@ -57,8 +57,8 @@ FEATURES = {"plain": {"backbone": "efficientnet_lite0", "photo_edges": False, "t
             "lines, 5 px": {"backbone": "efficientnet_lite0_headless", "photo_edges": True, "thicken_lines": 5},
             **{f"lines, tuned{'' if n == 4 else f' {n}'}": {"backbone": "efficientnet_lite0_headless",
                                                              "photo_edges": True, "thicken_lines": 3, "tune_blocks": n}
-               for n in (1, 2, 4)}}  # features.tune_blocks 4 is the default
-DEFAULT_KIND = "lines, tuned"
+               for n in (1, 2, 4, 5, 6, 8)}}
+DEFAULT_KIND = "lines, tuned 5"  # features.tune_blocks 5
 UNTUNED = {kind: "lines" for kind in FEATURES if kind.startswith("lines, tuned")}  # baselines read the backbone
 # name -> (TrainRun fields, model.Config overrides on top of the preset, shuffle the class vectors, FEATURES key)
 CENTRED = {"preset": "tuned", "feature_norm": "centre", "feature_dim": 512}
@@ -71,7 +71,9 @@ EXPANDED = {**POSTERIOR, "query_expansion": 1}
 LINES_EXPANDED = {"posterior_weight": 256.0, "posterior_temperature": 3.5, "query_expansion": 3}
 WHITENED_EXPANDED = {"posterior_weight": 256.0, "posterior_temperature": 3.5, "query_expansion": 1}
 TUNED_EXPANDED = {"posterior_weight": 32.0, "posterior_temperature": 3.0, "query_expansion": 1}
-GALLERY_EXPANDED = {**TUNED_EXPANDED, "gallery_expansion": 5}  # the transfer preset's
+GALLERY_EXPANDED = {**TUNED_EXPANDED, "gallery_expansion": 5}
+FIVE_BLOCKS_EXPANDED = {"posterior_weight": 16.0, "posterior_temperature": 2.5, "query_expansion": 1,
+                        "gallery_expansion": 2}  # the transfer preset's
 # posterior_grid's candidates
 WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 TEMPERATURES = (0.5, 1.0, 2.0, 2.5, 3.0, 3.5, 4.0)
@@ -105,6 +107,9 @@ VARIANTS = {
     "tuned blocks, whitened, posterior, both expansions": (WHITENED, GALLERY_EXPANDED, False, "lines, tuned"),
     "tuned blocks, whitened, posterior, both expansions, vectors shuffled": (WHITENED, GALLERY_EXPANDED, True,
                                                                              "lines, tuned"),
+    "5 tuned blocks, whitened, posterior, both expansions": (WHITENED, FIVE_BLOCKS_EXPANDED, False, "lines, tuned 5"),
+    "5 tuned blocks, whitened, posterior, both expansions, vectors shuffled": (WHITENED, FIVE_BLOCKS_EXPANDED, True,
+                                                                               "lines, tuned 5"),
 }
 SKIPS = (0.0, 0.5, 0.75, 0.875, 1.0)
 RESULTS_VERSION = 2  # 2: each seed tunes a tuned kind's blocks again (before, seed 0's blocks served every seed)

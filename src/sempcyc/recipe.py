@@ -25,12 +25,12 @@ PRESETS = {
     # tuned, and retrieval distances taken from the (centred) input features, which keep what the backbone knows
     # about classes training never saw, and from the seen-class posterior, which keeps sketches of new classes
     # from finding training-class photos first; each query expanded with its nearest gallery item, each gallery
-    # item with its 5 nearest. All chosen on validation classes of the cross-artist data (README "Quality"): on
+    # item with its 2 nearest. All chosen on validation classes of the cross-artist data (README "Quality"): on
     # features whose last blocks are tuned (features.tune_blocks), any share of the generators' output lowered
     # them, so embed_skip is 1.
     "transfer": {"lambda_se": 1.0, "lambda_im": 1.0, "lambda_sk": 1.0, "train_classifiers": True,
-                 "embed_skip": 1.0, "posterior_weight": 32.0, "posterior_temperature": 3.0, "query_expansion": 1,
-                 "gallery_expansion": 5},
+                 "embed_skip": 1.0, "posterior_weight": 16.0, "posterior_temperature": 2.5, "query_expansion": 1,
+                 "gallery_expansion": 2},
 }
 
 
