@@ -6,7 +6,7 @@ gallery.ann_neighbour_nprobe values: seconds, and recall, the share of the exact
 Synthetic embeddings as bench/index.py draws them (class-like clusters in groups of look-alikes, L2-normalised),
 --dim wide (405: the demo model's retrieval vector), --per-class items a cluster. One thread.
 
-Usage: python bench/gallery_neighbours.py [--items 100000] [--dim 405] [--k 5] [--nprobe 4 8 16 32]
+Usage: python bench/gallery_neighbours.py [--items 100000] [--dim 405] [--k 2] [--nprobe 4 8 16 32]
                                           [--per-class 100] [--skip-exact]
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=405)
-    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--k", type=int, default=2, help="neighbours an item (the transfer preset's gallery_expansion)")
     parser.add_argument("--nprobe", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--skip-exact", action="store_true", help="time the index only (no recall)")
