@@ -13,7 +13,7 @@ with a few fields changed; `shuffled` variants permute the class vectors among t
 semantics used at all?).
 
 Usage (a project folder whose data/prepared/ was made by `dvc repro prepare`, e.g. on the cross-artist tar):
-  python bench/quality.py --project DIR [--seeds 0,1,2] [--only default,original] [--budget-min 30]
+  python bench/quality.py --project DIR [--seeds 0,1,2] [--only default,original] [--budget-min 30] [--jobs 2]
   python bench/quality.py --project DIR --features-grid      # how to read the data, on validation, no training
   python bench/quality.py --project DIR --posterior-grid     # posterior and expansion settings, on validation
 Writes bench/out/quality/<dataset>/results-<code>.json (runs are reused only for the same variants, training
@@ -22,9 +22,11 @@ and scoring code) and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -160,6 +162,24 @@ def cache_features(project: Path, out: Path, kind: str, test: bool = True, seed:
         print(f"quality: test features {key} ({len(shard[part])})", flush=True)
         read = lambda x, e=with_edges: extract(net, x, model.invert_sketch, e, model.thicken_lines)  # noqa: E731
         np.save(folder / f"test_{key}.npy", batched(read, shard[part], 64))
+
+
+def cache_all(project: Path, out: Path, kinds: list[str], seeds: list[int], jobs: int) -> None:
+    """cache_features for every kind and seed; a tuned kind's seeds (each tunes its blocks again, the bulk of a
+    cold run) in `jobs` processes of one torch thread each, after the other kinds (one folder for every seed)."""
+    tuned = [(kind, seed) for kind in kinds if "tune_blocks" in FEATURES[kind] for seed in seeds]
+    for kind in kinds:
+        if "tune_blocks" not in FEATURES[kind]:
+            cache_features(project, out, kind)
+    if jobs <= 1:
+        for kind, seed in tuned:
+            cache_features(project, out, kind, seed=seed)
+        return
+    spawn = multiprocessing.get_context("spawn")  # a forked child of a process that ran OpenMP can hang
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=spawn, initializer=torch.set_num_threads,
+                                                initargs=(1,)) as pool:
+        for done in [pool.submit(cache_features, project, out, kind, True, seed) for kind, seed in tuned]:
+            done.result()
 
 
 def test_labels(project: Path) -> tuple[dict, np.ndarray]:
@@ -374,6 +394,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--only", default="", help="variant names separated by ; (default: all)")
     parser.add_argument("--budget-min", type=float, default=60, help="start no new run after this many minutes")
+    parser.add_argument("--jobs", type=int, default=1, help="processes that tune and embed a tuned kind's seeds at "
+                        "once (one torch thread each; 2 on a 2-core machine halves a cold run's caching)")
     parser.add_argument("--features-grid", action="store_true",
                         help="only the validation zero-shot mAP@all of each way of reading the data (FEATURES), "
                              "with no training: how the default's input features were chosen")
@@ -397,9 +419,7 @@ def main() -> None:
     names = [n.strip() for n in args.only.split(";") if n.strip()] or list(VARIANTS)
     kinds = {VARIANTS[n][3] for n in names}
     seeds = [int(s) for s in args.seeds.split(",")]
-    for kind in sorted(kinds | {UNTUNED[k] for k in kinds if k in UNTUNED}):
-        for seed in seeds:
-            cache_features(args.project, out, kind, seed=seed)
+    cache_all(args.project, out, sorted(kinds | {UNTUNED[k] for k in kinds if k in UNTUNED}), seeds, args.jobs)
     # results are reused only for the same variant definitions, skips, training and scoring code
     code = b"".join((ROOT / "src/sempcyc" / f).read_bytes() for f in ("runtime/model.py", "train.py", "evaluate.py",
                                                                           "runtime/retrieval.py"))
