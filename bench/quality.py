@@ -395,7 +395,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="variant names separated by ; (default: all)")
     parser.add_argument("--budget-min", type=float, default=60, help="start no new run after this many minutes")
     parser.add_argument("--jobs", type=int, default=1, help="processes that tune and embed a tuned kind's seeds at "
-                        "once (one torch thread each; 2 on a 2-core machine halves a cold run's caching)")
+                        "once, one torch thread each (at most one a free core)")
     parser.add_argument("--features-grid", action="store_true",
                         help="only the validation zero-shot mAP@all of each way of reading the data (FEATURES), "
                              "with no training: how the default's input features were chosen")
