@@ -262,19 +262,23 @@ def write_sharded(out: Path, meta: dict, items: list[tuple[str, str]], embedding
                            "bytes": len(data), "items": len(rows)})
         manifest = {**meta, "shards": shards}
         order = [i for bucket in sorted(buckets) for i in buckets[bucket]]  # manifest order
-        if (expansion > 0 and len(order) > 1) or builds_index(settings, len(order)):  # else no copy of the vectors
-            write_served_files(scratch, manifest, embeddings[order], settings, expansion)
+        write_served_files(scratch, manifest, embeddings, order, settings, expansion)
         (scratch / MANIFEST).write_text(dumps_json(manifest), encoding="utf-8")
 
 
-def write_served_files(folder: Path, manifest: dict, vectors: np.ndarray, settings: GallerySettings,
-                       expansion: int) -> None:
-    """The neighbours file (`expansion` k > 0) and the approximate index (a large enough gallery) of `vectors`,
-    the gallery in manifest order, into `folder`, each named in `manifest`."""
-    if expansion > 0 and len(vectors) > 1:
+def write_served_files(folder: Path, manifest: dict, embeddings: np.ndarray, order: list[int],
+                       settings: GallerySettings, expansion: int) -> None:
+    """The neighbours file (`expansion` k > 0) and the approximate index (a large enough gallery) of the gallery
+    in manifest order (`embeddings[order]`, copied only when one of them is written), into `folder`, each named
+    in `manifest`."""
+    expands, indexes = expansion > 0 and len(order) > 1, builds_index(settings, len(order))
+    if not (expands or indexes):
+        return
+    vectors = embeddings[order]
+    if expands:
         manifest["neighbours"], neighbours = write_neighbours(folder, vectors, expansion, settings)
         vectors = expand_gallery(vectors, neighbours)
-    if builds_index(settings, len(vectors)):
+    if indexes:
         manifest["index"] = write_index(folder, vectors, vectors_digest(manifest), settings)
 
 
@@ -298,9 +302,7 @@ def write_neighbours(folder: Path, vectors: np.ndarray, k: int, settings: Galler
 def approximate_neighbours(vectors: np.ndarray, k: int, settings: GallerySettings) -> np.ndarray:
     """gallery_neighbours through an IVF index of `vectors` built with the gallery's ann settings."""
     k = min(k, len(vectors) - 1)
-    index = ann.IVFIndex.build(vectors, settings.ann_nlist or ann.default_nlist(len(vectors)), "",
-                               seed=settings.ann_seed, iterations=settings.ann_iterations,
-                               sample_per_list=settings.ann_sample_per_list)
+    index = build_ivf(vectors, "", settings)
     rows, block = [], 4096
     for start in tqdm(range(0, len(vectors), block), desc="gallery neighbours", unit="block", mininterval=2):
         nearest, _ = index.search(vectors[start:start + block], k + 1, settings.ann_neighbour_nprobe)
@@ -312,12 +314,19 @@ def write_index(folder: Path, vectors: np.ndarray, digest: str, settings: Galler
     """An IVF index (runtime/ann.py) of `vectors` (the gallery's as served, in manifest order) saved as
     `folder`/ivf.npz; its manifest entry."""
     started = time.time()
-    nlist = settings.ann_nlist or ann.default_nlist(len(vectors))
-    index = ann.IVFIndex.build(vectors, nlist, digest, seed=settings.ann_seed, iterations=settings.ann_iterations,
-                               sample_per_list=settings.ann_sample_per_list)
+    index = build_ivf(vectors, digest, settings)
     index.save(folder / INDEX_FILE)
-    print(f"gallery: IVF index of {len(vectors)} items in {nlist} lists in {time.time() - started:.1f} s")
-    return {"file": INDEX_FILE, "sha256": sha256_file(folder / INDEX_FILE), "nlist": nlist, "gallery_digest": digest}
+    print(f"gallery: IVF index of {len(vectors)} items in {index.nlist} lists in {time.time() - started:.1f} s")
+    return {"file": INDEX_FILE, "sha256": sha256_file(folder / INDEX_FILE), "nlist": index.nlist,
+            "gallery_digest": digest}
+
+
+def build_ivf(vectors: np.ndarray, digest: str, settings: GallerySettings) -> ann.IVFIndex:
+    """An IVF index of `vectors` built with the gallery's ann settings (gallery.ann_nlist lists, or
+    ann.default_nlist's for the size)."""
+    return ann.IVFIndex.build(vectors, settings.ann_nlist or ann.default_nlist(len(vectors)), digest,
+                              seed=settings.ann_seed, iterations=settings.ann_iterations,
+                              sample_per_list=settings.ann_sample_per_list)
 
 
 def make_thumbnails(dataset: Path, items: list[tuple[str, str]], size: int) -> list[bytes]:
