@@ -18,16 +18,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
 
 from hosts import Host, start_sshd  # noqa: E402
-from sempcyc import deploy  # noqa: E402
 from sempcyc import params as params_mod  # noqa: E402
 from sempcyc.runtime.search import SketchSearch  # noqa: E402
 from sempcyc.serving import ServeSettings, pick_queries  # noqa: E402
+from sempcyc.stages import deploy  # noqa: E402
 
 
 def main() -> None:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     mar = REPO / "models/sem_pcyc.mar"
-    release = deploy.release_of(mar)
+    release = deploy.checked_archive(mar)
     name, sketch = pick_queries(REPO / "data/dataset", REPO / "data/prepared/splits.json", per_class=1)[0]
     (serve,) = params_mod.read(REPO / "params.yaml", ServeSettings)
     offline = SketchSearch.load(REPO / "models/sem_pcyc.pt", REPO / "models/gallery", top_k=serve.top_k,

@@ -22,7 +22,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from sempcyc import extract, params  # noqa: E402
+from sempcyc import params  # noqa: E402
+from sempcyc.stages import extract
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = params.read(ROOT / "params.yaml", extract.DataSettings)[0]  # the repository's folders and caps

@@ -33,13 +33,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
 
 from hosts import Host, start_sshd  # noqa: E402
-from sempcyc import archive, blobstore, deploy  # noqa: E402
+from sempcyc import blobstore  # noqa: E402
 from sempcyc import params as params_mod  # noqa: E402
 from sempcyc.fsutil import sha256_file  # noqa: E402
-from sempcyc.gallery import THUMB_FORMAT, GallerySettings, write_sharded  # noqa: E402
 from sempcyc.runtime.encoder import Encoder  # noqa: E402
 from sempcyc.runtime.search import SketchSearch  # noqa: E402
 from sempcyc.serving import ReleaseSettings, ServeSettings  # noqa: E402
+from sempcyc.stages import archive, deploy  # noqa: E402
+from sempcyc.stages.gallery import THUMB_FORMAT, GallerySettings, write_sharded  # noqa: E402
 
 CLASSES, PER_CLASS, NEW_CLASSES, THUMB_BYTES, THUMB_ITEMS = 1000, 100, 10, 345, 20_000
 SERVE = dataclasses.replace(params_mod.read(REPO / "params.yaml", ServeSettings)[0], batch_size=1, check_requests=8)
@@ -120,7 +121,7 @@ def deployed(mars: dict[str, Path], tmp: Path, model: Path) -> dict[str, int]:
                                            max_pixels=SERVE.max_pixels)
                 expected = search.search([sketch])[0]
                 t0 = time.perf_counter()
-                receipt = deploy.deploy_target(host.target(sshd), deploy.release_of(mar), sketch, expected,
+                receipt = deploy.deploy_target(host.target(sshd), deploy.checked_archive(mar), sketch, expected,
                                                len(expected))
                 blobs = receipt.get("blobs") or {"sent": [], "reused": 0}
                 print(f"deploy {version}: {receipt['status']} in {time.perf_counter() - t0:.1f} s, "

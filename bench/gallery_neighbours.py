@@ -29,8 +29,8 @@ sys.path[:0] = [str(REPO / "src"), str(REPO / "bench")]
 from index import Mixture  # noqa: E402
 
 from sempcyc import params as params_mod  # noqa: E402
-from sempcyc.gallery import GallerySettings, approximate_neighbours  # noqa: E402
 from sempcyc.runtime.retrieval import gallery_neighbours  # noqa: E402
+from sempcyc.stages.gallery import GallerySettings, approximate_neighbours  # noqa: E402
 
 
 def recall(found: np.ndarray, exact: np.ndarray) -> float:

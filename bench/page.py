@@ -34,7 +34,6 @@ from playwright.sync_api import sync_playwright
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from sempcyc import archive  # noqa: E402
 from sempcyc import params as params_mod  # noqa: E402
 from sempcyc.runtime.gallery_shards import (  # noqa: E402
     MANIFEST,
@@ -45,6 +44,7 @@ from sempcyc.runtime.gallery_shards import (  # noqa: E402
     unpack_shard,
 )
 from sempcyc.serving import ReleaseSettings, ServeSettings, models_config  # noqa: E402
+from sempcyc.stages import archive  # noqa: E402
 from sempcyc.torchserve import TorchServe  # noqa: E402
 
 OUT = REPO / "bench/out/page"

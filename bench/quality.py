@@ -37,13 +37,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from sempcyc import evaluate, features, params, train  # noqa: E402
+from sempcyc import params  # noqa: E402
 from sempcyc.recipe import ModelSettings  # noqa: E402
 from sempcyc.runtime import model as model_mod  # noqa: E402
 from sempcyc.runtime import retrieval  # noqa: E402
 from sempcyc.runtime.backbones import Extractor, batched, extract  # noqa: E402
 from sempcyc.shards import load_test_shard, load_train_shard  # noqa: E402
 from sempcyc.split import SplitSettings  # noqa: E402
+from sempcyc.stages import evaluate, features, train  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "quality"
 SEMANTIC = {"ae_linear": True, "unit_embeddings": True, "semantic_classifier": True, "lambda_code": 1.0}

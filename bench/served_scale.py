@@ -35,12 +35,12 @@ from index import Mixture  # noqa: E402
 from serving import measure  # noqa: E402
 
 from sempcyc import params as params_mod  # noqa: E402
-from sempcyc.archive import build_archive  # noqa: E402
 from sempcyc.fsutil import sha256_file  # noqa: E402
-from sempcyc.gallery import THUMB_FORMAT, GallerySettings, write_sharded  # noqa: E402
 from sempcyc.runtime.encoder import Encoder  # noqa: E402
 from sempcyc.runtime.gallery_shards import EMBEDDING_DTYPE  # noqa: E402
 from sempcyc.serving import ReleaseSettings, ServeSettings, pick_queries  # noqa: E402
+from sempcyc.stages.archive import build_archive  # noqa: E402
+from sempcyc.stages.gallery import THUMB_FORMAT, GallerySettings, write_sharded  # noqa: E402
 
 CLASSES = 2000
 

@@ -42,10 +42,10 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 
 from sempcyc import params as params_mod  # noqa: E402
-from sempcyc import train  # noqa: E402
 from sempcyc.runtime.backbones import Extractor, to_input  # noqa: E402
 from sempcyc.runtime.model import train_step  # noqa: E402
 from sempcyc.shards import load_train_shard  # noqa: E402
+from sempcyc.stages import train  # noqa: E402
 
 TRAIN_DIR = ROOT / "data" / "prepared" / "train"
 

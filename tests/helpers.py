@@ -15,10 +15,11 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
-from sempcyc import archive, cli
+from sempcyc import cli
 from sempcyc.params import read_section
 from sempcyc.serving import ReleaseSettings, ServeSettings
 from sempcyc.split import hash_unit
+from sempcyc.stages import archive
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

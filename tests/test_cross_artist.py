@@ -24,7 +24,8 @@ import yaml
 from PIL import Image
 
 from helpers import REPO, call, one_line_error
-from sempcyc import cross_artist, iconify
+from sempcyc.commands import cross_artist as cross_artist_command
+from sempcyc.datasets import cross_artist, iconify
 from sempcyc.errors import UserError
 
 SMALL = {"classes": 0, "images_per_class": 3, "sketches_per_class": 2, "size": 64, "seed": 0}
@@ -103,7 +104,7 @@ def build(tmp_path: Path, packages: Path, pins: Path, name: str = "x", workers: 
     params_path = folder / "params.yaml"
     params_path.write_text(yaml.safe_dump({"cross_artist": {**SMALL, **overrides}}), encoding="utf-8")
     out = folder / "cross.tar"
-    cross_artist.run(argparse.Namespace(params=str(params_path), out=str(out), workers=workers,
+    cross_artist_command.run(argparse.Namespace(params=str(params_path), out=str(out), workers=workers,
                                         packages=str(packages), pins=str(pins)))
     return out
 

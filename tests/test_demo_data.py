@@ -15,8 +15,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from sempcyc import demo_data, emoji_art, emoji_catalogue
+from sempcyc.datasets import demo, emoji_art, emoji_catalogue
 from sempcyc.errors import UserError
+from sempcyc.stages import demo_data
 
 SMALL = {"classes": 4, "images_per_class": 2, "sketches_per_class": 2, "size": 64, "seed": 0}
 
@@ -127,7 +128,7 @@ def test_attribution_names_openmoji_and_its_license(tmp_path):
 def test_sketch_is_not_a_pixel_copy_of_the_clean_outline(tmp_path):
     files = members(build(tmp_path))
     svg_files = emoji_art.openmoji_svg_files()
-    for emoji in demo_data.available_classes(svg_files)[:SMALL["classes"]]:
+    for emoji in demo.available_classes(svg_files)[:SMALL["classes"]]:
         root = emoji_art.parse_svg(svg_files[emoji.svg_file].read_text(encoding="utf-8"))
         rgba = emoji_art.render_rgba(emoji_art.outline_svg(root, emoji_art.affine_about_centre()), 64)
         clean = 255.0 - rgba[..., 3].astype(np.float32)  # black lines on white
@@ -139,7 +140,7 @@ def test_sketch_is_not_a_pixel_copy_of_the_clean_outline(tmp_path):
 
 def test_images_have_no_outline_layer():
     svg_files = emoji_art.openmoji_svg_files()
-    emoji = next(c for c in demo_data.available_classes(svg_files) if c.name == "red_apple")
+    emoji = next(c for c in demo.available_classes(svg_files) if c.name == "red_apple")
     root = emoji_art.parse_svg(svg_files[emoji.svg_file].read_text(encoding="utf-8"))
     colour = emoji_art.parse_svg(emoji_art.colour_svg(root, emoji_art.affine_about_centre()))
     ids = {e.get("id") for e in colour.iter()}
@@ -205,7 +206,7 @@ def test_class_names_from_unicode():
 
 
 def test_catalogue_holds_only_concrete_objects():
-    catalogue = demo_data.available_classes()
+    catalogue = demo.available_classes()
     names = [c.name for c in catalogue]
     assert len(catalogue) >= 150
     assert len(set(names)) == len(names)
@@ -229,7 +230,7 @@ def test_catalogue_does_not_depend_on_the_python_unicode_version():
 
 
 def test_build_catalogue_ignores_sequences_and_compressed_copies():
-    catalogue = demo_data.build_catalogue(["1F34E.svg", "1F34E.svg.gz", "1F468-200D-1F373.svg", "1F600.svg",
+    catalogue = demo.build_catalogue(["1F34E.svg", "1F34E.svg.gz", "1F468-200D-1F373.svg", "1F600.svg",
                                            "1F418.svg", "E000.svg"])
     assert sorted(c.name for c in catalogue) == ["elephant", "red_apple"]
 

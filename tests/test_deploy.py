@@ -38,12 +38,13 @@ from helpers import (
     write_tar,
 )
 from hosts import Host, start_sshd, target_dict
-from sempcyc import archive, blobstore, deploy
+from sempcyc import blobstore, ssh_host, torchserve_host
 from sempcyc.errors import UserError
 from sempcyc.fsutil import sha256_file
 from sempcyc.params import read_section
 from sempcyc.runtime.search import SketchSearch
 from sempcyc.serving import ReleaseSettings, ServeSettings, same_ranking
+from sempcyc.stages import archive, deploy
 from sempcyc.targets import DeploySettings, parse_targets
 from sempcyc.torchserve import free_port
 
@@ -122,7 +123,7 @@ def host(tmp_path_factory):
 def do_deploy(artifacts, target, mar) -> dict:
     mar = Path(mar)
     expected = artifacts["expected2" if mar == artifacts["mars"]["0.4.0"] else "expected"]
-    return deploy.deploy_target(target, deploy.release_of(mar), artifacts["sketch"], expected, artifacts["k"])
+    return deploy.deploy_target(target, deploy.checked_archive(mar), artifacts["sketch"], expected, artifacts["k"])
 
 
 def blob_sizes(mar: Path) -> dict[str, int]:
@@ -326,12 +327,12 @@ def test_blob_store_setting(artifacts, sshd, tmp_path):
 def test_truncated_upload_is_not_registered(artifacts, sshd, tmp_path, monkeypatch):
     h = Host(tmp_path / "host").start()
     try:
-        real_upload = deploy.HostSession.upload
+        real_upload = ssh_host.HostSession.upload
 
         def truncated(self, source, remote, size):  # the transfer loses its tail
             cut = source.read()[:-1000]
             real_upload(self, io.BytesIO(cut), remote, len(cut))
-        monkeypatch.setattr(deploy.HostSession, "upload", truncated)
+        monkeypatch.setattr(ssh_host.HostSession, "upload", truncated)
         receipt = do_deploy(artifacts, h.target(sshd), artifacts["mars"]["0.1.0"])
         assert_failed_at(receipt, "verify", "checksum mismatch", "sem_pcyc.pt")
         assert h.versions() == []
@@ -456,13 +457,13 @@ def test_unreachable_inference_api_after_registration_rolls_back(artifacts, sshd
 def test_socket_timeout_in_a_remote_command_is_a_failed_step(artifacts, sshd, host, monkeypatch):
     """A socket timeout outside the HTTP calls (here: the checksum command after the upload)."""
     before = host_state(host)
-    real_run = deploy.HostSession.run
+    real_run = ssh_host.HostSession.run
 
     def hangs(self, command, check=True):
         if ".partial-" in command:
             raise TimeoutError("timed out")
         return real_run(self, command, check)
-    monkeypatch.setattr(deploy.HostSession, "run", hangs)
+    monkeypatch.setattr(ssh_host.HostSession, "run", hangs)
     receipt = do_deploy(artifacts, host.target(sshd), artifacts["mars"]["broken"])
     assert_failed_at(receipt, "verify", "TimeoutError", "timed out")
     assert host_state(host) == before  # the partial upload is removed, nothing registered
@@ -523,7 +524,7 @@ def test_stale_config_is_fixed_when_the_version_is_already_live(artifacts, sshd,
         def dropped(self, path, text):
             raise EOFError()
         with monkeypatch.context() as patch:
-            patch.setattr(deploy.HostSession, "write_text_atomic", dropped)
+            patch.setattr(ssh_host.HostSession, "write_text_atomic", dropped)
             broken = do_deploy(artifacts, h.target(sshd), artifacts["mars"]["0.2.0"])
         assert_failed_at(broken, "config", "EOFError")
         assert "rolled_back" not in broken and h.default() == "0.2.0"
@@ -549,7 +550,7 @@ def test_config_rewrite_keeps_mode_and_owner_or_writes_in_place(sshd, host, tmp_
     config.write_text("a=1\n")
     os.chmod(config, 0o604)
     os.chown(config, 4321, 4322)
-    session = deploy.HostSession(host.target(sshd, ts_config=str(config))).connect()
+    session = ssh_host.HostSession(host.target(sshd, ts_config=str(config))).connect()
     try:
         session.write_text_atomic(str(config), "a=2\n")
         info = config.stat()
@@ -579,7 +580,7 @@ def test_load_models_all_keeps_every_model_and_the_default_first(artifacts, sshd
         for version in ("0.1.0", "0.2.0"):
             assert do_deploy(artifacts, h.target(sshd), artifacts["mars"][version])["status"] == "deployed"
         written = h.config.read_text()
-        assert deploy.ALL_MARKER in written.splitlines()
+        assert torchserve_host.ALL_MARKER in written.splitlines()
         assert config_props(h.config)["load_models"] == "sem_pcyc-0.2.0.mar,sem_pcyc-0.1.0.mar,other.mar"
         h.restart()
         assert h.default() == "0.2.0" and h.versions() == ["0.1.0", "0.2.0"]
@@ -697,7 +698,7 @@ def test_bad_target_params(tmp_path, target, message):
     assert "hunter2" not in proc.stderr and "abc" not in proc.stderr.replace("deploy.targets", "")
 
 
-# a target's workers and batching, as deploy.worker_settings writes them into the models JSON
+# a target's workers and batching, as torchserve_host.worker_settings writes them into the models JSON
 WORKERS1 = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 2, "maxBatchDelay": 1}
 WORKERS2 = {"minWorkers": 2, "maxWorkers": 2, "batchSize": 8, "maxBatchDelay": 5}
 
@@ -705,7 +706,7 @@ WORKERS2 = {"minWorkers": 2, "maxWorkers": 2, "batchSize": 8, "maxBatchDelay": 5
 def test_updated_ts_config_keeps_other_settings():
     text = "inference_address=http://127.0.0.1:1\nload_models=other.mar,sem_pcyc-0.0.1.mar\n" \
            'models={"other": {"1.0": {"marName": "other.mar", "defaultVersion": true}}}\n'
-    out = deploy.updated_ts_config(text, "sem_pcyc", ["0.1.0", "0.2.0"], "0.2.0", WORKERS2)
+    out = torchserve_host.updated_ts_config(text, "sem_pcyc", ["0.1.0", "0.2.0"], "0.2.0", WORKERS2)
     props = dict(line.split("=", 1) for line in out.splitlines())
     assert props["inference_address"] == "http://127.0.0.1:1"
     # the default first: TorchServe makes the first version it loads the default, whatever the JSON says
@@ -721,20 +722,21 @@ def test_updated_ts_config_all_other_models_and_extras():
     store = ["zeta.mar", "sem_pcyc-0.1.0.mar", "models-dir", "sem_pcyc-extra-1.0.mar"]
     text = ("# host\nload_models=ALL\nmodels={\"sem_pcyc\": {\"0.1.0\": {\"batchSize\": 4}}, "
             "\"zeta\": {\"2\": {}}}\n")
-    out = deploy.updated_ts_config(text, "sem_pcyc", ["0.1.0", "0.2.0"], "0.2.0", WORKERS1, store)
+    out = torchserve_host.updated_ts_config(text, "sem_pcyc", ["0.1.0", "0.2.0"], "0.2.0", WORKERS1, store)
     props = config_props_text(out)
     assert props["load_models"] == "sem_pcyc-0.2.0.mar,sem_pcyc-0.1.0.mar,zeta.mar,models-dir,sem_pcyc-extra-1.0.mar"
-    assert out.splitlines()[1] == deploy.ALL_MARKER and out.startswith("# host\n")
+    assert out.splitlines()[1] == torchserve_host.ALL_MARKER and out.startswith("# host\n")
     models = json.loads(props["models"])
     # the target's batching replaces what the host had for our versions; other models are left as they were
     assert models["zeta"] == {"2": {}} and models["sem_pcyc"]["0.1.0"]["batchSize"] == 2
     # idempotent, and the marker keeps listing the store at the next deploy
-    assert deploy.updated_ts_config(out, "sem_pcyc", ["0.1.0", "0.2.0"], "0.2.0", WORKERS1, store) == out
-    later = deploy.updated_ts_config(out, "sem_pcyc", ["0.2.0", "0.3.0"], "0.3.0", WORKERS1, store + ["new.mar"])
-    assert config_props_text(later)["load_models"].endswith(",new.mar") and later.count(deploy.ALL_MARKER) == 1
+    assert torchserve_host.updated_ts_config(out, "sem_pcyc", ["0.1.0", "0.2.0"], "0.2.0", WORKERS1, store) == out
+    later = torchserve_host.updated_ts_config(out, "sem_pcyc", ["0.2.0", "0.3.0"], "0.3.0", WORKERS1,
+                                              store + ["new.mar"])
+    assert config_props_text(later)["load_models"].endswith(",new.mar") and later.count(torchserve_host.ALL_MARKER) == 1
     # a plain list keeps other models' entries where and as they were (their first is their default)
     listed = "load_models=b-2.mar,sem_pcyc-0.1.0.mar,b-1.mar,sem_pcyc=x/sem_pcyc-0.0.9.mar,c=c.mar\n"
-    out = deploy.updated_ts_config(listed, "sem_pcyc", ["0.2.0"], "0.2.0", WORKERS1, store)
+    out = torchserve_host.updated_ts_config(listed, "sem_pcyc", ["0.2.0"], "0.2.0", WORKERS1, store)
     assert config_props_text(out)["load_models"] == "sem_pcyc-0.2.0.mar,b-2.mar,b-1.mar,c=c.mar"
 
 

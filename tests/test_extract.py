@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from helpers import class_files, png_bytes, repo_params, run_cli, write_params, write_tar
-from sempcyc import extract
 from sempcyc.errors import UserError
 from sempcyc.params import read_section
 from sempcyc.runtime import imaging
+from sempcyc.stages import extract
 
 DATA = read_section(repo_params(), extract.DataSettings)  # the repository's data section: its folders and caps
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from helpers import class_files, repo_params, write_params, write_tar
-from sempcyc import extract, prepare
 from sempcyc import split as split_mod
 from sempcyc.errors import UserError
 from sempcyc.fsutil import dumps_json
 from sempcyc.params import read_section
+from sempcyc.stages import extract, prepare
 
 
 def counts(classes):

@@ -47,9 +47,9 @@ from helpers import (
     write_tar,
 )
 from hosts import Host, target_dict, wait_port
-from sempcyc import release as release_mod
+from sempcyc.commands import release as release_mod
+from sempcyc.commands.release import gate_note, next_version, quality_gate, real_changes, set_release_version
 from sempcyc.errors import UserError
-from sempcyc.release import gate_note, next_version, quality_gate, real_changes, set_release_version
 from sempcyc.runtime.search import SketchSearch
 from sempcyc.serving import same_ranking
 from sempcyc.split import hash_unit
@@ -751,7 +751,7 @@ def test_quality_gate_tolerance_edges():
 
 def gate_run(override: bool) -> release_mod.Release:
     args = argparse.Namespace(override_gate=override)
-    return release_mod.Release(args, Path("params.yaml"), None, None)
+    return release_mod.ReleaseRun(args, Path("params.yaml"), None, None)
 
 
 @pytest.mark.parametrize("override", [False, True])
@@ -792,7 +792,7 @@ IMPORTED = {"data/registry.tar.dvc"}
     (["params.yaml"], LEFTOVER_PARAMS.replace("version: 9.9.9", "version: 9.9.8"), ["params.yaml"]),
     (["params.yaml"], None, ["params.yaml"]),                                   # deleted
     (["params.yaml"], "release: [", ["params.yaml"]),                          # not a release block any more
-    (["dvc.lock", "src/sempcyc/train.py"], LEFTOVER_PARAMS, ["src/sempcyc/train.py"]),
+    (["dvc.lock", "src/sempcyc/stages/train.py"], LEFTOVER_PARAMS, ["src/sempcyc/stages/train.py"]),
     (["data/other.tar.dvc", "reports/evaluation.txt", "dvclive.yaml"], HEAD_PARAMS,
      ["data/other.tar.dvc", "reports/evaluation.txt", "dvclive.yaml"]),
 ])

@@ -8,8 +8,8 @@ import pytest
 from scipy.spatial.distance import cdist
 from sklearn.metrics import average_precision_score
 
-from sempcyc import evaluate
 from sempcyc.runtime import retrieval
+from sempcyc.stages import evaluate
 
 
 def ranked(relevance: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

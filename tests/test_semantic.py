@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from helpers import repo_params, write_params
-from sempcyc import semantic
 from sempcyc.errors import UserError
 from sempcyc.params import read_section
-from sempcyc.semantic import Settings
+from sempcyc.stages import semantic
+from sempcyc.stages.semantic import Settings
 
 
 def settings(**values) -> Settings:
@@ -91,7 +91,7 @@ def test_minilm_encoder_equals_sentence_transformers(minilm):
 
 def test_minilm_loads_without_sentence_transformers():
     """The point of sempcyc.minilm: the stage never imports sentence-transformers or transformers."""
-    code = ("import sys; from sempcyc import semantic; semantic.minilm_vectors(['cat'], progress=False); "
+    code = ("import sys; from sempcyc.stages import semantic; semantic.minilm_vectors(['cat'], progress=False); "
             "print(sorted(m for m in ('sentence_transformers', 'transformers', 'huggingface_hub') "
             "if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -128,7 +128,7 @@ def test_minilm_thread_count_restored(minilm):
 # With float32 encodings these settings changed every row in the last bits (up to 1.6e-7).
 OLDER_CPU = {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "DNNL_MAX_CPU_ISA": "SSE41"}
 ENCODE = """import sys, torch
-from sempcyc import semantic
+from sempcyc.stages import semantic
 torch.set_num_threads(int(sys.argv[1]))
 settings = semantic.Settings(backend="minilm", word2vec_path=None, word2vec_binary=None, synonyms_path=None)
 vectors, _ = semantic.compute(sys.argv[2:], settings, progress=False)
@@ -525,7 +525,7 @@ def test_cli_help():
 
 
 def test_module_import_loads_no_backend():
-    code = ("import sys, sempcyc.semantic; "
+    code = ("import sys, sempcyc.stages.semantic; "
             "print(any(m in sys.modules for m in ('sentence_transformers', 'gensim')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "False", result.stderr

@@ -44,11 +44,12 @@ from helpers import (
     run_cli,
 )
 from helpers import PARAMS as STAGE_PARAMS
-from sempcyc import serve_check, serving, torchserve
+from sempcyc import serving, torchserve
 from sempcyc.errors import UserError
 from sempcyc.runtime.ann import IVFIndex
 from sempcyc.runtime.gallery_shards import GalleryError, load_gallery, read_manifest
 from sempcyc.runtime.search import RequestError, SketchSearch
+from sempcyc.stages import serve_check
 
 # The tiny dataset and params of test_stages (12 classes, 3 on the unseen side -> 6 query sketches, 48 gallery
 # images), with one training epoch and the serving sections added.

@@ -38,9 +38,6 @@ from helpers import (
     write_tar,
 )
 from sempcyc import embedcache
-from sempcyc import evaluate as evaluate_mod
-from sempcyc import gallery as gallery_mod
-from sempcyc import train as train_mod
 from sempcyc.evaluation import BASELINES
 from sempcyc.fsutil import sha256_file
 from sempcyc.runtime import ann, imaging
@@ -57,6 +54,9 @@ from sempcyc.runtime.gallery_shards import (
 )
 from sempcyc.runtime.retrieval import expand_gallery, gallery_neighbours
 from sempcyc.shards import load_train_shard
+from sempcyc.stages import evaluate as evaluate_mod
+from sempcyc.stages import gallery as gallery_mod
+from sempcyc.stages import train as train_mod
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LOSSES = {"ae", "gen", "gen_adv", "gen_cyc", "gen_cls", "gen_reg", "gen_code", "disc", "disc_se", "disc_sk", "disc_im"}

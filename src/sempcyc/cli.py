@@ -11,40 +11,51 @@ import sys
 
 from .errors import UserError
 
-# command -> (module, one-line help)
+# command -> (module under sempcyc: stages.* are exactly dvc.yaml's stages, commands.* the others; one-line help)
 COMMANDS = {
-    "demo-data": ("demo_data", "Render the built-in demo dataset (OpenMoji emoji as coloured images and hand-drawn-"
-                               "looking sketches)."),
-    "cross-artist": ("cross_artist", "Render the cross-artist benchmark: per class, photos from one artist's colour "
-                                     "emoji, sketches from another's line art (needs scripts/iconify.sh)."),
-    "extract": ("extract", "Safely extract and validate the dataset tar (param data.tar) into data/dataset/ and "
-                           "data/dataset.json."),
-    "semantic": ("semantic", "Compute one semantic vector per class name (param semantic.backend: minilm, "
-                             "packaged and offline, or a word2vec file) into data/semantic/."),
-    "prepare": ("prepare", "Split classes into seen/unseen (stable under additions) and write uint8 train/test "
-                           "arrays."),
-    "features": ("features", "Fine-tune sketch/image extractors on seen classes (features.epochs, 0 = ImageNet as "
-                             "is), cache features."),
-    "train": ("train", "Train SEM-PCYC on cached features (params model.*, train.*); logs with DVCLive, resumes, "
-                       "early-stops."),
-    "evaluate": ("evaluate", "Evaluate zero-shot and generalised retrieval (mAP@all, P@k, 64-bit ITQ) against "
-                             "baselines."),
-    "gallery": ("gallery", "Embed every gallery image with the trained model (only new images when a cache "
-                           "exists)."),
-    "archive": ("archive", "Package model, gallery and handler into a self-contained TorchServe .mar (version = "
-                           "release.version)."),
-    "serve-check": ("serve_check", "Serve the .mar in an isolated TorchServe; check schema, parity with offline "
-                                   "search, load, bad input."),
-    "deploy": ("deploy", "Deploy the .mar to the TorchServe hosts in deploy.targets over SSH (rolling; rollback "
-                         "on failure)."),
-    "serve": ("serve", "Serve models/sem_pcyc.mar on localhost in the foreground (Ctrl-C stops it), with a curl "
-                       "line to try and the sketch page."),
-    "ui": ("ui", "The sketch page against a running TorchServe (--inference-url, e.g. a deployed host through an "
-                 "SSH tunnel)."),
-    "release": ("release", "Release: update data, retrain what changed, gate on quality, commit and tag, push data, "
-                           "tag and branch, then deploy."),
-    "report": ("report", "Write reports/report.md: diffs against the previous release, curves, retrieval grid, "
-                         "serve/deploy summary."),
+    "demo-data": ("stages.demo_data",
+               "Render the built-in demo dataset (OpenMoji emoji as coloured images and hand-drawn-looking "
+               "sketches)."),
+    "cross-artist": ("commands.cross_artist",
+               "Render the cross-artist benchmark: per class, photos from one artist's colour emoji, sketches from "
+               "another's line art (needs scripts/iconify.sh)."),
+    "extract": ("stages.extract",
+               "Safely extract and validate the dataset tar (param data.tar) into data/dataset/ and "
+               "data/dataset.json."),
+    "semantic": ("stages.semantic",
+               "Compute one semantic vector per class name (param semantic.backend: minilm, packaged and offline, or"
+               " a word2vec file) into data/semantic/."),
+    "prepare": ("stages.prepare",
+               "Split classes into seen/unseen (stable under additions) and write uint8 train/test arrays."),
+    "features": ("stages.features",
+               "Fine-tune sketch/image extractors on seen classes (features.epochs, 0 = ImageNet as is), cache "
+               "features."),
+    "train": ("stages.train",
+               "Train SEM-PCYC on cached features (params model.*, train.*); logs with DVCLive, resumes, early-"
+               "stops."),
+    "evaluate": ("stages.evaluate",
+               "Evaluate zero-shot and generalised retrieval (mAP@all, P@k, 64-bit ITQ) against baselines."),
+    "gallery": ("stages.gallery",
+               "Embed every gallery image with the trained model (only new images when a cache exists)."),
+    "archive": ("stages.archive",
+               "Package model, gallery and handler into a self-contained TorchServe .mar (version = "
+               "release.version)."),
+    "serve-check": ("stages.serve_check",
+               "Serve the .mar in an isolated TorchServe; check schema, parity with offline search, load, bad input."),
+    "deploy": ("stages.deploy",
+               "Deploy the .mar to the TorchServe hosts in deploy.targets over SSH (rolling; rollback on failure)."),
+    "serve": ("commands.serve",
+               "Serve models/sem_pcyc.mar on localhost in the foreground (Ctrl-C stops it), with a curl line to try "
+               "and the sketch page."),
+    "ui": ("commands.ui",
+               "The sketch page against a running TorchServe (--inference-url, e.g. a deployed host through an SSH "
+               "tunnel)."),
+    "release": ("commands.release",
+               "Release: update data, retrain what changed, gate on quality, commit and tag, push data, tag and "
+               "branch, then deploy."),
+    "report": ("commands.report",
+               "Write reports/report.md: diffs against the previous release, curves, retrieval grid, serve/deploy "
+               "summary."),
 }
 
 

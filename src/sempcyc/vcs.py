@@ -1,5 +1,5 @@
-"""git and dvc from Python for the release and report commands: running them with one-line errors, and the
-release tags (GTO's `sem-pcyc@vX.Y.Z` format)."""
+"""git and dvc from Python for the release and report commands: running them with one-line errors, the release
+tags (GTO's `sem-pcyc@vX.Y.Z` format), the project's .dvc files and what a git remote holds."""
 from __future__ import annotations
 
 import re
@@ -7,6 +7,8 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml
 
 from .errors import UserError
 
@@ -45,3 +47,48 @@ def release_tags() -> list[str]:
 
 def tags_at(ref: str) -> list[str]:
     return sh("git", "tag", "--points-at", ref).stdout.split()
+
+
+def dvc_files() -> list[Path]:
+    """The project's .dvc files (dvc add / dvc import), as git tracks them. Not a filesystem glob: `*.dvc` also
+    matches the `.dvc/` directory itself, and a walk would descend into .venv, .git and extracted datasets."""
+    out = sh("git", "ls-files", "-z", "--", "*.dvc").stdout
+    return sorted(p for p in (Path(name) for name in out.split("\0") if name)
+                  if p.parts[0] != ".dvc" and p.is_file())
+
+
+def imported_data_files() -> list[Path]:
+    """The .dvc files made by `dvc import` (they carry a `deps` entry with a `repo`)."""
+    found = []
+    for path in dvc_files():
+        try:
+            meta = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError:
+            continue
+        if any(isinstance(d, dict) and "repo" in d for d in meta.get("deps", [])):
+            found.append(path)
+    return sorted(found)
+
+
+def remote_tags(remote: str) -> dict[str, str]:
+    """tag -> the commit it points at (annotated tags peeled) on the git remote."""
+    found: dict[str, str] = {}
+    for line in sh("git", "ls-remote", "--tags", remote).stdout.splitlines():
+        sha, _, ref = line.partition("\t")
+        name = ref[len("refs/tags/"):]
+        if name.endswith("^{}"):
+            found[name[:-3]] = sha
+        else:
+            found.setdefault(name, sha)
+    return found
+
+
+def remote_commits_missing(remote: str, branch: str) -> int:
+    """How many commits of remote/branch this checkout's HEAD lacks (0 when the branch is not there yet)."""
+    line = sh("git", "ls-remote", "--heads", remote, f"refs/heads/{branch}").stdout.split()
+    if not line:
+        return 0
+    sha = line[0]
+    if sh("git", "cat-file", "-e", f"{sha}^{{commit}}", check=False).returncode != 0:
+        sh("git", "fetch", "--quiet", remote, f"refs/heads/{branch}")
+    return int(sh("git", "rev-list", "--count", f"HEAD..{sha}").stdout.strip() or 0)

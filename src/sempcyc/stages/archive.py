@@ -22,12 +22,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from . import params as params_mod
-from .errors import UserError
-from .fsutil import dumps_json, sha256_file
-from .runtime import RUNTIME_DIR
-from .runtime.gallery_shards import MANIFEST, ZIP_TIME, GalleryError, read_manifest, side_files
-from .serving import ReleaseSettings, ServeSettings
+from .. import params as params_mod
+from ..errors import UserError
+from ..fsutil import dumps_json, sha256_file
+from ..runtime import RUNTIME_DIR
+from ..runtime.gallery_shards import MANIFEST, ZIP_TIME, GalleryError, read_manifest, side_files
+from ..serving import ReleaseSettings, ServeSettings
 
 RUNTIME_PACKAGE = "sem_pcyc_runtime"
 MAR_MANIFEST = "MAR-INF/MANIFEST.json"

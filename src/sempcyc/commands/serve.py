@@ -9,11 +9,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import params as params_mod
-from .errors import UserError
-from .page import PageConfig, PageServer, PageSettings, read_archive
-from .serving import ReleaseSettings, ServeSettings, models_config
-from .torchserve import TorchServe, free_port, port_in_use
+from .. import params as params_mod
+from ..errors import UserError
+from ..page import PageConfig, PageServer, PageSettings, read_archive
+from ..serving import ReleaseSettings, ServeSettings, models_config
+from ..torchserve import TorchServe, free_port, port_in_use
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -50,16 +50,16 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from . import params as params_mod
-from .embedcache import EmbeddingCache, embedding_key
-from .errors import UserError
-from .fsutil import atomic_dir, dumps_json, sha256_file
-from .params import setting
-from .recipe import TrainSettings, pick_device, torchrun_ranks
-from .runtime import ann, imaging
-from .runtime.backbones import padded_pass
-from .runtime.encoder import Encoder
-from .runtime.gallery_shards import (
+from .. import params as params_mod
+from ..embedcache import EmbeddingCache, embedding_key
+from ..errors import UserError
+from ..fsutil import atomic_dir, dumps_json, sha256_file
+from ..params import setting
+from ..recipe import TrainSettings, pick_device, torchrun_ranks
+from ..runtime import ann, imaging
+from ..runtime.backbones import padded_pass
+from ..runtime.encoder import Encoder
+from ..runtime.gallery_shards import (
     EMBEDDING_DTYPE,
     MANIFEST,
     SHARD_DIR,
@@ -68,8 +68,8 @@ from .runtime.gallery_shards import (
     sha256_bytes,
     vectors_digest,
 )
-from .runtime.retrieval import expand_gallery, gallery_neighbours, others
-from .shards import load_json
+from ..runtime.retrieval import expand_gallery, gallery_neighbours, others
+from ..shards import load_json
 
 THUMB_FORMAT, THUMB_QUALITY = "webp", 70  # 64-px WebP at q70: ~400 bytes a demo photo (JPEG q80: ~880)
 INDEX_FILE = "ivf.npz"

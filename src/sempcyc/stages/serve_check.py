@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import params as params_mod
-from .errors import UserError
-from .fsutil import atomic_write_json, sha256_file
-from .runtime.gallery_shards import GalleryError, load_gallery
-from .runtime.retrieval import top_k
-from .runtime.search import SketchSearch
-from .serving import ReleaseSettings, ServeSettings, check_response, models_config, pick_queries, same_ranking
-from .torchserve import TorchServe
+from .. import params as params_mod
+from ..errors import UserError
+from ..fsutil import atomic_write_json, sha256_file
+from ..runtime.gallery_shards import GalleryError, load_gallery
+from ..runtime.retrieval import top_k
+from ..runtime.search import SketchSearch
+from ..serving import ReleaseSettings, ServeSettings, check_response, models_config, pick_queries, same_ranking
+from ..torchserve import TorchServe
 
 PARITY_K = 10
 

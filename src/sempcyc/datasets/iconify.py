@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 PINS_FILE = "scripts/iconify.txt"
 PACKAGES_DIR = "vendor/iconify"

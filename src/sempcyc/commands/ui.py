@@ -15,10 +15,10 @@ import threading
 import urllib.parse
 from pathlib import Path
 
-from . import params as params_mod
-from .errors import UserError
-from .page import PageConfig, PageServer, PageSettings, read_archive
-from .targets import DeploySettings
+from .. import params as params_mod
+from ..errors import UserError
+from ..page import PageConfig, PageServer, PageSettings, read_archive
+from ..targets import DeploySettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

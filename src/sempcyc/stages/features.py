@@ -28,12 +28,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import params as params_mod
-from .errors import UserError
-from .fsutil import atomic_dir, dumps_json
-from .params import setting
-from .recipe import ModelSettings, TrainSettings, pick_device
-from .runtime.backbones import (
+from .. import params as params_mod
+from ..errors import UserError
+from ..fsutil import atomic_dir, dumps_json
+from ..params import setting
+from ..recipe import ModelSettings, TrainSettings, pick_device
+from ..runtime.backbones import (
     Extractor,
     batched,
     edge_map,
@@ -43,8 +43,8 @@ from .runtime.backbones import (
     tunable_blocks,
     tuned_features,
 )
-from .shards import load_train_shard
-from .split import SplitSettings, validation_classes
+from ..shards import load_train_shard
+from ..split import SplitSettings, validation_classes
 
 
 @dataclass(frozen=True)

@@ -31,14 +31,26 @@ from pathlib import Path
 import boto3
 import botocore.config
 import botocore.exceptions
-import yaml
 
-from . import params as params_mod
-from .errors import UserError
-from .evaluation import BASELINES
-from .serving import ReleaseSettings
-from .targets import DeploySettings, parse_targets
-from .vcs import TAG_PREFIX, TAG_RE, dvc, parse_tags, release_tags, sh, tag_of, tags_at
+from .. import params as params_mod
+from ..errors import UserError
+from ..gate import gate_note, quality_gate
+from ..serving import ReleaseSettings
+from ..targets import DeploySettings, parse_targets
+from ..vcs import (
+    TAG_PREFIX,
+    TAG_RE,
+    dvc,
+    dvc_files,
+    imported_data_files,
+    parse_tags,
+    release_tags,
+    remote_commits_missing,
+    remote_tags,
+    sh,
+    tag_of,
+    tags_at,
+)
 
 # What a release commit records besides the .dvc files: the pipeline state and its (small, uncached) metrics and
 # plots, so `dvc metrics diff sem-pcyc@v0.1.0` and the quality gate can read any earlier release from git.
@@ -90,41 +102,6 @@ def set_release_version(params_text: str, version: str) -> str:
     if not done:
         raise UserError("params.yaml: no release.version to update; add `release:\\n  version: 0.0.0`")
     return "".join(out)
-
-
-# What the quality gate checks, each against the strongest no-training baseline and against the last release.
-GATED = {"zero_shot": "zero-shot mAP@all", "generalised": "unseen-query generalised mAP@all",
-         "seen_generalised": "seen-query generalised mAP@all", "harmonic": "H"}
-
-
-def gate_figures(metrics: dict, method: str = "sem_pcyc") -> dict[str, float]:
-    """The gated figures of `method` that `metrics` (an evaluate report, maybe an older one) has."""
-    figures = {k: metrics[k][method]["map_all"] for k in GATED if k != "harmonic" and method in metrics.get(k, {})}
-    if method in metrics.get("harmonic", {}):
-        figures["harmonic"] = metrics["harmonic"][method]
-    return figures
-
-
-def quality_gate(metrics: dict, previous: dict | None, tolerance: float) -> tuple[bool, str]:
-    """Pass when zero-shot mAP@all, H and each side's generalised mAP@all beat the strongest no-training baseline
-    and none is more than `tolerance` below the last release's: a model cannot buy one side with the other."""
-    ours = gate_figures(metrics)
-    best = {k: max((gate_figures(metrics, b).get(k, 0.0), b) for b in BASELINES) for k in ours}
-    failures = [f"{GATED[k]} {v:.4f} is below the strongest no-training baseline ({best[k][1]}, {best[k][0]:.4f})"
-                for k, v in ours.items() if v < best[k][0]]
-    last = gate_figures(previous) if previous is not None else {}
-    failures += [f"{GATED[k]} {v:.4f} is more than {tolerance} below the last release's {last[k]:.4f}"
-                 for k, v in ours.items() if k in last and v < last[k] - tolerance]
-    if failures:
-        return False, "; ".join(failures)
-    return True, ", ".join(f"{GATED[k]} {v:.4f} (baseline {best[k][0]:.4f}"
-                           + (f", last release {last[k]:.4f})" if k in last else ")") for k, v in ours.items()) \
-        + (f"; tolerance {tolerance}" if last else "; first release")
-
-
-def gate_note(passed: bool, why: str) -> str:
-    """The quality gate's verdict as the release commit and tag record it: an override stays visible."""
-    return f"quality gate {'passed' if passed else 'OVERRIDDEN'}: {why}"
 
 
 def real_changes(dirty: list[str], params_name: str, head_params: str | None, work_params: str | None,
@@ -229,52 +206,7 @@ def check_targets_reachable(deploy: DeploySettings, model_name: str) -> None:
                             "release with --no-deploy") from None
 
 
-def dvc_files() -> list[Path]:
-    """The project's .dvc files (dvc add / dvc import), as git tracks them. Not a filesystem glob: `*.dvc` also
-    matches the `.dvc/` directory itself, and a walk would descend into .venv, .git and extracted datasets."""
-    out = sh("git", "ls-files", "-z", "--", "*.dvc").stdout
-    return sorted(p for p in (Path(name) for name in out.split("\0") if name)
-                  if p.parts[0] != ".dvc" and p.is_file())
-
-
-def imported_data_files() -> list[Path]:
-    """The .dvc files made by `dvc import` (they carry a `deps` entry with a `repo`)."""
-    found = []
-    for path in dvc_files():
-        try:
-            meta = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError:
-            continue
-        if any(isinstance(d, dict) and "repo" in d for d in meta.get("deps", [])):
-            found.append(path)
-    return sorted(found)
-
-
-def remote_tags(remote: str) -> dict[str, str]:
-    """tag -> the commit it points at (annotated tags peeled) on the git remote."""
-    found: dict[str, str] = {}
-    for line in sh("git", "ls-remote", "--tags", remote).stdout.splitlines():
-        sha, _, ref = line.partition("\t")
-        name = ref[len("refs/tags/"):]
-        if name.endswith("^{}"):
-            found[name[:-3]] = sha
-        else:
-            found.setdefault(name, sha)
-    return found
-
-
-def remote_commits_missing(remote: str, branch: str) -> int:
-    """How many commits of remote/branch this checkout's HEAD lacks (0 when the branch is not there yet)."""
-    line = sh("git", "ls-remote", "--heads", remote, f"refs/heads/{branch}").stdout.split()
-    if not line:
-        return 0
-    sha = line[0]
-    if sh("git", "cat-file", "-e", f"{sha}^{{commit}}", check=False).returncode != 0:
-        sh("git", "fetch", "--quiet", remote, f"refs/heads/{branch}")
-    return int(sh("git", "rev-list", "--count", f"HEAD..{sha}").stdout.strip() or 0)
-
-
-def comparable_previous(r: Release, tag: str | None, metrics: dict) -> dict | None:
+def comparable_previous(r: ReleaseRun, tag: str | None, metrics: dict) -> dict | None:
     """The last release's evaluate report on the test set of `metrics`: its own when it was measured on the same
     one; otherwise (classes added, data changed, or a report older than the digest) its model scored again on this
     test set, so the gate never compares figures of different test sets. None: no earlier release, or (only with
@@ -319,7 +251,7 @@ def previous_metrics(tag: str | None) -> dict | None:
 
 
 @dataclass
-class Release:
+class ReleaseRun:
     """One release run: its arguments, settings, and the timings the receipt reports."""
     args: argparse.Namespace
     params_path: Path
@@ -346,10 +278,10 @@ def run(args: argparse.Namespace) -> None:
     os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
     with release_lock(args.lock_wait):
         settings, deploy = params_mod.read(params_path, ReleaseSettings, DeploySettings)
-        release(Release(args, params_path, settings, deploy))
+        release(ReleaseRun(args, params_path, settings, deploy))
 
 
-def release(r: Release) -> None:
+def release(r: ReleaseRun) -> None:
     """preflight -> finish what an earlier run left (publish the unpublished release tagged at HEAD, or deploy the
     published one when nothing changed since) or build a new release (update, version, build, gate, commit and
     tag) -> publish (dvc push, atomic git push) -> deploy; then reports/release.json."""
@@ -382,7 +314,7 @@ def release(r: Release) -> None:
          f"({json.dumps(r.timings)})")
 
 
-def preflight(r: Release) -> str:
+def preflight(r: ReleaseRun) -> str:
     """Refuse to start when the tree has a person's uncommitted changes, the checkout is behind origin, or the
     S3 remote or a deploy host is unreachable; the branch to release."""
     check_clean_tree(r.params_path)
@@ -429,7 +361,7 @@ def check_remotes(git_remote: str, branch: str) -> None:
                         "release again")
 
 
-def head_release(r: Release) -> tuple[str | None, bool]:
+def head_release(r: ReleaseRun) -> tuple[str | None, bool]:
     """The newest release tag at HEAD, and whether it is published (on origin; with --no-push a local tag counts,
     as nothing is pushed): (None, False) when HEAD is not a release."""
     here = [t for t in tags_at("HEAD") if TAG_RE.match(t)]
@@ -447,14 +379,14 @@ def head_release(r: Release) -> tuple[str | None, bool]:
     return tag_of(parse_tags(unfinished or here)[-1]), not unfinished
 
 
-def update_imports(r: Release) -> None:
+def update_imports(r: ReleaseRun) -> None:
     for dvc_file in imported_data_files():
         step(f"dvc update {dvc_file}" + (f" --rev {r.args.rev}" if r.args.rev else ""))
         dvc("update", *(["--rev", r.args.rev] if r.args.rev else []), str(dvc_file))
     r.lap("update")
 
 
-def build_and_tag(r: Release) -> str:
+def build_and_tag(r: ReleaseRun) -> str:
     """Pick the version, build and check it, gate, commit and tag; the tag."""
     # versions count from the published tags: a local tag of a release that never reached origin (a runner's
     # fresh checkout abandons its commit) is reused rather than skipped
@@ -468,7 +400,7 @@ def build_and_tag(r: Release) -> str:
     return commit_and_tag(version, build_and_gate(r, last_tag))
 
 
-def build_and_gate(r: Release, last_tag: str | None) -> str:
+def build_and_gate(r: ReleaseRun, last_tag: str | None) -> str:
     """dvc repro through evaluate and serve-check, then the quality gate; the gate's verdict (gate_note)."""
     since = time.perf_counter()
     # evaluate is not upstream of serve-check (nor of deploy): name it, the quality gate reads its metrics
@@ -495,14 +427,14 @@ def commit_and_tag(version: str, note: str) -> str:
     files = [f for f in RELEASE_FILES + [str(p) for p in dvc_files()] if Path(f).exists()]
     sh("git", "add", "--", *files)
     if sh("git", "diff", "--cached", "--quiet", check=False).returncode != 0:
-        sh("git", "commit", "-q", "-m", f"Release {tag}\n\n{note}")
+        sh("git", "commit", "-q", "-m", f"ReleaseRun {tag}\n\n{note}")
     # -f: a same-named local tag can only be an abandoned, unpublished attempt (versions count from origin's tags)
     sh("git", "tag", "-a", "-f", tag, "-m", f"SEM-PCYC {version}\n\n{note}")
     step(f"committed and tagged {tag}")
     return tag
 
 
-def publish(r: Release, branch: str, tag: str) -> None:
+def publish(r: ReleaseRun, branch: str, tag: str) -> None:
     """dvc push, then one atomic git push of branch and tag (both or neither)."""
     remote = r.args.git_remote
     remote_sha = remote_tags(remote).get(tag)
@@ -525,7 +457,7 @@ def publish(r: Release, branch: str, tag: str) -> None:
     step(f"pushed {branch} and {tag} to {remote}")
 
 
-def deploy_release(r: Release, restore: bool) -> str:
+def deploy_release(r: ReleaseRun, restore: bool) -> str:
     """Deploy HEAD's archive, after its publication: 'ok', 'failed' or 'skipped'. Runs the deploy stage's command
     itself rather than `dvc repro deploy`, which would rewrite dvc.lock after the release commit."""
     if not r.args.deploy:

@@ -32,14 +32,14 @@ from tqdm import tqdm
 
 from dvclive import Live
 
-from . import params as params_mod
-from .errors import UserError
-from .fsutil import atomic_write_bytes
-from .recipe import PRESETS, ModelSettings, TrainSettings, pick_device, torchrun_ranks
-from .runtime.encoder import FeatureNorm, bundle_state
-from .runtime.model import Config, SemPcyc, TrainLosses, fit_posterior, make_optimizers, train_step
-from .runtime.retrieval import average_precisions, squared_distances
-from .shards import load_train_shard
+from .. import params as params_mod
+from ..errors import UserError
+from ..fsutil import atomic_write_bytes
+from ..recipe import PRESETS, ModelSettings, TrainSettings, pick_device, torchrun_ranks
+from ..runtime.encoder import FeatureNorm, bundle_state
+from ..runtime.model import Config, SemPcyc, TrainLosses, fit_posterior, make_optimizers, train_step
+from ..runtime.retrieval import average_precisions, squared_distances
+from ..shards import load_train_shard
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,9 +11,9 @@ from pathlib import Path
 import matplotlib
 import matplotlib.pyplot as plt
 
-from .errors import UserError
-from .evaluation import BASELINES
-from .vcs import TAG_RE, dvc, parse_tags, release_tags, tag_of, tags_at
+from ..errors import UserError
+from ..evaluation import BASELINES
+from ..vcs import TAG_RE, dvc, parse_tags, release_tags, tag_of, tags_at
 
 matplotlib.use("Agg")
 

@@ -20,7 +20,7 @@ import numpy as np
 import resvg_py
 from PIL import Image, ImageFilter
 
-from .errors import UserError
+from ..errors import UserError
 
 SVG_NS = "http://www.w3.org/2000/svg"
 # Without this, ElementTree writes `ns0:svg`; resvg reads either, but plain tags keep the SVG readable when debugging.

@@ -1,4 +1,4 @@
-"""cross-artist: a benchmark dataset whose sketches and photos of a class are drawn by different artists.
+"""The cross-artist benchmark: a dataset dataset whose sketches and photos of a class are drawn by different artists.
 
 On the OpenMoji demo a class's sketch and photo are the outline and the fill of one drawing, so there is no domain
 gap and scores flatter the model. Here, per class, the photos come from one artist's colour art and the sketches
@@ -23,16 +23,12 @@ only add files):
   cross-artist/images/<class>/<class_>_<NN>.png      RGB photos
   cross-artist/sketches/<class>/<class_>_<NN>.png    greyscale, dark strokes on white
 Class names are the readable Unicode names ("red apple"), so the semantic stage embeds an English phrase.
-
-Not a dvc.yaml stage (the default pipeline must not need npm): build it by hand and point `data.tar` at it.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import multiprocessing
 import os
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,15 +39,13 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
+from ..errors import UserError
+from ..fsutil import dumps_json
+from ..params import setting
 from . import emoji_art as art
 from . import iconify
-from . import params as params_mod
 from .emoji_catalogue import PARTIAL_LINE_LAYER, catalogue_codepoints, catalogue_order_key, class_name, object_name
-from .errors import UserError
-from .fsutil import atomic_write_bytes, dumps_json
-from .params import setting
 
-DEFAULT_OUT = "data/cross-artist.tar"
 TOP_FOLDER = "cross-artist"
 FIT_SIDE = 56.0         # every drawing is scaled so its bounding box's longer side is this (OpenMoji's median, of 72)
 HC_STROKE_UNITS = 2.0   # Fluent high-contrast's pen width in its 32-unit icon box (the mode over the whole set)
@@ -430,19 +424,6 @@ def attribution_text(params: CrossArtistParams, art_sets: ArtSets, chosen: list[
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------------------------- I/O shell
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=DEFAULT_OUT, help="tar to write (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="render processes (default: the number of CPUs); the output does not depend on it")
-    parser.add_argument("--packages", default=iconify.PACKAGES_DIR,
-                        help="folder of the fetched Iconify sets (default: %(default)s, filled by "
-                             f"`{iconify.FETCH_COMMAND}`)")
-    parser.add_argument("--pins", default=iconify.PINS_FILE,
-                        help="the pinned versions and integrities of the Iconify sets (default: %(default)s)")
-
-
 def load_art_sets(packages_dir: str | Path, pins_path: str | Path) -> ArtSets:
     """OpenMoji from its Python package and every pinned Iconify set, checked."""
     pins = iconify.read_pins(pins_path)
@@ -494,30 +475,3 @@ def build(params: CrossArtistParams, art_sets: ArtSets, workers: int | None = No
     return art.tar_bytes(files), chosen, left_out
 
 
-def summary(out: Path, params: CrossArtistParams, chosen: list[CrossClass], left_out: list[dict], size_bytes: int,
-            seconds: float) -> list[str]:
-    by_pairing = {p.name: sum(c.pairing == p.name for c in chosen) for p in PAIRINGS}
-    lines = [f"cross-artist: wrote {out} ({len(chosen)} classes: "
-             + ", ".join(f"{n} {name}" for name, n in by_pairing.items())
-             + f"; {len(chosen) * params.images_per_class} images, {len(chosen) * params.sketches_per_class} "
-             f"sketches, {params.size}px, {size_bytes / 1e6:.1f} MB) in {seconds:.1f}s"]
-    if left_out:
-        first = ", ".join(c["name"] for c in left_out[:5])
-        lines.append(f"cross-artist: left out {len(left_out)} catalogue emoji that two artists do not both draw: "
-                     f"{first}{', ...' if len(left_out) > 5 else ''} (all in {TOP_FOLDER}/SOURCES.json)")
-    return lines
-
-
-def run(args: argparse.Namespace) -> None:
-    started = time.monotonic()
-    out = Path(args.out)
-    if args.workers is not None and args.workers < 1:
-        raise UserError(f"--workers must be at least 1, got {args.workers}")
-    params = params_mod.read(args.params, CrossArtistParams)[0]
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; give the path of the tar file to write")
-    art_sets = load_art_sets(args.packages, args.pins)
-    data, chosen, left_out = build(params, art_sets, workers=args.workers)
-    atomic_write_bytes(out, data)
-    for line in summary(out, params, chosen, left_out, len(data), time.monotonic() - started):
-        print(line)

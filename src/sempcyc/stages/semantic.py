@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import minilm
-from . import params as params_mod
-from .errors import UserError
-from .fsutil import atomic_dir, dumps_json
-from .params import setting
+from .. import minilm
+from .. import params as params_mod
+from ..errors import UserError
+from ..fsutil import atomic_dir, dumps_json
+from ..params import setting
 
 BACKENDS = ("minilm", "word2vec")
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"

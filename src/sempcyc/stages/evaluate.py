@@ -47,15 +47,15 @@ from PIL import Image, ImageDraw
 from torch import nn
 from tqdm import tqdm
 
-from . import params as params_mod
-from .embedcache import EmbeddingCache, embedding_key
-from .errors import UserError
-from .evaluation import BASELINES
-from .fsutil import atomic_dir, dumps_json, sha256_file
-from .params import setting
-from .runtime.backbones import build_backbone, edge_map, padded_pass, to_input
-from .runtime.encoder import Encoder
-from .runtime.retrieval import (
+from .. import params as params_mod
+from ..embedcache import EmbeddingCache, embedding_key
+from ..errors import UserError
+from ..evaluation import BASELINES
+from ..fsutil import atomic_dir, dumps_json, sha256_file
+from ..params import setting
+from ..runtime.backbones import build_backbone, edge_map, padded_pass, to_input
+from ..runtime.encoder import Encoder
+from ..runtime.retrieval import (
     ITQ,
     average_precisions,
     expand_gallery,
@@ -66,7 +66,7 @@ from .runtime.retrieval import (
     retrieval_metrics,
     squared_distances,
 )
-from .shards import load_test_shard
+from ..shards import load_test_shard
 
 KS = (10, 100, 200)
 # The test shard's parts: key in the embedding dicts, shard array, domain (which extractor reads it).

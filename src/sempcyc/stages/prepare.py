@@ -20,13 +20,13 @@ from typing import ClassVar
 import numpy as np
 from tqdm import tqdm
 
-from . import params as params_mod
-from .errors import UserError
-from .fsutil import atomic_dir, atomic_write_json, dumps_json
-from .params import setting
-from .runtime import imaging
-from .shards import load_json, load_semantic
-from .split import SplitSettings, assign_split, held_out_sketches, read_class_list
+from .. import params as params_mod
+from ..errors import UserError
+from ..fsutil import atomic_dir, atomic_write_json, dumps_json
+from ..params import setting
+from ..runtime import imaging
+from ..shards import load_json, load_semantic
+from ..split import SplitSettings, assign_split, held_out_sketches, read_class_list
 
 
 @dataclass(frozen=True)
