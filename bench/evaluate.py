@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-NO_SHARING = ("import sys; from sempcyc import cli; from sempcyc.stages import evaluate; evaluate.runs_backbone = lambda *a: False; "
+NO_SHARING = ("import sys; from sempcyc import cli; from sempcyc.stages import evaluate; "
+              "evaluate.runs_backbone = lambda *a: False; "
               "sys.exit(cli.main(sys.argv[1:]))")
 
 

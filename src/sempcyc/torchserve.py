@@ -25,7 +25,7 @@ from pathlib import Path
 from .errors import UserError
 from .serving import parse_properties
 
-MIN_JAVA = 11
+MIN_JAVA = 17
 
 
 def check_java() -> int:
