@@ -28,8 +28,8 @@ COMMANDS = {
     "prepare": ("stages.prepare",
                "Split classes into seen/unseen (stable under additions) and write uint8 train/test arrays."),
     "features": ("stages.features",
-               "Fine-tune sketch/image extractors on seen classes (features.epochs, 0 = ImageNet as is), cache "
-               "features."),
+               "Tune the backbone's last blocks on the seen classes (features.tune_blocks) and cache the training "
+               "shard's features."),
     "train": ("stages.train",
                "Train SEM-PCYC on cached features (params model.*, train.*); logs with DVCLive, resumes, early-"
                "stops."),
