@@ -419,8 +419,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     cache_all(args.project, out, sorted(kinds | {UNTUNED[k] for k in kinds if k in UNTUNED}), seeds, args.jobs)
     # results are reused only for the same variant definitions, skips, training and scoring code
-    code = b"".join((REPO / "src/sempcyc" / f).read_bytes() for f in ("runtime/model.py", "train.py", "evaluate.py",
-                                                                          "runtime/retrieval.py"))
+    code = b"".join((REPO / "src/sempcyc" / f).read_bytes() for f in ("runtime/model.py", "stages/train.py",
+                                                                      "stages/evaluate.py", "runtime/retrieval.py"))
     digest = hashlib.sha256(repr((VARIANTS, SKIPS, RESULTS_VERSION)).encode() + code).hexdigest()[:12]
     results_file = out / f"results-{digest}.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
