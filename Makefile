@@ -14,7 +14,7 @@ repro: setup
 test: setup
 	@bash scripts/system-deps.sh test
 	ruff check .
-	pytest
+	pytest --durations=15
 
 test-quick: setup
 	pytest -m "not integration"

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from sempcyc.runtime import imaging  # noqa: E402
+from sempcyc.runtime import imaging
 
 
 def epoch_from_arrays(folder: Path, batch: int) -> float:

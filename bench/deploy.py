@@ -1,7 +1,7 @@
 """Deploy wall time per host on loopback, and bytes sent on a first deploy and on a repeat.
 
-Starts a real sshd and a TorchServe "host" on 127.0.0.1 (the tests' tests/hosts.py), deploys the demo archive
-(models/sem_pcyc.mar, needs `dvc repro archive`) twice and prints the receipt figures.
+Starts a real sshd and a TorchServe "host" on 127.0.0.1 (sempcyc.testing.hosts, the tests' hosts too), deploys the
+demo archive (models/sem_pcyc.mar, needs `dvc repro archive`) twice and prints the receipt figures.
 
 Usage: python bench/deploy.py
 """
@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
-
-from hosts import Host, start_sshd  # noqa: E402
-from sempcyc import params as params_mod  # noqa: E402
-from sempcyc.runtime.search import SketchSearch  # noqa: E402
-from sempcyc.serving import ServeSettings, pick_queries  # noqa: E402
-from sempcyc.stages import deploy  # noqa: E402
+from common import REPO, Host
+from sempcyc import params as params_mod
+from sempcyc.runtime.search import SketchSearch
+from sempcyc.serving import ServeSettings, pick_queries
+from sempcyc.stages import deploy
+from sempcyc.testing.hosts import start_sshd
 
 
 def main() -> None:

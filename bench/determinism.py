@@ -3,8 +3,9 @@ again on identical inputs twice — here, and here emulating an older CPU (PyTor
 without AVX-512/AVX2, numpy's dispatch without AVX-512) — and its outputs are compared byte for byte. A stage whose
 outputs differ on the emulated CPU rewrites dvc.lock (and reruns everything downstream) on such a machine.
 
-Small settings (the tests' tiny pipeline: 12 classes, tiny CNN, 32-px arrays; demo-data with 4 classes), so it runs
-in a few minutes; the kernels involved (convolution, matmul, Adam, layer norm) are the production backbone's too.
+Small settings (the tests' tiny pipeline, sempcyc.testing.tiny: 12 classes, tiny CNN, 32-px arrays; demo-data with 4
+classes), so it runs in a few minutes; the kernels involved (convolution, matmul, Adam, layer norm) are the
+production backbone's too.
 
 Usage: python bench/determinism.py [--keep DIR]
 """
@@ -21,10 +22,8 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
-
-from helpers import CLASSES, PER_CLASS, class_files, write_params, write_tar  # noqa: E402
+from common import REPO
+from sempcyc.testing.tiny import CLASSES, PER_CLASS, class_files, merged, tiny_params, write_tar
 
 STAGES = ["demo-data", "extract", "semantic", "prepare", "features", "train", "evaluate", "gallery"]
 OLDER_CPU = {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "DNNL_MAX_CPU_ISA": "SSE41",
@@ -94,7 +93,8 @@ def main() -> None:
     base = root / "base"
     base.mkdir(parents=True, exist_ok=True)
     write_tar(base / "ds.tar", class_files({c: (PER_CLASS, PER_CLASS) for c in CLASSES}))
-    params = yaml.safe_load(write_params(base, {"demo": DEMO}).read_text(encoding="utf-8"))
+    params = merged(tiny_params(REPO / "params.yaml"), {"demo": DEMO})
+    (base / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     for name in STAGES:

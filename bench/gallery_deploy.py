@@ -8,7 +8,7 @@ anywhere in the index order (moving the thumbnail boundary, as real ones do). Th
 gallery stage's own writer (gallery.write_sharded) and archived by the archive stage (torch-model-archiver).
 
 By default both archives are then deployed for real, one after the other, to a TorchServe "host"
-behind a real sshd on 127.0.0.1 (tests/hosts.py), and the byte counts are the receipts'. With --plan-only, no
+behind a real sshd on 127.0.0.1 (sempcyc.testing.hosts), and the byte counts are the receipts'. With --plan-only, no
 host: the byte counts come from deploy's planning functions alone (blobstore.archive_blobs + plan_uploads, given
 the blobs the first release left on the host, plus the slim archive's size). Both print the ratio (goal <= 5 %).
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,18 +28,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
-
-from hosts import Host, start_sshd  # noqa: E402
-from sempcyc import blobstore  # noqa: E402
-from sempcyc import params as params_mod  # noqa: E402
-from sempcyc.fsutil import sha256_file  # noqa: E402
-from sempcyc.runtime.encoder import Encoder  # noqa: E402
-from sempcyc.runtime.search import SketchSearch  # noqa: E402
-from sempcyc.serving import ReleaseSettings, ServeSettings  # noqa: E402
-from sempcyc.stages import archive, deploy  # noqa: E402
-from sempcyc.stages.gallery import THUMB_FORMAT, GallerySettings, write_sharded  # noqa: E402
+from common import REPO, Host
+from sempcyc import blobstore
+from sempcyc import params as params_mod
+from sempcyc.fsutil import sha256_file
+from sempcyc.runtime.encoder import Encoder
+from sempcyc.runtime.search import SketchSearch
+from sempcyc.serving import ReleaseSettings, ServeSettings
+from sempcyc.stages import archive, deploy
+from sempcyc.stages.gallery import THUMB_FORMAT, GallerySettings, write_sharded
+from sempcyc.testing.hosts import start_sshd
 
 CLASSES, PER_CLASS, NEW_CLASSES, THUMB_BYTES, THUMB_ITEMS = 1000, 100, 10, 345, 20_000
 SERVE = dataclasses.replace(params_mod.read(REPO / "params.yaml", ServeSettings)[0], batch_size=1, check_requests=8)

@@ -15,22 +15,16 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy starts its BLAS threads
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import dataclasses
+import time
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "src"), str(REPO / "bench")]
-
-from index import Mixture  # noqa: E402
-
-from sempcyc import params as params_mod  # noqa: E402
-from sempcyc.runtime.retrieval import gallery_neighbours  # noqa: E402
-from sempcyc.stages.gallery import GallerySettings, approximate_neighbours  # noqa: E402
+from common import REPO, Mixture
+from sempcyc import params as params_mod
+from sempcyc.runtime.retrieval import gallery_neighbours
+from sempcyc.stages.gallery import GallerySettings, approximate_neighbours
 
 
 def recall(found: np.ndarray, exact: np.ndarray) -> float:

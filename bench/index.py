@@ -25,7 +25,6 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # 1
     os.environ[_var] = "1"
 
 import argparse  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -33,47 +32,9 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from common import Mixture  # noqa: E402
 from sempcyc.runtime.ann import IVFIndex, default_nlist  # noqa: E402
 from sempcyc.runtime.retrieval import top_k  # noqa: E402
-
-BLOCK = 100_000  # rows generated at a time: bounded temporaries at a million items
-
-
-class Mixture:
-    """Class-like clusters: centres on the sphere, sizes from a log-normal, per-cluster spread."""
-
-    def __init__(self, dim: int, clusters: int, spread: float, uniform: bool, seed: int, groups: tuple):
-        rng = np.random.default_rng(seed)
-        self.dim, self.uniform = dim, uniform
-        self.centres = _normalised(rng.standard_normal((clusters, dim), dtype=np.float32))
-        count, group_spread = groups
-        if count:  # classes in groups of look-alikes (cat, dog, fox): centres scattered around a group centre
-            group = _normalised(rng.standard_normal((count, dim), dtype=np.float32))[rng.integers(0, count, clusters)]
-            self.centres = _normalised(group + group_spread * self.centres)
-        weights = rng.lognormal(0.0, 0.5, clusters)
-        self.weights = weights / weights.sum()
-        self.spreads = (spread * rng.uniform(0.75, 1.25, clusters)).astype(np.float32)
-
-    def draw(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """n unit vectors and each one's cluster (-1 for uniform directions)."""
-        rng = np.random.default_rng(seed)
-        out = np.empty((n, self.dim), dtype=np.float32)
-        labels = np.full(n, -1, dtype=np.int64)
-        for start in range(0, n, BLOCK):
-            m = min(BLOCK, n - start)
-            noise = rng.standard_normal((m, self.dim), dtype=np.float32)
-            if self.uniform:
-                out[start:start + m] = _normalised(noise)
-                continue
-            label = labels[start:start + m] = rng.choice(len(self.centres), size=m, p=self.weights)
-            noise *= (self.spreads[label] / np.sqrt(self.dim))[:, None]
-            out[start:start + m] = _normalised(self.centres[label] + noise)
-        return out, labels
-
-
-def _normalised(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def exact_answers(queries: np.ndarray, gallery: np.ndarray, k: int, norms: np.ndarray) -> tuple[np.ndarray, list]:

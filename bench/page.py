@@ -31,11 +31,9 @@ import numpy as np
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-
-from sempcyc import params as params_mod  # noqa: E402
-from sempcyc.runtime.gallery_shards import (  # noqa: E402
+from common import REPO
+from sempcyc import params as params_mod
+from sempcyc.runtime.gallery_shards import (
     MANIFEST,
     SHARD_DIR,
     pack_shard,
@@ -43,9 +41,9 @@ from sempcyc.runtime.gallery_shards import (  # noqa: E402
     sha256_bytes,
     unpack_shard,
 )
-from sempcyc.serving import ReleaseSettings, ServeSettings, models_config  # noqa: E402
-from sempcyc.stages import archive  # noqa: E402
-from sempcyc.torchserve import TorchServe  # noqa: E402
+from sempcyc.serving import ReleaseSettings, ServeSettings, models_config
+from sempcyc.stages import archive
+from sempcyc.torchserve import TorchServe
 
 OUT = REPO / "bench/out/page"
 CHROMIUM = os.environ.get("SEM_PCYC_CHROMIUM", "/usr/bin/chromium")

@@ -12,24 +12,16 @@ Usage: python bench/pipeline.py [--keep DIR]     (about 10 minutes on 2 cores)
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-
-from sempcyc import params as params_mod  # noqa: E402
-from sempcyc.split import SplitSettings, hash_unit  # noqa: E402
-from sempcyc.stages.demo_data import DemoParams, EmojiClass  # noqa: E402
+from common import REPO, demo_tars
 
 
 def repro(proj: Path, env: dict) -> tuple[float, dict[str, float], list[str], list[str]]:
@@ -56,35 +48,6 @@ def repro(proj: Path, env: dict) -> tuple[float, dict[str, float], list[str], li
     if proc.returncode != 0:
         raise SystemExit(f"dvc repro failed in {proj}")
     return end - start, stage_times, order, counts
-
-
-def split_tar(big: bytes, base_names: set[str], keep: set[str]) -> tuple[bytes, bytes]:
-    """Two tars from the demo tar `big`: its files of the classes in `base_names`, and of those in `keep`
-    (files outside a class folder, e.g. ATTRIBUTION.md, go into both)."""
-    base_tar, ext_tar = io.BytesIO(), io.BytesIO()
-    with tarfile.open(fileobj=io.BytesIO(big)) as src, tarfile.open(fileobj=base_tar, mode="w") as b, \
-            tarfile.open(fileobj=ext_tar, mode="w") as e:
-        for member in src.getmembers():
-            parts = member.name.split("/")
-            cls = parts[2] if len(parts) > 3 else None
-            data = src.extractfile(member).read()
-            if cls is None or cls in base_names:
-                b.addfile(member, io.BytesIO(data))
-            if cls is None or cls in keep:
-                e.addfile(member, io.BytesIO(data))
-    return base_tar.getvalue(), ext_tar.getvalue()
-
-
-def demo_tars(params_file: Path) -> tuple[bytes, bytes, DemoParams, list[EmojiClass]]:
-    """(base tar, extended tar, demo params, added classes): base = the default demo; extended = the same files
-    plus the next three catalogue classes that the hash split puts on the unseen side."""
-    demo, split = params_mod.read(params_file, DemoParams, SplitSettings)
-    catalogue = demo.available_classes()
-    base_names = {c.name for c in catalogue[:demo.classes]}
-    extra = [c for c in catalogue[demo.classes:] if hash_unit(c.name, split.salt) < split.test_fraction][:3]
-    big, _ = demo.build(replace(demo, classes=catalogue.index(extra[-1]) + 1), progress=False)
-    base_tar, ext_tar = split_tar(big, base_names, base_names | {c.name for c in extra})
-    return base_tar, ext_tar, demo, extra
 
 
 def print_full_run(full: float, stages: dict[str, float], classes: int) -> None:

@@ -27,26 +27,23 @@ import dataclasses
 import hashlib
 import json
 import multiprocessing
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from common import REPO
+from sempcyc import params
+from sempcyc.recipe import ModelSettings
+from sempcyc.runtime import model as model_mod
+from sempcyc.runtime import retrieval
+from sempcyc.runtime.backbones import Extractor, batched, extract
+from sempcyc.shards import load_test_shard, load_train_shard
+from sempcyc.split import SplitSettings
+from sempcyc.stages import evaluate, features, train
 
-from sempcyc import params  # noqa: E402
-from sempcyc.recipe import ModelSettings  # noqa: E402
-from sempcyc.runtime import model as model_mod  # noqa: E402
-from sempcyc.runtime import retrieval  # noqa: E402
-from sempcyc.runtime.backbones import Extractor, batched, extract  # noqa: E402
-from sempcyc.shards import load_test_shard, load_train_shard  # noqa: E402
-from sempcyc.split import SplitSettings  # noqa: E402
-from sempcyc.stages import evaluate, features, train  # noqa: E402
-
-OUT = ROOT / "bench" / "out" / "quality"
+OUT = REPO / "bench" / "out" / "quality"
 SEMANTIC = {"ae_linear": True, "unit_embeddings": True, "semantic_classifier": True, "lambda_code": 1.0}
 # How the extractor reads the data (model settings, and features.tune_blocks: 0 unless given): "plain" photos
 # alone, "edges" photos with their edge maps (model.photo_edges), "lines" also the head-less backbone and sketch
@@ -391,7 +388,7 @@ def table(results: dict, val_baselines: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--project", type=Path, default=ROOT, help="folder with params.yaml and data/prepared/")
+    parser.add_argument("--project", type=Path, default=REPO, help="folder with params.yaml and data/prepared/")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--only", default="", help="variant names separated by ; (default: all)")
     parser.add_argument("--budget-min", type=float, default=60, help="start no new run after this many minutes")
@@ -422,8 +419,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     cache_all(args.project, out, sorted(kinds | {UNTUNED[k] for k in kinds if k in UNTUNED}), seeds, args.jobs)
     # results are reused only for the same variant definitions, skips, training and scoring code
-    code = b"".join((ROOT / "src/sempcyc" / f).read_bytes() for f in ("runtime/model.py", "train.py", "evaluate.py",
-                                                                          "runtime/retrieval.py"))
+    code = b"".join((REPO / "src/sempcyc" / f).read_bytes() for f in ("runtime/model.py", "stages/train.py",
+                                                                      "stages/evaluate.py", "runtime/retrieval.py"))
     digest = hashlib.sha256(repr((VARIANTS, SKIPS, RESULTS_VERSION)).encode() + code).hexdigest()[:12]
     results_file = out / f"results-{digest}.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}

@@ -1,7 +1,7 @@
 """Release overhead on the demo: what `sempcyc release` (the button) costs once features and the model are built.
 
 In a scratch clone of this repository, on 127.0.0.1: a bare git origin, moto_server as the S3 DVC remote, and one
-serving host (a real sshd + TorchServe, tests/hosts.py) as the deploy target. The demo data is a DVC-tracked tar
+serving host (a real sshd + TorchServe, sempcyc.testing.hosts) as the deploy target. The demo data is a DVC-tracked tar
 (as with your own data), so adding classes is a data commit.
 
 1. `dvc repro` from nothing (timed, not part of the overhead), committed;
@@ -34,13 +34,9 @@ from pathlib import Path
 import boto3
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "src"), str(REPO / "tests"), str(REPO / "bench")]
-
-from pipeline import demo_tars  # noqa: E402
-
-from hosts import Host, start_sshd, target_dict, wait_port  # noqa: E402
-from sempcyc.torchserve import free_port  # noqa: E402
+from common import REPO, Host, demo_tars
+from sempcyc.testing.hosts import start_sshd, target_dict, wait_port
+from sempcyc.torchserve import free_port
 
 BIN = Path(sys.executable).parent
 BUCKET = "bench-bucket"

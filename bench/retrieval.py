@@ -6,15 +6,12 @@ Usage: python bench/retrieval.py [--gallery 100000] [--dim 64] [--k 30] [--queri
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from scipy.spatial.distance import cdist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from sempcyc.runtime.retrieval import top_k  # noqa: E402
+from sempcyc.runtime.retrieval import top_k
 
 
 def original(queries: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:

@@ -17,18 +17,12 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # 1
 
 import argparse  # noqa: E402
 import resource  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "bench"))
-from index import Mixture  # noqa: E402
-
+from common import REPO, Mixture  # noqa: E402
 from sempcyc.runtime.ann import IVFIndex, default_nlist  # noqa: E402
 from sempcyc.runtime.encoder import Encoder  # noqa: E402
 from sempcyc.runtime.search import SketchSearch  # noqa: E402

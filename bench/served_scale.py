@@ -21,7 +21,6 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # 1
 
 import argparse  # noqa: E402
 import shutil  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -29,11 +28,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "src"), str(REPO / "bench")]
-from index import Mixture  # noqa: E402
-from serving import measure  # noqa: E402
-
+from common import REPO, Mixture, measure  # noqa: E402
 from sempcyc import params as params_mod  # noqa: E402
 from sempcyc.fsutil import sha256_file  # noqa: E402
 from sempcyc.runtime.encoder import Encoder  # noqa: E402

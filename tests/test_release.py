@@ -10,22 +10,19 @@ Small everywhere: 12 classes x 4 images x 4 sketches, tiny CNN, 32-px arrays, a 
 The story test (first release, then three new unseen classes -> second release without retraining, then both
 releases' archives fetched with `dvc artifacts get`) comes first;
 the safety tests work on fresh clones of origin with the same S3, registry, host and DVC cache. The release's pure
-core (versions, the quality gate, leftovers of an unfinished release) has its unit tests at the end.
+core (versions, leftovers of an unfinished release) has its unit tests in test_release_core.py, the quality gate in
+test_gate.py.
 """
 from __future__ import annotations
 
-import argparse
 import fcntl
 import hashlib
-import http.client
-import http.server
 import json
 import os
 import re
 import shutil
 import stat
 import subprocess
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -46,15 +43,11 @@ from helpers import (
     merged,
     write_tar,
 )
-from hosts import Host, target_dict, wait_port
-from sempcyc.commands import release as release_mod
-from sempcyc.commands.release import gate_note, next_version, quality_gate, real_changes, set_release_version
-from sempcyc.errors import UserError
+from hosts import Host, S3Proxy, target_dict, wait_port
 from sempcyc.runtime.search import SketchSearch
 from sempcyc.serving import same_ranking
 from sempcyc.split import hash_unit
 from sempcyc.torchserve import free_port
-from sempcyc.vcs import parse_tags
 
 TOP_K = 64  # >= the whole gallery (15 classes x 4 images): each answer is the full ranking (see test_release_story)
 THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -134,60 +127,6 @@ def lock_stage_out(lock_text: str, stage: str, path: str) -> str:
 
 def ran(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
-
-
-class S3Proxy:
-    """An HTTP proxy in front of moto that can refuse writes (403 AccessDenied, as S3 does for a key without
-    s3:PutObject) while reads such as the release's bucket check still pass: a `dvc push` that fails mid-release."""
-
-    def __init__(self, upstream_port: int):
-        self.fail_writes = True
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if proxy.fail_writes and self.command in ("PUT", "POST", "DELETE"):
-                    payload = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
-                               b"<Message>Access Denied</Message></Error>")
-                    self.send_response(403)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                    return
-                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
-                conn.request(self.command, self.path, body=body or None, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                self.send_response(resp.status)
-                for key, value in resp.getheaders():
-                    if key.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
-                        self.send_header(key, value)
-                # a HEAD answer has no body but the object's size (s3fs reads it from there)
-                self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD"
-                                 else str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                conn.close()
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = forward
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 # ------------------------------------------------------------------------------------------------- fixtures
@@ -624,177 +563,3 @@ def test_release_deploys_only_what_is_published_and_reruns_finish_the_job(base, 
     assert host.default() == tag.split("@v")[1]
     dvc(proj, env, "remote", "modify", "--local", "storage", "--unset", "endpointurl")
     assert_published(proj, env, origin, tag)
-
-
-# ----------------------------------------------------------------------------------------- release.py's core (unit)
-
-@pytest.mark.parametrize("tags, bump, expected", [
-    ([], "minor", "0.1.0"),
-    ([], "major", "0.1.0"),
-    ([], "patch", "0.1.0"),
-    (["sem-pcyc@v0.1.0"], "minor", "0.2.0"),
-    (["sem-pcyc@v0.1.0"], "patch", "0.1.1"),
-    (["sem-pcyc@v0.1.0"], "major", "1.0.0"),
-    (["sem-pcyc@v1.2.3"], "major", "2.0.0"),
-    (["sem-pcyc@v1.2.3"], "minor", "1.3.0"),
-    (["sem-pcyc@v1.2.3"], "patch", "1.2.4"),
-    # numeric, not lexical, order: 0.10.0 is newer than 0.9.0
-    (["sem-pcyc@v0.9.0", "sem-pcyc@v0.10.0", "sem-pcyc@v0.2.5"], "minor", "0.11.0"),
-    # malformed tags and other models' tags are ignored
-    (["sem-pcyc@v1.2", "other@v9.9.9", "v5.0.0", "sem-pcyc@v2.0.0-rc1", "sem-pcyc@vx.y.z", "sem-pcyc@v0.3.0"],
-     "minor", "0.4.0"),
-    (["sem-pcyc@v1.2", "other@v9.9.9"], "minor", "0.1.0"),
-])
-def test_next_version(tags, bump, expected):
-    assert next_version(tags, bump) == expected
-
-
-def test_parse_tags_sorts_numerically():
-    assert parse_tags(["sem-pcyc@v0.10.0", "sem-pcyc@v0.9.1", "junk"]) == [(0, 9, 1), (0, 10, 0)]
-
-
-PARAMS_TEXT = """\
-# top comment
-serve:
-  version: 9.9.9            # not the release block
-release:
-  model_name: sem_pcyc      # TorchServe model name
-  version: 0.0.0            # written by `sempcyc release`
-  gate_tolerance: 0.02      # tolerance
-deploy:
-  targets: []
-"""
-
-
-def test_set_release_version_changes_only_release_version():
-    out = set_release_version(PARAMS_TEXT, "0.3.0")
-    before, after = PARAMS_TEXT.splitlines(), out.splitlines()
-    assert len(before) == len(after)
-    changed = [(a, b) for a, b in zip(before, after) if a != b]
-    assert changed == [("  version: 0.0.0            # written by `sempcyc release`",
-                        "  version: 0.3.0            # written by `sempcyc release`")]
-    assert yaml.safe_load(out)["release"]["version"] == "0.3.0"
-    assert yaml.safe_load(out)["serve"]["version"] == "9.9.9"
-    assert set_release_version(out, "0.3.0") == out  # idempotent
-
-
-def test_set_release_version_on_the_project_params():
-    text = (REPO / "params.yaml").read_text(encoding="utf-8")
-    out = set_release_version(text, "1.2.3")
-    assert yaml.safe_load(out)["release"]["version"] == "1.2.3"
-    assert [line for line in text.splitlines() if "version:" not in line] == \
-        [line for line in out.splitlines() if "version:" not in line]
-    assert out.count("#") == text.count("#")
-
-
-def test_set_release_version_without_a_release_version_is_a_user_error():
-    with pytest.raises(UserError, match="release.version"):
-        set_release_version("serve:\n  version: 1.0.0\n", "0.1.0")
-
-
-def metrics(ours: float, baseline: float, seen: float | None = None, centred: float | None = None) -> dict:
-    """An evaluate report: `ours` on the unseen side (zero-shot and generalised), `seen` (default: `ours`) on the
-    seen side; the raw-feature baseline at `baseline` everywhere, the centred one at `centred` (default below)."""
-    seen = ours if seen is None else seen
-    centred = baseline / 2 if centred is None else centred
-
-    def side(value: float) -> dict:
-        return {"sem_pcyc": {"map_all": value}, "pretrained": {"map_all": baseline},
-                "pretrained_centred": {"map_all": centred}, "random": {"map_all": 0.01}}
-    h = {m: 2 * a * b / (a + b) for m, a, b in (("sem_pcyc", ours, seen), ("pretrained", baseline, baseline),
-                                                ("pretrained_centred", centred, centred), ("random", 0.01, 0.01))}
-    return {"zero_shot": side(ours), "generalised": side(ours), "seen_generalised": side(seen), "harmonic": h}
-
-
-@pytest.mark.parametrize("current, previous, passed, words", [
-    (metrics(0.30, 0.20), None, True, "first release"),          # first release: only the baselines count
-    (metrics(0.15, 0.20), None, False, "baseline"),              # below the no-training baseline
-    (metrics(0.15, 0.20), metrics(0.10, 0.05), False, "baseline"),
-    (metrics(0.30, 0.20), metrics(0.35, 0.20), False, "below the last release"),  # 0.05 > tolerance 0.02
-    (metrics(0.34, 0.20), metrics(0.35, 0.20), True, "last release"),             # within tolerance
-    (metrics(0.40, 0.20), metrics(0.35, 0.20), True, "last release"),             # better
-    # the strongest baseline is the one to beat: here the centred features, not the raw ones
-    (metrics(0.30, 0.20, centred=0.32), None, False, "(pretrained_centred, 0.3200)"),
-])
-def test_quality_gate(current, previous, passed, words):
-    ok, why = quality_gate(current, previous, 0.02)
-    assert ok is passed, why
-    assert words in why
-
-
-def test_quality_gate_refuses_a_one_sided_model():
-    """Unseen side far above the baseline, seen side collapsed below it: refused, naming the seen side."""
-    ok, why = quality_gate(metrics(0.60, 0.20, seen=0.15), None, 0.02)
-    assert not ok and "seen-query generalised mAP@all 0.1500 is below" in why
-    ok, why = quality_gate(metrics(0.60, 0.20, seen=0.40), metrics(0.60, 0.20, seen=0.60), 0.02)
-    assert not ok and "seen-query generalised mAP@all 0.4000 is more than 0.02 below" in why
-    assert "zero-shot" not in why  # only the failing side is named
-
-
-def test_quality_gate_against_a_release_from_before_the_seen_side():
-    older = {"zero_shot": {"sem_pcyc": {"map_all": 0.35}, "pretrained": {"map_all": 0.2}}}
-    assert quality_gate(metrics(0.36, 0.2), older, 0.02)[0] is True
-    assert quality_gate(metrics(0.30, 0.2), older, 0.02)[0] is False
-
-
-def test_gate_note_records_an_override():
-    assert gate_note(False, "unseen mAP@all 0.1 is below the baseline 0.2") == \
-        "quality gate OVERRIDDEN: unseen mAP@all 0.1 is below the baseline 0.2"
-    assert gate_note(True, "unseen mAP@all 0.3").startswith("quality gate passed: ")
-
-
-def test_quality_gate_tolerance_edges():
-    assert quality_gate(metrics(0.33, 0.2), metrics(0.35, 0.2), 0.021)[0] is True
-    assert quality_gate(metrics(0.33, 0.2), metrics(0.35, 0.2), 0.019)[0] is False
-    assert quality_gate(metrics(0.35, 0.2), metrics(0.35, 0.2), 0.0)[0] is True
-
-
-def gate_run(override: bool) -> release_mod.Release:
-    args = argparse.Namespace(override_gate=override)
-    return release_mod.ReleaseRun(args, Path("params.yaml"), None, None)
-
-
-@pytest.mark.parametrize("override", [False, True])
-def test_gate_compares_with_the_last_release_on_the_same_test_set(monkeypatch, override):
-    """Same test set: the last release's own report, nothing re-scored. Another test set (classes added): the last
-    release's model scored on this one. When that fails: refused with one line naming --override-gate, or, with
-    the override, no comparison with it."""
-    last = {"test_set": "A", "zero_shot": {"sem_pcyc": {"map_all": 0.5}}}
-    rescored = {"test_set": "B", "zero_shot": {"sem_pcyc": {"map_all": 0.4}}}
-    calls = []
-    monkeypatch.setattr(release_mod, "previous_metrics", lambda tag: last if tag else None)
-    monkeypatch.setattr(release_mod, "rescore", lambda tag, params: calls.append(tag) or (rescored, ""))
-    run = gate_run(override)
-    assert release_mod.comparable_previous(run, None, {"test_set": "B"}) is None
-    assert release_mod.comparable_previous(run, "sem-pcyc@v0.1.0", {"test_set": "A"}) is last and calls == []
-    assert release_mod.comparable_previous(run, "sem-pcyc@v0.1.0", {"test_set": "B"}) is rescored
-    assert calls == ["sem-pcyc@v0.1.0"] and "rescore_last_release" in run.timings
-    monkeypatch.setattr(release_mod, "rescore", lambda tag, params: (None, "its evaluate failed, see above"))
-    if override:
-        assert release_mod.comparable_previous(run, "sem-pcyc@v0.1.0", {"test_set": "B"}) is None
-    else:
-        with pytest.raises(UserError, match="could not score sem-pcyc@v0.1.0's model on this test .*--override-gate"):
-            release_mod.comparable_previous(run, "sem-pcyc@v0.1.0", {"test_set": "B"})
-
-
-# A release stopped before its commit (quality gate, a failed stage or deploy) leaves release.version, dvc.lock,
-# metrics and the updated import behind; the advised rerun must accept exactly those, and nothing a person changed.
-HEAD_PARAMS = PARAMS_TEXT.replace("0.0.0", "0.1.0")
-LEFTOVER_PARAMS = HEAD_PARAMS.replace("version: 0.1.0 ", "version: 0.2.0 ")
-IMPORTED = {"data/registry.tar.dvc"}
-
-
-@pytest.mark.parametrize("dirty, work_params, real", [
-    (["params.yaml"], LEFTOVER_PARAMS, []),
-    (["params.yaml", "dvc.lock", "data/registry.tar.dvc", "reports/eval/metrics.json", "reports/serve_check.json",
-      "reports/deploy.json", "dvclive/metrics.json", "dvclive/plots/metrics/train/gen.tsv"], LEFTOVER_PARAMS, []),
-    (["params.yaml"], LEFTOVER_PARAMS.replace("gate_tolerance: 0.02", "gate_tolerance: 0.5"), ["params.yaml"]),
-    (["params.yaml"], LEFTOVER_PARAMS.replace("version: 9.9.9", "version: 9.9.8"), ["params.yaml"]),
-    (["params.yaml"], None, ["params.yaml"]),                                   # deleted
-    (["params.yaml"], "release: [", ["params.yaml"]),                          # not a release block any more
-    (["dvc.lock", "src/sempcyc/stages/train.py"], LEFTOVER_PARAMS, ["src/sempcyc/stages/train.py"]),
-    (["data/other.tar.dvc", "reports/evaluation.txt", "dvclive.yaml"], HEAD_PARAMS,
-     ["data/other.tar.dvc", "reports/evaluation.txt", "dvclive.yaml"]),
-])
-def test_real_changes_tells_leftovers_from_edits(dirty, work_params, real):
-    assert real_changes(dirty, "params.yaml", HEAD_PARAMS, work_params, IMPORTED) == real

@@ -1,5 +1,6 @@
 """The GitHub workflows: actionlint, and the shape the release relies on. Fast: no server, no DVC.
-The release itself (its pure core and the end-to-end story) is tests/test_release.py."""
+The release itself is tests/test_release.py (the end-to-end story), test_release_core.py and test_gate.py (its pure
+core). docs/releasing.md documents the protected environment (its required reviewers)."""
 from __future__ import annotations
 
 import re
@@ -101,7 +102,7 @@ def test_release_runs_only_from_the_default_branch_in_a_protected_environment():
     for name, other in doc["jobs"].items():  # a job after the release (the report) is skipped with it
         if other is not job:
             assert DEFAULT_BRANCH_ONLY in condition(other) and other.get("needs"), name
-    assert "required reviewers" in (REPO / "README.md").read_text(encoding="utf-8")
+    assert "required reviewers" in (REPO / "docs/releasing.md").read_text(encoding="utf-8")
 
 
 def test_secrets_reach_only_the_steps_that_need_them():
