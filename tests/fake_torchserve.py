@@ -19,10 +19,16 @@ NO_WORKER = {"code": 503, "type": "ServiceUnavailableException",
                         "expired; or exceeds maxSequenceJobQueueSize"}
 
 
+LONG_NAME = "hot_air_balloon_over_snow_capped_mountain_at_dusk"
+
+
 def answer_for(body: bytes, version: str, k: int = 3) -> list[dict]:
+    """The fake's answer to `body` at `version`: k items named after the body's sha256, one after the version, and
+    one with a long class name."""
     digest = hashlib.sha256(body).hexdigest()[:12]
     return [{"image": f"class-{digest}/{i}.png", "class": f"class-{digest}", "score": round(0.9 - i / 10, 3)}
-            for i in range(k)] + [{"image": f"v{version}/x.png", "class": f"version {version}", "score": 0.1}]
+            for i in range(k)] + [{"image": f"v{version}/x.png", "class": f"version {version}", "score": 0.1},
+                                  {"image": f"{LONG_NAME}/1.png", "class": LONG_NAME, "score": 0.05}]
 
 
 def fake_archive(version: str, max_pixels: int = 4_194_304, thumbs: dict | None = None) -> Archive:
@@ -32,14 +38,15 @@ def fake_archive(version: str, max_pixels: int = 4_194_304, thumbs: dict | None 
 
 class FakeTorchServe:
     """On 127.0.0.1 (a free port): with `busy` every search is answered the no-worker 503; while `gate` (an Event)
-    is cleared, searches wait for it; `versions` is what the management API lists (None: 404, as a TorchServe
-    whose management API is not this address)."""
+    is cleared, searches wait for it; `versions` are registered, and listed by the management API unless not
+    `listed` (then it answers 404, as a TorchServe whose management API is not this address)."""
 
-    def __init__(self, versions: list[str] | None = None):
+    def __init__(self, versions: list[str], listed: bool = True):
         self.busy = False
         self.gate = threading.Event()
         self.gate.set()
-        self.versions = versions
+        self.versions = versions           # registered: a search for another version is answered 404
+        self.listed = listed               # whether the management API lists them
         self.received: list[tuple[str, bytes]] = []
         self.waiting = 0
         self._lock = threading.Lock()
@@ -83,13 +90,16 @@ class FakeTorchServe:
                 fake.gate.wait(30)
                 with fake._lock:
                     fake.waiting -= 1
-                if fake.busy:
+                if version not in fake.versions:
+                    self.reply(404, {"code": 404, "type": "ModelNotFoundException",
+                                     "message": f"Model version: {version} does not exist for model: {MODEL_NAME}"})
+                elif fake.busy:
                     self.reply(503, NO_WORKER)
                 else:
                     self.reply(200, answer_for(body, version))
 
             def do_GET(self):
-                if fake.versions is None or self.path != f"/models/{MODEL_NAME}/all":
+                if not fake.listed or self.path != f"/models/{MODEL_NAME}/all":
                     self.reply(404, {"code": 404, "type": "ModelNotFoundException", "message": "not found"})
                     return
                 self.reply(200, [{"modelName": MODEL_NAME, "modelVersion": v, "isDefaultVersion": i == 0}

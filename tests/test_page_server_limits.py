@@ -197,7 +197,7 @@ def test_registered_versions_come_from_the_management_api(fake):
     with page_server(fake, management=False) as server:
         status, answer, _ = request(f"{server.url}api/versions")
         assert status == 200 and answer["versions"] is None and "type the version" in answer["note"]
-    fake.versions = None  # a TorchServe whose management API is not there
+    fake.listed = False  # a TorchServe whose management API is not there
     with page_server(fake) as server:
         answer = request(f"{server.url}api/versions")[1]
         assert answer["versions"] is None and f"management API at {fake.url}" in answer["note"]

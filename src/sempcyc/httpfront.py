@@ -72,9 +72,10 @@ class _Closed(Exception):
 
 
 class HttpFront:
-    """Serves `app` on 127.0.0.1:`port` (0: a free one) in a background thread. app.head(request) is called once
-    the headers are in (a Response refuses the request before its body is read, e.g. a foreign host); app.handle
-    (request) once the body is in: it returns a Response (cheap work, on the loop) or a Deferred (for the pool)."""
+    """Serves `app` on 127.0.0.1:`port` (0: a free one) in a background thread, from construction until stop().
+    app.head(request) is called once the headers are in (a Response refuses the request before its body is read,
+    e.g. a foreign host); app.handle(request) once the body is in: it returns a Response (cheap work, on the loop)
+    or a Deferred (for the pool)."""
 
     def __init__(self, app, port: int, limits: Limits):
         self.app, self.limits = app, limits
@@ -84,23 +85,31 @@ class HttpFront:
         self.open: set[asyncio.StreamWriter] = set()
         self.body_bytes = 0                                    # bodies being read now, as declared
         self.evicted = 0
-        self.server = self.loop.run_until_complete(asyncio.start_server(
-            self._connection, "127.0.0.1", port, limit=limits.max_header_bytes, backlog=1024))
+        # the loop runs in its own thread from the start (the caller's thread may run another loop: Playwright's)
+        self.thread: threading.Thread | None = threading.Thread(target=self.loop.run_forever,
+                                                                name="sem-pcyc-page-loop", daemon=True)
+        self.thread.start()
+        listening = asyncio.run_coroutine_threadsafe(asyncio.start_server(
+            self._connection, "127.0.0.1", port, limit=limits.max_header_bytes, backlog=1024), self.loop)
+        try:
+            self.server = listening.result(timeout=30)
+        except BaseException:
+            self.stop()
+            raise
         self.server_address = self.server.sockets[0].getsockname()[:2]
-        self.thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self.thread = threading.Thread(target=self.loop.run_forever, name="sem-pcyc-page-loop", daemon=True)
-        self.thread.start()
+        """Nothing to do: it serves from construction on (kept for the context-manager callers)."""
 
     def stop(self) -> None:
         if self.thread is not None:
-            asyncio.run_coroutine_threadsafe(self._close_all(), self.loop).result(timeout=10)
+            if hasattr(self, "server"):
+                asyncio.run_coroutine_threadsafe(self._close_all(), self.loop).result(timeout=10)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=10)
             self.thread = None
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        self.loop.close()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.loop.close()
 
     async def _close_all(self) -> None:
         self.server.close()
