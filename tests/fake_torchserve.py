@@ -99,10 +99,13 @@ class FakeTorchServe:
                     self.reply(200, answer_for(body, version))
 
             def do_GET(self):
-                if not fake.listed or self.path != f"/models/{MODEL_NAME}/all":
+                # as TorchServe 0.12: /models/<name> describes the default version (the first here), /all each one
+                listed = {f"/models/{MODEL_NAME}": fake.versions[:1], f"/models/{MODEL_NAME}/all": fake.versions}
+                if not fake.listed or self.path not in listed:
                     self.reply(404, {"code": 404, "type": "ModelNotFoundException", "message": "not found"})
                     return
-                self.reply(200, [{"modelName": MODEL_NAME, "modelVersion": v, "isDefaultVersion": i == 0}
-                                 for i, v in enumerate(fake.versions)])
+                self.reply(200, [{"modelName": MODEL_NAME, "modelVersion": v, "modelUrl": f"{MODEL_NAME}-{v}.mar",
+                                  "jobQueueStatus": {"remainingCapacity": 32, "pendingRequests": 0}}
+                                 for v in listed[self.path]])
 
         return Handler

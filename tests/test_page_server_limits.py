@@ -9,6 +9,7 @@ are listed when its management API is known.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -112,7 +113,8 @@ def test_past_the_connection_cap_the_slowest_connection_goes_not_a_new_one(fake,
         status, _, _ = request(f"{server.url}api/meta")
         assert status == 200 and time.monotonic() - started < 0.9  # well before any timeout freed a connection
         slow[0].settimeout(5)
-        assert slow[0].recv(4096) == b""  # the oldest were closed to make room
+        with contextlib.suppress(ConnectionResetError):  # closed with its 10 bytes unread: a reset, or the end
+            assert slow[0].recv(4096) == b"", "the oldest connection was not closed to make room"
         assert server.httpd.evicted >= 10
         for sock in slow:
             sock.close()

@@ -241,14 +241,16 @@ def registered_versions(config: PageConfig) -> dict:
     if not config.management_url:
         return {"versions": None, "note": "TorchServe's management API was not given to the page server "
                                           "(sempcyc ui --management-url): type the version"}
-    url = f"{config.management_url.rstrip('/')}/models/{config.model_name}/all"
+    url = f"{config.management_url.rstrip('/')}/models/{config.model_name}"
     headers = {"Authorization": f"Bearer {config.management_token}"} if config.management_token else {}
-    try:
-        with DIRECT.open(urllib.request.Request(url, headers=headers), timeout=10) as resp:
-            described = json.loads(resp.read())
-        versions = [str(m["modelVersion"]) for m in described]
-        default = next((str(m["modelVersion"]) for m in described if m.get("isDefaultVersion")), None)
-    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as exc:
+    try:  # /models/<name> describes the default version, /models/<name>/all every one
+        described = {}
+        for which in ("default", "all"):
+            request = urllib.request.Request(url + ("/all" if which == "all" else ""), headers=headers)
+            with DIRECT.open(request, timeout=10) as resp:
+                described[which] = [str(m["modelVersion"]) for m in json.loads(resp.read())]
+        versions, default = described["all"], described["default"][0]
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         reason = getattr(exc, "reason", None) or getattr(exc, "code", None) or exc
         return {"versions": None, "note": f"TorchServe's management API at {_without_userinfo(url)} did not list "
                                           f"the versions ({reason}): type the version"}
