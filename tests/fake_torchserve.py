@@ -48,6 +48,7 @@ class FakeTorchServe:
         self.versions = versions           # registered: a search for another version is answered 404
         self.listed = listed               # whether the management API lists them
         self.received: list[tuple[str, bytes]] = []
+        self.management_calls = 0
         self.waiting = 0
         self._lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -99,6 +100,7 @@ class FakeTorchServe:
                     self.reply(200, answer_for(body, version))
 
             def do_GET(self):
+                fake.management_calls += 1
                 # as TorchServe 0.12: /models/<name> describes the default version (the first here), /all each one
                 listed = {f"/models/{MODEL_NAME}": fake.versions[:1], f"/models/{MODEL_NAME}/all": fake.versions}
                 if not fake.listed or self.path not in listed:

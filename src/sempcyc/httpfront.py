@@ -149,17 +149,9 @@ class HttpFront:
             return False  # idle, or the client closed: nothing to answer
         self.reading[writer] = time.monotonic()
         deadline = self.reading[writer] + self.limits.request_timeout_s
-        try:
-            head = first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.limits.request_timeout_s)
-        except asyncio.TimeoutError:
-            await self._send(writer, "GET", self._too_slow())
-            return False
-        except asyncio.LimitOverrunError:
-            await self._send(writer, "GET", Response(431, error_json(431, "request headers too large"), close=True))
-            return False
-        request = parse_head(head)
-        if request is None:
-            await self._send(writer, "GET", Response(400, error_json(400, "not an HTTP/1.1 request"), close=True))
+        request = await self._read_head(reader, first)
+        if isinstance(request, Response):
+            await self._send(writer, "GET", request)
             return False
         answer = self.app.head(request) or await self._read_body(reader, writer, request, deadline)
         if answer is None:
@@ -172,6 +164,22 @@ class HttpFront:
         await self._send(writer, request.method, answer)
         return keep
 
+    async def _read_head(self, reader: asyncio.StreamReader, first: bytes) -> Request | Response:
+        """The request line and headers (within request_timeout_s), or the Response refusing them."""
+        try:
+            head = first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.limits.request_timeout_s)
+        except asyncio.TimeoutError:
+            return self._too_slow()
+        except asyncio.LimitOverrunError:
+            size = self.limits.max_header_bytes
+            return Response(431, error_json(431, f"the request headers are over {size:,} bytes; send fewer or "
+                                                 "shorter headers"), close=True)
+        request = parse_head(head)
+        if request is None:
+            return Response(400, error_json(400, "not an HTTP/1.1 request; the page server speaks HTTP/1.1 only"),
+                            close=True)
+        return request
+
     async def _read_body(self, reader, writer, request: Request, deadline: float) -> Response | None:
         """Reads the declared body into request.body; a Response when it cannot (and the connection then closes)."""
         if request.headers.get("transfer-encoding"):
@@ -181,7 +189,8 @@ class HttpFront:
         except ValueError:
             length = -1
         if length < 0:
-            return Response(400, error_json(400, "a Content-Length that is not a number"), close=True)
+            return Response(400, error_json(400, "the Content-Length is not a number; send the body's length "
+                                                 "in bytes"), close=True)
         if length > self.limits.max_body_bytes:
             return await self._refuse_body(reader, writer, request, length, deadline)
         if not length:

@@ -59,6 +59,7 @@ MAX_PENDING_SEARCHES = 32    # forwarded (LIMITS.threads at a time) or waiting f
                              # (serve.queue_size) must hold LIMITS.threads for the page never to meet its 503
 LARGE_PIXELS = 512 * 512     # 4x the page's canvas: bigger queries cost a worker milliseconds per megapixel to decode
 MAX_PENDING_LARGE = 2        # so few of them are let through at once: a flood of them cannot delay a sketch
+VERSIONS_TTL_S = 5.0         # TorchServe's list of registered versions is asked for at most this often
 
 
 @dataclass(frozen=True)
@@ -340,6 +341,7 @@ class PageApp:
 
     def __init__(self, page: PageServer):
         self.page, self.config = page, page.config
+        self._versions, self._versions_lock = (-VERSIONS_TTL_S - 1.0, b""), threading.Lock()
 
     def head(self, request: Request) -> Response | None:
         """Refuse other Host names (DNS rebinding: a web site must not reach this token-holding proxy) and, on POST,
@@ -366,13 +368,19 @@ class PageApp:
         if path == "/api/meta":
             return Response(200, json.dumps(self.config.meta()).encode(), headers={"Cache-Control": "no-store"})
         if path == "/api/versions":
-            return Deferred(lambda: Response(200, json.dumps(registered_versions(self.config)).encode(),
-                                             headers={"Cache-Control": "no-store"}), lambda: None)
+            return Deferred(self.versions, lambda: None)
         if path.startswith("/thumbs/"):
             return self.thumbnail(path[len("/thumbs/"):])
         if path == "/favicon.ico":
             return Response(204, b"", "image/x-icon")
         return Response(404, error_json(404, f"no such page: {path}"))
+
+    def versions(self) -> Response:
+        """registered_versions, asked of TorchServe at most every VERSIONS_TTL_S (every tab asks once)."""
+        with self._versions_lock:
+            if time.monotonic() - self._versions[0] > VERSIONS_TTL_S:
+                self._versions = (time.monotonic(), json.dumps(registered_versions(self.config)).encode())
+            return Response(200, self._versions[1], headers={"Cache-Control": "no-store"})
 
     def thumbnail(self, rest: str) -> Response:
         """/thumbs/<version>/<quoted image id>: that version's thumbnail, else another archive's (the same image
