@@ -24,6 +24,7 @@ import pytest
 from fake_torchserve import FakeTorchServe, answer_for, fake_archive
 from PIL import Image, ImageDraw
 
+from helpers import PARAMS, call, one_line_error
 from sempcyc import page
 from sempcyc.page import (
     LARGE_PIXELS,
@@ -228,3 +229,11 @@ def test_malformed_requests_get_one_sentence_and_the_connection_closes(fake, raw
     assert head.startswith(f"HTTP/1.1 {status} ".encode()) and b"Connection: close" in head
     assert words in json.loads(body)["error"]
     assert fake.received == []
+
+
+def test_ui_refuses_a_management_url_it_cannot_use(tmp_path):
+    (tmp_path / "params.yaml").write_text(json.dumps(PARAMS))
+    rc, _, err = call(tmp_path, "ui", "--inference-url", "http://127.0.0.1:8080", "--management-url", "127.0.0.1:8081",
+                      "--mar", "missing.mar")
+    line = one_line_error(rc, err, "ui")
+    assert "--management-url '127.0.0.1:8081': expected http://host:port (TorchServe's management API" in line

@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def page_config(args: argparse.Namespace) -> PageConfig:
     settings, deploy = params_mod.read(args.params, PageSettings, DeploySettings)
     check_url(args.inference_url, "--inference-url")
+    management_url = check_url(args.management_url, "--management-url")
     if args.thumbnail_base_url is not None:
         settings = PageSettings(args.thumbnail_base_url or None, settings.search_debounce_ms)
     archives = tuple(read_archive(Path(p)) for p in (args.mar or ["models/sem_pcyc.mar"]))
@@ -54,7 +55,7 @@ def page_config(args: argparse.Namespace) -> PageConfig:
     management_env = deploy.defaults.get("management_token_env")
     management_token = os.environ.get(management_env) or None if isinstance(management_env, str) else None
     return PageConfig(args.inference_url.rstrip("/"), archives, settings, os.environ.get(token_env) or None,
-                      token_env, check_url(args.management_url, "--management-url"), management_token)
+                      token_env, management_url, management_token)
 
 
 def check_url(value: str | None, option: str) -> str | None:
