@@ -5,28 +5,35 @@ thumbnails from the archive(s), and forwards each search to TorchServe's inferen
 this server (same origin: no CORS), so a TorchServe token stays in this process and never reaches the page. Query
 images are checked here too (PNG or JPEG, size, pixels) before anything is sent to TorchServe.
 
-Routes: GET / (the page), /page.js, /page.css, /api/meta, /thumbs/<version>/<image id>; POST /api/search/<version>.
+Routes: GET / (the page), /page.js, /page.css, /api/meta, /api/versions (the versions TorchServe has registered,
+when its management API is known), /thumbs/<version>/<image id>; POST /api/search/<version>.
+
+Under load it stays bounded and says so (httpfront.py reads connections; LIMITS here): slow clients cost no thread;
+at most MAX_PENDING_SEARCHES searches are forwarded or waiting, at most MAX_PENDING_LARGE of them large images (over
+LARGE_PIXELS: their decoding is what costs TorchServe's workers), and past that a search is answered 503 with
+Retry-After and a sentence saying when to try again, as is TorchServe's own "no worker" 503 when its queue is full.
 """
 from __future__ import annotations
 
 import io
 import json
+import math
 import re
-import sys
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
 import zipfile
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
 from PIL import Image, UnidentifiedImageError
 
 from .errors import UserError
+from .httpfront import Deferred, HttpFront, Limits, Request, Response, error_json
 from .params import setting
 from .runtime.gallery_shards import MANIFEST, GalleryError, sha256_bytes, unpack_shard
 
@@ -43,6 +50,16 @@ FORWARD_TIMEOUT_S = 60
 # TorchServe is called directly, never through an http(s)_proxy from the environment: the token goes along.
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 THUMB_TYPES = {"webp": "image/webp", "jpeg": "image/jpeg", "png": "image/png"}
+# The page server's limits (docs/serving.md, "Limits"): a browser opens at most 6 connections to a host, so 256
+# is many people's worth; past it the connection that has waited longest for its request is closed.
+LIMITS = Limits(max_connections=256, threads=8, request_timeout_s=10, idle_timeout_s=30, write_timeout_s=30,
+                max_header_bytes=16_384, max_body_bytes=MAX_BODY_BYTES, discard_body_bytes=DISCARD_BYTES,
+                body_budget_bytes=64 << 20)
+MAX_PENDING_SEARCHES = 32    # forwarded (LIMITS.threads at a time) or waiting for a thread; TorchServe's queue
+                             # (serve.queue_size) must hold LIMITS.threads for the page never to meet its 503
+LARGE_PIXELS = 512 * 512     # 4x the page's canvas: bigger queries cost a worker milliseconds per megapixel to decode
+MAX_PENDING_LARGE = 2        # so few of them are let through at once: a flood of them cannot delay a sketch
+VERSIONS_TTL_S = 5.0         # TorchServe's list of registered versions is asked for at most this often
 
 
 @dataclass(frozen=True)
@@ -112,8 +129,13 @@ def read_archive(path: Path) -> Archive:
 # ------------------------------------------------------------------------------------------------- queries
 
 def check_query(body: bytes, max_pixels: int) -> str:
-    """The content type of an acceptable query image, or Refused saying what is wrong with it (header only: the
-    pixels are never decoded here)."""
+    """The content type of an acceptable query image, or Refused saying what is wrong with it."""
+    return inspect_query(body, max_pixels)[0]
+
+
+def inspect_query(body: bytes, max_pixels: int) -> tuple[str, int]:
+    """(content type, pixels) of an acceptable query image, or Refused saying what is wrong with it (from the
+    header only: the pixels are never decoded here)."""
     if not body:
         raise Refused(400, "nothing to search: the sketch is empty")
     if len(body) > MAX_BODY_BYTES:
@@ -130,13 +152,13 @@ def check_query(body: bytes, max_pixels: int) -> str:
             with Image.open(io.BytesIO(body), formats=("PNG", "JPEG")) as image:
                 width, height = image.size
     except Image.DecompressionBombError:
-        raise Refused(413, f"the image has far more than the {max_pixels:,}-pixel limit") from None
+        raise Refused(413, f"the image has far more than the {max_pixels:,}-pixel limit; scale it down") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise Refused(400, "not a readable PNG or JPEG image (broken data)") from None
     if width * height > max_pixels:
         raise Refused(413, f"the image is {width}x{height} = {width * height:,} pixels, over the model's "
                            f"{max_pixels:,}-pixel limit (serve.max_pixels); scale it down")
-    return content_type
+    return content_type, width * height
 
 
 @dataclass(frozen=True)
@@ -146,6 +168,8 @@ class PageConfig:
     settings: PageSettings
     token: str | None = field(repr=False)   # TorchServe's inference token; never sent to the page
     token_env: str | None                   # the variable it comes from, named when TorchServe refuses it
+    management_url: str | None = None       # TorchServe's management API, to list the registered versions
+    management_token: str | None = field(default=None, repr=False)
 
     @property
     def model_name(self) -> str:
@@ -165,7 +189,8 @@ def _without_userinfo(url: str) -> str:
 
 
 def forward(config: PageConfig, version: str, body: bytes, content_type: str) -> tuple[int, bytes]:
-    """POST the query to TorchServe's /predictions/<model>/<version>: (status, JSON body for the page)."""
+    """POST the query to TorchServe's /predictions/<model>/<version>: (status, JSON body for the page). TorchServe's
+    "no worker" 503 (its queue is full) comes back as 503 with a sentence for a person (the caller adds when)."""
     url = f"{config.inference_url.rstrip('/')}/predictions/{config.model_name}/{version}"
     headers = {"Content-Type": content_type}
     if config.token:
@@ -199,17 +224,81 @@ def torchserve_error(config: PageConfig, version: str, status: int, body: bytes)
     if status == 404 or "NotFound" in kind:
         return (f"version {version} of {config.model_name} is not registered on TorchServe at "
                 f"{_without_userinfo(config.inference_url)} ({message or kind})")
+    if status == 503 and ("ServiceUnavailable" in kind or "no worker" in message):
+        return BUSY
     if "InvalidKey" in kind or status == 401:
         where = f"; set ${config.token_env} to its inference key" if config.token_env else ""
         return f"TorchServe refused the inference token ({message or kind}){where}"
     return f"TorchServe answered {status}: {message or kind or body[:200]!r}"
 
 
-def error_json(status: int, message: str) -> bytes:
-    return json.dumps({"error": message, "status": status}).encode()
+BUSY = "TorchServe's queue is full"
+
+
+def registered_versions(config: PageConfig) -> dict:
+    """The versions of the model TorchServe has registered ({"versions": [...], "default": ...}), from its
+    management API; {"versions": None, "note": why} when there is none to ask or it does not answer (a remote
+    TorchServe reached only through its inference port): the page then offers a text box."""
+    if not config.management_url:
+        return {"versions": None, "note": "TorchServe's management API was not given to the page server "
+                                          "(sempcyc ui --management-url): type the version"}
+    url = f"{config.management_url.rstrip('/')}/models/{config.model_name}"
+    headers = {"Authorization": f"Bearer {config.management_token}"} if config.management_token else {}
+    try:  # /models/<name> describes the default version, /models/<name>/all every one
+        described = {}
+        for which in ("default", "all"):
+            request = urllib.request.Request(url + ("/all" if which == "all" else ""), headers=headers)
+            with DIRECT.open(request, timeout=10) as resp:
+                described[which] = [str(m["modelVersion"]) for m in json.loads(resp.read())]
+        versions, default = described["all"], described["default"][0]
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "code", None) or exc
+        return {"versions": None, "note": f"TorchServe's management API at {_without_userinfo(url)} did not list "
+                                          f"the versions ({reason}): type the version"}
+    return {"versions": sorted(set(versions), key=_version_key, reverse=True), "default": default}
+
+
+def _version_key(version: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else -1 for p in re.split(r"[.+-]", version))
+
+
 
 
 # ------------------------------------------------------------------------------------------------- server
+
+class Admission:
+    """The searches in flight (forwarded or waiting for a pool thread), counted per lane; past the caps a search is
+    refused at once with the seconds to wait, estimated from how long searches have been taking."""
+
+    def __init__(self, threads: int, max_pending: int, max_large: int):
+        self.threads, self.max_pending, self.max_large = threads, max_pending, max_large
+        self.pending = self.large = 0
+        self.mean_s = 0.1  # a running mean of a forwarded search's time
+        self._lock = threading.Lock()
+
+    def retry_after(self) -> int:
+        return max(1, min(60, math.ceil((self.pending + 1) * self.mean_s / self.threads)))
+
+    def admit(self, large: bool) -> int | None:
+        """None when admitted (then call done()), else the seconds to wait."""
+        with self._lock:
+            if self.pending >= self.max_pending or (large and self.large >= self.max_large):
+                return self.retry_after()
+            self.pending += 1
+            self.large += large
+            return None
+
+    def done(self, large: bool, seconds: float) -> None:
+        with self._lock:
+            self.pending -= 1
+            self.large -= large
+            self.mean_s = 0.9 * self.mean_s + 0.1 * seconds
+
+
+def busy(seconds: int, what: str) -> Response:
+    return Response(503, error_json(503, f"Busy: {what}; try again in {seconds} s."),
+                    headers={"Retry-After": str(seconds), "Cache-Control": "no-store"})
+
 
 class PageServer:
     """The page's HTTP server on 127.0.0.1:`port` (0: a free one), in a background thread; a context manager."""
@@ -217,14 +306,13 @@ class PageServer:
     def __init__(self, config: PageConfig, port: int = 0):
         self.config = config
         self.forwarded = 0  # queries sent to TorchServe (the tests check that refused ones never are)
+        self.admission = Admission(LIMITS.threads, MAX_PENDING_SEARCHES, MAX_PENDING_LARGE)
         self._lock = threading.Lock()
         try:
-            self.httpd = _Server(("127.0.0.1", port), PageHandler)
+            self.httpd = HttpFront(PageApp(self), port, LIMITS)
         except OSError as exc:
             raise UserError(f"cannot listen on 127.0.0.1:{port} ({exc.strerror}); pass another --port, or 0 for "
                             "a free one") from None
-        self.httpd.page = self
-        self.thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -235,16 +323,11 @@ class PageServer:
             self.forwarded += 1
 
     def start(self) -> PageServer:
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="sem-pcyc-page", daemon=True)
-        self.thread.start()
+        self.httpd.start()
         return self
 
     def stop(self) -> None:
-        if self.thread is not None:
-            self.httpd.shutdown()
-            self.thread.join(timeout=10)
-            self.thread = None
-        self.httpd.server_close()
+        self.httpd.stop()
 
     def __enter__(self) -> PageServer:
         return self.start()
@@ -253,132 +336,96 @@ class PageServer:
         self.stop()
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    page: PageServer
+class PageApp:
+    """The page server's routes (httpfront calls head() when the headers are in, handle() with the body)."""
 
-    def handle_error(self, request, client_address) -> None:
-        if isinstance(sys.exc_info()[1], ConnectionError):
-            return  # the browser went away mid-answer (e.g. the thumbnails of a grid it just replaced)
-        super().handle_error(request, client_address)
+    def __init__(self, page: PageServer):
+        self.page, self.config = page, page.config
+        self._versions, self._versions_lock = (-VERSIONS_TTL_S - 1.0, b""), threading.Lock()
 
+    def head(self, request: Request) -> Response | None:
+        """Refuse other Host names (DNS rebinding: a web site must not reach this token-holding proxy) and, on POST,
+        another site's pages (a foreign Origin), before the body is read."""
+        host = urllib.parse.urlsplit("//" + request.headers.get("host", "")).hostname
+        if host not in LOCAL_HOSTS:
+            return Response(403, error_json(403, f"host {host!r} refused; open the page at 127.0.0.1"), close=True)
+        if request.method not in ("GET", "HEAD", "POST"):
+            return Response(405, error_json(405, f"{request.method} is not served here; use GET or POST"),
+                            headers={"Allow": "GET, HEAD, POST"}, close=True)
+        origin = request.headers.get("origin")
+        if request.method == "POST" and origin is not None and origin != f"http://{request.headers['host']}":
+            return Response(403, error_json(403, f"a search from {origin!r} refused: only the page itself may "
+                                                 "search; open it at 127.0.0.1"), close=True)
+        return None
 
-class PageHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: the page's searches reuse one connection
-    server_version = "sem-pcyc-page"
-    # headers and body are two writes: with Nagle's algorithm the body waited for the browser's delayed ACK
-    # (measured: +50 ms a search)
-    disable_nagle_algorithm = True
-
-    def log_message(self, *args) -> None:  # quiet; errors reach the page as JSON
-        pass
-
-    @property
-    def page(self) -> PageServer:
-        return self.server.page
-
-    def reply(self, status: int, body: bytes, content_type: str = "application/json",
-              headers: dict | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def local_host(self) -> bool:
-        """Refuse other Host names (DNS rebinding: a web site must not reach this token-holding proxy)."""
-        host = urllib.parse.urlsplit("//" + (self.headers.get("Host") or "")).hostname
-        if host in LOCAL_HOSTS:
-            return True
-        self.close_connection = True  # a request body, if any, is left unread
-        self.reply(403, error_json(403, f"host {host!r} refused; open the page at 127.0.0.1"))
-        return False
-
-    def do_GET(self) -> None:
-        if not self.local_host():
-            return
-        path = urllib.parse.urlsplit(self.path).path
+    def handle(self, request: Request) -> Response | Deferred:
+        path = urllib.parse.urlsplit(request.target).path
+        if request.method == "POST":
+            return self.search(path, request)
         if path in STATIC_FILES or path == "/index.html":
             name, content_type = STATIC_FILES.get(path, STATIC_FILES["/"])
-            self.reply(200, (STATIC_DIR / name).read_bytes(), content_type, {"Cache-Control": "no-cache"})
-        elif path == "/api/meta":
-            self.reply(200, json.dumps(self.page.config.meta()).encode(), headers={"Cache-Control": "no-store"})
-        elif path.startswith("/thumbs/"):
-            self.thumbnail(path[len("/thumbs/"):])
-        elif path == "/favicon.ico":
-            self.reply(204, b"", "image/x-icon")
-        else:
-            self.reply(404, error_json(404, f"no such page: {path}"))
+            return Response(200, (STATIC_DIR / name).read_bytes(), content_type, {"Cache-Control": "no-cache"})
+        if path == "/api/meta":
+            return Response(200, json.dumps(self.config.meta()).encode(), headers={"Cache-Control": "no-store"})
+        if path == "/api/versions":
+            return Deferred(self.versions, lambda: None)
+        if path.startswith("/thumbs/"):
+            return self.thumbnail(path[len("/thumbs/"):])
+        if path == "/favicon.ico":
+            return Response(204, b"", "image/x-icon")
+        return Response(404, error_json(404, f"no such page: {path}"))
 
-    do_HEAD = do_GET
+    def versions(self) -> Response:
+        """registered_versions, asked of TorchServe at most every VERSIONS_TTL_S (every tab asks once)."""
+        with self._versions_lock:
+            if time.monotonic() - self._versions[0] > VERSIONS_TTL_S:
+                self._versions = (time.monotonic(), json.dumps(registered_versions(self.config)).encode())
+            return Response(200, self._versions[1], headers={"Cache-Control": "no-store"})
 
-    def thumbnail(self, rest: str) -> None:
-        """/thumbs/<version>/<quoted image id>: that version's thumbnail, else another archive's, else a redirect
-        to page.thumbnail_base_url, else 404 (the page then shows the class name)."""
-        version, _, quoted = rest.partition("/")
-        image_id = urllib.parse.unquote(quoted)
-        archives = sorted(self.page.config.archives, key=lambda a: a.version != urllib.parse.unquote(version))
-        for archive in archives:
+    def thumbnail(self, rest: str) -> Response:
+        """/thumbs/<version>/<quoted image id>: that version's thumbnail, else another archive's (the same image
+        id), else a redirect to page.thumbnail_base_url, else 404 (the page then shows the class name). A version
+        the page has no archive of is 404."""
+        quoted_version, _, quoted = rest.partition("/")
+        version, image_id = urllib.parse.unquote(quoted_version), urllib.parse.unquote(quoted)
+        if version not in {a.version for a in self.config.archives}:
+            return Response(404, error_json(404, f"no archive of version {version!r} was given to the page"))
+        for archive in sorted(self.config.archives, key=lambda a: a.version != version):
             if image_id in archive.thumbs:
-                self.reply(200, archive.thumbs[image_id], archive.thumb_type,
-                           {"Cache-Control": "private, max-age=3600"})
-                return
-        base = self.page.config.settings.thumbnail_base_url
+                return Response(200, archive.thumbs[image_id], archive.thumb_type,
+                                {"Cache-Control": "private, max-age=3600"})
+        base = self.config.settings.thumbnail_base_url
         if base and image_id and ".." not in image_id.split("/"):
-            self.reply(302, b"", "text/plain", {"Location": f"{base.rstrip('/')}/{urllib.parse.quote(image_id)}"})
-        else:
-            self.reply(404, error_json(404, f"no thumbnail for {image_id!r}"))
+            return Response(302, b"", "text/plain", {"Location": f"{base.rstrip('/')}/{urllib.parse.quote(image_id)}"})
+        return Response(404, error_json(404, f"no thumbnail for {image_id!r}"))
 
-    def do_POST(self) -> None:
-        if not self.local_host():
-            return
-        body = self.read_body()
-        if body is None:
-            return
-        path = urllib.parse.urlsplit(self.path).path
+    def search(self, path: str, request: Request) -> Response | Deferred:
         if not path.startswith("/api/search/"):
-            self.reply(404, error_json(404, f"no such API: {path}; searches go to /api/search/<version>"))
-            return
+            return Response(404, error_json(404, f"no such API: {path}; searches go to /api/search/<version>"))
         version = urllib.parse.unquote(path[len("/api/search/"):])
         if not VERSION.fullmatch(version):
-            self.reply(400, error_json(400, f"not a version: {version!r}; versions look like 1.2.3"))
-            return
-        config = self.page.config
-        archive = next((a for a in config.archives if a.version == version), config.archives[0])
+            return Response(400, error_json(400, f"not a version: {version!r}; versions look like 1.2.3"))
+        archive = next((a for a in self.config.archives if a.version == version), self.config.archives[0])
         try:
-            content_type = check_query(body, int(archive.serving["max_pixels"]))
+            content_type, pixels = inspect_query(request.body, int(archive.serving["max_pixels"]))
         except Refused as refused:
-            self.reply(refused.status, error_json(refused.status, refused.message))
-            return
-        self.page.count_forward()
-        status, answer = forward(config, version, body, content_type)
-        self.reply(status, answer, headers={"Cache-Control": "no-store"})
+            return Response(refused.status, error_json(refused.status, refused.message))
+        large = pixels > LARGE_PIXELS
+        admission = self.page.admission
+        wait = admission.admit(large)
+        if wait is not None:
+            what = (f"{MAX_PENDING_LARGE} large images (over {LARGE_PIXELS:,} pixels) are being searched"
+                    if large and admission.pending < admission.max_pending else
+                    f"{admission.pending} searches are waiting for the model")
+            return busy(wait, what)
+        took = [0.0]
 
-    def read_body(self) -> bytes | None:
-        """The request body; None (after answering 411/413) when it has no length or is too large. A too-large
-        body is still read (up to DISCARD_BYTES) so the browser gets the answer rather than a reset connection."""
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            length = -1
-        if length < 0:
-            self.close_connection = True
-            self.reply(411, error_json(411, "send the query with a Content-Length"))
-            return None
-        if length > MAX_BODY_BYTES:
-            self.reply_too_large(length)
-            return None
-        return self.rfile.read(length)
-
-    def reply_too_large(self, length: int) -> None:
-        if length > DISCARD_BYTES:
-            self.close_connection = True
-        else:
-            left = length
-            while left > 0:
-                left -= len(self.rfile.read(min(1 << 20, left))) or left  # `or left`: stop at end of input
-        self.reply(413, error_json(413, f"the image is {length:,} bytes, over the {MAX_BODY_BYTES:,}-byte limit"))
+        def run() -> Response:
+            self.page.count_forward()
+            started = time.monotonic()
+            status, answer = forward(self.config, version, request.body, content_type)
+            took[0] = time.monotonic() - started
+            if status == 503 and json.loads(answer).get("error") == BUSY:
+                return busy(admission.retry_after(), BUSY)
+            return Response(status, answer, headers={"Cache-Control": "no-store"})
+        return Deferred(run, lambda: admission.done(large, took[0]))

@@ -38,6 +38,7 @@ class ServeSettings:
     top_k: int = setting(min=1, max=10_000)
     workers: int = setting(min=1)
     max_pixels: int = setting(min=10_000)
+    queue_size: int = setting(min=8)
     threads: int = setting(min=0)
     batch_size: int = setting(min=1, max=256)
     max_batch_delay_ms: int = setting(min=0)

@@ -52,13 +52,14 @@ def run(args: argparse.Namespace) -> None:
         models = models_config(release.model_name, release.version, mar.name, serve.batch_size,
                                serve.max_batch_delay_ms, workers=args.workers or serve.workers)
         ts = TorchServe(store, models, workdir=Path(tmp) / "ts", inference_port=ports["inference"],
-                        management_port=ports["management"])
+                        management_port=ports["management"], extra_config={"job_queue_size": serve.queue_size})
         previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         try:
             with ts:
                 print(f"serve: starting TorchServe with {mar} (v{release.version}) ...")
                 ts.wait_ready(release.model_name, serve.ready_timeout_s)
-                config = PageConfig(ts.inference_url, (archive,), page_settings, token=None, token_env=None)
+                config = PageConfig(ts.inference_url, (archive,), page_settings, token=None, token_env=None,
+                                    management_url=ts.management_url)
                 with PageServer(config, args.page_port) as page:
                     print(f"serve: ready. Try:\n  curl -T sketch.png {ts.inference_url}/predictions/"
                           f"{release.model_name}\nor draw in the sketch page: {page.url}\n"

@@ -29,16 +29,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an archive of a version the page should know (metadata, thumbnails); repeat for "
                              "more versions, the first is the default (default: models/sem_pcyc.mar)")
     parser.add_argument("--port", type=int, default=0, help="port of the page on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--management-url", default=None,
+                        help="TorchServe's management API as seen from here (e.g. http://127.0.0.1:18081 through "
+                             "the tunnel), for the page's list of registered versions; without it the page "
+                             "offers a text box for the version")
     parser.add_argument("--thumbnail-base-url", default=None,
                         help="overrides page.thumbnail_base_url (where images without a thumbnail come from)")
 
 
 def page_config(args: argparse.Namespace) -> PageConfig:
     settings, deploy = params_mod.read(args.params, PageSettings, DeploySettings)
-    url = urllib.parse.urlsplit(args.inference_url)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise UserError(f"--inference-url {args.inference_url!r}: expected http://host:port (TorchServe's "
-                        "inference API, e.g. http://127.0.0.1:18080 through an SSH tunnel)")
+    check_url(args.inference_url, "--inference-url")
+    management_url = check_url(args.management_url, "--management-url")
     if args.thumbnail_base_url is not None:
         settings = PageSettings(args.thumbnail_base_url or None, settings.search_debounce_ms)
     archives = tuple(read_archive(Path(p)) for p in (args.mar or ["models/sem_pcyc.mar"]))
@@ -50,8 +52,18 @@ def page_config(args: argparse.Namespace) -> PageConfig:
     if not isinstance(token_env, str) or not token_env:
         raise UserError(f"{args.params}: deploy.defaults.inference_token_env must name the variable holding "
                         "TorchServe's inference token (e.g. SEM_PCYC_TS_INFERENCE_TOKEN)")
+    management_env = deploy.defaults.get("management_token_env")
+    management_token = os.environ.get(management_env) or None if isinstance(management_env, str) else None
     return PageConfig(args.inference_url.rstrip("/"), archives, settings, os.environ.get(token_env) or None,
-                      token_env)
+                      token_env, management_url, management_token)
+
+
+def check_url(value: str | None, option: str) -> str | None:
+    url = urllib.parse.urlsplit(value or "")
+    if value is not None and (url.scheme not in ("http", "https") or not url.hostname):
+        raise UserError(f"{option} {value!r}: expected http://host:port (TorchServe's {option[2:-4]} API, e.g. "
+                        "http://127.0.0.1:18080 through an SSH tunnel)")
+    return value.rstrip("/") if value else None
 
 
 def run(args: argparse.Namespace) -> None:

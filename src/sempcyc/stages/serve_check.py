@@ -91,7 +91,8 @@ def serve_and_check(mar: Path, release: ReleaseSettings, serve: ServeSettings, q
         shutil.copy2(mar, store / mar.name)
         models = models_config(release.model_name, release.version, mar.name, serve.batch_size,
                                serve.max_batch_delay_ms, workers=serve.workers)
-        with TorchServe(store, models, workdir=Path(tmp) / "ts") as ts:
+        with TorchServe(store, models, workdir=Path(tmp) / "ts",
+                        extra_config={"job_queue_size": serve.queue_size}) as ts:
             offline, k, recall = reference()
             ts.wait_ready(release.model_name, serve.ready_timeout_s)
             ready_s = time.perf_counter() - started

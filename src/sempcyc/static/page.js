@@ -6,7 +6,10 @@
   const canvas = $('canvas');
   const ctx = canvas.getContext('2d');
   const columns = [$('col-a'), $('col-b')];
-  const state = {meta: null, strokes: [], stroke: null, file: null, timer: 0, seq: 0, controllers: []};
+  // `action` counts the user's actions (a stroke lifted, undo, clear, a file accepted, a version changed): a search
+  // is started only for the latest one, so a drawing's debounced search never replaces a file chosen after it.
+  const state = {meta: null, strokes: [], stroke: null, file: null, timer: 0, seq: 0, controllers: [], action: 0,
+    unsearched: false};
   // What tests and bench/page.py read: per search, pen-up (or file chosen) -> results painted, and the HTTP part.
   const probe = window.semPcyc = {timings: [], sent: 0, shown: 0};
 
@@ -74,16 +77,22 @@
   canvas.addEventListener('pointercancel', penUp);
 
   function useDrawing(t0) {
+    const action = ++state.action;
     setFile(null);
     clearTimeout(state.timer);
     if (!state.strokes.length) {  // nothing is ever sent for an empty canvas
+      state.unsearched = false;
       cancelSearches();
       clearResults();
       setStatus('Draw something: it is searched when the pen lifts.');
       return;
     }
-    state.timer = setTimeout(() => canvas.toBlob((blob) => search(blob, t0), 'image/png'),
-      state.meta ? state.meta.debounce_ms : 50);
+    state.unsearched = true;
+    state.timer = setTimeout(() => canvas.toBlob((blob) => {
+      if (action !== state.action) return;  // the user has done something since: that wins
+      state.unsearched = false;
+      search(blob, t0);
+    }, 'image/png'), state.meta ? state.meta.debounce_ms : 50);
   }
 
   $('undo').addEventListener('click', undo);
@@ -131,12 +140,15 @@
       return;
     }
     const t0 = performance.now();
+    const action = ++state.action;  // from now on the drawing's pending search (if any) is not started
+    clearTimeout(state.timer);
     const checked = await checkFile(file);
+    if (action !== state.action) return;  // the user drew, chose another file or undid meanwhile: that wins
     if (checked.problem) {
       showError(checked.problem + ' It was not sent.');
+      if (state.unsearched) useDrawing(t0);  // the drawing's search this file stopped still goes out
       return;
     }
-    clearTimeout(state.timer);
     setFile(file);
     search(new Blob([file], {type: checked.type}), t0);
   }
@@ -223,8 +235,8 @@
       performance.measure('sem-pcyc:query-to-painted', {start: t0, duration: total});
       probe.timings.push({seq, total, http: httpMs});
       probe.shown = seq;
-      const found = answers.filter((a) => a.items).length;
-      if (found) setStatus(`${found === 2 ? 'Both versions' : 'Results'} in ${Math.round(total)} ms.`);
+      setStatus(statusText(wanted, answers, total));
+      showFirstResult();
     });
   }
 
@@ -235,6 +247,10 @@
         {method: 'POST', body, headers: {'Content-Type': type}, signal});
       const data = await resp.json().catch(() => null);
       if (resp.ok && Array.isArray(data)) return {items: data};
+      const wait = resp.headers.get('Retry-After');
+      if ((resp.status === 503 || resp.status === 429) && wait && !(data && data.error)) {
+        return {error: `Busy: try again in ${wait} s.`};
+      }
       return {error: (data && data.error) || `The page server answered ${resp.status}.`};
     } catch (err) {
       if (err.name === 'AbortError') return {aborted: true};
@@ -253,6 +269,27 @@
   $('ver-a').addEventListener('change', research);
   $('ver-b').addEventListener('change', research);
 
+  // The status line says what the results area shows: every version's results, or which version failed.
+  function statusText(wanted, answers, total) {
+    const ms = `${Math.round(total)} ms`;
+    const failed = wanted.filter((v, i) => answers[i].error);
+    if (!failed.length) return `${wanted.length === 2 ? 'Both versions' : 'Results'} in ${ms}.`;
+    if (failed.length === wanted.length) return 'No results (the message is where they would be); your drawing is kept.';
+    const ok = wanted.filter((v, i) => answers[i].items);
+    return `Results of v${ok[0]} in ${ms}; v${failed[0]} gave none (see its message).`;
+  }
+
+  // On a phone the results start below the drawing: bring the first one into view (the least scrolling that does).
+  function showFirstResult() {
+    const first = document.querySelector('#results .grid li, #error:not([hidden])');
+    if (!first) return;
+    const r = first.getBoundingClientRect();
+    const margin = 12;  // a little more than the tile, so a late layout change (a thumbnail in) keeps it in view
+    const below = r.bottom + margin - window.innerHeight;
+    if (below > 0) window.scrollBy({top: Math.min(below, r.top - margin), behavior: 'instant'});
+    else if (r.top < 0) window.scrollBy({top: r.top - margin, behavior: 'instant'});
+  }
+
   // ------------------------------------------------------------------------------------------------ results
   function render(wanted, answers) {
     const sets = answers.map((a) => new Set((a.items || []).map((item) => item.class)));
@@ -268,7 +305,6 @@
       (common.size ? `: ${[...common].join(', ')}.` : '.');
     const errors = answers.map((a, i) => a.error && (wanted.length > 1 ? `Version ${wanted[i]}: ` : '') + a.error);
     showError(errors.filter(Boolean).join('\n'));
-    if (errors.some(Boolean)) setStatus(errors.every(Boolean) ? 'No results; your drawing is kept.' : '');
   }
 
   function fillColumn(col, version, answer, common) {
@@ -283,6 +319,8 @@
     li.dataset.class = item.class;
     li.dataset.image = item.image;
     li.title = `${item.image} (score ${item.score})`;
+    li.tabIndex = 0;  // reachable by Tab: the whole name is in the tile (it wraps) and read out on focus
+    li.setAttribute('aria-label', `${item.class}, score ${item.score.toFixed(3)}, ${item.image}`);
     if (common.has(item.class)) li.className = 'agree';
     const img = document.createElement('img');
     img.alt = item.class;
@@ -341,7 +379,38 @@
     const list = m.versions.map((v) => v.version).join(', ');
     $('model').textContent = `${m.model_name}, version${m.versions.length > 1 ? 's' : ''} ${list}, served by ` +
       `TorchServe at ${m.inference}`;
+    await loadVersions();
     document.body.dataset.ready = 'true';
+  }
+
+  // The versions TorchServe has registered, as a list to choose from; where the page server cannot ask TorchServe
+  // (`sempcyc ui` without --management-url), the text boxes stay and a note says why.
+  async function loadVersions() {
+    let data;
+    try {
+      data = await (await fetch('/api/versions')).json();
+    } catch (err) {
+      data = {versions: null, note: `the page server did not list TorchServe's versions (${err.message}): ` +
+        'type the version'};
+    }
+    if (!data.versions || !data.versions.length) {
+      $('version-note').hidden = false;
+      $('version-note').textContent = `Versions: ${data.note || 'none registered'}.`;
+      return;
+    }
+    const wanted = [$('ver-a').value, $('ver-b').value];
+    ['ver-a', 'ver-b'].forEach((id, i) => {
+      const old = $(id);
+      const select = document.createElement('select');
+      select.id = id;
+      select.disabled = old.disabled;
+      if (old.getAttribute('aria-label')) select.setAttribute('aria-label', old.getAttribute('aria-label'));
+      select.append(...data.versions.map((v) => new Option(v)));
+      select.value = data.versions.includes(wanted[i]) ? wanted[i] : (i ? data.versions[1] || data.versions[0]
+        : data.default || data.versions[0]);
+      select.addEventListener('change', research);
+      old.replaceWith(select);
+    });
   }
 
   clearCanvas();
