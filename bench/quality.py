@@ -113,6 +113,11 @@ VARIANTS = {
     "5 tuned blocks, whitened, posterior, both expansions": (WHITENED, FIVE_BLOCKS_EXPANDED, False, "lines, tuned 5"),
     "5 tuned blocks, whitened, posterior, both expansions, vectors shuffled": (WHITENED, FIVE_BLOCKS_EXPANDED, True,
                                                                                "lines, tuned 5"),
+    # the default with the ConSE part (model.Config.semantic_weight): run on a project whose class vectors are the
+    # wordnet backend's (semantic.backend wordnet); `shuffled` is the shuffle ablation (train.shuffle_semantics)
+    **{f"5 tuned blocks, whitened, posterior, both expansions, semantic part w {w:g}{', shuffled' * shuffled}":
+       (WHITENED, {**FIVE_BLOCKS_EXPANDED, "semantic_weight": w}, shuffled, "lines, tuned 5")
+       for w in (1.0, 4.0) for shuffled in (False, True)},
 }
 SKIPS = (0.0, 0.5, 0.75, 0.875, 1.0)
 RESULTS_VERSION = 2  # 2: each seed tunes a tuned kind's blocks again (before, seed 0's blocks served every seed)
@@ -215,7 +220,7 @@ def run_variant(project: Path, out: Path, name: str, seed: int) -> dict:
     run = dataclasses.replace(run, config={**train.PRESETS[run.preset], **overrides})
     data = train.load_training_data(folder, project / "data/prepared/train", run)
     if shuffle:
-        data["fit_sem"] = data["fit_sem"][np.random.default_rng(seed).permutation(len(data["fit_sem"]))]
+        data = train.shuffle_semantics(data, seed)
     started = time.time()
     trainer = train.Trainer(data, run)
     model = trainer.fit().eval()
@@ -422,8 +427,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     cache_all(args.project, out, sorted(kinds | {UNTUNED[k] for k in kinds if k in UNTUNED}), seeds, args.jobs)
     # results are reused only for the same variant definitions, skips, training and scoring code
-    code = b"".join((ROOT / "src/sempcyc" / f).read_bytes() for f in ("runtime/model.py", "train.py", "evaluate.py",
-                                                                          "runtime/retrieval.py"))
+    code = b"".join((ROOT / "src/sempcyc" / f).read_bytes() for f in ("runtime/model.py", "stages/train.py",
+                                                                          "stages/evaluate.py", "runtime/retrieval.py"))
     digest = hashlib.sha256(repr((VARIANTS, SKIPS, RESULTS_VERSION)).encode() + code).hexdigest()[:12]
     results_file = out / f"results-{digest}.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}

@@ -134,8 +134,11 @@ class Encoder(nn.Module):
         enc.sketch_norm.load_state_dict(bundle["sketch_norm"])
         enc.image_norm.load_state_dict(bundle["image_norm"])
         if "posterior" in bundle:  # bundles from before the seen-class posterior have none
-            weight = bundle["posterior"]["linear.weight"]
-            enc.posterior = SeenPosterior(weight.shape[1], weight.shape[0])
+            weight, semantics = bundle["posterior"]["linear.weight"], bundle["posterior"].get("semantics")
+            enc.posterior = SeenPosterior(weight.shape[1], weight.shape[0],
+                                          semantics.shape[1] if semantics is not None and semantics.numel() else 0)
+            if semantics is None:  # bundles from before the semantic part
+                enc.posterior.semantics = torch.zeros(0, 0)
             enc.posterior.load_state_dict(bundle["posterior"])
         return enc.to(device).eval()
 

@@ -105,8 +105,8 @@ def loss_config(model: ModelSettings) -> dict:
             cfg[key] = float(value)
         elif not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise UserError(f"params.yaml: model.overrides.{key} must be {want.__name__}, got {value!r}")
-        if (key.startswith("lambda") or key in ("posterior_weight", "query_expansion", "gallery_expansion")) \
-                and value < 0:
+        if (key.startswith("lambda") or key in ("posterior_weight", "semantic_weight", "query_expansion",
+                                                "gallery_expansion")) and value < 0:
             raise UserError(f"params.yaml: model.overrides.{key} must be >= 0, got {value!r}")
         if key == "posterior_temperature" and value <= 0:
             raise UserError(f"params.yaml: model.overrides.{key} must be > 0, got {value!r}")
@@ -186,6 +186,7 @@ def load_training_data(features_dir: Path, train_dir: Path, s: TrainRun) -> dict
         "val_sk": sk_feats[~sk_fit], "val_sk_y": np.array([val_index[classes[lab]] for lab in sk_labels[~sk_fit]]),
         "val_im": im_feats[~im_fit], "val_im_y": np.array([val_index[classes[lab]] for lab in im_labels[~im_fit]]),
         "fit_sem": np.stack([sem_by_name[c] for c in fit_classes]).astype(np.float32),
+        "class_sem": np.stack([sem_by_name[c] for c in [*fit_classes, *val_names]]).astype(np.float32),
         "baseline_norms": baseline_norms(features_dir, sk_fit, im_fit, s),
     }
 
@@ -339,17 +340,28 @@ class Trainer:
         return self.model
 
 
+def shuffle_semantics(data: dict, seed: int) -> dict:
+    """The shuffle ablation: `data` with the semantic vectors permuted among the training classes (fit and
+    validation classes together, a permutation drawn from `seed`), everything else as it is. A model that reads
+    class semantics must change; one that ignores them must not."""
+    order = np.random.default_rng(seed).permutation(len(data["class_sem"]))
+    class_sem = data["class_sem"][order]
+    return {**data, "class_sem": class_sem, "fit_sem": class_sem[:len(data["fit_classes"])]}
+
+
 def fit_seen_posterior(model: SemPcyc, data: dict) -> list[str]:
     """With posterior_weight > 0, give the trained model its seen-class posterior, fitted on every training class:
     the fit classes and the validation classes (held out until now, for early stopping), sketches and photos
     together. Returns the posterior's classes in row order (none without it)."""
-    if model.cfg.posterior_weight <= 0:
+    if model.cfg.posterior_weight <= 0 and model.cfg.semantic_weight <= 0:
         return []
     n_fit = len(data["fit_classes"])
     feats = np.concatenate([data["fit_sk"], data["fit_im"], data["val_sk"], data["val_im"]])
     labels = np.concatenate([data["fit_sk_y"], data["fit_im_y"], data["val_sk_y"] + n_fit, data["val_im_y"] + n_fit])
     classes = [*data["fit_classes"], *data["val_names"]]
     model.posterior = fit_posterior(torch.from_numpy(feats), torch.from_numpy(labels).long(), len(classes))
+    if model.cfg.semantic_weight > 0:  # the classes' semantic vectors, in the posterior's row order
+        model.posterior.semantics = torch.from_numpy(np.asarray(data["class_sem"], dtype=np.float32))
     return classes
 
 

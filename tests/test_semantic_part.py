@@ -1,0 +1,93 @@
+"""The semantic part of the served vector (model.Config.semantic_weight, ConSE) and the shuffle ablation: a model
+that reads class semantics changes when the vectors are permuted among the classes; one that ignores them does
+not; the part survives the bundle (what training fits is what serving computes)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sempcyc.runtime.model import Config, SeenPosterior, SemPcyc, with_posterior
+from sempcyc.stages import train
+
+FEAT, SEM, FIT, VAL = 8, 6, 5, 2
+
+
+def training_data(seed: int = 0) -> dict:
+    """Features of FIT + VAL classes (clusters around per-class centres) and one semantic vector per class."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(FIT + VAL, FEAT))
+
+    def items(classes: range) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.repeat(np.arange(len(classes)), 6)
+        feats = centres[np.array(classes)[labels]] + 0.3 * rng.normal(size=(len(labels), FEAT))
+        return feats.astype(np.float32), labels
+
+    fit_sk, fit_y = items(range(FIT))
+    val_sk, val_y = items(range(FIT, FIT + VAL))
+    class_sem = rng.normal(size=(FIT + VAL, SEM)).astype(np.float32)
+    return {"fit_classes": [f"c{i}" for i in range(FIT)], "val_names": [f"v{i}" for i in range(VAL)],
+            "fit_sk": fit_sk, "fit_sk_y": fit_y, "fit_im": fit_sk + 0.01, "fit_im_y": fit_y,
+            "val_sk": val_sk, "val_sk_y": val_y, "val_im": val_sk + 0.01, "val_im_y": val_y,
+            "class_sem": class_sem, "fit_sem": class_sem[:FIT]}
+
+
+def served(data: dict, semantic_weight: float) -> torch.Tensor:
+    torch.manual_seed(0)
+    cfg = Config(feat_dim=FEAT, sem_dim=SEM, dim_out=4, n_classes=FIT, embed_skip=1.0, posterior_weight=4.0,
+                 posterior_temperature=2.0, semantic_weight=semantic_weight)
+    model = SemPcyc(cfg).eval()
+    train.fit_seen_posterior(model, data)
+    queries = torch.from_numpy(np.random.default_rng(7).normal(size=(10, FEAT)).astype(np.float32))
+    with torch.no_grad():
+        return model.embed_sketch(queries)
+
+
+def test_shuffle_permutes_the_vectors_among_training_classes_only():
+    data = training_data()
+    shuffled = train.shuffle_semantics(data, seed=0)
+    assert sorted(map(tuple, shuffled["class_sem"])) == sorted(map(tuple, data["class_sem"]))
+    assert not np.array_equal(shuffled["class_sem"], data["class_sem"])
+    np.testing.assert_array_equal(shuffled["fit_sem"], shuffled["class_sem"][:FIT])
+    assert shuffled["fit_sk"] is data["fit_sk"], "features and labels are untouched"
+    np.testing.assert_array_equal(train.shuffle_semantics(data, 0)["class_sem"], shuffled["class_sem"])
+
+
+def test_a_model_reading_semantics_changes_when_they_are_shuffled():
+    data = training_data()
+    plain, mixed = served(data, 1.0), served(train.shuffle_semantics(data, seed=0), 1.0)
+    assert plain.shape == (10, FEAT + FIT + VAL + SEM)  # features, posterior over every training class, semantics
+    assert not torch.allclose(plain, mixed, atol=1e-3)
+    # only the semantic part moved: the features and the posterior are the same
+    torch.testing.assert_close(plain[:, :FEAT + FIT + VAL], mixed[:, :FEAT + FIT + VAL])
+
+
+def test_without_the_semantic_part_shuffling_changes_nothing():
+    data = training_data()
+    torch.testing.assert_close(served(data, 0.0), served(train.shuffle_semantics(data, seed=0), 0.0), rtol=0, atol=0)
+
+
+def test_semantic_part_is_the_posterior_weighted_mean_of_class_vectors():
+    head = SeenPosterior(FEAT, 3, SEM)
+    head.semantics = torch.eye(3, SEM)
+    cfg = Config(feat_dim=FEAT, sem_dim=SEM, dim_out=4, n_classes=3, embed_skip=1.0, posterior_weight=0.0,
+                 semantic_weight=4.0)
+    x = torch.randn(2, FEAT)
+    out = with_posterior(torch.zeros(2, 1), x, head, cfg)
+    p = head(x, cfg.posterior_temperature)
+    torch.testing.assert_close(out[:, 1:], 2.0 * torch.nn.functional.normalize(p @ torch.eye(3, SEM), dim=-1))
+
+
+@pytest.mark.parametrize("semantic_weight", [0.0, 2.0])
+def test_the_posterior_state_serves_what_training_fitted(semantic_weight):
+    data = training_data()
+    torch.manual_seed(0)
+    cfg = Config(feat_dim=FEAT, sem_dim=SEM, dim_out=4, n_classes=FIT, embed_skip=1.0, posterior_weight=4.0,
+                 semantic_weight=semantic_weight)
+    model = SemPcyc(cfg).eval()
+    train.fit_seen_posterior(model, data)
+    state = model.posterior.state_dict()
+    enc_posterior = SeenPosterior(FEAT, FIT + VAL, state["semantics"].shape[1] if state["semantics"].numel() else 0)
+    enc_posterior.load_state_dict(state)
+    x = torch.from_numpy(data["val_sk"])
+    torch.testing.assert_close(with_posterior(x, x, enc_posterior, cfg), with_posterior(x, x, model.posterior, cfg))
