@@ -60,7 +60,11 @@ FEATURES = {"plain": {"backbone": "efficientnet_lite0", "photo_edges": False, "t
             "lines, 5 px": {"backbone": "efficientnet_lite0_headless", "photo_edges": True, "thicken_lines": 5},
             **{f"lines, tuned{'' if n == 4 else f' {n}'}": {"backbone": "efficientnet_lite0_headless",
                                                              "photo_edges": True, "thicken_lines": 3, "tune_blocks": n}
-               for n in (1, 2, 4, 5, 6, 8)}}
+               for n in (1, 2, 4, 5, 6, 8)},
+            # the default's, with the tuning also distilling the untuned network's ImageNet predictions (SAKE;
+            # class-aware when the project's semantic stage ran the wordnet backend)
+            "lines, tuned 5, distilled": {"backbone": "efficientnet_lite0_headless", "photo_edges": True,
+                                          "thicken_lines": 3, "tune_blocks": 5, "tune_distill": 1.0}}
 DEFAULT_KIND = "lines, tuned 5"  # features.tune_blocks 5
 UNTUNED = {kind: "lines" for kind in FEATURES if kind.startswith("lines, tuned")}  # baselines read the backbone
 # name -> (TrainRun fields, model.Config overrides on top of the preset, shuffle the class vectors, FEATURES key)
@@ -118,6 +122,11 @@ VARIANTS = {
     **{f"5 tuned blocks, whitened, posterior, both expansions, semantic part w {w:g}{', shuffled' * shuffled}":
        (WHITENED, {**FIVE_BLOCKS_EXPANDED, "semantic_weight": w}, shuffled, "lines, tuned 5")
        for w in (1.0, 4.0) for shuffled in (False, True)},
+    "5 tuned blocks distilled, whitened, posterior, both expansions": (WHITENED, FIVE_BLOCKS_EXPANDED, False,
+                                                                       "lines, tuned 5, distilled"),
+    **{f"5 tuned blocks distilled, whitened, posterior, both expansions, semantic part w 1{', shuffled' * s}":
+       (WHITENED, {**FIVE_BLOCKS_EXPANDED, "semantic_weight": 1.0}, s, "lines, tuned 5, distilled")
+       for s in (False, True)},
 }
 SKIPS = (0.0, 0.5, 0.75, 0.875, 1.0)
 RESULTS_VERSION = 2  # 2: each seed tunes a tuned kind's blocks again (before, seed 0's blocks served every seed)
@@ -149,7 +158,8 @@ def cache_features(project: Path, out: Path, kind: str, test: bool = True, seed:
     model, feat, split = params.read(project / "params.yaml", ModelSettings, features.FeaturesSettings,
                                      SplitSettings)
     fields = dict(FEATURES[kind])
-    feat = dataclasses.replace(feat, epochs=0, tune_blocks=fields.pop("tune_blocks", 0), seed=seed)
+    feat = dataclasses.replace(feat, epochs=0, tune_blocks=fields.pop("tune_blocks", 0), seed=seed,
+                               **{k: fields.pop(k) for k in list(fields) if k.startswith("tune_")})
     model = dataclasses.replace(model, **fields)
     folder, edges = features_dir(out, kind, seed), model.photo_edges
     if not (folder / "extractors.pt").exists():

@@ -91,3 +91,28 @@ def test_the_posterior_state_serves_what_training_fitted(semantic_weight):
     enc_posterior.load_state_dict(state)
     x = torch.from_numpy(data["val_sk"])
     torch.testing.assert_close(with_posterior(x, x, enc_posterior, cfg), with_posterior(x, x, model.posterior, cfg))
+
+
+# ----------------------------------------------------------------------------------------------- what it trains
+
+def train_run(**config) -> train.TrainRun:
+    return train.TrainRun(preset="transfer", config={**train.PRESETS["transfer"], **config}, dim_out=4, device="cpu",
+                          epochs=2, iters_per_epoch=2, batch_size=4, lr=0.001, milestones=[], gamma=0.1, patience=5,
+                          feature_norm="centre", feature_dim=0, feature_whiten=0.0, feature_noise=0.0, threads=1,
+                          seed=0)
+
+
+def test_a_served_vector_without_the_generators_trains_none():
+    """What the default trains, it serves: embed_skip 1 serves the input features (and the posterior and semantic
+    parts), so the generators keep their initial weights and no epoch runs; with a share for them, they train."""
+    data = training_data()
+    skip_all = train.Trainer(data, train_run(embed_skip=1.0))
+    before = {k: v.clone() for k, v in skip_all.model.state_dict().items()}
+    model = skip_all.fit()
+    assert skip_all.state["epoch"] == 0 and skip_all.state["history"] == []
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert 0 < skip_all.state["best_map"] <= 1
+    mixed = train.Trainer(data, train_run(embed_skip=0.5))
+    start = mixed.model.gen_sk2se[0].weight.clone()
+    mixed.fit()
+    assert mixed.state["epoch"] == 2 and not torch.equal(start, mixed.model.gen_sk2se[0].weight)

@@ -16,6 +16,7 @@ import wordnet_fixture
 from helpers import REPO
 from sempcyc import wordnet
 from sempcyc.errors import UserError
+from sempcyc.shards import load_imagenet_similarity
 from sempcyc.stages import semantic
 from sempcyc.stages.semantic import Settings
 
@@ -173,6 +174,11 @@ def test_both_parts_and_same_inputs_same_bytes(tiny, tmp_path):
         semantic.build(index, tmp_path / name, settings(folder, wordnet_parts="text"), progress=False)
         outs.append({p.name: p.read_bytes() for p in sorted((tmp_path / name).iterdir())})
     assert outs[0] == outs[1]
+    assert set(outs[0]) == {"classes.json", "vectors.npy", "info.json", "imagenet.npy"}
+    similarity = load_imagenet_similarity(tmp_path / "a")  # what prepare copies for the distillation
+    assert set(similarity) == {"banana", "bike_rack", "dog", "hammer"}
+    assert all(row.shape == (1000,) and 0 < row.min() and row.max() <= 1 for row in similarity.values())
+    assert load_imagenet_similarity(tmp_path) is None
     text_rows = np.load(tmp_path / "a" / "vectors.npy")
     both, _ = semantic.wordnet_vectors(["banana", "bike_rack", "dog", "hammer"], settings(folder),
                                        references=[o["dog"], o["hammer"], o["banana"]])
@@ -198,6 +204,11 @@ def test_real_wordnet_vectors_are_the_same_bytes_on_other_cpus(tmp_path):
     info = json.loads(outs[0]["info.json"])
     assert info["classes"]["banana"]["synset"] == "banana.n.02" and info["classes"]["hammer"]["synset"] == "hammer.n.02"
     assert info["classes"]["red_apple"]["rule"] == "head" and "red_apple" in info["fallbacks"]
+    categories = wordnet.imagenet_categories()
+    similarity = np.load(tmp_path / "a" / "imagenet.npy")
+    assert similarity[0, categories.index("banana")] == 1.0  # the class banana is ImageNet's banana
+    assert similarity[1, categories.index("hammer")] == 1.0
+    assert similarity[0, categories.index("strawberry")] > similarity[0, categories.index("hammer")]
 
 
 @needs_real_wordnet

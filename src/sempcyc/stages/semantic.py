@@ -384,7 +384,10 @@ def build(index: Path, out: Path, settings: Settings, *, model=None, kv=None,
     """The whole stage: read the class list, compute, and replace `out` atomically. Returns the info dict."""
     classes = read_classes(Path(index))
     vectors, info = compute(classes, settings, model=model, kv=kv, progress=progress)
+    arrays = info.pop("arrays", {})
     with atomic_dir(out) as scratch:
+        for name, array in arrays.items():
+            np.save(scratch / f"{name}.npy", array)
         (scratch / "classes.json").write_text(dumps_json(classes), encoding="utf-8")
         with open(scratch / "vectors.npy", "wb") as handle:
             np.save(handle, np.ascontiguousarray(vectors, dtype=np.float32))
@@ -450,10 +453,10 @@ def wordnet_vectors(classes: Sequence[str], settings: Settings, model=None, *, p
     overrides = load_overrides(settings.wordnet_synsets_path, wn, classes)
     found = [wordnet.resolve(wn, c, class_text(c), overrides) for c in classes]
     texts = [wordnet.synset_text(wn, class_text(c), r) for c, r in zip(classes, found)]
+    imagenet = wordnet.imagenet_synsets(wn, wordnet.imagenet_categories())
     halves = []
     if settings.wordnet_parts in ("hierarchy", "both"):
-        if references is None:
-            references = list(dict.fromkeys(wordnet.imagenet_synsets(wn, wordnet.imagenet_categories())))
+        references = list(dict.fromkeys(imagenet)) if references is None else references
         halves.append(stable_rows(np.array([wordnet.hierarchy_row(wn, r.offset, references) for r in found],
                                            dtype=np.float64)))
     if settings.wordnet_parts in ("text", "both"):
@@ -473,5 +476,8 @@ def wordnet_vectors(classes: Sequence[str], settings: Settings, model=None, *, p
         "unresolved": [r.cls for r in found if r.rule == "unresolved"],
         "classes": {c: {"synset": wn.name(r.offset), "offset": f"{r.offset:08d}-n", "rule": r.rule,
                         "lemma": r.lemma, "sense": r.sense, "text": t} for c, r, t in zip(classes, found, texts)},
+        # written as imagenet.npy by build: each class's Wu-Palmer similarity to the 1000 ImageNet classes, in the
+        # order of the EfficientNet-Lite0 head (features.tune_distill makes the distillation class-aware with it)
+        "arrays": {"imagenet": np.array([[wn.wup(r.offset, o) for o in imagenet] for r in found], np.float32)},
     }
     return vectors, info

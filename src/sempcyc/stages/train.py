@@ -314,9 +314,22 @@ class Trainer:
             val_map = float(t)
         return val_map
 
+    def serves_generators(self) -> bool:
+        """Whether the served vector reads the generators' output: not with embed_skip 1 (the input features,
+        then the posterior and semantic parts), which the transfer preset uses."""
+        return self.cfg.embed_skip < 1
+
     def fit(self, on_epoch=None):
-        """Train until train.epochs or early stopping; leaves the best epoch's weights in self.model."""
+        """Train until train.epochs or early stopping; leaves the best epoch's weights in self.model. What it
+        trains, the model serves: when the served vector ignores the generators (serves_generators), it trains
+        nothing, only measures the validation mAP of the served vector."""
         s = self.s
+        if not self.serves_generators():
+            self.state.update(best_map=self.validate(), best_epoch=0)
+            if self.rank == 0:
+                print("train: embed_skip 1: the served vector does not read the generators, so none are trained "
+                      "(the posterior head is fitted next)")
+            return self.model.eval()
         while self.state["epoch"] < s.epochs:
             totals = self.run_epoch()
             val_map = self.validate()
@@ -411,6 +424,9 @@ def train_model(s: TrainRun, features_dir: Path, train_dir: Path, out: Path, dev
     model = trainer.fit(epoch_logger(live, checkpoint, fp) if rank == 0 else None)
     if rank != 0:
         return
+    if not trainer.serves_generators():  # no epochs: the served vector's validation mAP as the one step
+        live.log_metric("val/map_all", trainer.state["best_map"])
+        live.next_step()
     state = trainer.state
     posterior_classes = fit_seen_posterior(model, data)
     bundle_meta = {**data["meta"], "feature_norm": s.feature_norm,
