@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sempcyc.runtime.model import Config, SeenPosterior, SemPcyc, with_posterior
+from sempcyc.runtime.model import Config, SeenPosterior, SemPcyc, fit_projection, with_posterior
 from sempcyc.stages import train
 
 FEAT, SEM, FIT, VAL = 8, 6, 5, 2
@@ -32,10 +32,10 @@ def training_data(seed: int = 0) -> dict:
             "class_sem": class_sem, "fit_sem": class_sem[:FIT]}
 
 
-def served(data: dict, semantic_weight: float) -> torch.Tensor:
+def served(data: dict, semantic_weight: float, projection_weight: float = 0.0) -> torch.Tensor:
     torch.manual_seed(0)
     cfg = Config(feat_dim=FEAT, sem_dim=SEM, dim_out=4, n_classes=FIT, embed_skip=1.0, posterior_weight=4.0,
-                 posterior_temperature=2.0, semantic_weight=semantic_weight)
+                 posterior_temperature=2.0, semantic_weight=semantic_weight, projection_weight=projection_weight)
     model = SemPcyc(cfg).eval()
     train.fit_seen_posterior(model, data)
     queries = torch.from_numpy(np.random.default_rng(7).normal(size=(10, FEAT)).astype(np.float32))
@@ -62,6 +62,30 @@ def test_a_model_reading_semantics_changes_when_they_are_shuffled():
     torch.testing.assert_close(plain[:, :FEAT + FIT + VAL], mixed[:, :FEAT + FIT + VAL])
 
 
+def test_the_projection_part_reads_semantics_too():
+    data = training_data()
+    plain, mixed = served(data, 0.0, 1.0), served(train.shuffle_semantics(data, seed=0), 0.0, 1.0)
+    assert plain.shape == (10, FEAT + FIT + VAL + SEM)
+    torch.testing.assert_close(plain[:, :FEAT + FIT + VAL], mixed[:, :FEAT + FIT + VAL])
+    assert not torch.allclose(plain[:, -SEM:], mixed[:, -SEM:], atol=1e-3)
+    torch.testing.assert_close(plain[:, -SEM:].norm(dim=-1), torch.ones(10))
+
+
+def test_projection_maps_features_onto_their_class_vectors():
+    """Each class's items (clustered features) are mapped nearest to their own class vector among all classes,
+    validation classes included: the compatibility rows are the class vectors."""
+    data = training_data()
+    feats = torch.from_numpy(np.concatenate([data["fit_sk"], data["val_sk"]]))
+    labels = torch.from_numpy(np.concatenate([data["fit_sk_y"], data["val_sk_y"] + FIT]))
+    sem = torch.from_numpy(data["class_sem"])
+    projection = fit_projection(feats, sem[labels], ridge=0.001)
+    assert projection.shape == (FEAT, SEM)
+    mapped = torch.nn.functional.normalize(torch.nn.functional.normalize(feats, dim=-1) @ projection, dim=-1)
+    nearest = (mapped @ torch.nn.functional.normalize(sem, dim=-1).T).argmax(-1)
+    assert float((nearest == labels).float().mean()) > 0.9
+    torch.testing.assert_close(fit_projection(feats, sem[labels], ridge=0.001), projection, rtol=0, atol=0)
+
+
 def test_without_the_semantic_part_shuffling_changes_nothing():
     data = training_data()
     torch.testing.assert_close(served(data, 0.0), served(train.shuffle_semantics(data, seed=0), 0.0), rtol=0, atol=0)
@@ -78,16 +102,17 @@ def test_semantic_part_is_the_posterior_weighted_mean_of_class_vectors():
     torch.testing.assert_close(out[:, 1:], 2.0 * torch.nn.functional.normalize(p @ torch.eye(3, SEM), dim=-1))
 
 
-@pytest.mark.parametrize("semantic_weight", [0.0, 2.0])
-def test_the_posterior_state_serves_what_training_fitted(semantic_weight):
+@pytest.mark.parametrize("semantic_weight, projection_weight", [(0.0, 0.0), (2.0, 0.0), (0.0, 2.0), (1.0, 1.0)])
+def test_the_posterior_state_serves_what_training_fitted(semantic_weight, projection_weight):
     data = training_data()
     torch.manual_seed(0)
     cfg = Config(feat_dim=FEAT, sem_dim=SEM, dim_out=4, n_classes=FIT, embed_skip=1.0, posterior_weight=4.0,
-                 semantic_weight=semantic_weight)
+                 semantic_weight=semantic_weight, projection_weight=projection_weight)
     model = SemPcyc(cfg).eval()
     train.fit_seen_posterior(model, data)
     state = model.posterior.state_dict()
-    enc_posterior = SeenPosterior(FEAT, FIT + VAL, state["semantics"].shape[1] if state["semantics"].numel() else 0)
+    enc_posterior = SeenPosterior(FEAT, FIT + VAL, state["semantics"].shape[1] if state["semantics"].numel() else 0,
+                                  state["projection"].shape[1] if state["projection"].numel() else 0)
     enc_posterior.load_state_dict(state)
     x = torch.from_numpy(data["val_sk"])
     torch.testing.assert_close(with_posterior(x, x, enc_posterior, cfg), with_posterior(x, x, model.posterior, cfg))

@@ -37,7 +37,15 @@ from ..errors import UserError
 from ..fsutil import atomic_write_bytes
 from ..recipe import PRESETS, ModelSettings, TrainSettings, pick_device, torchrun_ranks
 from ..runtime.encoder import FeatureNorm, bundle_state
-from ..runtime.model import Config, SemPcyc, TrainLosses, fit_posterior, make_optimizers, train_step
+from ..runtime.model import (
+    Config,
+    SemPcyc,
+    TrainLosses,
+    fit_posterior,
+    fit_projection,
+    make_optimizers,
+    train_step,
+)
 from ..runtime.retrieval import average_precisions, squared_distances
 from ..shards import load_train_shard
 
@@ -105,8 +113,8 @@ def loss_config(model: ModelSettings) -> dict:
             cfg[key] = float(value)
         elif not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise UserError(f"params.yaml: model.overrides.{key} must be {want.__name__}, got {value!r}")
-        if (key.startswith("lambda") or key in ("posterior_weight", "semantic_weight", "query_expansion",
-                                                "gallery_expansion")) and value < 0:
+        if (key.startswith("lambda") or key in ("posterior_weight", "semantic_weight", "projection_weight",
+                                                "query_expansion", "gallery_expansion")) and value < 0:
             raise UserError(f"params.yaml: model.overrides.{key} must be >= 0, got {value!r}")
         if key == "posterior_temperature" and value <= 0:
             raise UserError(f"params.yaml: model.overrides.{key} must be > 0, got {value!r}")
@@ -366,15 +374,18 @@ def fit_seen_posterior(model: SemPcyc, data: dict) -> list[str]:
     """With posterior_weight > 0, give the trained model its seen-class posterior, fitted on every training class:
     the fit classes and the validation classes (held out until now, for early stopping), sketches and photos
     together. Returns the posterior's classes in row order (none without it)."""
-    if model.cfg.posterior_weight <= 0 and model.cfg.semantic_weight <= 0:
+    if max(model.cfg.posterior_weight, model.cfg.semantic_weight, model.cfg.projection_weight) <= 0:
         return []
     n_fit = len(data["fit_classes"])
     feats = np.concatenate([data["fit_sk"], data["fit_im"], data["val_sk"], data["val_im"]])
     labels = np.concatenate([data["fit_sk_y"], data["fit_im_y"], data["val_sk_y"] + n_fit, data["val_im_y"] + n_fit])
     classes = [*data["fit_classes"], *data["val_names"]]
     model.posterior = fit_posterior(torch.from_numpy(feats), torch.from_numpy(labels).long(), len(classes))
-    if model.cfg.semantic_weight > 0:  # the classes' semantic vectors, in the posterior's row order
-        model.posterior.semantics = torch.from_numpy(np.asarray(data["class_sem"], dtype=np.float32))
+    class_sem = torch.from_numpy(np.asarray(data["class_sem"], dtype=np.float32))  # in the posterior's row order
+    if model.cfg.semantic_weight > 0:
+        model.posterior.semantics = class_sem
+    if model.cfg.projection_weight > 0:
+        model.posterior.projection = fit_projection(torch.from_numpy(feats), class_sem[torch.from_numpy(labels)])
     return classes
 
 
