@@ -64,7 +64,11 @@ FEATURES = {"plain": {"backbone": "efficientnet_lite0", "photo_edges": False, "t
             # the default's, with the tuning also distilling the untuned network's ImageNet predictions (SAKE;
             # class-aware when the project's semantic stage ran the wordnet backend)
             "lines, tuned 5, distilled": {"backbone": "efficientnet_lite0_headless", "photo_edges": True,
-                                          "thicken_lines": 3, "tune_blocks": 5, "tune_distill": 1.0}}
+                                          "thicken_lines": 3, "tune_blocks": 5, "tune_distill": 1.0},
+            # the shuffle ablation of the class-aware distillation: the classes' ImageNet similarity rows permuted
+            "lines, tuned 5, distilled, similarity shuffled": {
+                "backbone": "efficientnet_lite0_headless", "photo_edges": True, "thicken_lines": 3, "tune_blocks": 5,
+                "tune_distill": 1.0, "shuffle_similarity": True}}
 DEFAULT_KIND = "lines, tuned 5"  # features.tune_blocks 5
 UNTUNED = {kind: "lines" for kind in FEATURES if kind.startswith("lines, tuned")}  # baselines read the backbone
 # name -> (TrainRun fields, model.Config overrides on top of the preset, shuffle the class vectors, FEATURES key)
@@ -127,6 +131,8 @@ VARIANTS = {
        for w in (1.0, 4.0) for shuffled in (False, True)},
     "5 tuned blocks distilled, whitened, posterior, both expansions": (WHITENED, FIVE_BLOCKS_EXPANDED, False,
                                                                        "lines, tuned 5, distilled"),
+    "5 tuned blocks distilled (similarity shuffled), whitened, posterior, both expansions": (
+        WHITENED, FIVE_BLOCKS_EXPANDED, False, "lines, tuned 5, distilled, similarity shuffled"),
     **{f"5 tuned blocks distilled, whitened, posterior, both expansions, semantic part w 1{', shuffled' * s}":
        (WHITENED, {**FIVE_BLOCKS_EXPANDED, "semantic_weight": 1.0}, s, "lines, tuned 5, distilled")
        for s in (False, True)},
@@ -161,13 +167,17 @@ def cache_features(project: Path, out: Path, kind: str, test: bool = True, seed:
     model, feat, split = params.read(project / "params.yaml", ModelSettings, features.FeaturesSettings,
                                      SplitSettings)
     fields = dict(FEATURES[kind])
+    shuffle = fields.pop("shuffle_similarity", False)
     feat = dataclasses.replace(feat, epochs=0, tune_blocks=fields.pop("tune_blocks", 0), seed=seed,
                                **{k: fields.pop(k) for k in list(fields) if k.startswith("tune_")})
     model = dataclasses.replace(model, **fields)
     folder, edges = features_dir(out, kind, seed), model.photo_edges
     if not (folder / "extractors.pt").exists():
-        features.compute_features(load_train_shard(project / "data/prepared/train"), folder, model, feat, split,
-                                  "cpu")
+        shard = load_train_shard(project / "data/prepared/train")
+        if shuffle:
+            order = np.random.default_rng(seed).permutation(len(shard["imagenet_similarity"]))
+            shard["imagenet_similarity"] = shard["imagenet_similarity"][order]
+        features.compute_features(shard, folder, model, feat, split, "cpu")
     wanted = [(key, part, with_edges) for key, part, with_edges in
               (("q", "sketches", False), ("s", "seen_sketches", False), ("g", "images", False), ("ge", "images", True))
               if test and (edges or not with_edges) and not (folder / f"test_{key}.npy").exists()]

@@ -82,3 +82,20 @@ def test_no_distillation_no_targets(setup):
     backbone, acts, shard, _, feat = setup
     assert features.distillation_targets(backbone, acts, shard, dataclasses.replace(feat, tune_distill=0.0),
                                          "cpu") is None
+
+
+def test_shuffled_similarity_changes_the_tuned_blocks(setup):
+    """The shuffle ablation of the class-aware distillation: the classes' similarity rows permuted among the
+    classes give other targets, and other tuned weights from the same start and batches."""
+    backbone, acts, shard, labels, feat = setup
+    rng = np.random.default_rng(0)
+    similarity = rng.uniform(0.05, 1.0, size=(3, 1000)).astype(np.float32)
+    weights = []
+    for rows in (similarity, similarity[[1, 2, 0]]):
+        targets = features.distillation_targets(backbone, acts, {**shard, "imagenet_similarity": rows}, feat, "cpu")
+        tuned = build_backbone("efficientnet_lite0_headless").eval()
+        tuned.load_state_dict(backbone.state_dict())
+        features.train_tuned_blocks(tuned, acts, {"sketches": labels, "images": labels}, 3,
+                                    dataclasses.replace(feat, tune_epochs=1, tune_lr=0.01), "cpu", targets)
+        weights.append(torch.cat([p.detach().flatten() for p in tuned._blocks[-1].parameters()]))
+    assert not torch.allclose(weights[0], weights[1])
