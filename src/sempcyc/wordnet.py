@@ -26,6 +26,8 @@ and a part of something (`#p`) after a whole (`hammer` the hand tool, not the gu
 """
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
 import math
 import re
@@ -309,8 +311,20 @@ def package_version(folder: Path) -> str | None:
 # ----------------------------------------------------------------------------------------------- ImageNet
 
 def imagenet_categories() -> list[str]:
-    """The 1000 ImageNet-1k class names in class-id order (torchvision's list, shipped in the package), the order
-    of the EfficientNet-Lite0 head's outputs."""
+    """The 1000 ImageNet-1k class names in class-id order (the order of the EfficientNet-Lite0 head's outputs), as
+    torchvision ships them in torchvision/models/_meta.py: read from that file as a Python literal, which spares
+    importing torchvision (seconds); imported only if the file has changed shape."""
+    spec = importlib.util.find_spec("torchvision")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "models" / "_meta.py"
+        try:
+            for node in ast.parse(path.read_text(encoding="utf-8")).body:
+                if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "_IMAGENET_CATEGORIES":
+                    names = ast.literal_eval(node.value)
+                    if len(names) == 1000:
+                        return list(names)
+        except (OSError, SyntaxError, ValueError):
+            pass
     from torchvision.models import EfficientNet_B0_Weights
 
     return list(EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"])
@@ -337,11 +351,11 @@ def imagenet_synsets(wn: WordNet, categories: Sequence[str]) -> list[int]:
 
 # ----------------------------------------------------------------------------------------------- class vectors
 
-def hierarchy_row(wn: WordNet, offset: int, references: Sequence[int]) -> list[float]:
-    """SEM-PCYC's hierarchical embedding of one synset: its Wu-Palmer similarity to each reference synset, minus
-    the row's own mean (math.fsum: exactly rounded), so rows differ in direction, not in a shared offset; a row
-    of ones when every similarity is the same."""
-    row = [wn.wup(offset, ref) for ref in references]
+def hierarchy_row(row: Sequence[float]) -> list[float]:
+    """SEM-PCYC's hierarchical embedding of one synset from its Wu-Palmer similarities to the reference synsets:
+    minus the row's own mean (math.fsum: exactly rounded), so rows differ in direction, not in a shared offset; a
+    row of ones when every similarity is the same."""
+    row = list(row)
     if len(set(row)) == 1:  # e.g. the root (an unresolved class): equally near every reference, no direction
         return [1.0] * len(row)
     mean = math.fsum(row) / len(row)

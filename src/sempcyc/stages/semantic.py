@@ -454,11 +454,17 @@ def wordnet_vectors(classes: Sequence[str], settings: Settings, model=None, *, p
     found = [wordnet.resolve(wn, c, class_text(c), overrides) for c in classes]
     texts = [wordnet.synset_text(wn, class_text(c), r) for c, r in zip(classes, found)]
     imagenet = wordnet.imagenet_synsets(wn, wordnet.imagenet_categories())
+    similarity = [[wn.wup(r.offset, o) for o in imagenet] for r in found]  # each class to each ImageNet class
     halves = []
     if settings.wordnet_parts in ("hierarchy", "both"):
-        references = list(dict.fromkeys(imagenet)) if references is None else references
-        halves.append(stable_rows(np.array([wordnet.hierarchy_row(wn, r.offset, references) for r in found],
-                                           dtype=np.float64)))
+        if references is None:  # the distinct ImageNet synsets (a few ImageNet classes share one), in head order
+            first: dict[int, int] = {}
+            for i, offset in enumerate(imagenet):
+                first.setdefault(offset, i)
+            rows = [[row[i] for i in first.values()] for row in similarity]
+        else:
+            rows = [[wn.wup(r.offset, o) for o in references] for r in found]
+        halves.append(stable_rows(np.array([wordnet.hierarchy_row(row) for row in rows], dtype=np.float64)))
     if settings.wordnet_parts in ("text", "both"):
         halves.append(minilm_vectors(texts, model, progress=progress))
     vectors = stable_rows(np.concatenate([h.astype(np.float64) for h in halves], axis=1))
@@ -478,6 +484,6 @@ def wordnet_vectors(classes: Sequence[str], settings: Settings, model=None, *, p
                         "lemma": r.lemma, "sense": r.sense, "text": t} for c, r, t in zip(classes, found, texts)},
         # written as imagenet.npy by build: each class's Wu-Palmer similarity to the 1000 ImageNet classes, in the
         # order of the EfficientNet-Lite0 head (features.tune_distill makes the distillation class-aware with it)
-        "arrays": {"imagenet": np.array([[wn.wup(r.offset, o) for o in imagenet] for r in found], np.float32)},
+        "arrays": {"imagenet": np.array(similarity, np.float32)},
     }
     return vectors, info
