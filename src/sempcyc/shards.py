@@ -27,6 +27,8 @@ def load_train_shard(folder: Path) -> dict:
     try:
         shard = {"classes": json.loads((folder / "classes.json").read_text(encoding="utf-8")),
                  "semantic": np.load(folder / "semantic.npy")}
+        if (folder / "imagenet_similarity.npy").exists():  # semantic.backend wordnet only
+            shard["imagenet_similarity"] = np.load(folder / "imagenet_similarity.npy")
         for domain in DOMAINS:
             shard[domain] = np.load(folder / f"{domain}.npy", mmap_mode="r")
             shard[f"{domain}_labels"] = np.load(folder / f"{domain}_labels.npy")
@@ -49,6 +51,15 @@ def load_test_shard(folder: Path) -> dict:
         raise UserError(f"{folder}: incomplete test shard ({Path(exc.filename).name} missing); "
                         "run `dvc repro prepare`") from None
     return shard
+
+
+def load_imagenet_similarity(folder: Path) -> dict[str, np.ndarray] | None:
+    """class name -> its similarity to each ImageNet-1k class (the wordnet backend's imagenet.npy); None when the
+    semantic stage wrote none."""
+    if not (folder / "imagenet.npy").exists():
+        return None
+    classes = load_json(folder / "classes.json", "run `dvc repro semantic`")
+    return dict(zip(classes, np.load(folder / "imagenet.npy")))
 
 
 def load_semantic(folder: Path) -> dict[str, np.ndarray]:

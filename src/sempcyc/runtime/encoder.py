@@ -134,9 +134,13 @@ class Encoder(nn.Module):
         enc.sketch_norm.load_state_dict(bundle["sketch_norm"])
         enc.image_norm.load_state_dict(bundle["image_norm"])
         if "posterior" in bundle:  # bundles from before the seen-class posterior have none
-            weight = bundle["posterior"]["linear.weight"]
-            enc.posterior = SeenPosterior(weight.shape[1], weight.shape[0])
-            enc.posterior.load_state_dict(bundle["posterior"])
+            state = bundle["posterior"]
+            weight, empty = state["linear.weight"], torch.zeros(0, 0)  # bundles from before a part lack its key
+            semantics, projection = state.get("semantics", empty), state.get("projection", empty)
+            enc.posterior = SeenPosterior(weight.shape[1], weight.shape[0], semantics.shape[1] if semantics.numel()
+                                          else 0, projection.shape[1] if projection.numel() else 0)
+            state = {**state, "semantics": semantics, "projection": projection}
+            enc.posterior.load_state_dict(state)
         return enc.to(device).eval()
 
 

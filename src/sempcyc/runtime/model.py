@@ -44,6 +44,10 @@ class Config:
     embed_skip: float = 0.0          # share of the retrieval distance taken from the input features themselves
     posterior_weight: float = 0.0    # with > 0, each embedding ends with sqrt(w) x its seen-class posterior
     posterior_temperature: float = 1.0  # the posterior's softmax temperature
+    semantic_weight: float = 0.0     # with > 0 (and a posterior), each embedding also ends with sqrt(w) x the
+                                     # unit mean of the training classes' semantic vectors weighted by its posterior
+    projection_weight: float = 0.0   # with > 0 (and a posterior head), also sqrt(w) x the features mapped linearly
+                                     # into the semantic space (a ridge regression onto the class vectors), unit
     query_expansion: int = 0         # k > 0: a query is averaged with its k nearest gallery items, then ranks again
     gallery_expansion: int = 0       # k > 0: each gallery item averaged with its k nearest (expand_gallery)
 
@@ -77,10 +81,22 @@ def with_posterior(e: torch.Tensor, x: torch.Tensor, head: SeenPosterior | None,
     a posterior head and posterior_weight w > 0. Its squared distance adds w |P(x) - P(x')|^2: near zero between
     two items of one training class (both peaked on it) or of two novel classes (both diffuse), near w between a
     novel item and a training-class item, so an unseen class's sketch stops finding training-class photos first
-    and a training class's sketch finds its own (docs/model.md, the "seen-class posterior" row)."""
-    if head is None or cfg.posterior_weight <= 0:
+    and a training class's sketch finds its own (docs/model.md, the "seen-class posterior" row). With
+    semantic_weight w_s > 0, then sqrt(w_s) x the unit vector P(x) S of the training classes' semantic vectors S
+    weighted by the posterior (ConSE, Norouzi et al. 2014): an item of a new class lands near the semantics of the
+    training classes it resembles, so two items of one new class meet through what their names mean. With
+    projection_weight w_p > 0, then sqrt(w_p) x the unit features mapped into the semantic space by the head's
+    `projection` (fit_projection): the compatibility classifier whose rows are the class vectors themselves, so a
+    new class has a row (its vector) without training."""
+    if head is None or max(cfg.posterior_weight, cfg.semantic_weight, cfg.projection_weight) <= 0:
         return e
-    return torch.cat([e, cfg.posterior_weight ** 0.5 * head(x, cfg.posterior_temperature)], -1)
+    p = head(x, cfg.posterior_temperature)
+    parts = [e] + ([cfg.posterior_weight ** 0.5 * p] if cfg.posterior_weight > 0 else [])
+    if cfg.semantic_weight > 0 and head.semantics.numel():
+        parts.append(cfg.semantic_weight ** 0.5 * F.normalize(p @ head.semantics, dim=-1))
+    if cfg.projection_weight > 0 and head.projection.numel():
+        parts.append(cfg.projection_weight ** 0.5 * F.normalize(F.normalize(x, dim=-1) @ head.projection, dim=-1))
+    return torch.cat(parts, -1)
 
 
 class SeenPosterior(nn.Module):
@@ -89,9 +105,11 @@ class SeenPosterior(nn.Module):
 
     SCALE = 10.0  # unit inputs: logits of a few units from small weights; fit in a few hundred full-batch steps
 
-    def __init__(self, n_in: int, n_classes: int):
+    def __init__(self, n_in: int, n_classes: int, sem_dim: int = 0, proj_dim: int = 0):
         super().__init__()
         self.linear = nn.Linear(n_in, n_classes)
+        self.register_buffer("semantics", torch.zeros(n_classes if sem_dim else 0, sem_dim))  # row = class
+        self.register_buffer("projection", torch.zeros(n_in if proj_dim else 0, proj_dim))  # features -> semantics
 
     def forward(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
         return torch.softmax(self.logits(x) / temperature, -1)
@@ -114,6 +132,14 @@ def fit_posterior(feats: torch.Tensor, labels: torch.Tensor, n_classes: int, ste
         loss.backward()
         opt.step()
     return head.eval().requires_grad_(False)
+
+
+def fit_projection(feats: torch.Tensor, targets: torch.Tensor, ridge: float = 0.1) -> torch.Tensor:
+    """(F, S) linear map of unit features onto their classes' semantic vectors `targets` (one row per item): ridge
+    regression in closed form, float64, ridge x N on the diagonal; no randomness."""
+    x = F.normalize(feats.double(), dim=-1)
+    gram = x.T @ x + ridge * len(x) * torch.eye(x.shape[1], dtype=torch.float64)
+    return torch.linalg.solve(gram, x.T @ targets.double()).float()
 
 
 class ToSphere(nn.Module):

@@ -39,6 +39,7 @@ from ..runtime.backbones import (
     edge_map,
     extract,
     frozen_activations,
+    run_blocks,
     to_input,
     tunable_blocks,
     tuned_features,
@@ -55,6 +56,8 @@ class FeaturesSettings:
     tune_epochs: int = setting(min=1)
     tune_lr: float = setting(above=0.0)
     tune_temperature: float = setting(above=0.0)
+    tune_distill: float = setting(min=0.0)
+    tune_distill_temperature: float = setting(above=0.0)
     lr: float = setting(above=0.0)
     head_lr: float = setting(above=0.0)
     batch_size: int = setting(min=2)
@@ -93,6 +96,9 @@ def compute_features(shard: dict, out: Path, model: ModelSettings, feat: Feature
         tuned, untuned, losses = tune_shared_blocks(extractor, shard, fit_classes, model, feat, device)
         state = {k: v.cpu() for k, v in extractor.state_dict().items()}
         states, report = {domain: (state, tuned[domain]) for domain in tuned}, {"tune_loss": losses}
+        if feat.tune_distill > 0:
+            report["tune_distill"] = {"weight": feat.tune_distill, "temperature": feat.tune_distill_temperature,
+                                      "class_aware": "imagenet_similarity" in shard}
     else:
         states, report = per_domain_features(shard, fit_classes, model, feat, proj_dim, device)
     meta = {"backbone": model.backbone, "backbone_weights": model.backbone_weights, "feature_proj_dim": proj_dim,
@@ -175,8 +181,46 @@ def tune_shared_blocks(extractor: Extractor, shard: dict, fit_classes: list[str]
     fit_index = {c: i for i, c in enumerate(fit_classes)}
     labels = {key: np.array([fit_index.get(shard["classes"][lab], -1) for lab in shard[f"{key}_labels"]])
               for key in ("sketches", "images")}
-    losses = train_tuned_blocks(backbone, acts, labels, len(fit_classes), feat, device)
+    targets = distillation_targets(backbone, acts, shard, feat, device)
+    losses = train_tuned_blocks(backbone, acts, labels, len(fit_classes), feat, device, targets)
     return pooled_features(backbone, acts, n, device), untuned, losses
+
+
+def imagenet_logits(backbone: nn.Module, block_out: torch.Tensor) -> torch.Tensor:
+    """The backbone's own ImageNet-1k logits from its last block's output (head convolution, pooling, classifier),
+    whichever features it pools."""
+    return backbone._fc(backbone.head(block_out).mean(dim=(2, 3)))
+
+
+def distillation_targets(backbone: nn.Module, acts: dict, shard: dict, feat: FeaturesSettings,
+                         device: str) -> dict[str, torch.Tensor] | None:
+    """With features.tune_distill > 0, per sketch and photo the untuned network's ImageNet prediction at
+    temperature features.tune_distill_temperature, which the tuning keeps as a target so the blocks keep their
+    ImageNet knowledge (SAKE, Liu et al. 2019). Class-aware when the shard has imagenet_similarity (semantic
+    backend wordnet): the prediction times the Wu-Palmer similarity of the item's class to each ImageNet class,
+    renormalised, so ImageNet classes related to the item's class keep the most weight."""
+    if feat.tune_distill <= 0:
+        return None
+    if not hasattr(backbone, "_fc"):
+        raise UserError("params.yaml: features.tune_distill needs a backbone with its ImageNet classifier "
+                        "(efficientnet_lite0 or efficientnet_lite0_headless); set it to 0")
+    similarity = shard.get("imagenet_similarity")
+    tuned = backbone._blocks[len(backbone._blocks) - feat.tune_blocks:]
+    targets = {}
+    for key in ("sketches", "images"):
+        with torch.inference_mode():
+            p = torch.cat([torch.softmax(imagenet_logits(backbone, run_blocks(tuned, acts[key][i:i + 256].float()
+                                                                               .to(device)))
+                                         / feat.tune_distill_temperature, -1).cpu()
+                           for i in range(0, len(acts[key]), 256)])
+        if similarity is not None:
+            p = p * torch.from_numpy(np.asarray(similarity, np.float32)[shard[f"{key}_labels"]])
+            p = p / p.sum(-1, keepdim=True)
+        targets[key] = p
+    print("features: distilling the ImageNet predictions" + (", class-aware (WordNet similarity)" if similarity
+                                                              is not None else " (no imagenet_similarity in the "
+                                                              "training shard: semantic.backend is not wordnet)"))
+    return targets
 
 
 def frozen_inputs(backbone: nn.Module, shard: dict, model: ModelSettings, n: int, device: str) -> dict:
@@ -209,7 +253,7 @@ def pooled_features(backbone: nn.Module, acts: dict, n: int, device: str) -> dic
 
 
 def train_tuned_blocks(backbone: nn.Module, acts: dict, labels: dict, n_classes: int, feat: FeaturesSettings,
-                       device: str) -> list[float]:
+                       device: str, targets: dict | None = None) -> list[float]:
     """feat.tune_epochs passes over the fit-class photos, each batch with as many fit-class sketches (cycled);
     loss: cross-entropy of the cosine classifier on each domain's batch-centred features. BatchNorm statistics
     stay ImageNet's (eval mode), as in `finetune`."""
@@ -226,7 +270,8 @@ def train_tuned_blocks(backbone: nn.Module, acts: dict, labels: dict, n_classes:
         order_sk, order_im = (np.resize(rng.permutation(rows), steps * feat.batch_size) for rows in (sketches, photos))
         batches = ((np.sort(order_sk[i * feat.batch_size:(i + 1) * feat.batch_size]),
                     np.sort(order_im[i * feat.batch_size:(i + 1) * feat.batch_size])) for i in range(steps))
-        batch_losses = (tuning_loss(backbone, acts, sk, im, labels, classifier, feat, device) for sk, im in batches)
+        batch_losses = (tuning_loss(backbone, acts, sk, im, labels, classifier, feat, device, targets)
+                        for sk, im in batches)
         losses.append(optimise_epoch(opt, batch_losses, steps, f"features tuning epoch {epoch + 1}/{feat.tune_epochs}"))
         print(f"features: tuning epoch {epoch + 1}: loss {losses[-1]:.3f}")
     return losses
@@ -245,19 +290,31 @@ def optimise_epoch(opt: torch.optim.Optimizer, batch_losses: Iterator[torch.Tens
 
 
 def tuning_loss(backbone: nn.Module, acts: dict, sk: np.ndarray, im: np.ndarray, labels: dict,
-                classifier: torch.Tensor, feat: FeaturesSettings, device: str) -> torch.Tensor:
+                classifier: torch.Tensor, feat: FeaturesSettings, device: str,
+                targets: dict | None = None) -> torch.Tensor:
     """Cross-entropy of one batch of sketches `sk` and photos `im` (row indices) under the cosine classifier.
-    Centring each domain within the batch keeps the sketch/photo offset out of what the classifier can use."""
-    def features(name: str, rows: np.ndarray) -> torch.Tensor:
-        return tuned_features(backbone, acts[name][rows].float().to(device), feat.tune_blocks)
-    photo = features("images", im)
+    Centring each domain within the batch keeps the sketch/photo offset out of what the classifier can use.
+    With distillation `targets`, plus features.tune_distill x T^2 x KL(target || the tuned network's ImageNet
+    prediction at temperature T) of the sketches and the photos."""
+    tuned = backbone._blocks[len(backbone._blocks) - feat.tune_blocks:]
+
+    def block_out(name: str, rows: np.ndarray) -> torch.Tensor:
+        return run_blocks(tuned, acts[name][rows].float().to(device))
+    sk_out, im_out = block_out("sketches", sk), block_out("images", im)
+    photo = backbone.pool(im_out)
     if "edges" in acts:
-        photo = (photo + features("edges", im)) / 2
+        photo = (photo + backbone.pool(block_out("edges", im))) / 2
     weights = nn.functional.normalize(classifier, dim=1)
     loss = 0.0
-    for f, rows, key in ((features("sketches", sk), sk, "sketches"), (photo, im, "images")):
+    for f, rows, key in ((backbone.pool(sk_out), sk, "sketches"), (photo, im, "images")):
         logits = nn.functional.normalize(f - f.mean(0), dim=1) @ weights.T / feat.tune_temperature
         loss = loss + nn.functional.cross_entropy(logits, torch.from_numpy(labels[key][rows]).to(device))
+    if targets is not None:
+        temp = feat.tune_distill_temperature
+        for out, rows, key in ((sk_out, sk, "sketches"), (im_out, im, "images")):
+            student = torch.log_softmax(imagenet_logits(backbone, out) / temp, -1)
+            kl = nn.functional.kl_div(student, targets[key][rows].to(device), reduction="batchmean")
+            loss = loss + feat.tune_distill * temp ** 2 * kl
     return loss
 
 

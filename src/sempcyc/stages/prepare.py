@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..fsutil import atomic_dir, atomic_write_json, dumps_json
 from ..params import setting
 from ..runtime import imaging
-from ..shards import load_json, load_semantic
+from ..shards import load_imagenet_similarity, load_json, load_semantic
 from ..split import SplitSettings, assign_split, held_out_sketches, read_class_list
 
 
@@ -71,6 +71,9 @@ def prepare(dataset: Path, index_path: Path, semantic_dir: Path, out: Path, sett
         _write_domain(scratch, "images", dataset, [i for c in split["train"] for i in image_items[c]], label_of, size)
         _write_domain(scratch, "sketches", dataset, train_sketches, label_of, size)
         np.save(scratch / "semantic.npy", np.stack([semantic[c] for c in split["train"]]).astype(np.float32))
+        imagenet = load_imagenet_similarity(semantic_dir)
+        if imagenet is not None:  # semantic.backend wordnet: for the class-aware distillation of features
+            np.save(scratch / "imagenet_similarity.npy", np.stack([imagenet[c] for c in split["train"]]))
         (scratch / "classes.json").write_text(dumps_json(split["train"]), encoding="utf-8")
     with atomic_dir(out / "test") as scratch:
         label_of = {c: i for i, c in enumerate(index["classes"])}

