@@ -394,3 +394,13 @@ def test_a_rescore_writing_the_evaluate_cache_leaves_the_evaluate_stage_current(
     status = subprocess.run([str(VENV_BIN / "dvc"), "status", "evaluate", "--json"], cwd=proj, env=env,
                             capture_output=True, text=True, check=True)
     assert json.loads(status.stdout) == {}, status.stdout
+
+
+def test_a_last_release_from_before_the_seen_side_is_judged_on_the_unseen_side():
+    old, new = trainings(np.random.default_rng(12))
+    older = {"test_set": "T", "unseen": old["unseen"]}  # its evaluate held no seen queries out
+    verdict = quality_gate(metrics_of(new), new, Scored(metrics_of(old), older), SETTINGS)
+    assert set(verdict.record["figures"]) == {"zero-shot mAP@all", "unseen-query generalised mAP@all"}
+    assert verdict.passed, verdict.why
+    assert not quality_gate(metrics_of(shifted(new, -0.2)), shifted(new, -0.2), Scored(metrics_of(old), older),
+                            SETTINGS).passed
