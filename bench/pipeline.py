@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from sempcyc import params as params_mod  # noqa: E402
+from sempcyc.datasets.demo import DemoParams, EmojiClass, available_classes, build  # noqa: E402
 from sempcyc.split import SplitSettings, hash_unit  # noqa: E402
-from sempcyc.stages.demo_data import DemoParams, EmojiClass  # noqa: E402
 
 
 def repro(proj: Path, env: dict) -> tuple[float, dict[str, float], list[str], list[str]]:
@@ -79,10 +79,10 @@ def demo_tars(params_file: Path) -> tuple[bytes, bytes, DemoParams, list[EmojiCl
     """(base tar, extended tar, demo params, added classes): base = the default demo; extended = the same files
     plus the next three catalogue classes that the hash split puts on the unseen side."""
     demo, split = params_mod.read(params_file, DemoParams, SplitSettings)
-    catalogue = demo.available_classes()
+    catalogue = available_classes()
     base_names = {c.name for c in catalogue[:demo.classes]}
     extra = [c for c in catalogue[demo.classes:] if hash_unit(c.name, split.salt) < split.test_fraction][:3]
-    big, _ = demo.build(replace(demo, classes=catalogue.index(extra[-1]) + 1), progress=False)
+    big, _ = build(replace(demo, classes=catalogue.index(extra[-1]) + 1), progress=False)
     base_tar, ext_tar = split_tar(big, base_names, base_names | {c.name for c in extra})
     return base_tar, ext_tar, demo, extra
 

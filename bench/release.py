@@ -91,13 +91,15 @@ def edit_params(proj: Path, **sections: dict) -> None:
 def setup_project(work: Path, env: dict, moto_url: str, classes: int) -> tuple[Path, bytes, str]:
     """The scratch clone: a demo of `classes` classes as a DVC-tracked tar, S3 remote, origin a bare repo; the
     tar with one more class on the unseen side for step 3, and that class's name."""
+    from pipeline import split_tar  # imported here to leave the module's import header as it is
+
+    from sempcyc.datasets.demo import available_classes
+
     proj = work / "proj"
     subprocess.run(["git", "clone", "-q", str(REPO), str(proj)], check=True)
-    from pipeline import split_tar  # beside demo_tars, imported here to leave the import header as it is
-
     edit_params(proj, demo={"classes": classes})
     base_tar, ext_tar, demo, extra = demo_tars(proj / "params.yaml")
-    added, base = extra[0].name, {c.name for c in demo.available_classes()[:demo.classes]}
+    added, base = extra[0].name, {c.name for c in available_classes()[:demo.classes]}
     _, one_more = split_tar(ext_tar, base, base | {added})
     (proj / "data").mkdir(exist_ok=True)
     (proj / "data/bench.tar").write_bytes(base_tar)
