@@ -97,6 +97,7 @@ def setup_project(work: Path, env: dict, moto_url: str, classes: int) -> tuple[P
 
     proj = work / "proj"
     subprocess.run(["git", "clone", "-q", str(REPO), str(proj)], check=True)
+    git(proj, env, "checkout", "-q", "-B", "main")  # whichever branch this checkout is on, the release is of main
     edit_params(proj, demo={"classes": classes})
     base_tar, ext_tar, demo, extra = demo_tars(proj / "params.yaml")
     added, base = extra[0].name, {c.name for c in available_classes()[:demo.classes]}
