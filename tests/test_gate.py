@@ -33,6 +33,7 @@ from helpers import (
 )
 from sempcyc import embedcache, gate
 from sempcyc.commands import release as release_mod
+from sempcyc.commands import report as report_mod
 from sempcyc.errors import UserError
 from sempcyc.gate import Scored, quality_gate
 from sempcyc.params import read_section
@@ -173,7 +174,7 @@ def test_the_baseline_checks_stay():
     assert "zero-shot mAP@all" in verdict.why and "is below the strongest no-training baseline (pretrained, " \
         "0.9500)" in verdict.why
     first = judge(new, None)
-    assert first.passed and "first release" in first.why and "figures" not in first.record
+    assert first.passed and "not compared with a last release" in first.why and "figures" not in first.record
 
 
 @pytest.mark.parametrize("unseen, words", [
@@ -218,6 +219,19 @@ def test_the_release_refuses_on_one_line_naming_the_interval_and_the_override(tm
     assert line.endswith("Nothing deployed, pushed or tagged; rerun with --override-gate to release anyway")
     record = json.loads((tmp_path / "reports/gate.json").read_text())
     assert record["passed"] is False and record["last_release"] == "sem-pcyc@v0.1.0" and record["unseen_classes"] == 9
+
+
+def test_report_md_shows_each_figures_interval_and_the_warnings():
+    old, new = trainings(np.random.default_rng(13), unseen=3)
+    record = {**judge(new, old).record, "last_release": "sem-pcyc@v0.1.0"}
+    lines = report_mod.gate_section(record)
+    assert lines[0] == "## Quality gate against sem-pcyc@v0.1.0"
+    assert "3 unseen classes (48 queries), 30 seen classes (480 queries)" in lines[2]
+    f = record["figures"]["zero-shot mAP@all"]
+    assert (f"| zero-shot mAP@all | {f['new']:.4f} | {f['last']:.4f} | {f['new_minus_last']:+.4f} | "
+            f"[{f['low']:+.4f}, {f['high']:+.4f}] |") in lines
+    assert any(line.startswith("- warning: the test set is too small") for line in lines)
+    assert report_mod.gate_section({**record, "figures": None}) == []
 
 
 # ------------------------------------------------------------------------------------------ the real evaluate

@@ -162,7 +162,8 @@ def quality_gate(metrics: dict, per_query: dict | None, previous: Scored | None,
               "baselines": {GATED[k]: {"ours": v, "best": best[k][1], "value": best[k][0]}
                             for k, v in gate_figures(metrics).items()}}
     if previous is None:
-        return finish(failures, record, [], "first release: no earlier release to compare with")
+        return finish(failures, record, [], "not compared with a last release (a first release, or an overridden "
+                      "one whose last release could not be scored)")
     try:
         if per_query is None or previous.per_query is None:
             raise ValueError("per-query APs are missing (reports/eval/per_query_ap.json)")
