@@ -50,3 +50,11 @@ def test_no_push_says_nothing_will_be_pushed(clone):
     proj, env = clone
     proc = release(proj, env, "--no-push")
     assert proc.stdout.splitlines()[0] == "release: releasing branch main here (--no-push): nothing will be pushed"
+
+
+def test_credentials_in_the_remote_url_are_not_printed(clone):
+    proj, env = clone
+    subprocess.run(["git", "remote", "set-url", "origin", "https://ci:s3cret-token@git.example.com/ml/sem.git"],
+                   cwd=proj, check=True, env=env)
+    first = release(proj, env).stdout.splitlines()[0]
+    assert "git remote origin (https://git.example.com/ml/sem.git)" in first and "s3cret" not in first

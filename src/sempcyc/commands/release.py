@@ -300,6 +300,7 @@ def announce(r: ReleaseRun) -> None:
         step(f"releasing branch {branch} here (--no-push): nothing will be pushed")
         return
     url = sh("git", "remote", "get-url", r.args.git_remote, check=False).stdout.strip() or "not configured"
+    url = re.sub(r"//[^/@]*@", "//", url)  # never print credentials a URL may carry (https://user:token@host/...)
     remote = remote_config()
     data = f"DVC remote {remote['name']} ({remote.get('url', '?')})" if remote else "the DVC remote (none configured)"
     step(f"will push branch {branch} and its release tag to git remote {r.args.git_remote} ({url}), and the data "
