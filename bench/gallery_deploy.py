@@ -78,7 +78,8 @@ def build_releases(tmp: Path, model: Path, shards: int) -> dict[str, Path]:
     for version, classes in (("0.1.0", names[:CLASSES]), ("0.2.0", names)):
         t0 = time.perf_counter()
         write_gallery(tmp / f"gallery-{version}", model, enc, dim, classes, shards)
-        release = ReleaseSettings(model_name="sem_pcyc", version=version, gate_tolerance=0.02)
+        release = ReleaseSettings(model_name="sem_pcyc", version=version, gate_tolerance=0.02, gate_confidence=0.95,
+                                  gate_resamples=2000, gate_seed=0)
         mars[version] = archive.build_archive(model, tmp / f"gallery-{version}", tmp / f"sem_pcyc-{version}.mar",
                                               release, SERVE)
         print(f"{version}: {len(classes):,} classes x {PER_CLASS} images, archive {mars[version].stat().st_size:,} "

@@ -9,6 +9,7 @@ import yaml
 from helpers import REPO
 from sempcyc.commands.release import next_version, real_changes, set_release_version
 from sempcyc.errors import UserError
+from sempcyc.gate import gate_note
 from sempcyc.vcs import parse_tags
 
 # ----------------------------------------------------------------------------------------- release.py's core (unit)
@@ -98,3 +99,9 @@ IMPORTED = {"data/registry.tar.dvc"}
 ])
 def test_real_changes_tells_leftovers_from_edits(dirty, work_params, real):
     assert real_changes(dirty, "params.yaml", HEAD_PARAMS, work_params, IMPORTED) == real
+
+
+def test_gate_note_records_an_override():
+    assert gate_note(False, "unseen mAP@all 0.1 is below the baseline 0.2") == \
+        "quality gate OVERRIDDEN: unseen mAP@all 0.1 is below the baseline 0.2"
+    assert gate_note(True, "unseen mAP@all 0.3").startswith("quality gate passed: ")

@@ -5,21 +5,32 @@ file's name carries the producer's key (`embedding_key`: the producer's identity
 it and torch's thread count), so a new model, changed runtime code or another thread count never reuses old
 vectors, and saving drops the files of older producers. A damaged file is only a cache: it is ignored and its
 vectors are computed again.
+
+The evaluate cache (EVALUATE_CACHE) holds one file per model, named after the model's sha256 (model_prefix), and
+keeps the files of the current model and of the pinned ones only (prune_models): the release pins the model it
+releases (and, while it re-scores the last release, that one too), so experiments and newer models never push out
+the vectors the next release re-scores its last release with.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import json
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .fsutil import atomic_write_bytes
+from .fsutil import atomic_write_bytes, dumps_json
 from .runtime import RUNTIME_DIR
 
 RUNTIME_CODE = ("imaging.py", "backbones.py", "model.py", "encoder.py")
+# The evaluate stage's cache folder (not a DVC output: what it holds never changes a report, so neither a re-score
+# writing into it nor a fresh clone without it makes evaluate run again), and its list of pinned models.
+EVALUATE_CACHE = Path("models/evaluate-cache")
+PINS_FILE = "pinned-models.json"
 
 
 def embedding_key(producer: str) -> str:
@@ -66,3 +77,35 @@ class EmbeddingCache:
         for old in self.folder.glob(f"{self.prefix}*.npz"):  # vectors of older producers are useless now
             if old != self.path:
                 old.unlink()
+
+
+def model_prefix(model_sha256: str) -> str:
+    """The name prefix of a model's embedding files in the evaluate cache: `model-<first 16 hex of its sha256>-`."""
+    return f"model-{model_sha256[:16]}-"
+
+
+def pinned_models(folder: Path) -> list[str]:
+    """The sha256 of the models whose files prune_models keeps (none when the pins file is missing or damaged)."""
+    try:
+        pins = json.loads((Path(folder) / PINS_FILE).read_text(encoding="utf-8"))["models"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [p for p in pins if isinstance(p, str)] if isinstance(pins, list) else []
+
+
+def pin_models(folder: Path, model_sha256s: list[str]) -> None:
+    """Pin exactly these models (sha256 of their files): their embeddings outlive newer models' runs."""
+    atomic_write_bytes(Path(folder) / PINS_FILE, dumps_json({"models": sorted(set(model_sha256s))}).encode())
+
+
+def prune_models(folder: Path, current_sha256: str) -> list[str]:
+    """Remove the embedding files of models other than the current and the pinned ones; the names removed. Files
+    of the old layout (`model-<key>.npz`, no model digest) are removed too."""
+    keep = {model_prefix(sha) for sha in [current_sha256, *pinned_models(folder)]}
+    removed = []
+    for path in sorted(Path(folder).glob("model-*.npz")):
+        if not any(path.name.startswith(prefix) for prefix in keep):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            removed.append(path.name)
+    return removed

@@ -23,6 +23,9 @@ class ReleaseSettings:
     model_name: str = setting()
     version: str = setting()
     gate_tolerance: float = setting(min=0.0)
+    gate_confidence: float = setting(above=0.5, max=0.999)
+    gate_resamples: int = setting(min=100)
+    gate_seed: int = setting()
 
     def __post_init__(self):
         if not MODEL_NAME.fullmatch(self.model_name):

@@ -23,7 +23,6 @@ import os
 import re
 import socket
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,8 @@ import botocore.exceptions
 
 from .. import params as params_mod
 from ..errors import UserError
-from ..gate import gate_note, quality_gate
+from ..fsutil import atomic_write_json, sha256_file
+from ..gate import Scored, committed_report, gate_note, pin_released, quality_gate, rescore
 from ..serving import ReleaseSettings
 from ..targets import DeploySettings, parse_targets
 from ..vcs import (
@@ -206,15 +206,17 @@ def check_targets_reachable(deploy: DeploySettings, model_name: str) -> None:
                             "release with --no-deploy") from None
 
 
-def comparable_previous(r: ReleaseRun, tag: str | None, metrics: dict) -> dict | None:
-    """The last release's evaluate report on the test set of `metrics`: its own when it was measured on the same
-    one; otherwise (classes added, data changed, or a report older than the digest) its model scored again on this
-    test set, so the gate never compares figures of different test sets. None: no earlier release, or (only with
-    --override-gate) its model could not be scored."""
-    previous = previous_metrics(tag)
-    if previous is None or previous.get("test_set") == metrics.get("test_set"):
+def comparable_previous(r: ReleaseRun, tag: str | None, test_set: str | None) -> Scored | None:
+    """The last release's reports on the test set `test_set` names: its committed ones when they were measured on
+    the same one and hold per-query APs; otherwise (classes added, data changed, or reports older than the digest
+    or the per-query APs) its model scored again on this test set, so the gate pairs the same queries. None: no
+    earlier release, or (only with --override-gate) its model could not be scored."""
+    previous = committed_report(tag)
+    if previous is None or (previous.metrics.get("test_set") == test_set and previous.per_query is not None):
         return previous
-    step(f"the test set changed since {tag}: scoring {tag}'s model on this one for the quality gate")
+    same = previous.metrics.get("test_set") == test_set
+    step(f"{'no per-query APs in ' + tag + ' (an older release)' if same else 'the test set changed since ' + tag}"
+         f": scoring {tag}'s model on this one for the quality gate")
     since = time.perf_counter()
     rescored, failure = rescore(tag, r.params_path)
     r.time("rescore_last_release", since)
@@ -224,30 +226,6 @@ def comparable_previous(r: ReleaseRun, tag: str | None, metrics: dict) -> dict |
     if rescored is None:
         step(f"could not score {tag}'s model on this test set ({failure}); overridden: no comparison with it")
     return rescored
-
-
-def rescore(tag: str, params_path: Path) -> tuple[dict | None, str]:
-    """`tag`'s model (from the DVC cache or remote) through `sempcyc evaluate` on the current test shard, with the
-    evaluate cache (items it scored before are not embedded again): (its report, or None and why)."""
-    with tempfile.TemporaryDirectory(prefix="sem-pcyc-gate-") as tmp:
-        model, out = Path(tmp) / "sem_pcyc.pt", Path(tmp) / "eval"
-        got = dvc("get", ".", "models/sem_pcyc.pt", "--rev", tag, "-o", str(model), check=False)
-        if got.returncode != 0:
-            return None, "dvc get of its models/sem_pcyc.pt failed: " + " ".join(got.stderr.split())[-300:]
-        scored = sh(str(Path(sys.executable).parent / "sempcyc"), "evaluate", "--params", str(params_path),
-                    "--model", str(model), "--out", str(out), check=False, capture=False)
-        if scored.returncode != 0:
-            return None, "its evaluate failed, see above"
-        return json.loads((out / "metrics.json").read_text(encoding="utf-8")), ""
-
-
-def previous_metrics(tag: str | None) -> dict | None:
-    if not tag:
-        return None
-    proc = sh("git", "show", f"{tag}:reports/eval/metrics.json", check=False)
-    if proc.returncode != 0:
-        return None
-    return json.loads(proc.stdout)
 
 
 @dataclass
@@ -285,6 +263,7 @@ def release(r: ReleaseRun) -> None:
     """preflight -> finish what an earlier run left (publish the unpublished release tagged at HEAD, or deploy the
     published one when nothing changed since) or build a new release (update, version, build, gate, commit and
     tag) -> publish (dvc push, atomic git push) -> deploy; then reports/release.json."""
+    announce(r)
     branch = preflight(r)
     r.lap("preflight")
     tag, published = head_release(r)
@@ -312,6 +291,20 @@ def release(r: ReleaseRun) -> None:
                         "release with the same inputs to finish the deploy")
     step(f"done: {tag} {where}, deploy {deployed}, in {time.perf_counter() - r.started:.0f} s "
          f"({json.dumps(r.timings)})")
+
+
+def announce(r: ReleaseRun) -> None:
+    """The release's first line: where it will publish (git remote and branch, DVC remote), before anything runs."""
+    branch = sh("git", "rev-parse", "--abbrev-ref", "HEAD").stdout.strip()
+    if r.args.no_push:
+        step(f"releasing branch {branch} here (--no-push): nothing will be pushed")
+        return
+    url = sh("git", "remote", "get-url", r.args.git_remote, check=False).stdout.strip() or "not configured"
+    url = re.sub(r"//[^/@]*@", "//", url)  # never print credentials a URL may carry (https://user:token@host/...)
+    remote = remote_config()
+    data = f"DVC remote {remote['name']} ({remote.get('url', '?')})" if remote else "the DVC remote (none configured)"
+    step(f"will push branch {branch} and its release tag to git remote {r.args.git_remote} ({url}), and the data "
+         f"to {data}")
 
 
 def preflight(r: ReleaseRun) -> str:
@@ -407,15 +400,16 @@ def build_and_gate(r: ReleaseRun, last_tag: str | None) -> str:
     step("dvc repro (evaluate, and through serve-check)")
     dvc("repro", "evaluate", "serve-check", capture=False)
     r.time("repro_through_serve_check", since)
-    metrics = json.loads(Path("reports/eval/metrics.json").read_text(encoding="utf-8"))
-    previous = comparable_previous(r, last_tag, metrics)
-    passed, why = quality_gate(metrics, previous, r.settings.gate_tolerance)
-    if not passed and not r.args.override_gate:
-        Path("reports").mkdir(exist_ok=True)
-        Path("reports/gate.json").write_text(json.dumps({"passed": False, "reason": why}, indent=1))
-        raise UserError(f"quality gate: {why}. Nothing deployed, pushed or tagged; rerun with "
+    metrics, per_query = (json.loads(Path(f"reports/eval/{name}.json").read_text(encoding="utf-8"))
+                          for name in ("metrics", "per_query_ap"))
+    verdict = quality_gate(metrics, per_query, comparable_previous(r, last_tag, metrics.get("test_set")), r.settings)
+    atomic_write_json("reports/gate.json", {**verdict.record, "last_release": last_tag,
+                                            "overridden": not verdict.passed and r.args.override_gate})
+    if not verdict.passed and not r.args.override_gate:
+        raise UserError(f"quality gate: {verdict.why}. Nothing deployed, pushed or tagged; rerun with "
                         "--override-gate to release anyway")
-    note = gate_note(passed, why)
+    pin_released(sha256_file("models/sem_pcyc.pt"))  # its evaluate embeddings outlive experiments and newer models
+    note = gate_note(verdict.passed, verdict.why)
     step(note)
     return note
 

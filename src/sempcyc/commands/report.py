@@ -79,12 +79,13 @@ def run(args: argparse.Namespace) -> None:
     release = _json("reports/release.json") or {}
     lines = [f"# SEM-PCYC release {release.get('tag', '(local run)')}", ""]
     gate = _json("reports/gate.json")
-    if gate:
-        lines += [f"**Quality gate failed:** {gate['reason']}", ""]
+    if gate and not gate.get("passed"):
+        lines += [f"**Quality gate {'OVERRIDDEN' if gate.get('overridden') else 'failed'}:** {gate['reason']}", ""]
     if release.get("deploy") == "failed":
         lines += [f"**Deploy failed:** {release['tag']} is released, but not on every host; rerun the release with "
                   "the same inputs to finish the deploy (see Deploy below).", ""]
-    lines += quality_section(metrics) + changes_section(previous_tag(args.against)) + images_section(out)
+    lines += quality_section(metrics) + gate_section(gate) + changes_section(previous_tag(args.against))
+    lines += images_section(out)
     lines += serve_check_section(_json("reports/serve_check.json")) + deploy_section(_json("reports/deploy.json"))
     if release.get("timings_s"):
         lines += ["## Release timings (s)", "", "```", json.dumps(release["timings_s"], indent=1), "```", ""]
@@ -108,6 +109,22 @@ def quality_section(metrics: dict) -> list[str]:
         lines += ["", "H (harmonic mean of the unseen and seen generalised mAP@all): "
                   + ", ".join(f"{m} {v:.4f}" for m, v in metrics["harmonic"].items())]
     return lines + [""] + [f"- {note}" for note in metrics.get("notes", [])] + [""]
+
+
+def gate_section(gate: dict | None) -> list[str]:
+    """The quality gate's comparison with the last release: each figure's new - last and its interval."""
+    if not gate or not gate.get("figures"):
+        return []
+    lines = [f"## Quality gate against {gate.get('last_release') or 'the last release'}", "",
+             f"Paired per query on the same test set: {gate['unseen_classes']} unseen classes "
+             f"({gate['unseen_queries']} queries), {gate['seen_classes']} seen classes ({gate['seen_queries']} "
+             f"queries). {gate['confidence']:.0%} intervals of new - last from a bootstrap over classes "
+             f"({gate['resamples']} resamples, seed {gate['seed']}); a figure fails when its whole interval is "
+             f"below -{gate['tolerance']}.", "",
+             "| figure | new | last release | new - last | interval |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {f['new']:.4f} | {f['last']:.4f} | {f['new_minus_last']:+.4f} | "
+              f"[{f['low']:+.4f}, {f['high']:+.4f}] |" for name, f in gate["figures"].items()]
+    return lines + [""] + [f"- warning: {w}" for w in gate.get("warnings", [])] + [""]
 
 
 def changes_section(against: str | None) -> list[str]:

@@ -24,12 +24,16 @@ with the rollback of 6 and a receipt, never a traceback.
 Management and inference calls go through the SSH connection (a direct-tcpip channel) to the URLs as seen from
 the host, so TorchServe's APIs can stay bound to the host's 127.0.0.1. Secrets (key passphrase, API tokens) come
 from the environment or the ssh-agent only, and are never printed. The receipt is reports/deploy.json.
+Under `dvc exp run` (DVC sets DVC_EXP_NAME and DVC_EXP_BASELINE_REV for the stages of an experiment) nothing is
+deployed: the receipt says "skipped: experiment" and the stage succeeds, so the experiment is saved. `dvc repro`
+and `sempcyc release` deploy.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import posixpath
 import stat
 import tempfile
@@ -387,6 +391,13 @@ def run(args: argparse.Namespace) -> None:
     release, deploy = params_mod.read(args.params, ReleaseSettings, DeploySettings)
     targets = parse_targets(deploy, release.model_name)
     out, mar = Path(args.out), Path(args.mar)
+    experiment = os.environ.get("DVC_EXP_NAME") or os.environ.get("DVC_EXP_BASELINE_REV")
+    if experiment:
+        atomic_write_json(out, {"status": "skipped: experiment", "experiment": experiment, "targets": [],
+                                "message": "experiments never deploy; `dvc repro` or `sempcyc release` does"})
+        print(f"deploy: skipped: experiment {experiment} (experiments never deploy; `dvc repro` or "
+              f"`sempcyc release` does), {len(targets)} target(s) untouched")
+        return
     if not targets:
         atomic_write_json(out, {"status": "no targets", "message": "deploy.targets is empty; nothing deployed",
                                 "targets": []})

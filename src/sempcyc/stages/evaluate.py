@@ -23,12 +23,15 @@ Metrics: mAP@all, Precision@10/100/200 with their standard definitions (P@k coun
 gallery; when a class has fewer than k images even a perfect ranking scores below 1, as noted in the output).
 Diagnostics: for unseen classes, how often a class's sketch centroid is nearest to its own image centroid.
 
-A content-hash cache (models/evaluate-cache/, kept between runs) holds each test item's model embedding (keyed by
-the model's bytes) and baseline backbone features (keyed by the backbone's weights), both by the item's array bytes
-and the runtime code, so after classes are added only the new items go through the networks; the metrics are
-recomputed every time, and the reports are the same bytes with or without the cache. The report's `test_set`
-digest names what the figures were measured on (classes, which are unseen, every item's class and bytes): the
-release gate compares two reports only when it is the same. When the model's extractors
+A content-hash cache (models/evaluate-cache/, kept between runs, not a DVC output) holds each test item's model
+embedding (a file per model, keyed by the model's bytes) and baseline backbone features (keyed by the backbone's
+weights), both by the item's array bytes and the runtime code, so after classes are added only the new items go
+through the networks; the metrics are recomputed every time, and the reports are the same bytes with or without
+the cache. It keeps the embeddings of this model and of the models the release pinned (embedcache.prune_models),
+so re-scoring the last release embeds only what it never saw. per_query_ap.json holds every query's AP (each
+mAP@all is their mean) under the query's id (class/file), so the release gate pairs two models query by query.
+The report's `test_set` digest names what the figures were measured on (classes, which are unseen, every item's
+class and bytes): the release gate compares two reports only when it is the same. When the model's extractors
 are the baselines' backbone (features.epochs 0), the backbone runs once per item and its features serve both.
 """
 from __future__ import annotations
@@ -48,7 +51,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import params as params_mod
-from ..embedcache import EmbeddingCache, embedding_key
+from ..embedcache import EVALUATE_CACHE, EmbeddingCache, embedding_key, model_prefix, prune_models
 from ..errors import UserError
 from ..evaluation import BASELINES
 from ..fsutil import atomic_dir, dumps_json, sha256_file
@@ -87,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="models/sem_pcyc.pt", help="model bundle (default: %(default)s)")
     parser.add_argument("--test", default="data/prepared/test", help="test shard (default: %(default)s)")
     parser.add_argument("--out", default="reports/eval", help="report folder (default: %(default)s)")
-    parser.add_argument("--cache", default="models/evaluate-cache",
+    parser.add_argument("--cache", default=str(EVALUATE_CACHE),
                         help="embedding and backbone-feature cache (default: %(default)s)")
 
 
@@ -271,14 +274,14 @@ def runs_backbone(enc: Encoder, domain: str, net: nn.Module, net_sha: str) -> bo
             and state_sha(extractor.backbone) == net_sha)
 
 
-def open_caches(folder: Path, model_path: Path, enc: Encoder, net_sha: str) -> dict[str, EmbeddingCache]:
-    """The model's embeddings ("emb": model bytes), the baselines' backbone features ("raw": backbone name,
-    weights, sketch inversion and line widening) and those of the photos' edge maps ("edge"), all also keyed by
-    the runtime code and the batch size."""
-    model = f"evaluate model {sha256_file(model_path)} batch {EMBED_BATCH}"
+def open_caches(folder: Path, model_sha: str, enc: Encoder, net_sha: str) -> dict[str, EmbeddingCache]:
+    """The model's embeddings ("emb": model bytes, a file named after them), the baselines' backbone features
+    ("raw": backbone name, weights, sketch inversion and line widening) and those of the photos' edge maps
+    ("edge"), all also keyed by the runtime code and the batch size."""
+    model = f"evaluate model {model_sha} batch {EMBED_BATCH}"
     backbone = (f"evaluate backbone {enc.meta['backbone']} {net_sha} invert_sketch {enc.invert_sketch} "
                 f"thicken_lines {enc.thicken} batch {EMBED_BATCH}")
-    return {"emb": EmbeddingCache(folder, embedding_key(model), "model-"),
+    return {"emb": EmbeddingCache(folder, embedding_key(model), model_prefix(model_sha)),
             "raw": EmbeddingCache(folder, embedding_key(backbone), "backbone-"),
             "edge": EmbeddingCache(folder, embedding_key(f"{backbone} photo edge maps"), "edges-")}
 
@@ -339,8 +342,8 @@ def embed_shard(enc: Encoder, net: nn.Module, model_path: Path, shard: dict, key
     counts: items (distinct), embedded (model embeddings computed), backbone and extractor (passes through the
     baselines' backbone and the model's extractor CNN), shared (domains whose model extractor is the baselines'
     backbone, so that one pass serves both)."""
-    net_sha = state_sha(net)
-    caches = open_caches(cache_dir, model_path, enc, net_sha)
+    net_sha, model_sha = state_sha(net), sha256_file(model_path)
+    caches = open_caches(cache_dir, model_sha, enc, net_sha)
     counts = {"items": 0, "embedded": 0, "backbone": 0, "extractor": 0, "shared": []}
     with tqdm(desc="evaluate embed", unit="img", mininterval=2) as bar:
         for domain in ("sketch", "image"):
@@ -350,6 +353,7 @@ def embed_shard(enc: Encoder, net: nn.Module, model_path: Path, shard: dict, key
             counts = {k: counts[k] + done[k] for k in done} | {"shared": counts["shared"] + [domain] * shared}
     for cache in caches.values():
         cache.save()
+    prune_models(cache_dir, model_sha)
     emb = {k: stacked(caches["emb"].table, keys[k]) for k in keys}
     raw = {k: stacked(caches["raw"].table, keys[k]) for k in keys} | {"ge": stacked(caches["edge"].table, keys["g"])}
     return emb, raw, counts
@@ -432,6 +436,7 @@ def write_reports(out: Path, report: dict, kept: dict, shard: dict, settings: Ev
         per_class = [{"class": classes[c], "ap": round(float(np.nanmean(aps[q_labels == c])), 4)}
                      for c in unseen]
         (scratch / "per_class_ap.json").write_text(dumps_json(per_class))
+        (scratch / "per_query_ap.json").write_text(dumps_json(per_query_aps(kept, shard, report["test_set"], aps)))
         curve = []
         for method in ("sem_pcyc", *BASELINES):
             levels, prec = precision_recall_curve(kept[("zero_shot", method)], q_labels, zs_g)
@@ -440,6 +445,22 @@ def write_reports(out: Path, report: dict, kept: dict, shard: dict, settings: Ev
         (scratch / "pr_curve.json").write_text(dumps_json(curve))
         write_grid(scratch / "retrieval_grid.png", shard, kept[("generalised", "sem_pcyc")],
                    settings.grid_queries, settings.seed)
+
+
+def per_query_aps(kept: dict, shard: dict, test_set: str, zero_shot: np.ndarray) -> dict:
+    """SEM-PCYC's AP of every query under its id: unseen queries' zero-shot (`zero_shot`, already computed) and
+    generalised, seen queries' generalised; null where the gallery has no image of the query's class."""
+    classes, g_labels = shard["meta"]["classes"], shard["images_labels"]
+
+    def rows(ids: list[str], labels: np.ndarray, figures: dict[str, np.ndarray]) -> dict:
+        return {i: {"class": classes[c], **{f: None if np.isnan(ap[n]) else float(ap[n]) for f, ap in figures.items()}}
+                for n, (i, c) in enumerate(zip(ids, labels))}
+    q = shard["sketches_labels"]
+    out = {"test_set": test_set, "unseen": rows(shard["sketches_ids"], q, {
+        "zero_shot": zero_shot, "generalised": average_precisions(kept[("generalised", "sem_pcyc")], q, g_labels)})}
+    s = shard["seen_sketches_labels"]
+    seen = average_precisions(kept[("seen_generalised", "sem_pcyc")], s, g_labels) if len(s) else np.zeros(0)
+    return out | {"seen": rows(shard["seen_sketches_ids"], s, {"seen_generalised": seen})}
 
 
 def write_grid(path: Path, shard: dict, dist: np.ndarray, n_queries: int, seed: int, top: int = 10) -> None:
