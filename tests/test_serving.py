@@ -46,9 +46,10 @@ from helpers import (
 from helpers import PARAMS as STAGE_PARAMS
 from sempcyc import serving, torchserve
 from sempcyc.errors import UserError
-from sempcyc.runtime.ann import IVFIndex
+from sempcyc.runtime.ann import AnnIndex, IndexParams
 from sempcyc.runtime.gallery_shards import GalleryError, load_gallery, read_manifest
 from sempcyc.runtime.search import RequestError, SketchSearch
+from sempcyc.runtime.served_vectors import ShardVectors
 from sempcyc.stages import serve_check
 
 # The tiny dataset and params of test_stages (12 classes, 3 on the unseen side -> 6 query sketches, 48 gallery
@@ -67,7 +68,7 @@ PARAMS = merged(STAGE_PARAMS, {
 
 ARCHIVE_FILES = {"handler.py", "sem_pcyc.pt", "gallery/manifest.json", "serving.json",
                  *(f"sem_pcyc_runtime/{m}.py" for m in ("search", "encoder", "imaging", "retrieval", "backbones",
-                                                        "model", "gallery_shards", "ann"))}
+                                                        "model", "gallery_shards", "ann", "served_vectors"))}
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -876,7 +877,7 @@ def test_serve_check_missing_archive(built: Built, tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def ann_built(built: Built, tmp_path_factory) -> Built:
-    """The same model's gallery with an IVF index (4 lists: gallery.ann_min_items 1), and its archive."""
+    """The same model's gallery with a faiss index (4 lists: gallery.ann_min_items 1), and its archive."""
     root = tmp_path_factory.mktemp("ann")
     params = merged(PARAMS, {"gallery": {"ann_min_items": 1, "ann_nlist": 4}})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
@@ -890,12 +891,12 @@ def ann_built(built: Built, tmp_path_factory) -> Built:
 
 
 def test_search_with_the_index_scanning_every_list_finds_the_exact_answers(ann_built: Built, offline: SketchSearch):
-    search = SketchSearch.load(ann_built.model, ann_built.gallery, top_k=30, max_pixels=16_000_000, nprobe=4)
-    assert search.ann is not None and search.embeddings is None  # the index holds the vectors (float16)
+    search = SketchSearch.load(ann_built.model, ann_built.gallery, top_k=30, max_pixels=16_000_000, nprobe=4,
+                               rerank=GALLERY_SIZE)
+    assert search.ann is not None and isinstance(search.vectors, ShardVectors)  # read from the shard files
     sketches = [png_bytes(seed=i) for i in range(4)]
     for got, want in zip(search.search(sketches), offline.search(sketches)):
-        assert [r["image"] for r in got][:10] == [r["image"] for r in want][:10]
-        np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in want], atol=2e-3)
+        assert same_answer(got, want)  # the short list holds everything, ranked exactly: exact search's answer
 
 
 def test_search_refuses_an_index_built_for_another_gallery(ann_built: Built, tmp_path: Path):
@@ -903,23 +904,24 @@ def test_search_refuses_an_index_built_for_another_gallery(ann_built: Built, tmp
     shutil.copytree(ann_built.gallery, gallery)
     _, embeddings, _ = load_gallery(gallery)
     # an intact index file (its sha256 in the manifest) built for other vectors: serving it would answer wrongly
-    IVFIndex.build(embeddings[::-1].copy(), 4, "another gallery", seed=0, iterations=2, sample_per_list=8) \
-        .save(gallery / "ivf.npz")
+    AnnIndex.build(embeddings[::-1].copy(), "another gallery", IndexParams(4, 3, 0, 2, 8)).save(gallery / "ivf.npz")
     manifest = read_manifest(gallery)
     manifest["index"]["sha256"] = hashlib.sha256((gallery / "ivf.npz").read_bytes()).hexdigest()
     (gallery / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     with pytest.raises(GalleryError, match=r"gallery index ivf\.npz: .*another gallery.*dvc repro gallery"):
-        SketchSearch.load(ann_built.model, gallery, top_k=5, max_pixels=16_000_000, nprobe=4)
+        SketchSearch.load(ann_built.model, gallery, top_k=5, max_pixels=16_000_000, nprobe=4, rerank=2)
 
 
 @pytest.mark.integration
 def test_serve_check_reports_recall_and_fails_below_the_floor(ann_built: Built, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("rc")  # a short path: TorchServe's worker sockets live under it
-    proc, _ = run_serve_check(ann_built, tmp_path / "g", serve={"ann_nprobe": 4, "ann_min_recall": 0.95})
+    proc, _ = run_serve_check(ann_built, tmp_path / "g", serve={"ann_nprobe": 4, "ann_rerank": 5,
+                                                                 "ann_min_recall": 0.95})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((tmp_path / "g/report.json").read_text())
     assert report["ann_recall_at_k"] >= 0.95 and report["ann_nprobe"] == 4 and report["passed"]
-    proc, _ = run_serve_check(ann_built, tmp_path / "b", serve={"ann_nprobe": 1, "ann_min_recall": 1.0})
+    proc, _ = run_serve_check(ann_built, tmp_path / "b", serve={"ann_nprobe": 1, "ann_rerank": 1,
+                                                                 "ann_min_recall": 1.0})
     assert proc.returncode == 1
     report = json.loads((tmp_path / "b/report.json").read_text())
     assert report["ann_recall_at_k"] < 1.0 and not report["passed"]
