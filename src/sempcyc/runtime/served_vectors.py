@@ -41,6 +41,8 @@ class ShardVectors:
     def __getitem__(self, idx) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64)
         flat = idx.ravel()
+        if len(flat) and not 0 <= flat.min() <= flat.max() < len(self):
+            raise IndexError(f"gallery positions outside 0..{len(self) - 1}")
         if self.neighbours is None:
             rows = self.raw(flat)
         else:
@@ -51,9 +53,7 @@ class ShardVectors:
         return rows.reshape(*idx.shape, self.dim)
 
     def raw(self, positions: np.ndarray) -> np.ndarray:
-        """The shards' own float32 vectors at `positions` (1-D, manifest order), shard by shard."""
-        if len(positions) and not 0 <= positions.min() <= positions.max() < len(self):
-            raise IndexError(f"positions outside 0..{len(self) - 1}")
+        """The shards' own float32 vectors at `positions` (1-D, manifest order, in range), shard by shard."""
         shard = np.searchsorted(self.starts, positions, side="right") - 1
         out = np.empty((len(positions), self.dim), dtype=np.float32)
         order = np.argsort(shard, kind="stable")
