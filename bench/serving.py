@@ -79,7 +79,10 @@ def load(url: str, path: str, bodies: list[bytes], clients: int, n_requests: int
     return n_requests / (time.perf_counter() - t0), latencies
 
 
-def measure(cfg: dict, mar: Path, release: ReleaseSettings, bodies: list[bytes], n_requests: int, k: int) -> dict:
+def measure(cfg: dict, mar: Path, release: ReleaseSettings, bodies: list[bytes], n_requests: int, k: int,
+            inspect=None) -> dict:
+    """The three load levels on a private TorchServe of `mar` with `cfg`; `inspect(ts)`, when given, runs after
+    them with the instance still up and adds its dict to the result (e.g. the workers' memory)."""
     with tempfile.TemporaryDirectory(prefix="sem-pcyc-bench-serving-") as tmp:
         store = Path(tmp) / "store"
         store.mkdir()
@@ -94,8 +97,9 @@ def measure(cfg: dict, mar: Path, release: ReleaseSettings, bodies: list[bytes],
             _, one = load(ts.inference_url, path, bodies, 1, n_requests // 3, k)
             rps8, lat8 = load(ts.inference_url, path, bodies, 8, n_requests, k)
             rps32, lat32 = load(ts.inference_url, path, bodies, 32, n_requests, k)
+            extra = inspect(ts) if inspect else {}
     return {"p50_1": np.percentile(one, 50), "p95_1": np.percentile(one, 95), "rps8": rps8,
-            "p50_8": np.percentile(lat8, 50), "rps32": rps32, "p50_32": np.percentile(lat32, 50)}
+            "p50_8": np.percentile(lat8, 50), "rps32": rps32, "p50_32": np.percentile(lat32, 50), **extra}
 
 
 def main() -> None:
