@@ -176,6 +176,22 @@ def test_the_handler_imports_without_faiss_and_its_initialize_names_the_package(
     assert FAISS_LINE in message and "pip install faiss-cpu==1.15.1" in message and "\n" not in message
 
 
+def test_faiss_loader_lines_in_a_worker_log_are_not_taken_for_its_load_error(tmp_path: Path):
+    """faiss's loader logs "ImportError(...)" reprs for the CPU-specific builds it skips, while a worker loads
+    normally: the readiness check must not give up on them; a traceback's last line is still found."""
+    ts = torchserve.TorchServe(tmp_path / "store", workdir=tmp_path / "work")
+    (tmp_path / "work/logs").mkdir(parents=True)
+    log = tmp_path / "work/logs/model_log.log"
+    prefix = "2026-01-01T00:00:00,000 [INFO ] W-9000-sem_pcyc_1.0.0-stdout MODEL_LOG - "
+    skipped = [f"{prefix}Could not load library with AVX2 support due to:",
+               f"{prefix}ModuleNotFoundError(\"No module named 'faiss.swigfaiss_avx2'\")", f"{prefix}Loading faiss."]
+    log.write_text("\n".join(skipped) + "\n")
+    assert ts.load_error() is None
+    failure = "sem_pcyc_runtime.gallery_shards.GalleryError: gallery shard shards/ab.npz is missing"
+    log.write_text("\n".join([*skipped, f"{prefix}Traceback (most recent call last):", f"{prefix}{failure}"]) + "\n")
+    assert ts.load_error() == failure
+
+
 # -------------------------------------------------------------------- a host without faiss (real TorchServe)
 
 @pytest.fixture(scope="module")

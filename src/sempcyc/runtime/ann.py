@@ -19,6 +19,7 @@ on any machine and under torchrun.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import sys
@@ -29,6 +30,9 @@ from pathlib import Path
 import numpy as np
 
 try:  # a serving host's library: a host without it is told so by require_faiss(), not by a failed handler import
+    # faiss's loader logs, at INFO, an "ImportError(...)" for each CPU-specific build it does not find before the one
+    # it loads: in a TorchServe worker's log those read like the worker's own load failure
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     import faiss
 except ImportError:
     faiss = None
