@@ -11,17 +11,18 @@ groups of look-alike classes, each centre at --group-spread from its group's cen
 neighbours mix its own class with similar ones, as a real model's do (the bench prints the share of the exact
 top-k in the query's own cluster: compare it with the model's precision@k). --uniform draws directions uniformly:
 no structure at all, the worst case for any index. --real FILE.npy searches real embeddings instead (e.g. a
-gallery's vectors as load_gallery gives them), queries drawn from its rows with --query-noise added. Queries are
-never gallery items. recall@k is the share of exact float32 search's top-k that a method returns. Times are wall
-and CPU (process) seconds: on a shared machine CPU time is the comparable figure.
+gallery's vectors as load_gallery gives them), queries drawn from its rows with --query-noise added, or from
+--real-queries (e.g. the dataset's sketches embedded by the model). Queries are never gallery items. recall@k is
+the share of exact float32 search's top-k that a method returns. Times are wall and CPU (process) seconds: on a
+shared machine CPU time is the comparable figure.
 
-The last lines print the issue's table: today's figures (the hand-written NumPy IVF, removed: quoted from its last
-measurements) next to this run's.
+The last lines print the issue's table: today's figures at 1M x 405 (the hand-written NumPy IVF, removed: quoted
+from its last measurements) next to this run's.
 
 Usage: python bench/index.py [--items 1000000] [--dim 405] [--k 30] [--nprobe 4 8 16] [--rerank 8 12 16]
                              [--queries 200] [--clusters 2000] [--spread 1.0] [--groups 0] [--group-spread 0.5]
-                             [--uniform] [--real FILE.npy] [--nlist N] [--code-dims 3] [--iterations 10]
-                             [--sample-per-list 64] [--seed 0]
+                             [--uniform] [--real FILE.npy [--real-queries FILE.npy]] [--nlist N] [--code-dims 3]
+                             [--iterations 10] [--sample-per-list 64] [--seed 0]
 """
 from __future__ import annotations
 
@@ -175,7 +176,7 @@ def summary(args, index: AnnIndex, build: tuple, rows: list) -> None:
     shown = (f"{ms(best[2], 50):.2f} ms wall, {ms(best[3], 50):.2f} ms CPU (nprobe {best[0]}, rerank {best[1]}: "
              f"recall@{args.k} {best[4]:.4f})" if best else f"no setting reached recall@{args.k} 0.95")
     width = f"{args.items:,} x {index.dim}"
-    print(f"\n| figure ({width}, 1 thread) | today: hand-written IVF (quoted) | faiss (this run) |")
+    print(f"\n| figure ({width}, 1 thread) | today at 1M x 405: hand-written IVF (quoted) | faiss (this run) |")
     print("|---|---|---|")
     print(f"| index in memory | {TODAY['memory']} | {index.nbytes / 1e6:.0f} MB |")
     print(f"| its build | {TODAY['build']} | {build[0]:.0f} s wall, {build[1]:.0f} s CPU |")
@@ -187,6 +188,10 @@ def data(args) -> tuple[np.ndarray, np.ndarray, tuple, str]:
     if args.real:
         vectors = np.load(args.real).astype(np.float32)
         rng = np.random.default_rng(args.seed)
+        if args.real_queries:  # real queries too (e.g. sketches embedded by the model)
+            queries = np.load(args.real_queries).astype(np.float32)
+            queries = queries[np.sort(rng.choice(len(queries), size=min(args.queries, len(queries)), replace=False))]
+            return vectors, queries, (None, None), f"real vectors from {args.real}, queries from {args.real_queries}"
         picked = rng.choice(len(vectors), size=args.queries, replace=False)
         keep = np.setdiff1d(np.arange(len(vectors)), picked)
         noise = rng.standard_normal((args.queries, vectors.shape[1])).astype(np.float32)
@@ -217,6 +222,7 @@ def arguments() -> argparse.Namespace:
                         help="cluster centres' distance from their group centre (noise-to-centre norm ratio)")
     parser.add_argument("--uniform", action="store_true", help="uniform directions instead of clusters")
     parser.add_argument("--real", help="a .npy of real embeddings (items, dim) instead of synthetic ones")
+    parser.add_argument("--real-queries", help="with --real: a .npy of real queries (e.g. embedded sketches)")
     parser.add_argument("--query-noise", type=float, default=0.5,
                         help="with --real: noise added to the query rows (noise-to-vector norm ratio)")
     parser.add_argument("--nlist", type=int, help="lists (default: ann.default_nlist(items))")

@@ -79,20 +79,41 @@ def synthetic_gallery(model: Path, out: Path, items: int, dim: int, settings: Ga
     return time.perf_counter() - started
 
 
-def worker_memory(ts) -> dict:
-    """The TorchServe workers' resident memory (MB): private (anonymous: the index, the model, Python) and
-    file-backed (mapped files' pages: the shards' vectors it read, shared with the other workers), each worker's."""
-    memory = {"private_mb": [], "file_mb": []}
+def server_processes(ts) -> dict[int, str]:
+    """pid -> "worker" or "frontend" of this TorchServe's processes (found by its private folder in their command
+    line)."""
+    found = {}
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-            if "model_service_worker" not in cmdline or str(ts.workdir) not in cmdline:
-                continue
-            fields = dict(line.split(":", 1) for line in (proc / "status").read_text().splitlines() if ":" in line)
         except OSError:  # gone meanwhile
             continue
-        memory["private_mb"].append(int(fields["RssAnon"].split()[0]) / 1024)
-        memory["file_mb"].append(int(fields["RssFile"].split()[0]) / 1024)
+        if str(ts.workdir) in cmdline:
+            found[int(proc.name)] = "worker" if "model_service_worker" in cmdline else "frontend"
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def worker_memory(ts, before: dict | None) -> dict:
+    """Called before the load levels (before=None): the server's CPU seconds so far. After them: the CPU seconds
+    TorchServe (frontend and workers) spent meanwhile, and each worker's resident memory (MB), private (anonymous:
+    the index, the model, Python, torch) and file-backed (mapped files' pages: libraries, and the shards' vectors
+    it read, shared with the other workers)."""
+    processes = server_processes(ts)
+    cpu = {pid: cpu_seconds(pid) for pid in processes}
+    if before is None:
+        return cpu
+    memory = {"private_mb": [], "file_mb": [], "server_cpu_s": sum(cpu[p] - before.get(p, 0.0) for p in cpu)}
+    for pid, role in processes.items():
+        if role == "worker":
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+            memory["private_mb"].append(int(fields["RssAnon"].split()[0]) / 1024)
+            memory["file_mb"].append(int(fields["RssFile"].split()[0]) / 1024)
     return memory
 
 
@@ -133,7 +154,8 @@ def main() -> None:
                   f"{cfg['threads']} thread each, nprobe {serve.ann_nprobe}, rerank {serve.ann_rerank}; "
                   f"{time.perf_counter() - started:.0f} s for start-up, load and the three load levels): 1 client "
                   f"p50 {r['p50_1']:.1f} ms, p95 {r['p95_1']:.1f} ms; 8 clients {r['rps8']:.1f} requests/s (p50 "
-                  f"{r['p50_8']:.1f} ms); 32 clients {r['rps32']:.1f} requests/s; workers' memory private "
+                  f"{r['p50_8']:.1f} ms); 32 clients {r['rps32']:.1f} requests/s; TorchServe's CPU "
+                  f"{1000 * r['server_cpu_s'] / r['requests']:.1f} ms a request; workers' memory private "
                   f"{'/'.join(f'{m:.0f}' for m in r['private_mb'])} MB, file-backed "
                   f"{'/'.join(f'{m:.0f}' for m in r['file_mb'])} MB", flush=True)
         print(f"\n| figure ({args.items:,} x {dim}) | today (quoted) | faiss (this run) |\n|---|---|---|")
