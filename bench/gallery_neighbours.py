@@ -5,7 +5,8 @@ each item's best candidates ranked exactly) at a few gallery.ann_neighbour_nprob
 seconds (wall and CPU; the index's build included), and recall, the share of the exact neighbours found.
 
 Synthetic embeddings as bench/index.py draws them (class-like clusters in groups of look-alikes, L2-normalised),
---dim wide (405: the demo model's retrieval vector), --per-class items a cluster. One thread. The last lines print
+--dim wide (405: the demo model's retrieval vector), --per-class items a cluster, class by class (a gallery's
+manifest order keeps a class's items together). One thread. The last lines print
 the issue's table row: today's figure (the hand-written NumPy IVF, removed: quoted) next to this run's.
 
 Usage: python bench/gallery_neighbours.py [--items 100000] [--dim 405] [--k 2] [--nprobe 2 4 8] [--rerank 4 8 16]
@@ -54,8 +55,9 @@ def main() -> None:
     parser.add_argument("--skip-exact", action="store_true", help="time the index only (no recall)")
     args = parser.parse_args()
     (settings,) = params_mod.read(REPO / "params.yaml", GallerySettings)
-    vectors, _ = Mixture(args.dim, max(args.items // args.per_class, 1), 1.0, False, 0, (200, 0.5)).draw(
+    vectors, labels = Mixture(args.dim, max(args.items // args.per_class, 1), 1.0, False, 0, (200, 0.5)).draw(
         args.items, seed=1)
+    vectors = vectors[np.argsort(labels, kind="stable")]  # class by class, as a gallery's manifest order holds them
     exact = None
     if not args.skip_exact:
         started = time.perf_counter()

@@ -72,12 +72,12 @@ def test_few_lists_and_a_short_list_find_most_neighbours_on_clustered_data():
     gallery, queries = clustered(20_000, 32, 100, seed=1)
     index = AnnIndex.build(gallery, "d", IndexParams(ann.default_nlist(len(gallery)), 4, 0, 10, 64))
     truth, _ = top_k(queries, gallery, 30)
-    assert index.nlist == 128
+    assert index.nlist == 64
 
     def found(nprobe: int, shortlist: int) -> float:
         return recall(index.search(queries, 30, nprobe, shortlist, gallery)[0], truth)
 
-    assert found(8, 240) >= 0.97  # 6% of the lists, 8 candidates a result (measured 0.986)
+    assert found(8, 240) >= 0.95  # 1/8 of the lists, 8 candidates a result (measured 0.977)
     assert found(1, 30) < 0.95  # approximate: one list and no room to re-rank is not enough
 
 
@@ -217,7 +217,7 @@ def test_bad_queries_and_arguments_are_refused(small):
         AnnIndex.build(gallery[:10], "d", PARAMS)
 
 
-@pytest.mark.parametrize("n, lists", [(1, 1), (10, 4), (1000, 32), (100_000, 256), (1_000_000, 1024)])
+@pytest.mark.parametrize("n, lists", [(1, 1), (10, 2), (1000, 16), (100_000, 128), (1_000_000, 512)])
 def test_default_nlist(n, lists):
     assert ann.default_nlist(n) == lists
 

@@ -77,12 +77,13 @@ def require_faiss(wanted: str = "") -> None:
 
 
 def default_nlist(n: int) -> int:
-    """About sqrt(n) lists, rounded to a power of two (1M items -> 1024 lists of ~1000): the fast-scan kernels
-    read a list's codes cheaply, so fewer, longer lists than an exact scan would want keep k-means and the
-    coarse step (nlist distances a query) small. Never more lists than items."""
+    """About sqrt(n) / 2 lists, rounded to a power of two (1M items -> 512 lists of ~2000): the fast-scan kernels
+    read a list's codes cheaply, so fewer, longer lists than an exact scan would want keep k-means (its cost grows
+    with the square of the lists) and the coarse step (nlist distances a query) small. Never more lists than
+    items."""
     if n < 1:
         raise ValueError(f"an index needs at least one item, got {n}")
-    return max(1, min(2 ** round(math.log2(math.sqrt(n))), 2 ** int(math.log2(n))))
+    return max(1, min(2 ** round(math.log2(math.sqrt(n) / 2)), 2 ** int(math.log2(n))))
 
 
 def indexable(items: int, nlist: int) -> bool:
