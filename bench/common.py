@@ -119,7 +119,11 @@ def load(url: str, path: str, bodies: list[bytes], clients: int, n_requests: int
     return n_requests / (time.perf_counter() - t0), latencies
 
 
-def measure(cfg: dict, mar: Path, release: ReleaseSettings, bodies: list[bytes], n_requests: int, k: int) -> dict:
+def measure(cfg: dict, mar: Path, release: ReleaseSettings, bodies: list[bytes], n_requests: int, k: int,
+            inspect=None) -> dict:
+    """The three load levels on a private TorchServe of `mar` with `cfg`. `inspect(ts, before)`, when given, runs
+    before them (before=None) and after them (before: what the first call returned), the instance up, and the
+    second call's dict joins the result (e.g. the workers' memory and CPU time)."""
     with tempfile.TemporaryDirectory(prefix="sem-pcyc-bench-serving-") as tmp:
         store = Path(tmp) / "store"
         store.mkdir()
@@ -131,11 +135,14 @@ def measure(cfg: dict, mar: Path, release: ReleaseSettings, bodies: list[bytes],
             ts.wait_ready(release.model_name, 180)
             path = f"/predictions/{release.model_name}"
             load(ts.inference_url, path, bodies, 2 * cfg["workers"], 8 * cfg["workers"], k)  # warm every worker
+            before = inspect(ts, None) if inspect else None
             _, one = load(ts.inference_url, path, bodies, 1, n_requests // 3, k)
             rps8, lat8 = load(ts.inference_url, path, bodies, 8, n_requests, k)
             rps32, lat32 = load(ts.inference_url, path, bodies, 32, n_requests, k)
+            extra = inspect(ts, before) if inspect else {}
     return {"p50_1": np.percentile(one, 50), "p95_1": np.percentile(one, 95), "rps8": rps8,
-            "p50_8": np.percentile(lat8, 50), "rps32": rps32, "p50_32": np.percentile(lat32, 50)}
+            "p50_8": np.percentile(lat8, 50), "rps32": rps32, "p50_32": np.percentile(lat32, 50),
+            "requests": len(one) + 2 * n_requests, **extra}
 
 
 # -------------------------------------------------------------------------------------------------- demo tars

@@ -28,7 +28,7 @@ def main() -> None:
     name, sketch = pick_queries(REPO / "data/dataset", REPO / "data/prepared/splits.json", per_class=1)[0]
     (serve,) = params_mod.read(REPO / "params.yaml", ServeSettings)
     offline = SketchSearch.load(REPO / "models/sem_pcyc.pt", REPO / "models/gallery", top_k=serve.top_k,
-                                max_pixels=serve.max_pixels, nprobe=serve.ann_nprobe)
+                                max_pixels=serve.max_pixels, nprobe=serve.ann_nprobe, rerank=serve.ann_rerank)
     expected = offline.search([sketch])[0]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -142,7 +142,7 @@ def offline(built: Built) -> SketchSearch:
 
 @pytest.fixture(scope="session")
 def ann_built(built: Built, tmp_path_factory) -> Built:
-    """The same model's gallery with an IVF index (4 lists: gallery.ann_min_items 1), and its archive."""
+    """The same model's gallery with a faiss index (4 lists: gallery.ann_min_items 1), and its archive."""
     root = tmp_path_factory.mktemp("ann")
     params = merged(SERVING_PARAMS, {"gallery": {"ann_min_items": 1, "ann_nlist": 4}})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")

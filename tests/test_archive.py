@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ARCHIVE_FILES = {"handler.py", "sem_pcyc.pt", "gallery/manifest.json", "serving.json",
                  *(f"sem_pcyc_runtime/{m}.py" for m in ("search", "encoder", "imaging", "retrieval", "backbones",
-                                                        "model", "gallery_shards", "ann"))}
+                                                        "model", "gallery_shards", "ann", "served_vectors"))}
 
 
 def stage(cwd: Path, *argv) -> str:

@@ -315,8 +315,9 @@ def test_gallery_torchrun_two_processes_write_the_one_process_bytes(trained: Pat
 
 
 def test_gallery_ann_index_from_gallery_ann_min_items(trained: Path, tmp_path: Path):
-    """A gallery of at least gallery.ann_min_items items gets ivf.npz, an IVF index over its embeddings in manifest
-    order, named in the manifest with its sha256, nlist and the gallery digest the loader recomputes."""
+    """A gallery of at least gallery.ann_min_items items gets ivf.npz, a faiss index over its embeddings in manifest
+    order, named in the manifest with its sha256, the gallery digest the loader recomputes, the faiss version and
+    the build parameters."""
     n = len(CLASSES) * PER_CLASS
     for min_items, nlist, want in ((n, 4, 4), (1, 0, ann.default_nlist(n))):
         write_params(tmp_path, {"gallery": {"ann_min_items": min_items, "ann_nlist": nlist, "shards": 5}})
@@ -325,20 +326,22 @@ def test_gallery_ann_index_from_gallery_ann_min_items(trained: Path, tmp_path: P
         manifest, emb, _, _ = read_gallery(tmp_path / "gallery")
         entry = manifest["index"]
         digest = gallery_digest(manifest["model_sha256"], [s["sha256"] for s in manifest["shards"]])
-        assert entry == {"file": "ivf.npz", "sha256": sha256_file(tmp_path / "gallery/ivf.npz"), "nlist": want,
-                         "gallery_digest": digest}
-        index = ann.IVFIndex.load(tmp_path / "gallery/ivf.npz", emb, digest)
+        assert entry == {"file": "ivf.npz", "sha256": sha256_file(tmp_path / "gallery/ivf.npz"),
+                         "gallery_digest": digest, "faiss_version": ann.faiss_version(), "nlist": want,
+                         "code_dims": 3, "seed": 0, "iterations": 10, "sample_per_list": 64}
+        index = ann.AnnIndex.load(tmp_path / "gallery/ivf.npz", digest, emb.shape)
         assert index.nlist == want and index.items == n
-        ids, _ = index.search(emb[:3], k=1, nprobe=want)
+        ids, _ = index.search(emb[:3], k=1, nprobe=want, shortlist=4, vectors=emb)
         assert ids[:, 0].tolist() == [0, 1, 2]  # manifest order: each item finds itself
     with pytest.raises(ann.IndexMismatch):
-        ann.IVFIndex.load(tmp_path / "gallery/ivf.npz", emb, gallery_digest("other model", []))
+        ann.AnnIndex.load(tmp_path / "gallery/ivf.npz", gallery_digest("other model", []), emb.shape)
 
 
 def test_a_gallery_with_an_index_finds_the_expansions_neighbours_through_one(trained: Path, tmp_path: Path):
-    """From gallery.ann_min_items items on, the gallery expansion's neighbours come from an IVF index scanning
-    gallery.ann_neighbour_nprobe lists (all 4 here: the exact ones, but for float16 rounding; 1: fewer found), and
-    the served index is built for the expanded vectors: its digest covers the neighbours file."""
+    """From gallery.ann_min_items items on, the gallery expansion's neighbours come from a faiss index scanning
+    gallery.ann_neighbour_nprobe lists and ranking the best candidates exactly (all 4 lists and a long short
+    list here: the exact neighbours; 1 list and 1 candidate a neighbour: fewer found), and the served index is
+    built for the expanded vectors: its digest covers the neighbours file."""
     configured(trained / "models/sem_pcyc.pt", tmp_path / "expanding.pt", gallery_expansion=2)
     argv = ["gallery", "--model", tmp_path / "expanding.pt", "--dataset", trained / "data/dataset",
             "--index", trained / "data/dataset.json", "--cache", "cache"]
@@ -349,8 +352,9 @@ def test_a_gallery_with_an_index_finds_the_expansions_neighbours_through_one(tra
                           for e in manifest["shards"]])  # each image's own embedding, in manifest order
     exact = np.load(tmp_path / "exact/neighbours.npy")
     np.testing.assert_array_equal(exact, gallery_neighbours(raw, 2))
-    for nprobe, least in ((4, 0.9), (1, 0.3)):
-        write_params(tmp_path, {"gallery": {"ann_min_items": 1, "ann_nlist": 4, "ann_neighbour_nprobe": nprobe}})
+    for nprobe, rerank, least in ((4, 16, 1.0), (1, 1, 0.3)):
+        write_params(tmp_path, {"gallery": {"ann_min_items": 1, "ann_nlist": 4, "ann_neighbour_nprobe": nprobe,
+                                            "ann_neighbour_rerank": rerank}})
         ok(tmp_path, *argv, "--out", f"ivf{nprobe}")
         manifest, served, _ = load_gallery(tmp_path / f"ivf{nprobe}")
         found = np.load(tmp_path / f"ivf{nprobe}/neighbours.npy")
@@ -360,7 +364,8 @@ def test_a_gallery_with_an_index_finds_the_expansions_neighbours_through_one(tra
         np.testing.assert_allclose(served, expand_gallery(raw, found), rtol=1e-6)
         assert manifest["index"]["gallery_digest"] == vectors_digest(manifest) != gallery_digest(
             manifest["model_sha256"], [e["sha256"] for e in manifest["shards"]])
-        ann.IVFIndex.load(tmp_path / f"ivf{nprobe}/ivf.npz", served, vectors_digest(manifest))
+        ann.AnnIndex.load(tmp_path / f"ivf{nprobe}/ivf.npz", vectors_digest(manifest), served.shape)
+    np.testing.assert_array_equal(np.load(tmp_path / "ivf4/neighbours.npy"), exact)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"ann_min_items": 0}, {"ann_min_items": len(CLASSES) * PER_CLASS + 1}])
@@ -373,8 +378,18 @@ def test_gallery_below_gallery_ann_min_items_has_no_index(trained: Path, tmp_pat
     assert not (tmp_path / "gallery/ivf.npz").exists()
 
 
+def test_a_gallery_smaller_than_its_list_count_is_searched_exactly(trained: Path, tmp_path: Path):
+    """More lists (gallery.ann_nlist) than items: no index and a line saying so, not an error."""
+    n = len(CLASSES) * PER_CLASS
+    write_params(tmp_path, {"gallery": {"ann_min_items": 1, "ann_nlist": 1000}})
+    out = ok(tmp_path, *gallery_args(trained))
+    assert f"{n} items cannot fill gallery.ann_nlist 1000 lists" in out and "searched exactly" in out
+    assert "index" not in json.loads((tmp_path / "gallery/manifest.json").read_text())
+    assert not (tmp_path / "gallery/ivf.npz").exists()
+
+
 @pytest.mark.parametrize("overrides, names", [
-    ({"gallery": {"ann_min_items": 1, "ann_nlist": 1000}}, "gallery.ann_nlist 1000"),
+    ({"gallery": {"ann_code_dims": 0}}, "gallery.ann_code_dims"),
     ({"gallery": {"ann_min_items": -1}}, "gallery.ann_min_items"),
     ({"train": {"device": "gpu"}}, "train.device"),
 ])

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from helpers import png_bytes
-from sempcyc.runtime.ann import IVFIndex
+from sempcyc.runtime.ann import AnnIndex, IndexParams
 from sempcyc.runtime.gallery_shards import GalleryError, load_gallery, read_manifest
 from sempcyc.runtime.search import RequestError, SketchSearch
+from sempcyc.runtime.served_vectors import ShardVectors
 from serving_helpers import GALLERY_SIZE, Built, assert_ranked, same_answer, sketch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -70,12 +71,12 @@ def test_search_answers_each_request_of_a_batch_alone(offline: SketchSearch, big
 # --------------------------------------------------------------------- 7b. a gallery with an approximate index
 
 def test_search_with_the_index_scanning_every_list_finds_the_exact_answers(ann_built: Built, offline: SketchSearch):
-    search = SketchSearch.load(ann_built.model, ann_built.gallery, top_k=30, max_pixels=16_000_000, nprobe=4)
-    assert search.ann is not None and search.embeddings is None  # the index holds the vectors (float16)
+    search = SketchSearch.load(ann_built.model, ann_built.gallery, top_k=30, max_pixels=16_000_000, nprobe=4,
+                               rerank=GALLERY_SIZE)
+    assert search.ann is not None and isinstance(search.vectors, ShardVectors)  # read from the shard files
     sketches = [png_bytes(seed=i) for i in range(4)]
     for got, want in zip(search.search(sketches), offline.search(sketches)):
-        assert [r["image"] for r in got][:10] == [r["image"] for r in want][:10]
-        np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in want], atol=2e-3)
+        assert same_answer(got, want)  # the short list holds everything, ranked exactly: exact search's answer
 
 
 def test_search_refuses_an_index_built_for_another_gallery(ann_built: Built, tmp_path: Path):
@@ -83,10 +84,9 @@ def test_search_refuses_an_index_built_for_another_gallery(ann_built: Built, tmp
     shutil.copytree(ann_built.gallery, gallery)
     _, embeddings, _ = load_gallery(gallery)
     # an intact index file (its sha256 in the manifest) built for other vectors: serving it would answer wrongly
-    IVFIndex.build(embeddings[::-1].copy(), 4, "another gallery", seed=0, iterations=2, sample_per_list=8) \
-        .save(gallery / "ivf.npz")
+    AnnIndex.build(embeddings[::-1].copy(), "another gallery", IndexParams(4, 3, 0, 2, 8)).save(gallery / "ivf.npz")
     manifest = read_manifest(gallery)
     manifest["index"]["sha256"] = hashlib.sha256((gallery / "ivf.npz").read_bytes()).hexdigest()
     (gallery / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     with pytest.raises(GalleryError, match=r"gallery index ivf\.npz: .*another gallery.*dvc repro gallery"):
-        SketchSearch.load(ann_built.model, gallery, top_k=5, max_pixels=16_000_000, nprobe=4)
+        SketchSearch.load(ann_built.model, gallery, top_k=5, max_pixels=16_000_000, nprobe=4, rerank=2)

@@ -201,11 +201,13 @@ def test_serve_check_missing_archive(built: Built, tmp_path: Path):
 @pytest.mark.integration
 def test_serve_check_reports_recall_and_fails_below_the_floor(ann_built: Built, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("rc")  # a short path: TorchServe's worker sockets live under it
-    proc, _ = run_serve_check(ann_built, tmp_path / "g", serve={"ann_nprobe": 4, "ann_min_recall": 0.95})
+    proc, _ = run_serve_check(ann_built, tmp_path / "g", serve={"ann_nprobe": 4, "ann_rerank": 5,
+                                                                 "ann_min_recall": 0.95})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((tmp_path / "g/report.json").read_text())
     assert report["ann_recall_at_k"] >= 0.95 and report["ann_nprobe"] == 4 and report["passed"]
-    proc, _ = run_serve_check(ann_built, tmp_path / "b", serve={"ann_nprobe": 1, "ann_min_recall": 1.0})
+    proc, _ = run_serve_check(ann_built, tmp_path / "b", serve={"ann_nprobe": 1, "ann_rerank": 1,
+                                                                 "ann_min_recall": 1.0})
     assert proc.returncode == 1
     report = json.loads((tmp_path / "b/report.json").read_text())
     assert report["ann_recall_at_k"] < 1.0 and not report["passed"]

@@ -47,6 +47,7 @@ class ServeSettings:
     max_batch_delay_ms: int = setting(min=0)
     check_requests: int = setting(min=8)
     ann_nprobe: int = setting(min=1)
+    ann_rerank: int = setting(min=1)
     ann_min_recall: float = setting(min=0.0, max=1.0)
     ready_timeout_s: int = setting(min=5)
 

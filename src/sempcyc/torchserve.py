@@ -219,7 +219,9 @@ class TorchServe:
         path = self.workdir / "logs" / "model_log.log"
         if not path.exists():
             return None
-        pattern = re.compile(r"MODEL_LOG - (\w*(?:Error|Exception)\b.*)$")
+        # a traceback's last line ("ValueError: ...", "pkg.mod.GalleryError: ..."), not a logged repr such as
+        # faiss's "ImportError(...)"
+        pattern = re.compile(r"MODEL_LOG - ((?:\w+\.)*\w*(?:Error|Exception)(?::.*)?)$")
         found = None
         for line in path.read_text(errors="replace").splitlines():
             match = pattern.search(line)

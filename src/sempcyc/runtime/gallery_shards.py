@@ -16,16 +16,20 @@ replaces every embedding by retrieval.expand_gallery's weighted mean. Kept apart
 classes change some old items' neighbours: a release sends this one small file again (4 bytes a neighbour), not
 every shard such an item is in.
 
-A large gallery also has an approximate index (runtime/ann.py's IVF file, manifest "index": file, sha256, nlist and
-gallery_digest), built for the expanded vectors of exactly these shards and neighbours in this order
-(`vectors_digest`).
+A large gallery also has an approximate index (runtime/ann.py's faiss file, manifest "index": file, sha256,
+gallery_digest, the faiss version and the index's parameters), built for the expanded vectors of exactly these
+shards and neighbours in this order (`vectors_digest`). Its loader keeps no copy of the vectors: `shard_files`
+says where each shard's embeddings lie in its file (shards are stored uncompressed), and runtime/served_vectors.py
+reads them from there through memory maps.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import struct
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +46,16 @@ ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # every member's timestamp: equal content give
 
 class GalleryError(Exception):
     """A gallery file is missing or damaged; the message names it and says what to do."""
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """Where a verified shard's embeddings lie: in `path` (the gallery folder's copy or the blob store's), `rows`
+    vectors of `dtype`, C order, from byte `offset` on."""
+    path: Path
+    offset: int
+    rows: int
+    dtype: str
 
 
 def bucket_of(class_name: str, buckets: int) -> int:
@@ -183,19 +197,64 @@ def load_gallery(gallery_dir: str | Path, blob_store: str | Path | None = None) 
     gallery_dir = Path(gallery_dir)
     manifest = read_manifest(gallery_dir)
     parts, index = [], []
-    for entry in manifest["shards"]:
-        label = f"gallery shard {entry['file']}"
-        shard = unpack_shard(read_verified(gallery_dir / entry["file"], entry["sha256"], blob_store, label), label)
+    for _, _, shard in verified_shards(gallery_dir, manifest, blob_store):
         parts.append(shard["embeddings"])
         index += [{"id": i, "class": c} for i, c in zip(shard["ids"], shard["classes"])]
-    if len(index) != manifest.get("items"):
-        raise GalleryError(f"{gallery_dir / MANIFEST}: lists {manifest.get('items')} items but its shards hold "
-                           f"{len(index)}; rebuild the gallery (`dvc repro gallery`)")
+    check_items(gallery_dir, manifest, len(index))
     dim = int(manifest.get("dim", 0))
     embeddings = np.concatenate(parts) if parts else np.zeros((0, dim), dtype=EMBEDDING_DTYPE)
     if manifest.get("neighbours"):
         embeddings = expand_gallery(embeddings, load_neighbours(gallery_dir, manifest, blob_store))
     return manifest, embeddings, index
+
+
+def shard_files(gallery_dir: str | Path, manifest: dict, blob_store: str | Path | None = None
+                ) -> tuple[list[ShardFile], list[dict]]:
+    """load_gallery without the vectors: where every shard's embeddings lie (ShardFile, in manifest order) and the
+    index entries; each shard verified against its sha256 as load_gallery verifies it."""
+    gallery_dir = Path(gallery_dir)
+    files, index = [], []
+    for path, data, shard in verified_shards(gallery_dir, manifest, blob_store):
+        offset, rows, dtype = embeddings_span(data, path)
+        files.append(ShardFile(path, offset, rows, dtype))
+        index += [{"id": i, "class": c} for i, c in zip(shard["ids"], shard["classes"])]
+    check_items(gallery_dir, manifest, len(index))
+    return files, index
+
+
+def verified_shards(gallery_dir: Path, manifest: dict, blob_store: str | Path | None):
+    """(path, bytes, unpacked shard) of every shard in manifest order, each checked against its sha256."""
+    for entry in manifest["shards"]:
+        label = f"gallery shard {entry['file']}"
+        path = locate(gallery_dir / entry["file"], entry["sha256"], blob_store, label)
+        data = path.read_bytes()
+        _check(sha256_bytes(data), entry["sha256"], path, label)
+        yield path, data, unpack_shard(data, label)
+
+
+def check_items(gallery_dir: Path, manifest: dict, items: int) -> None:
+    if items != manifest.get("items"):
+        raise GalleryError(f"{gallery_dir / MANIFEST}: lists {manifest.get('items')} items but its shards hold "
+                           f"{items}; rebuild the gallery (`dvc repro gallery`)")
+
+
+def embeddings_span(data: bytes, path: Path) -> tuple[int, int, str]:
+    """(byte offset, rows, dtype) of a shard's embeddings array inside the shard file's bytes `data`: the stored
+    (uncompressed) zip member's data start plus its .npy header."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            info = zf.getinfo("embeddings.npy")
+        name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+        start = info.header_offset + 30 + name_len + extra_len  # the local header's own lengths
+        member = io.BytesIO(data[start:start + min(info.file_size, 4096)])
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(member)]
+        shape, fortran, dtype = read_header(member)
+    except (KeyError, ValueError, struct.error, zipfile.BadZipFile) as exc:
+        raise GalleryError(f"{path}: its embeddings cannot be read in place ({exc}); rebuild the gallery") from None
+    if info.compress_type != zipfile.ZIP_STORED or fortran or len(shape) != 2:
+        raise GalleryError(f"{path}: its embeddings are not stored as one uncompressed array; rebuild the gallery")
+    return start + member.tell(), int(shape[0]), dtype.str
 
 
 def load_neighbours(gallery_dir: Path, manifest: dict, blob_store: str | Path | None) -> np.ndarray:

@@ -2,16 +2,21 @@
 
 In the archive this file sits at the root beside `sem_pcyc_runtime/`, the archive's copy of this runtime package,
 and imports from it by that name (so it is only ever imported from an archive); it never imports the installed
-`sempcyc` package, so a serving host needs only TorchServe, torch, torchvision, numpy and pillow. The model and
-the gallery embeddings are loaded once in initialize(), from the archive or, for the large files a deployed slim
-archive leaves out, from the blob store its serving.json names (every file checked against its sha256; a missing
-or damaged one fails the load); each request is only preprocessing, one forward pass and a top-k.
+`sempcyc` package, so a serving host needs only TorchServe, torch, torchvision, numpy, pillow and faiss-cpu. The
+model and the gallery embeddings are loaded once in initialize(), from the archive or, for the large files a
+deployed slim archive leaves out, from the blob store its serving.json names (every file checked against its
+sha256; a missing or damaged one fails the load). A host whose TorchServe Python lacks faiss fails there too, with
+one line naming the package and version (the module itself imports without it, so TorchServe reports that line
+instead of a failed import of its default handlers). Each call of handle() is one TorchServe batch (up to the
+model's batchSize requests, waited for at most maxBatchDelay): its sketches go through one forward pass and one
+search, and every request gets its own answer or its own 4xx error.
 """
 import json
 import os
 from pathlib import Path
 
 import torch
+from sem_pcyc_runtime.ann import require_faiss, set_threads
 from sem_pcyc_runtime.search import RequestError, SketchSearch
 
 # No content type (curl -T) is fine too. Form encoding is refused: TorchServe parses such a body as form fields,
@@ -29,14 +34,16 @@ class SemPcycHandler:
     def initialize(self, context):
         model_dir = Path(context.system_properties["model_dir"])
         settings = json.loads((model_dir / "serving.json").read_text(encoding="utf-8"))
+        require_faiss(settings.get("faiss_version", ""))  # every serving host has it, whatever the gallery's size
         threads = int(os.environ.get("SEM_PCYC_THREADS", settings.get("threads", 0)) or 0)
         if threads > 0:
             torch.set_num_threads(threads)
+            set_threads(threads)
         # a deployed (slim) archive carries no model or shard files: serving.json names the host's blob store
         self.search = SketchSearch.load(model_dir / "sem_pcyc.pt", model_dir / "gallery",
                                         blob_store=settings.get("blob_store"), top_k=int(settings["top_k"]),
-                                        max_pixels=int(settings["max_pixels"]),
-                                        nprobe=int(settings["ann_nprobe"]))
+                                        max_pixels=int(settings["max_pixels"]), nprobe=int(settings["ann_nprobe"]),
+                                        rerank=int(settings["ann_rerank"]))
         self.version = settings.get("version")
         self.initialized = True
 

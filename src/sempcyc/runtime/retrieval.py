@@ -100,9 +100,17 @@ def expand_gallery(gallery: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
     k = neighbours.shape[1]
     if k == 0 or not len(gallery):
         return gallery
-    total = gallery * np.float32(k + 1)
-    for rank in range(k):  # one (G, D) gather at a time, not a (G, k, D) array
-        total += np.float32(k - rank) * gallery[neighbours[:, rank]]
+    # one (G, D) gather at a time, not a (G, k, D) array
+    return weighted_mean(gallery, (gallery[neighbours[:, rank]] for rank in range(k)), k)
+
+
+def weighted_mean(own: np.ndarray, ranked, k: int) -> np.ndarray:
+    """expand_gallery's mean of float32 rows `own` and their k neighbours' rows, given nearest first (`ranked`:
+    k arrays shaped like `own`). Element by element, so any subset of rows comes out bit for bit as in the whole
+    gallery's expansion (served_vectors expands only the rows a search reads)."""
+    total = own * np.float32(k + 1)
+    for rank, rows in enumerate(ranked):
+        total += np.float32(k - rank) * rows
     return total / np.float32((k + 1) * (k + 2) / 2)
 
 

@@ -3,7 +3,8 @@
 Contents (archive root): handler.py (runtime/handler.py); sem_pcyc_runtime/ (a copy of the runtime/ package,
 everything the handler imports, under a name that cannot clash with the installed `sempcyc`); sem_pcyc.pt (model
 bundle); gallery/ (manifest.json and the shards it lists: embeddings, ids, and the sketch page's thumbnails, which
-the handler never reads); serving.json (top-k, version, limits, evaluation metrics). The deploy stage ships a slim
+the handler never reads); serving.json (top-k, version, limits, the approximate search's settings, the faiss
+version a host needs, evaluation metrics). The deploy stage ships a slim
 copy of it to each host and the large files (model, shards) separately, by sha256.
 torch-model-archiver stages files in $TMPDIR/<model-name>, so it runs with a private TMPDIR: two archivings at
 once never collide. It lays the archive out as a folder (`--archive-format no-archive`, its MAR-INF/MANIFEST.json
@@ -26,6 +27,7 @@ from .. import params as params_mod
 from ..errors import UserError
 from ..fsutil import dumps_json, sha256_file
 from ..runtime import RUNTIME_DIR
+from ..runtime.ann import faiss_version
 from ..runtime.gallery_shards import MANIFEST, ZIP_TIME, GalleryError, read_manifest, side_files
 from ..serving import ReleaseSettings, ServeSettings
 
@@ -62,7 +64,7 @@ def stage_files(stage: Path, model: Path, gallery: Path, release: ReleaseSetting
     (stage / "serving.json").write_text(dumps_json({
         "model_name": release.model_name, "version": release.version, "top_k": serve.top_k,
         "max_pixels": serve.max_pixels, "threads": serve.threads, "ann_nprobe": serve.ann_nprobe,
-        "metrics": _headline_metrics(metrics)}))
+        "ann_rerank": serve.ann_rerank, "faiss_version": faiss_version(), "metrics": _headline_metrics(metrics)}))
 
 
 def _headline_metrics(metrics: Path | None) -> dict:

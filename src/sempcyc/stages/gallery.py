@@ -17,10 +17,12 @@ Output: manifest.json and shards/<sha256>.npz (runtime/gallery_shards.py): every
 embeddings, ids, classes and thumbnails, written with deterministic bytes. Adding classes (zero-shot: no
 retraining) changes only the shards they hash into and the manifest, so a deploy sends only those. With the
 model's gallery_expansion k > 0, neighbours.npy holds each item's k nearest items (found exactly below
-`gallery.ann_min_items` items, through an IVF index from there on), with which the loader averages each
+`gallery.ann_min_items` items, through a faiss index from there on), with which the loader averages each
 embedding; it is one file beside the shards, because new classes change some old items' neighbours. Such a large
-gallery also gets an approximate index, ivf.npz (runtime/ann.py), over its vectors as served, in manifest order;
-the manifest names it under "index" with its sha256 and the digest it was built for.
+gallery also gets an approximate index, ivf.npz (runtime/ann.py: faiss's IVF with 4-bit product-quantised codes),
+over its vectors as served, in manifest order; the manifest names it under "index" with its sha256, the digest it
+was built for, the faiss version and the index's parameters. A gallery too small for its list count (fewer items
+than gallery.ann_nlist) is searched exactly instead.
 
 One process (what `dvc repro gallery` runs):
     sempcyc gallery --model models/sem_pcyc.pt --dataset data/dataset --index data/dataset.json --out models/gallery
@@ -37,6 +39,7 @@ writes the gallery and its index: the same bytes as one process writes. The othe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import os
 import time
@@ -88,7 +91,9 @@ class GallerySettings:
     ann_seed: int = setting()
     ann_iterations: int = setting(min=0)
     ann_sample_per_list: int = setting(min=1)
+    ann_code_dims: int = setting(min=1)
     ann_neighbour_nprobe: int = setting(min=1)
+    ann_neighbour_rerank: int = setting(min=1)
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,7 @@ def run(args: argparse.Namespace) -> None:
     model_path = Path(args.model)
     if not model_path.exists():
         raise UserError(f"{model_path}: not found; run `dvc repro train`")
-    check_ann_settings(settings, len(gallery_items(index)), args.params)
+    note_exact_search(settings, len(gallery_items(index)))
     device = pick_device(train.device)
     ranks = Ranks(*torchrun_ranks("gloo"))  # gloo on GPUs too: only the finished vectors cross between ranks
     if device == "cuda" and ranks.world > 1:
@@ -130,15 +135,24 @@ def run(args: argparse.Namespace) -> None:
               f"-> {args.out}")
 
 
-def check_ann_settings(settings: GallerySettings, items: int, source: str) -> None:
-    """Refuse, before anything is embedded, an index that cannot be built: more lists than items."""
-    if builds_index(settings, items) and settings.ann_nlist > items:
-        raise UserError(f"{source}: gallery.ann_nlist {settings.ann_nlist} is more than the gallery's {items} "
-                        "items; lower it, or set 0 to pick one from the size")
+def note_exact_search(settings: GallerySettings, items: int) -> None:
+    """Say so when a gallery past gallery.ann_min_items is too small for its lists: it is searched exactly."""
+    if 0 < settings.ann_min_items <= items and not builds_index(settings, items):
+        print(f"gallery: {items} items cannot fill gallery.ann_nlist {settings.ann_nlist} lists (at least "
+              f"{max(settings.ann_nlist, ann.MIN_ITEMS)} needed): no approximate index, searched exactly")
 
 
 def builds_index(settings: GallerySettings, items: int) -> bool:
-    return 0 < settings.ann_min_items <= items
+    """Whether a gallery of `items` gets an approximate index: from gallery.ann_min_items on, when it can fill the
+    lists."""
+    return 0 < settings.ann_min_items <= items and ann.indexable(items, index_params(settings, items).nlist)
+
+
+def index_params(settings: GallerySettings, items: int) -> ann.IndexParams:
+    """The gallery's ann settings as an index's build parameters (gallery.ann_nlist 0: ann.default_nlist)."""
+    return ann.IndexParams(nlist=settings.ann_nlist or ann.default_nlist(max(items, 1)),
+                           code_dims=settings.ann_code_dims, seed=settings.ann_seed,
+                           iterations=settings.ann_iterations, sample_per_list=settings.ann_sample_per_list)
 
 
 def gallery_items(index: dict) -> list[tuple[str, str]]:
@@ -285,9 +299,8 @@ def write_served_files(folder: Path, manifest: dict, embeddings: np.ndarray, ord
 def write_neighbours(folder: Path, vectors: np.ndarray, k: int, settings: GallerySettings) -> tuple[dict, np.ndarray]:
     """Each item's k nearest items (positions in `vectors`, the gallery in manifest order) saved as
     `folder`/neighbours.npy; (its manifest entry, the neighbours). Exact below gallery.ann_min_items items; from
-    there on through an IVF index of the vectors, scanning gallery.ann_neighbour_nprobe lists an item (exact
-    search grows with the square of the gallery: 86 s at 100 000 items on 1 thread, about 2.4 hours at 1 000 000;
-    the index 15 min there, bench/gallery_neighbours.py)."""
+    there on through a faiss index of the vectors (approximate_neighbours): exact search grows with the square of
+    the gallery (86 s at 100 000 items on 1 thread, about 2.4 hours at 1 000 000; bench/gallery_neighbours.py)."""
     started = time.time()
     neighbours = approximate_neighbours(vectors, k, settings) if builds_index(settings, len(vectors)) \
         else gallery_neighbours(vectors, k)
@@ -300,33 +313,31 @@ def write_neighbours(folder: Path, vectors: np.ndarray, k: int, settings: Galler
 
 
 def approximate_neighbours(vectors: np.ndarray, k: int, settings: GallerySettings) -> np.ndarray:
-    """gallery_neighbours through an IVF index of `vectors` built with the gallery's ann settings."""
+    """gallery_neighbours through a faiss index of `vectors` built with the gallery's ann settings: each item's
+    k + 1 nearest among the gallery.ann_neighbour_rerank x (k + 1) best candidates of the
+    gallery.ann_neighbour_nprobe lists nearest it, ranked exactly, then itself left out."""
     k = min(k, len(vectors) - 1)
-    index = build_ivf(vectors, "", settings)
-    rows, block = [], 4096
-    for start in tqdm(range(0, len(vectors), block), desc="gallery neighbours", unit="block", mininterval=2):
-        nearest, _ = index.search(vectors[start:start + block], k + 1, settings.ann_neighbour_nprobe)
-        rows.append(others(nearest, start))
+    index = ann.AnnIndex.build(vectors, "", index_params(settings, len(vectors)))
+    rows, block = [], ann.CHUNK
+    with ann.one_thread():
+        for start in tqdm(range(0, len(vectors), block), desc="gallery neighbours", unit="block", mininterval=2):
+            nearest, _ = index.search(vectors[start:start + block], k + 1, settings.ann_neighbour_nprobe,
+                                      settings.ann_neighbour_rerank * (k + 1), vectors)
+            rows.append(others(nearest, start))
     return np.concatenate(rows).astype(np.int32)
 
 
 def write_index(folder: Path, vectors: np.ndarray, digest: str, settings: GallerySettings) -> dict:
-    """An IVF index (runtime/ann.py) of `vectors` (the gallery's as served, in manifest order) saved as
-    `folder`/ivf.npz; its manifest entry."""
+    """A faiss index (runtime/ann.py) of `vectors` (the gallery's as served, in manifest order) saved as
+    `folder`/ivf.npz; its manifest entry: the file, its sha256, the digest of the vectors, the faiss version
+    and the build parameters (what a loader checks before trusting it)."""
     started = time.time()
-    index = build_ivf(vectors, digest, settings)
+    index = ann.AnnIndex.build(vectors, digest, index_params(settings, len(vectors)))
     index.save(folder / INDEX_FILE)
-    print(f"gallery: IVF index of {len(vectors)} items in {index.nlist} lists in {time.time() - started:.1f} s")
-    return {"file": INDEX_FILE, "sha256": sha256_file(folder / INDEX_FILE), "nlist": index.nlist,
-            "gallery_digest": digest}
-
-
-def build_ivf(vectors: np.ndarray, digest: str, settings: GallerySettings) -> ann.IVFIndex:
-    """An IVF index of `vectors` built with the gallery's ann settings (gallery.ann_nlist lists, or
-    ann.default_nlist's for the size)."""
-    return ann.IVFIndex.build(vectors, settings.ann_nlist or ann.default_nlist(len(vectors)), digest,
-                              seed=settings.ann_seed, iterations=settings.ann_iterations,
-                              sample_per_list=settings.ann_sample_per_list)
+    print(f"gallery: faiss IVF index of {len(vectors)} items in {index.nlist} lists ({index.nbytes / 1e6:.1f} MB) "
+          f"in {time.time() - started:.1f} s")
+    return {"file": INDEX_FILE, "sha256": sha256_file(folder / INDEX_FILE), "gallery_digest": digest,
+            "faiss_version": ann.faiss_version(), **dataclasses.asdict(index.params)}
 
 
 def make_thumbnails(dataset: Path, items: list[tuple[str, str]], size: int) -> list[bytes]:

@@ -71,7 +71,8 @@ def offline_reference(args: argparse.Namespace, serve: ServeSettings, queries: l
     try:
         gallery = load_gallery(args.gallery)
         search = SketchSearch.from_gallery(args.model, args.gallery, gallery, top_k=serve.top_k,
-                                           max_pixels=serve.max_pixels, nprobe=serve.ann_nprobe)
+                                           max_pixels=serve.max_pixels, nprobe=serve.ann_nprobe,
+                                           rerank=serve.ann_rerank)
     except GalleryError as exc:
         raise UserError(str(exc)) from None
     offline = [search.search([body])[0] for _, body in queries]
@@ -114,15 +115,16 @@ def check_recall(search: SketchSearch, embeddings: np.ndarray, queries: list[tup
     if search.ann is None:
         return {}
     vectors = search.embed(np.stack([search.preprocess(body) for _, body in queries]))
-    approximate, _ = search.ann.search(vectors, k, search.nprobe)
+    approximate, _ = search.nearest(vectors, k)
     exact, _ = top_k(vectors, embeddings, k)
     recall = float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approximate.tolist(), exact.tolist())]))
     failures = []
     if recall < floor:
         failures.append(f"recall: the approximate index finds {recall:.3f} of the exact top-{k} (serve.ann_min_recall "
-                        f"{floor}); raise serve.ann_nprobe, or lower gallery.ann_nlist (larger lists), or search "
-                        "exactly (gallery.ann_min_items above the gallery's size)")
-    return {"ann_recall_at_k": round(recall, 4), "ann_nprobe": search.nprobe, "failures": failures}
+                        f"{floor}); raise serve.ann_nprobe or serve.ann_rerank, or lower gallery.ann_code_dims "
+                        "(finer codes), or search exactly (gallery.ann_min_items above the gallery's size)")
+    return {"ann_recall_at_k": round(recall, 4), "ann_nprobe": search.nprobe, "ann_rerank": search.rerank,
+            "failures": failures}
 
 
 def big_png(megapixels: int = 50) -> bytes:
