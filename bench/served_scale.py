@@ -93,16 +93,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def batch_sizes(ts) -> list[int]:
+    """The size of every batch TorchServe's workers ran so far: one PredictionTime line a batch in its log, listing
+    the batch's request ids."""
+    log = ts.workdir / "logs" / "ts_log.log"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    marker, sizes = "MODEL_METRICS - PredictionTime.ms:", []
+    for line in text.splitlines():
+        if marker in line and "requestID:" in line:
+            sizes.append(len(line.split("requestID:", 1)[1].split(",timestamp:")[0].split(",")))
+    return sizes
+
+
 def worker_memory(ts, before: dict | None) -> dict:
-    """Called before the load levels (before=None): the server's CPU seconds so far. After them: the CPU seconds
-    TorchServe (frontend and workers) spent meanwhile, and each worker's resident memory (MB), private (anonymous:
-    the index, the model, Python, torch) and file-backed (mapped files' pages: libraries, and the shards' vectors
-    it read, shared with the other workers)."""
+    """Called before the load levels (before=None): the server's CPU seconds and batches so far. After them: the
+    CPU seconds TorchServe (frontend and workers) spent meanwhile, the mean size of the batches it ran, and each
+    worker's resident memory (MB), private (anonymous: the index, the model, Python, torch) and file-backed (mapped
+    files' pages: libraries, and the shards' vectors it read, shared with the other workers)."""
     processes = server_processes(ts)
     cpu = {pid: cpu_seconds(pid) for pid in processes}
     if before is None:
-        return cpu
-    memory = {"private_mb": [], "file_mb": [], "server_cpu_s": sum(cpu[p] - before.get(p, 0.0) for p in cpu)}
+        return {"cpu": cpu, "batches": len(batch_sizes(ts))}
+    sizes = batch_sizes(ts)[before["batches"]:]
+    memory = {"private_mb": [], "file_mb": [], "mean_batch": float(np.mean(sizes)) if sizes else 0.0,
+              "server_cpu_s": sum(cpu[p] - before["cpu"].get(p, 0.0) for p in cpu)}
     for pid, role in processes.items():
         if role == "worker":
             status = Path(f"/proc/{pid}/status").read_text().splitlines()
@@ -150,7 +164,8 @@ def main() -> None:
                   f"{time.perf_counter() - started:.0f} s for start-up, load and the three load levels): 1 client "
                   f"p50 {r['p50_1']:.1f} ms, p95 {r['p95_1']:.1f} ms; 8 clients {r['rps8']:.1f} requests/s (p50 "
                   f"{r['p50_8']:.1f} ms); 32 clients {r['rps32']:.1f} requests/s; TorchServe's CPU "
-                  f"{1000 * r['server_cpu_s'] / r['requests']:.1f} ms a request; workers' memory private "
+                  f"{1000 * r['server_cpu_s'] / r['requests']:.1f} ms a request, {r['mean_batch']:.2f} sketches a "
+                  f"batch on average; workers' memory private "
                   f"{'/'.join(f'{m:.0f}' for m in r['private_mb'])} MB, file-backed "
                   f"{'/'.join(f'{m:.0f}' for m in r['file_mb'])} MB", flush=True)
         print(f"\n| figure ({args.items:,} x {dim}) | today (quoted) | faiss (this run) |\n|---|---|---|")

@@ -383,7 +383,7 @@ def test_a_gallery_smaller_than_its_list_count_is_searched_exactly(trained: Path
     n = len(CLASSES) * PER_CLASS
     write_params(tmp_path, {"gallery": {"ann_min_items": 1, "ann_nlist": 1000}})
     out = ok(tmp_path, *gallery_args(trained))
-    assert f"{n} items cannot fill gallery.ann_nlist 1000 lists" in out and "searched exactly" in out
+    assert f"{n} items cannot fill 1000 lists (gallery.ann_nlist 1000" in out and "searched exactly" in out
     assert "index" not in json.loads((tmp_path / "gallery/manifest.json").read_text())
     assert not (tmp_path / "gallery/ivf.npz").exists()
 

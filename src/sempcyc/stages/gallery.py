@@ -138,8 +138,9 @@ def run(args: argparse.Namespace) -> None:
 def note_exact_search(settings: GallerySettings, items: int) -> None:
     """Say so when a gallery past gallery.ann_min_items is too small for its lists: it is searched exactly."""
     if 0 < settings.ann_min_items <= items and not builds_index(settings, items):
-        print(f"gallery: {items} items cannot fill gallery.ann_nlist {settings.ann_nlist} lists (at least "
-              f"{max(settings.ann_nlist, ann.MIN_ITEMS)} needed): no approximate index, searched exactly")
+        nlist = index_params(settings, items).nlist
+        print(f"gallery: {items} items cannot fill {nlist} lists (gallery.ann_nlist {settings.ann_nlist}; at least "
+              f"{max(nlist, ann.MIN_ITEMS)} items needed): no approximate index, searched exactly")
 
 
 def builds_index(settings: GallerySettings, items: int) -> bool:
