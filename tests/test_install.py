@@ -8,6 +8,7 @@ from an undeclared distribution fails here as it would for a user."""
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,8 @@ from helpers import REPO
 from sempcyc import cli
 
 pytestmark = pytest.mark.integration
+# The fresh venv's processes see only what it installed: no PYTHONPATH pointing at a checkout's src/.
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 def declared() -> list[str]:
@@ -66,19 +69,20 @@ def fresh_venv(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("install")
     link_distributions(closure(declared()), tmp / "deps")
     venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=CLEAN_ENV)
     site = next((venv / "lib").glob("python3*/site-packages"))
     (site / "declared_deps.pth").write_text(str(tmp / "deps") + "\n")
     proc = subprocess.run([str(venv / "bin/pip"), "install", "--quiet", "--no-input", str(REPO)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=CLEAN_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return venv
 
 
 def test_pip_install_then_pip_check_passes(fresh_venv: Path):
-    proc = subprocess.run([str(fresh_venv / "bin/pip"), "check"], capture_output=True, text=True)
+    proc = subprocess.run([str(fresh_venv / "bin/pip"), "check"], capture_output=True, text=True, env=CLEAN_ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    shown = subprocess.run([str(fresh_venv / "bin/pip"), "show", "sempcyc"], capture_output=True, text=True)
+    shown = subprocess.run([str(fresh_venv / "bin/pip"), "show", "sempcyc"], capture_output=True, text=True,
+                           env=CLEAN_ENV)
     assert "Location: " + str(REPO) not in shown.stdout, "installed from the checkout, not as an editable link"
 
 
@@ -99,15 +103,16 @@ for command in sorted(cli.COMMANDS):
 
 
 def test_every_command_help_works_in_the_installed_package(fresh_venv: Path):
-    script = subprocess.run([str(fresh_venv / "bin/sempcyc"), "--help"], capture_output=True, text=True)
+    script = subprocess.run([str(fresh_venv / "bin/sempcyc"), "--help"], capture_output=True, text=True, env=CLEAN_ENV)
     assert script.returncode == 0 and script.stdout.startswith("usage: sempcyc"), script.stderr[-2000:]
     proc = subprocess.run([str(fresh_venv / "bin/python"), "-c", EVERY_HELP], capture_output=True, text=True,
-                          cwd=fresh_venv)
+                          cwd=fresh_venv, env=CLEAN_ENV)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == [w for c in sorted(cli.COMMANDS) for w in (c, "ok")]
 
 
 def test_an_undeclared_dependency_is_missing_there(fresh_venv: Path):
     """The fresh venv really is limited to the declared closure: a test-only package is not importable."""
-    proc = subprocess.run([str(fresh_venv / "bin/python"), "-c", "import moto"], capture_output=True, text=True)
+    proc = subprocess.run([str(fresh_venv / "bin/python"), "-c", "import moto"], capture_output=True, text=True,
+                          env=CLEAN_ENV)
     assert proc.returncode != 0 and "No module named 'moto'" in proc.stderr
