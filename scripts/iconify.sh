@@ -1,50 +1,7 @@
 #!/usr/bin/env bash
 # Fetch the Iconify emoji sets pinned in scripts/iconify.txt into vendor/iconify/<package>/ (ignored by git) for
-# `sempcyc cross-artist`. Each tarball is checked against its pinned sha512 integrity before it is unpacked.
-# Idempotent: a package already unpacked with the pinned integrity is not fetched again. Needs npm (Node.js);
-# the default pipeline does not. ICONIFY_DIR overrides the destination.
+# `sempcyc cross-artist`, each tarball checked against its pinned integrity (scripts/npm-pinned.sh). Idempotent.
+# Needs npm (Node.js); the default pipeline does not. ICONIFY_DIR overrides the destination.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PINS=scripts/iconify.txt
-DEST=${ICONIFY_DIR:-vendor/iconify}
-PYTHON=${PYTHON:-python3}
-if ! command -v npm >/dev/null 2>&1 || ! command -v node >/dev/null 2>&1; then
-  echo "iconify: npm/node not found; install Node.js with npm (e.g. apt-get install -y nodejs npm), then run" \
-       "bash scripts/iconify.sh" >&2
-  exit 1
-fi
-
-# sha512-<base64>, the form of npm's integrity field
-integrity_of() {
-  "$PYTHON" -c 'import base64, hashlib, sys
-print("sha512-" + base64.b64encode(hashlib.sha512(open(sys.argv[1], "rb").read()).digest()).decode())' "$1"
-}
-
-mkdir -p "$DEST"
-tmp=$(mktemp -d "$DEST/.fetch.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT
-fetched=0
-while read -r name version integrity _; do
-  case "$name" in ''|'#'*) continue ;; esac
-  dir="$DEST/$name"
-  if [ "$(cat "$dir/.integrity" 2>/dev/null)" = "$integrity" ]; then
-    continue
-  fi
-  echo "iconify: fetching $name@$version"
-  mkdir -p "$tmp/pack" "$tmp/unpacked"
-  tgz=$(cd "$tmp/pack" && npm pack --silent --json "$name@$version" \
-        | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)[0]["filename"])')
-  got=$(integrity_of "$tmp/pack/$tgz")
-  if [ "$got" != "$integrity" ]; then
-    echo "iconify: $name@$version: the tarball's integrity is $got, but $PINS pins $integrity; not installed" >&2
-    exit 1
-  fi
-  tar -xzf "$tmp/pack/$tgz" -C "$tmp/unpacked" --strip-components=1 --no-same-owner
-  echo "$integrity" > "$tmp/unpacked/.integrity"
-  rm -rf "$dir"
-  mkdir -p "$(dirname "$dir")"
-  mv "$tmp/unpacked" "$dir"
-  rm -rf "$tmp/pack"
-  fetched=$((fetched + 1))
-done < "$PINS"
-echo "iconify: the pinned emoji sets are in $DEST ($fetched fetched now)"
+exec "$BASH" scripts/npm-pinned.sh iconify scripts/iconify.txt "${ICONIFY_DIR:-vendor/iconify}"

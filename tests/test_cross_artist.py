@@ -335,8 +335,8 @@ def tool_path(tmp_path: Path, tools: list[str]) -> str:
 def test_setup_succeeds_without_npm_and_iconify_says_what_to_install(tmp_path):
     proj = tmp_path / "proj"
     (proj / "scripts").mkdir(parents=True)
-    for name in ("scripts/setup.sh", "scripts/iconify.sh", "scripts/iconify.txt", "requirements.lock",
-                 "pyproject.toml"):
+    for name in ("scripts/setup.sh", "scripts/iconify.sh", "scripts/npm-pinned.sh", "scripts/iconify.txt",
+                 "requirements.lock", "pyproject.toml"):
         shutil.copy(REPO / name, proj / name)
     (proj / ".venv/bin").mkdir(parents=True)
     (proj / ".venv/bin/python").symlink_to(sys.executable)
