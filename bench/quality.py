@@ -14,10 +14,11 @@ semantics used at all?).
 
 Usage (a project folder whose data/prepared/ was made by `dvc repro prepare`, e.g. on the cross-artist tar):
   python bench/quality.py --project DIR [--seeds 0,1,2] [--only default,original] [--budget-min 30] [--jobs 2]
+                          [--skips 1]   # only the served skip 1: no generators trained, a run in seconds
   python bench/quality.py --project DIR --features-grid      # how to read the data, on validation, no training
   python bench/quality.py --project DIR --posterior-grid     # posterior and expansion settings, on validation
-Writes bench/out/quality/<dataset>/results-<code>.json (runs are reused only for the same variants, training
-and scoring code) and prints a Markdown table.
+Writes bench/out/quality/<dataset>/results-<code>.json (runs are reused only for the same variants, skips, training
+and scoring code; runs with other seeds or variants at once add to it) and prints a Markdown table.
 """
 from __future__ import annotations
 
@@ -65,7 +66,13 @@ FEATURES = {"plain": {"backbone": "efficientnet_lite0", "photo_edges": False, "t
             # the shuffle ablation of the class-aware distillation: the classes' ImageNet similarity rows permuted
             "lines, tuned 5, distilled, similarity shuffled": {
                 "backbone": "efficientnet_lite0_headless", "photo_edges": True, "thicken_lines": 3, "tune_blocks": 5,
-                "tune_distill": 1.0, "shuffle_similarity": True}}
+                "tune_distill": 1.0, "shuffle_similarity": True},
+            # the default's, with the tuning's classifier also learning the class vectors' soft labels
+            # (features.tune_semantic w), and its shuffle ablation: the class vectors permuted among the classes
+            **{f"lines, tuned 5, semantic {w:g}{', shuffled' * shuffled}": {
+                "backbone": "efficientnet_lite0_headless", "photo_edges": True, "thicken_lines": 3, "tune_blocks": 5,
+                "tune_semantic": w, **({"shuffle_semantics": True} if shuffled else {})}
+               for w in (0.3, 1.0, 3.0) for shuffled in (False, True)}}
 DEFAULT_KIND = "lines, tuned 5"  # features.tune_blocks 5
 UNTUNED = {kind: "lines" for kind in FEATURES if kind.startswith("lines, tuned")}  # baselines read the backbone
 # name -> (TrainRun fields, model.Config overrides on top of the preset, shuffle the class vectors, FEATURES key)
@@ -133,6 +140,9 @@ VARIANTS = {
     **{f"5 tuned blocks distilled, whitened, posterior, both expansions, semantic part w 1{', shuffled' * s}":
        (WHITENED, {**FIVE_BLOCKS_EXPANDED, "semantic_weight": 1.0}, s, "lines, tuned 5, distilled")
        for s in (False, True)},
+    **{f"5 tuned blocks semantic {w:g}{', shuffled' * s}, whitened, posterior, both expansions":
+       (WHITENED, FIVE_BLOCKS_EXPANDED, False, f"lines, tuned 5, semantic {w:g}{', shuffled' * s}")
+       for w in (0.3, 1.0, 3.0) for s in (False, True)},
 }
 SKIPS = (0.0, 0.5, 0.75, 0.875, 1.0)
 RESULTS_VERSION = 2  # 2: each seed tunes a tuned kind's blocks again (before, seed 0's blocks served every seed)
@@ -165,6 +175,7 @@ def cache_features(project: Path, out: Path, kind: str, test: bool = True, seed:
                                      SplitSettings)
     fields = dict(FEATURES[kind])
     shuffle = fields.pop("shuffle_similarity", False)
+    shuffle_semantics = fields.pop("shuffle_semantics", False)
     feat = dataclasses.replace(feat, epochs=0, tune_blocks=fields.pop("tune_blocks", 0), seed=seed,
                                **{k: fields.pop(k) for k in list(fields) if k.startswith("tune_")})
     model = dataclasses.replace(model, **fields)
@@ -174,6 +185,8 @@ def cache_features(project: Path, out: Path, kind: str, test: bool = True, seed:
         if shuffle:
             order = np.random.default_rng(seed).permutation(len(shard["imagenet_similarity"]))
             shard["imagenet_similarity"] = shard["imagenet_similarity"][order]
+        if shuffle_semantics:
+            shard["semantic"] = shard["semantic"][np.random.default_rng(seed).permutation(len(shard["semantic"]))]
         features.compute_features(shard, folder, model, feat, split, "cpu")
     wanted = [(key, part, with_edges) for key, part, with_edges in
               (("q", "sketches", False), ("s", "seen_sketches", False), ("g", "images", False), ("ge", "images", True))
@@ -229,11 +242,13 @@ def normalised(norms: dict, inputs: dict) -> dict:
     return {k: norms["image" if k == "g" else "sketch"](torch.from_numpy(v)) for k, v in inputs.items()}
 
 
-def run_variant(project: Path, out: Path, name: str, seed: int) -> dict:
-    """Train one variant with one seed (on a tuned kind, on blocks tuned with that seed); score it at every SKIPS
-    value (the embedding's share of input features, model.Config.embed_skip, an inference-time choice) on the
-    validation classes and the test shard."""
+def run_variant(project: Path, out: Path, name: str, seed: int, skips: tuple[float, ...] = SKIPS) -> dict:
+    """Train one variant with one seed (on a tuned kind, on blocks tuned with that seed); score it at every
+    `skips` value (the embedding's share of input features, model.Config.embed_skip, an inference-time choice) on
+    the validation classes and the test shard. With skips (1.0,) alone the generators are not trained, as the
+    train stage does not train them for a model that serves skip 1."""
     fields, overrides, shuffle, kind = VARIANTS[name]
+    overrides = {**overrides, "embed_skip": 1.0} if skips == (1.0,) else overrides
     folder, edges = features_dir(out, kind, seed), FEATURES[kind]["photo_edges"]
     base = train.read_settings(params.load(project / "params.yaml"))
     run = dataclasses.replace(base, **{"feature_whiten": 0.0, **fields}, seed=seed, threads=1, device="cpu")
@@ -254,7 +269,7 @@ def run_variant(project: Path, out: Path, name: str, seed: int) -> dict:
     model_input = normalised(train.load_training_data(untuned, project / "data/prepared/train", run)["norms"],
                              untuned_inputs) if untuned != folder else normed
     scores = {}
-    for skip in SKIPS:
+    for skip in skips:
         model.cfg.embed_skip = skip
         with torch.no_grad():
             emb = {k: (model.embed_image(v) if k == "g" else model.embed_sketch(v)).numpy()
@@ -398,7 +413,7 @@ def model_input_row(name: str, per_seed: dict, shown: set, val_baselines: dict) 
         return []
     shown.add(key)
     f = {"val": model_input_val(kind, fields, val_baselines, run),
-         **figures(run["skips"]["0.0"]["metrics"], "pretrained_model_input")}
+         **figures(run["skips"][next(iter(run["skips"]))]["metrics"], "pretrained_model_input")}
     return [f"| no training ({name}: its input normalisation, {key[1]}): pretrained_model_input | "
             + " | ".join(f"{f[c]:.3f}" for c in COLUMNS) + " |"]
 
@@ -420,7 +435,8 @@ def table(results: dict, val_baselines: dict) -> str:
         if (kind, expand) in shown:
             continue
         shown.add((kind, expand))
-        metrics = next(iter(per_seed.values()))["skips"]["0.0"]["metrics"]
+        scored = next(iter(per_seed.values()))["skips"]
+        metrics = scored[next(iter(scored))]["metrics"]  # the baselines' figures are the same at every skip
         for method in ("pretrained", "pretrained_centred", "pretrained_centred_edges"):
             read = UNTUNED.get(kind, kind)  # a tuned kind's baselines read the untuned backbone
             if (read, method) in val_baselines:
@@ -428,7 +444,7 @@ def table(results: dict, val_baselines: dict) -> str:
                 rows.append(f"| no training ({read} features, {expand}): {method} | "
                             + " | ".join(f"{f[c]:.3f}" for c in COLUMNS) + " |")
     for name, per_seed in results.items():
-        for skip in SKIPS:
+        for skip in [float(s) for s in next(iter(per_seed.values()))["skips"]]:
             vals = [{"val": r["skips"][str(skip)]["val"], **figures(r["skips"][str(skip)]["metrics"], "sem_pcyc")}
                     for r in per_seed.values()]
             cells = [f"{np.mean([v[c] for v in vals]):.3f} ± {np.std([v[c] for v in vals]):.3f}" for c in COLUMNS]
@@ -436,11 +452,26 @@ def table(results: dict, val_baselines: dict) -> str:
     return "\n".join(rows)
 
 
+def save_results(results_file: Path, results: dict) -> dict:
+    """Write `results` merged into what the file holds now (another run with other seeds or variants may have
+    written since this one read it; this run's entries win); the merged results."""
+    merged = json.loads(results_file.read_text()) if results_file.exists() else {}
+    for name, per_seed in results.items():
+        merged.setdefault(name, {}).update(per_seed)
+    tmp = results_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(merged, indent=1))
+    tmp.replace(results_file)
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--project", type=Path, default=REPO, help="folder with params.yaml and data/prepared/")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--only", default="", help="variant names separated by ; (default: all)")
+    parser.add_argument("--skips", default=",".join(map(str, SKIPS)),
+                        help="embed_skip values to score (1 alone: the generators are not trained, as for the "
+                             "default; default: %(default)s)")
     parser.add_argument("--budget-min", type=float, default=60, help="start no new run after this many minutes")
     parser.add_argument("--jobs", type=int, default=1, help="processes that tune and embed a tuned kind's seeds at "
                         "once, one torch thread each (at most one a free core)")
@@ -471,7 +502,8 @@ def main() -> None:
     # results are reused only for the same variant definitions, skips, training and scoring code
     code = b"".join((REPO / "src/sempcyc" / f).read_bytes() for f in ("runtime/model.py", "stages/train.py",
                                                                       "stages/evaluate.py", "runtime/retrieval.py"))
-    digest = hashlib.sha256(repr((VARIANTS, SKIPS, RESULTS_VERSION)).encode() + code).hexdigest()[:12]
+    skips = tuple(float(s) for s in args.skips.split(","))
+    digest = hashlib.sha256(repr((VARIANTS, skips, RESULTS_VERSION)).encode() + code).hexdigest()[:12]
     results_file = out / f"results-{digest}.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     started = time.time()
@@ -480,8 +512,8 @@ def main() -> None:
             if str(seed) in results.get(name, {}) or time.time() - started > args.budget_min * 60:
                 continue
             print(f"quality: {name}, seed {seed}", flush=True)
-            results.setdefault(name, {})[str(seed)] = run_variant(args.project, out, name, seed)
-            results_file.write_text(json.dumps(results, indent=1))
+            results.setdefault(name, {})[str(seed)] = run_variant(args.project, out, name, seed, skips)
+            results = save_results(results_file, results)
     print(table({n: results[n] for n in names if n in results}, validation_baselines(out, args.project)))
 
 

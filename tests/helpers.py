@@ -11,12 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from threadpoolctl import threadpool_limits
 
 from sempcyc import cli
 from sempcyc.params import read_section
+from sempcyc.runtime.backbones import build_backbone, frozen_activations
 from sempcyc.serving import ReleaseSettings, ServeSettings
 from sempcyc.split import hash_unit
 from sempcyc.stages import archive
@@ -177,3 +179,17 @@ def configured(model: Path, out: Path, **config) -> Path:
 
 def evaluate_in(folder: Path, model: Path, test: Path, out: str, cache: str) -> dict:
     return evaluate_counts(ok(folder, "evaluate", "--model", model, "--test", test, "--out", out, "--cache", cache))
+
+
+def tuning_inputs(items: int, blocks: int):
+    """The features stage's tuning inputs at test size: the ImageNet EfficientNet-Lite0 (head-less) and its frozen
+    part's activations of `items` random 32-px images, the even ones as sketches, the odd ones as photos."""
+    torch.manual_seed(0)
+    backbone = build_backbone("efficientnet_lite0_headless").eval()
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, size=(items, 3, 32, 32), dtype=np.uint8)).float()
+    with torch.no_grad():
+        acts = {key: frozen_activations(backbone, images[i::2], blocks).half() for i, key in
+                enumerate(("sketches", "images"))}
+    return backbone, acts
+

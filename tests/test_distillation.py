@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import REPO
+from helpers import REPO, tuning_inputs
 from sempcyc import params as params_mod
 from sempcyc.errors import UserError
-from sempcyc.runtime.backbones import build_backbone, frozen_activations
+from sempcyc.runtime.backbones import build_backbone
 from sempcyc.stages import features
 
 BLOCKS = 2
@@ -19,13 +19,7 @@ BLOCKS = 2
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    backbone = build_backbone("efficientnet_lite0_headless").eval()
-    rng = np.random.default_rng(0)
-    images = torch.from_numpy(rng.integers(0, 256, size=(12, 3, 32, 32), dtype=np.uint8)).float()
-    with torch.no_grad():
-        acts = {key: frozen_activations(backbone, images[i::2], BLOCKS).half() for i, key in
-                enumerate(("sketches", "images"))}
+    backbone, acts = tuning_inputs(12, BLOCKS)
     labels = np.array([0, 1, 2, 0, 1, 2])
     shard = {"sketches_labels": labels, "images_labels": labels}
     feat = dataclasses.replace(params_mod.read(REPO / "params.yaml", features.FeaturesSettings)[0],
@@ -64,7 +58,7 @@ def test_distillation_keeps_the_imagenet_predictions_closer(setup):
                                          "images": labels}, torch.zeros(3, 320) + 0.01, run, "cpu", targets)
             plain = features.tuning_loss(tuned, acts, np.arange(6), np.arange(6), {"sketches": labels,
                                          "images": labels}, torch.zeros(3, 320) + 0.01, run, "cpu", None)
-            assert float(start) == pytest.approx(float(plain), abs=1e-4)
+            assert start.item() == pytest.approx(plain.item(), abs=1e-4)
         features.train_tuned_blocks(tuned, acts, {"sketches": labels, "images": labels}, 3, run, "cpu",
                                     targets if weight else None)
         now = features.distillation_targets(tuned, acts, shard, dataclasses.replace(run, tune_distill=1.0), "cpu")

@@ -91,7 +91,11 @@ def test_features_tune_the_last_blocks_once_for_both_domains(prepared: Path, tmp
     ({"features": {"tune_blocks": 2, "epochs": 0, "tune_lr": 0}}, ["features.tune_lr"]),
     ({"features": {"tune_blocks": 2, "epochs": 0, "tune_epochs": 0}}, ["features.tune_epochs"]),
     ({"features": {"tune_blocks": 2, "epochs": 0, "tune_temperature": 0}}, ["features.tune_temperature"]),
-], ids=["both-ways", "more-blocks-than-the-backbone", "negative", "lr-zero", "no-epochs", "temperature-zero"])
+    ({"features": {"tune_blocks": 2, "epochs": 0, "tune_semantic": -1}}, ["features.tune_semantic"]),
+    ({"features": {"tune_blocks": 2, "epochs": 0, "tune_semantic": 1, "tune_semantic_temperature": 0}},
+     ["features.tune_semantic_temperature"]),
+], ids=["both-ways", "more-blocks-than-the-backbone", "negative", "lr-zero", "no-epochs", "temperature-zero",
+        "semantic-negative", "semantic-temperature-zero"])
 def test_features_refuse_bad_tuning_settings(prepared: Path, tmp_path: Path, overrides: dict, names: list[str]):
     write_params(tmp_path, overrides)
     rc, _, err = call(tmp_path, "features", "--train", prepared / "data/prepared/train", "--out", "feat")

@@ -58,6 +58,8 @@ class FeaturesSettings:
     tune_temperature: float = setting(above=0.0)
     tune_distill: float = setting(min=0.0)
     tune_distill_temperature: float = setting(above=0.0)
+    tune_semantic: float = setting(min=0.0)
+    tune_semantic_temperature: float = setting(above=0.0)
     lr: float = setting(above=0.0)
     head_lr: float = setting(above=0.0)
     batch_size: int = setting(min=2)
@@ -96,6 +98,8 @@ def compute_features(shard: dict, out: Path, model: ModelSettings, feat: Feature
         tuned, untuned, losses = tune_shared_blocks(extractor, shard, fit_classes, model, feat, device)
         state = {k: v.cpu() for k, v in extractor.state_dict().items()}
         states, report = {domain: (state, tuned[domain]) for domain in tuned}, {"tune_loss": losses}
+        if feat.tune_semantic > 0:
+            report["tune_semantic"] = {"weight": feat.tune_semantic, "temperature": feat.tune_semantic_temperature}
         if feat.tune_distill > 0:
             report["tune_distill"] = {"weight": feat.tune_distill, "temperature": feat.tune_distill_temperature,
                                       "class_aware": "imagenet_similarity" in shard}
@@ -182,6 +186,8 @@ def tune_shared_blocks(extractor: Extractor, shard: dict, fit_classes: list[str]
     labels = {key: np.array([fit_index.get(shard["classes"][lab], -1) for lab in shard[f"{key}_labels"]])
               for key in ("sketches", "images")}
     targets = distillation_targets(backbone, acts, shard, feat, device)
+    if feat.tune_semantic > 0:
+        targets = {**(targets or {}), "classes": semantic_soft_labels(shard, fit_classes, feat).to(device)}
     losses = train_tuned_blocks(backbone, acts, labels, len(fit_classes), feat, device, targets)
     return pooled_features(backbone, acts, n, device), untuned, losses
 
@@ -221,6 +227,19 @@ def distillation_targets(backbone: nn.Module, acts: dict, shard: dict, feat: Fea
                                                               is not None else " (no imagenet_similarity in the "
                                                               "training shard: semantic.backend is not wordnet)"))
     return targets
+
+
+def semantic_soft_labels(shard: dict, fit_classes: list[str], feat: FeaturesSettings) -> torch.Tensor:
+    """(fit class, fit class) rows of soft labels from the class vectors: softmax of the cosine between a class's
+    semantic vector and every other fit class's, over features.tune_semantic_temperature, the class itself left
+    out. The tuning's cosine classifier also learns these, so a class's features lean towards its semantic
+    neighbours (WordNet's or MiniLM's), and an unseen class's items fall between the seen classes its name is
+    near, for sketches and photos alike."""
+    index = {c: i for i, c in enumerate(shard["classes"])}
+    vectors = np.asarray(shard["semantic"], np.float32)[[index[c] for c in fit_classes]]
+    unit = nn.functional.normalize(torch.from_numpy(vectors), dim=1)
+    cosine = (unit @ unit.T).fill_diagonal_(-torch.inf)
+    return torch.softmax(cosine / feat.tune_semantic_temperature, -1)
 
 
 def frozen_inputs(backbone: nn.Module, shard: dict, model: ModelSettings, n: int, device: str) -> dict:
@@ -308,8 +327,11 @@ def tuning_loss(backbone: nn.Module, acts: dict, sk: np.ndarray, im: np.ndarray,
     loss = 0.0
     for f, rows, key in ((backbone.pool(sk_out), sk, "sketches"), (photo, im, "images")):
         logits = nn.functional.normalize(f - f.mean(0), dim=1) @ weights.T / feat.tune_temperature
-        loss = loss + nn.functional.cross_entropy(logits, torch.from_numpy(labels[key][rows]).to(device))
-    if targets is not None:
+        y = torch.from_numpy(labels[key][rows]).to(device)
+        loss = loss + nn.functional.cross_entropy(logits, y)
+        if targets is not None and "classes" in targets:
+            loss = loss + feat.tune_semantic * nn.functional.cross_entropy(logits, targets["classes"][y])
+    if targets is not None and "sketches" in targets:
         temp = feat.tune_distill_temperature
         for out, rows, key in ((sk_out, sk, "sketches"), (im_out, im, "images")):
             student = torch.log_softmax(imagenet_logits(backbone, out) / temp, -1)
