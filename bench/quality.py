@@ -464,7 +464,7 @@ def save_results(results_file: Path, results: dict) -> dict:
     return merged
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--project", type=Path, default=REPO, help="folder with params.yaml and data/prepared/")
     parser.add_argument("--seeds", default="0,1,2")
@@ -481,7 +481,11 @@ def main() -> None:
     parser.add_argument("--posterior-grid", action="store_true",
                         help="only choose the seen-class posterior's weight and temperature, then the query "
                              "expansion, then the gallery expansion, on validation classes")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(1)
     out = OUT / dataset_key(args.project)
     out.mkdir(parents=True, exist_ok=True)
