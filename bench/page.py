@@ -54,7 +54,8 @@ NEEDED = ("models/sem_pcyc.pt", "models/gallery/manifest.json", "data/dataset",
 
 
 def gallery_without_thumbnails(gallery: Path, out: Path) -> Path:
-    """A copy of `gallery` whose shards carry no thumbnails (repacked), with its manifest."""
+    """A copy of `gallery` whose shards carry no thumbnails (repacked), with its manifest and the files beside the
+    shards (the gallery expansion's neighbours, a faiss index), which index items in the same order."""
     shutil.rmtree(out, ignore_errors=True)
     (out / SHARD_DIR).mkdir(parents=True)
     manifest = read_manifest(gallery)
@@ -65,6 +66,9 @@ def gallery_without_thumbnails(gallery: Path, out: Path) -> Path:
         digest = sha256_bytes(data)
         (out / SHARD_DIR / f"{digest}.npz").write_bytes(data)
         shards.append({**entry, "file": f"{SHARD_DIR}/{digest}.npz", "sha256": digest, "bytes": len(data)})
+    for part in ("neighbours", "index"):
+        if manifest.get(part):
+            shutil.copy2(gallery / manifest[part]["file"], out / manifest[part]["file"])
     (out / MANIFEST).write_text(json.dumps({**manifest, "shards": shards,
                                             "thumbnails": {**manifest["thumbnails"], "items": 0}}))
     return out
