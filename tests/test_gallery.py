@@ -97,7 +97,7 @@ def test_gallery_embeddings_match_the_encoder(trained: Path, tmp_path: Path):
         path = dataset / "images" / entries[row]["id"]
         arr = imaging.image_to_array(imaging.load_file(path), enc.size)
         with torch.inference_mode():
-            want = enc.embed_images(torch.from_numpy(arr)[None]).numpy()[0]
+            want = enc.embed_images(torch.from_numpy(arr.copy())[None]).numpy()[0]
         np.testing.assert_allclose(emb[row], want, rtol=1e-4, atol=1e-5)
 
 
