@@ -124,6 +124,14 @@ def batch_sizes(workdir: Path) -> list[int]:
     return [len(match.group(1).split(",")) for match in re.finditer(pattern, text)]
 
 
+def batch_sizes_once_logged(workdir: Path, requests: int, timeout: float = 30.0) -> list[int]:
+    """batch_sizes once they account for `requests` requests: the metrics line is written after the answer."""
+    deadline = time.monotonic() + timeout
+    while sum(sizes := batch_sizes(workdir)) < requests and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return sizes
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("gallery", ["exact", "indexed"])
 def test_torchserve_batches_concurrent_sketches_and_answers_each_as_alone(archives: dict, gallery: str,
@@ -146,11 +154,10 @@ def test_torchserve_batches_concurrent_sketches_and_answers_each_as_alone(archiv
             status, answer = ask(body)
             assert status == 200, answer
             alone.append(json.loads(answer))
-        before = len(batch_sizes(ts.workdir))
+        before = len(batch_sizes_once_logged(ts.workdir, len(sketches)))
         with ThreadPoolExecutor(max_workers=8) as pool:
             together = list(pool.map(ask, sketches))
-        time.sleep(1)  # the metrics line is written after the answer
-        sizes = batch_sizes(ts.workdir)
+        sizes = batch_sizes_once_logged(ts.workdir, 2 * len(sketches))
     assert [status for status, _ in together] == [200] * 8, together
     assert len({tuple(r["image"] for r in answer) for answer in alone}) > 4  # a mix-up would show
     for (_, answer), reference in zip(together, alone):
