@@ -4,16 +4,20 @@ the page."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
+import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image, ImageDraw
+from playwright.sync_api import sync_playwright
 
 from helpers import CLASSES, PER_CLASS, sketch_box
 from sempcyc.runtime.gallery_shards import MANIFEST, SHARD_DIR, pack_shard, read_manifest, unpack_shard
@@ -22,9 +26,26 @@ from sempcyc.runtime.search import SketchSearch
 CANVAS = 256                 # the canvas's bitmap (index.html)
 SKETCH = 48                  # png_bytes' sketches: a 2-px ellipse outline on 48 x 48
 STROKE = round(2 * CANVAS / SKETCH)
+CHROMIUM = Path(os.environ.get("SEM_PCYC_CHROMIUM", "/usr/bin/chromium"))
+# As root, without a GPU, on a machine whose network is closed (background networking would only be refused).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 # ------------------------------------------------------------------------------------------------- helpers
+
+@contextlib.contextmanager
+def headless_chromium():
+    """Debian's Chromium (or $SEM_PCYC_CHROMIUM) under Playwright, nothing downloaded; a test fails when it is
+    missing, saying what to install."""
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (bash scripts/system-deps.sh test) or name "
+                    "another Chromium in $SEM_PCYC_CHROMIUM")
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
 
 def sketch_seed(cls: str, i: int) -> int:
     """The seed class_files() draws sketch i of `cls` with."""

@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from playwright.sync_api import Error as PlaywrightError
-from playwright.sync_api import sync_playwright
 
 from helpers import (
     CLASSES,
@@ -44,6 +43,7 @@ from page_helpers import (
     SketchPage,
     gallery_without,
     get,
+    headless_chromium,
     image_bytes,
     pick_drawable,
     post,
@@ -70,10 +70,6 @@ TOP_K = 8
 MAX_PIXELS = 100_000         # above the page's 256 x 256 canvas; a 400 x 400 image is over it
 DROPPED = CLASSES[-4:]       # version 2.0.0's gallery lacks these classes
 TOKEN_ENV = "SEM_PCYC_TS_INFERENCE_TOKEN"
-CHROMIUM = Path(os.environ.get("SEM_PCYC_CHROMIUM", "/usr/bin/chromium"))
-# As root, without a GPU, on a machine whose network is closed (background networking would only be refused).
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 METRICS = (("zero_shot", 0.5, 0.4), ("generalised", 0.3, 0.2))
 
 PARAMS = merged(STAGE_PARAMS, {
@@ -126,13 +122,8 @@ def page_server(built: Built, ts):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (bash scripts/system-deps.sh test) or name "
-                    "another Chromium in $SEM_PCYC_CHROMIUM")
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with headless_chromium() as chromium:
         yield chromium
-        chromium.close()
 
 
 @pytest.fixture(scope="module")

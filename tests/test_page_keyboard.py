@@ -18,14 +18,11 @@ from pathlib import Path
 import pytest
 from fake_torchserve import LONG_NAME, FakeTorchServe, answer_for, fake_archive
 from PIL import Image, ImageDraw
-from playwright.sync_api import sync_playwright
 
+from page_helpers import headless_chromium
 from sempcyc.page import PageConfig, PageServer, PageSettings
 
 V1, V2 = "1.0.0", "2.0.0"
-CHROMIUM = Path(os.environ.get("SEM_PCYC_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 DEBOUNCE_MS = 50
 
 pytestmark = pytest.mark.integration
@@ -61,13 +58,8 @@ def servers(fake):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (bash scripts/system-deps.sh test) or name "
-                    "another Chromium in $SEM_PCYC_CHROMIUM")
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with headless_chromium() as chromium:
         yield chromium
-        chromium.close()
 
 
 @pytest.fixture(autouse=True)
