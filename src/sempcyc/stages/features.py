@@ -233,8 +233,8 @@ def semantic_soft_labels(shard: dict, fit_classes: list[str], feat: FeaturesSett
     """(fit class, fit class) rows of soft labels from the class vectors: softmax of the cosine between a class's
     semantic vector and every other fit class's, over features.tune_semantic_temperature, the class itself left
     out. The tuning's cosine classifier also learns these, so a class's features lean towards its semantic
-    neighbours (WordNet's or MiniLM's), and an unseen class's items fall between the seen classes its name is
-    near, for sketches and photos alike."""
+    neighbours (WordNet's or MiniLM's): meant to place an unseen class's items near the seen classes its name is
+    near. Measured, it lowers validation mAP (docs/model.md, "Class semantics"), so it is off by default."""
     index = {c: i for i, c in enumerate(shard["classes"])}
     vectors = np.asarray(shard["semantic"], np.float32)[[index[c] for c in fit_classes]]
     unit = nn.functional.normalize(torch.from_numpy(vectors), dim=1)
@@ -313,8 +313,9 @@ def tuning_loss(backbone: nn.Module, acts: dict, sk: np.ndarray, im: np.ndarray,
                 targets: dict | None = None) -> torch.Tensor:
     """Cross-entropy of one batch of sketches `sk` and photos `im` (row indices) under the cosine classifier.
     Centring each domain within the batch keeps the sketch/photo offset out of what the classifier can use.
-    With distillation `targets`, plus features.tune_distill x T^2 x KL(target || the tuned network's ImageNet
-    prediction at temperature T) of the sketches and the photos."""
+    `targets` may hold the distillation's per-item predictions ("sketches", "images": plus features.tune_distill
+    x T^2 x KL(target || the tuned network's ImageNet prediction at temperature T)) and the semantic soft labels
+    per fit class ("classes": plus features.tune_semantic x their cross-entropy, per domain)."""
     tuned = backbone._blocks[len(backbone._blocks) - feat.tune_blocks:]
 
     def block_out(name: str, rows: np.ndarray) -> torch.Tensor:
