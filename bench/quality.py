@@ -50,6 +50,7 @@ SEMANTIC = {"ae_linear": True, "unit_embeddings": True, "semantic_classifier": T
 # alone, "edges" photos with their edge maps (model.photo_edges), "lines" also the head-less backbone and sketch
 # and edge lines widened, "lines, tuned N" also the backbone's last N blocks tuned on the fit classes ("lines,
 # tuned" 4 of them; "lines, tuned 5" is the default); the others are steps between them, for --features-grid.
+DEFAULT_READ = {"backbone": "efficientnet_lite0_headless", "photo_edges": True, "thicken_lines": 3, "tune_blocks": 5}
 FEATURES = {"plain": {"backbone": "efficientnet_lite0", "photo_edges": False, "thicken_lines": 1},
             "edges": {"backbone": "efficientnet_lite0", "photo_edges": True, "thicken_lines": 1},
             "edges, lines widened": {"backbone": "efficientnet_lite0", "photo_edges": True, "thicken_lines": 3},
@@ -61,17 +62,14 @@ FEATURES = {"plain": {"backbone": "efficientnet_lite0", "photo_edges": False, "t
                for n in (1, 2, 4, 5, 6, 8)},
             # the default's, with the tuning also distilling the untuned network's ImageNet predictions (SAKE;
             # class-aware when the project's semantic stage ran the wordnet backend)
-            "lines, tuned 5, distilled": {"backbone": "efficientnet_lite0_headless", "photo_edges": True,
-                                          "thicken_lines": 3, "tune_blocks": 5, "tune_distill": 1.0},
+            "lines, tuned 5, distilled": {**DEFAULT_READ, "tune_distill": 1.0},
             # the shuffle ablation of the class-aware distillation: the classes' ImageNet similarity rows permuted
-            "lines, tuned 5, distilled, similarity shuffled": {
-                "backbone": "efficientnet_lite0_headless", "photo_edges": True, "thicken_lines": 3, "tune_blocks": 5,
-                "tune_distill": 1.0, "shuffle_similarity": True},
+            "lines, tuned 5, distilled, similarity shuffled": {**DEFAULT_READ, "tune_distill": 1.0,
+                                                               "shuffle_similarity": True},
             # the default's, with the tuning's classifier also learning the class vectors' soft labels
             # (features.tune_semantic w), and its shuffle ablation: the class vectors permuted among the classes
             **{f"lines, tuned 5, semantic {w:g}{', shuffled' * shuffled}": {
-                "backbone": "efficientnet_lite0_headless", "photo_edges": True, "thicken_lines": 3, "tune_blocks": 5,
-                "tune_semantic": w, **({"shuffle_semantics": True} if shuffled else {})}
+                **DEFAULT_READ, "tune_semantic": w, **({"shuffle_semantics": True} if shuffled else {})}
                for w in (0.3, 1.0, 3.0) for shuffled in (False, True)}}
 DEFAULT_KIND = "lines, tuned 5"  # features.tune_blocks 5
 UNTUNED = {kind: "lines" for kind in FEATURES if kind.startswith("lines, tuned")}  # baselines read the backbone
